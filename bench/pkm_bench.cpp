@@ -1,0 +1,170 @@
+// pkm_bench: pkm's kernels against the naive embedding-bag, with the machine's streaming-read
+// limit measured in the same run. Reproduce with: pkm_bench --benchmark_format=json
+#include <benchmark/benchmark.h>
+
+#include <pkm/pkm.hpp>
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace {
+
+using pkm::Index;
+using MatF = pkm::RowMatrix<float>;
+
+constexpr Index kBagHeads = 4, kBagKnn = 32, kBag = kBagHeads * kBagKnn;
+constexpr std::size_t kTableBytes = std::size_t{1} << 30;  // 1 GiB: far beyond any cache
+
+pkm::IndexMatrix random_indices(Index B, Index L, Index rows, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<Index> u(0, rows - 1);
+  pkm::IndexMatrix idx(B, L);
+  for (Index i = 0; i < idx.size(); ++i) idx.data()[i] = u(rng);
+  return idx;
+}
+
+MatF softmax_like_weights(Index B, Index L) {
+  MatF w = MatF::Constant(B, L, 1.0f / float(kBagKnn));
+  return w;
+}
+
+/// The machine's limit: a plain streaming read (sum) of a buffer far larger than L3.
+void BM_StreamRead(benchmark::State& state) {
+  const std::size_t n = kTableBytes / sizeof(float);
+  pkm::ValueTable<float> buf(Index(n / 1024), 1024);
+  pkm::init_values(buf, 1);
+  const float* p = buf.data();
+  for (auto _ : state) {
+    float total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+    for (std::int64_t i = 0; i < std::int64_t(n); i += 16) {
+      float s = 0;
+      for (int j = 0; j < 16; ++j) s += p[i + j];
+      total += s;
+    }
+    benchmark::DoNotOptimize(total);
+  }
+  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(n * sizeof(float)));
+}
+BENCHMARK(BM_StreamRead)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+template <bool kNaive>
+void gather(benchmark::State& state) {
+  const Index dim = state.range(0), batch = 4096;
+  const Index rows = Index(kTableBytes / (sizeof(float) * dim));
+  pkm::ValueTable<float> table(rows, dim);
+  pkm::init_values(table, 2);
+  const auto idx = random_indices(batch, kBag, rows, 3);
+  const MatF w = softmax_like_weights(batch, kBag);
+  MatF out(batch, dim);
+  for (auto _ : state) {
+    if (kNaive) {
+      pkm::embedding_bag_naive(table, idx, w, out);
+    } else {
+      pkm::embedding_bag(table, idx, w, out);
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double rows_read = double(state.iterations()) * double(batch * kBag);
+  state.SetBytesProcessed(std::int64_t(rows_read * double(dim * Index(sizeof(float)))));
+  state.counters["rows/s"] = benchmark::Counter(rows_read, benchmark::Counter::kIsRate);
+}
+void BM_EmbeddingBagNaive(benchmark::State& state) { gather<true>(state); }
+void BM_EmbeddingBag_fp32(benchmark::State& state) { gather<false>(state); }
+BENCHMARK(BM_EmbeddingBagNaive)->Arg(256)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_EmbeddingBag_fp32)->Arg(256)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+/// Naive value backward: a dense zero-filled gradient table plus a scatter-add (what a dense
+/// EmbeddingBag backward does), against pkm's sparse backward. 1024^2 slots x 1024, batch 2048.
+template <bool kNaive>
+void value_grad(benchmark::State& state) {
+  const Index rows = Index(1) << 20, dim = 1024, batch = 2048;
+  pkm::ValueTable<float> table(kNaive ? 1 : rows, dim);  // only pkm's backward reads rows
+  const auto idx = random_indices(batch, kBag, rows, 4);
+  const MatF w = softmax_like_weights(batch, kBag);
+  const MatF dy = MatF::Constant(batch, dim, 1e-3f);
+  MatF dw(batch, kBag);
+  std::vector<float> dense;
+  for (auto _ : state) {
+    if (kNaive) {
+      dense.assign(std::size_t(rows * dim), 0.0f);
+      for (Index b = 0; b < batch; ++b)
+        for (Index l = 0; l < kBag; ++l) {
+          float* g = dense.data() + idx(b, l) * dim;
+          for (Index d = 0; d < dim; ++d) g[d] += w(b, l) * dy(b, d);
+        }
+      benchmark::DoNotOptimize(dense.data());
+    } else {
+      pkm::SparseRowGrad<float> g;
+      pkm::embedding_bag_backward(table, idx, w, dy, dw, g);
+      benchmark::DoNotOptimize(g.values.data());
+    }
+  }
+  state.SetItemsProcessed(std::int64_t(state.iterations()) * batch);
+}
+void BM_ValueGradNaive(benchmark::State& state) { value_grad<true>(state); }
+void BM_ValueGrad(benchmark::State& state) { value_grad<false>(state); }
+BENCHMARK(BM_ValueGradNaive)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_ValueGrad)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+pkm::MemoryConfig paper_scaled() {
+  pkm::MemoryConfig c;
+  c.input_dim = 1024;
+  c.heads = 4;
+  c.n_keys = 512;
+  c.k_dim = 512;
+  c.knn = 32;
+  c.v_dim = 1024;
+  c.output_dim = 1024;
+  return c;
+}
+
+void BM_ProductKeyTopK(benchmark::State& state) {
+  const Index n = 512, k = 32, calls = 2048 * 4;
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> g;
+  std::vector<float> s(std::size_t(2 * n * 64));
+  for (auto& v : s) v = g(rng);
+  std::vector<std::int64_t> slots(k);
+  std::vector<float> scores(k);
+  pkm::ProductKeyScratch<float> scratch;
+  for (auto _ : state) {
+    for (Index c = 0; c < calls; ++c) {
+      const float* base = s.data() + (c % 64) * 2 * n;
+      pkm::product_key_topk(base, base + n, n, k, slots.data(), scores.data(), scratch);
+    }
+    benchmark::DoNotOptimize(slots.data());
+  }
+  state.SetItemsProcessed(std::int64_t(state.iterations()) * calls);
+}
+BENCHMARK(BM_ProductKeyTopK)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+template <bool kBackward>
+void layer_bench(benchmark::State& state) {
+  const auto c = paper_scaled();
+  const Index batch = 2048;
+  pkm::MemoryLayer<float> layer(c, 7);
+  MatF x(batch, c.input_dim), dout = MatF::Constant(batch, c.output_dim, 1e-3f), dx(batch, c.input_dim);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = float(std::sin(0.37 * double(i)));
+  pkm::ForwardCache<float> cache;
+  MatF y(batch, c.output_dim);
+  pkm::LayerGradients<float> grads(c);
+  for (auto _ : state) {
+    layer.forward(x, y, cache);
+    if (kBackward) {
+      grads.zero();
+      layer.backward(x, cache, dout, grads, dx);
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetItemsProcessed(std::int64_t(state.iterations()) * batch);
+}
+void BM_LayerForward(benchmark::State& state) { layer_bench<false>(state); }
+void BM_LayerForwardBackward(benchmark::State& state) { layer_bench<true>(state); }
+BENCHMARK(BM_LayerForward)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_LayerForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();

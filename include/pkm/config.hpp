@@ -1,0 +1,112 @@
+// pkm/config.hpp — the sizes and switches of one product-key memory layer, and their validation.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+namespace pkm {
+
+/// Everything that decides the shapes and the computation of one memory layer.
+///
+/// Sizes follow "Memory Layers at Scale" (arXiv 2412.09764): `heads` query heads, each
+/// scoring two halves of a `k_dim` query against `n_keys` sub-keys per half, so that the
+/// value table has `n_keys * n_keys` rows of `v_dim` values; each head keeps `knn` slots.
+struct MemoryConfig {
+  std::int64_t input_dim = 0;   ///< width of the layer's input x
+  std::int64_t heads = 1;       ///< query heads H; all heads read the same value table
+  std::int64_t n_keys = 0;      ///< sub-keys per half; the table has n_keys^2 rows
+  std::int64_t k_dim = 0;       ///< query width per head (even; each half is k_dim / 2)
+  std::int64_t knn = 32;        ///< slots kept per head, 1 <= knn <= n_keys
+  std::int64_t v_dim = 0;       ///< width of a value row
+  std::int64_t output_dim = 0;  ///< width of the output; must equal v_dim without projection
+
+  bool memory_plus = true;       ///< out = W2 (y * silu(W1 x + b1)) + b2 ("Memory+", swilu)
+  bool value_projection = true;  ///< W2, b2 present; without it out = y
+  bool gating = false;           ///< out <- sigmoid(wg . x + bg) * out
+  bool query_bias = true;        ///< bq present
+  bool qk_norm = false;          ///< normalise query halves and sub-keys before scoring
+  /// Scale tau of the normalised scores; unset means sqrt(k_dim / 2).
+  std::optional<double> qk_norm_scale;
+
+  /// Half of k_dim: the width of one sub-key.
+  std::int64_t half() const { return k_dim / 2; }
+  /// Number of memory slots, n_keys^2: the rows of the value table.
+  std::int64_t slots() const { return n_keys * n_keys; }
+  /// H * knn: the rows each token reads.
+  std::int64_t bag_size() const { return heads * knn; }
+  /// The scale applied to normalised scores (qk_norm only).
+  double effective_qk_norm_scale() const {
+    return qk_norm_scale ? *qk_norm_scale : std::sqrt(static_cast<double>(half()));
+  }
+
+  /// Throws std::invalid_argument naming the first field out of range.
+  void validate() const;
+};
+
+/// Largest accepted width of any dimension (keeps every product of sizes far from overflow).
+inline constexpr std::int64_t kMaxDim = std::int64_t{1} << 24;
+/// Largest accepted n_keys: n_keys^2 slots then still index comfortably in 64 bits.
+inline constexpr std::int64_t kMaxKeys = std::int64_t{1} << 16;
+
+namespace detail {
+inline void check_range(const char* field, std::int64_t value, std::int64_t lo, std::int64_t hi,
+                        const char* extra = "") {
+  if (value < lo || value > hi) {
+    throw std::invalid_argument("pkm::MemoryConfig: " + std::string(field) + " = " +
+                                std::to_string(value) + " is out of range; expected " +
+                                std::to_string(lo) + " <= " + field + " <= " + std::to_string(hi) +
+                                extra);
+  }
+}
+}  // namespace detail
+
+inline void MemoryConfig::validate() const {
+  detail::check_range("input_dim", input_dim, 1, kMaxDim);
+  detail::check_range("heads", heads, 1, 4096);
+  detail::check_range("n_keys", n_keys, 1, kMaxKeys);
+  detail::check_range("k_dim", k_dim, 2, kMaxDim);
+  if (k_dim % 2 != 0) {
+    throw std::invalid_argument("pkm::MemoryConfig: k_dim = " + std::to_string(k_dim) +
+                                " must be even (each query is split into two halves)");
+  }
+  detail::check_range("knn", knn, 1, n_keys, " (n_keys)");
+  detail::check_range("v_dim", v_dim, 1, kMaxDim);
+  detail::check_range("output_dim", output_dim, 1, kMaxDim);
+  if (heads * k_dim > kMaxDim) {
+    throw std::invalid_argument("pkm::MemoryConfig: heads * k_dim = " +
+                                std::to_string(heads * k_dim) + " is out of range; expected <= " +
+                                std::to_string(kMaxDim));
+  }
+  if (memory_plus && !value_projection) {
+    throw std::invalid_argument(
+        "pkm::MemoryConfig: memory_plus = true needs value_projection = true "
+        "(Memory+ computes W2 (y * silu(W1 x + b1)) + b2)");
+  }
+  if (!value_projection && output_dim != v_dim) {
+    throw std::invalid_argument("pkm::MemoryConfig: output_dim = " + std::to_string(output_dim) +
+                                " must equal v_dim = " + std::to_string(v_dim) +
+                                " when value_projection = false");
+  }
+  if (qk_norm_scale) {
+    const double s = *qk_norm_scale;
+    if (!(std::isfinite(s) && s > 0.0)) {
+      throw std::invalid_argument("pkm::MemoryConfig: qk_norm_scale = " + std::to_string(s) +
+                                  " is out of range; expected a finite value > 0");
+    }
+  }
+}
+
+inline bool operator==(const MemoryConfig& a, const MemoryConfig& b) {
+  return a.input_dim == b.input_dim && a.heads == b.heads && a.n_keys == b.n_keys &&
+         a.k_dim == b.k_dim && a.knn == b.knn && a.v_dim == b.v_dim &&
+         a.output_dim == b.output_dim && a.memory_plus == b.memory_plus &&
+         a.value_projection == b.value_projection && a.gating == b.gating &&
+         a.query_bias == b.query_bias && a.qk_norm == b.qk_norm &&
+         a.qk_norm_scale == b.qk_norm_scale;
+}
+inline bool operator!=(const MemoryConfig& a, const MemoryConfig& b) { return !(a == b); }
+
+}  // namespace pkm

@@ -1,0 +1,175 @@
+// pkm/embedding_bag.hpp — the weighted gather-sum of value rows (the "read" of a memory layer),
+// forward and backward, and the plain reference version the tests and benchmarks compare to.
+//
+//   out(b, :) = sum_l weights(b, l) * table.row(indices(b, l))
+//
+// The backward returns the table gradient sparse (sorted unique rows, summed) and the weight
+// gradient dweights(b, l) = <dy(b, :), table.row(indices(b, l))>.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "pkm/detail/parallel.hpp"
+#include "pkm/detail/segment_reduce.hpp"
+#include "pkm/sparse_grad.hpp"
+#include "pkm/types.hpp"
+#include "pkm/value_table.hpp"
+
+namespace pkm {
+
+using ConstIndexRef = Eigen::Ref<const IndexMatrix>;
+
+namespace detail {
+/// The type rows of a table of T are summed in: T itself for float and double.
+template <class T>
+struct accumulator {
+  using type = T;
+};
+template <class T>
+using accumulator_t = typename accumulator<T>::type;
+template <class T>
+struct identity {
+  using type = T;
+};
+/// Blocks template deduction (the accumulation type comes from the table type).
+template <class T>
+using no_deduce = typename identity<T>::type;
+
+inline void check_same_shape(const char* who, const char* name, Index rows, Index cols,
+                             Index want_rows, Index want_cols) {
+  if (rows != want_rows || cols != want_cols) {
+    throw std::invalid_argument(std::string(who) + ": " + name + " is " + std::to_string(rows) +
+                                " x " + std::to_string(cols) + ", expected " +
+                                std::to_string(want_rows) + " x " + std::to_string(want_cols));
+  }
+}
+
+/// Throws std::out_of_range unless every index is a row of a table of `rows` rows.
+inline void check_indices(const char* who, const ConstIndexRef& idx, Index rows) {
+  for (Index b = 0; b < idx.rows(); ++b) {
+    for (Index l = 0; l < idx.cols(); ++l) {
+      const std::int64_t r = idx(b, l);
+      if (r < 0 || r >= rows) {
+        throw std::out_of_range(std::string(who) + ": indices(" + std::to_string(b) + ", " +
+                                std::to_string(l) + ") = " + std::to_string(r) +
+                                " is outside the table; expected 0 <= index < " +
+                                std::to_string(rows));
+      }
+    }
+  }
+}
+
+template <class T, class S>
+void check_bag_args(const char* who, const ValueTable<T>& table, const ConstIndexRef& idx,
+                    const ConstMatrixRef<S>& w, const char* rows_name, Index rows, Index cols) {
+  check_same_shape(who, "weights", w.rows(), w.cols(), idx.rows(), idx.cols());
+  check_same_shape(who, rows_name, rows, cols, idx.rows(), table.dim());
+  check_indices(who, idx, table.rows());
+}
+}  // namespace detail
+
+/// The obviously-correct version: row by row, element by element, no threads, no prefetch.
+template <class T, class S = detail::accumulator_t<T>>
+void embedding_bag_naive(const ValueTable<T>& table, const ConstIndexRef& indices,
+                         const ConstMatrixRef<detail::no_deduce<S>>& weights, MatrixRef<detail::no_deduce<S>> out) {
+  detail::check_bag_args("pkm::embedding_bag_naive", table, indices, weights, "out", out.rows(),
+                         out.cols());
+  const Index dim = table.dim();
+  for (Index b = 0; b < indices.rows(); ++b) {
+    for (Index d = 0; d < dim; ++d) out(b, d) = S(0);
+    for (Index l = 0; l < indices.cols(); ++l) {
+      const T* row = table.row(indices(b, l));
+      for (Index d = 0; d < dim; ++d) out(b, d) += weights(b, l) * static_cast<S>(row[d]);
+    }
+  }
+}
+
+/// How many bag entries ahead the gather prefetches rows.
+inline constexpr Index kPrefetchDistance = 4;
+
+/// pkm's gather: tokens split over threads, rows prefetched a few entries ahead, vectorised
+/// accumulation in S. Each token's sum runs in bag order, so results do not depend on the
+/// thread count.
+template <class T, class S = detail::accumulator_t<T>>
+void embedding_bag(const ValueTable<T>& table, const ConstIndexRef& indices,
+                   const ConstMatrixRef<detail::no_deduce<S>>& weights, MatrixRef<detail::no_deduce<S>> out) {
+  detail::check_bag_args("pkm::embedding_bag", table, indices, weights, "out", out.rows(), out.cols());
+  const Index dim = table.dim();
+  const Index bag = indices.cols();
+  detail::parallel_blocks(indices.rows(), 8, [&](Index begin, Index end) {
+    for (Index b = begin; b < end; ++b) {
+      auto acc = out.row(b);
+      acc.setZero();
+      const std::int64_t* idx = indices.row(b).data();
+      const S* w = weights.row(b).data();
+      for (Index l = 0; l < bag; ++l) {
+        if (l + kPrefetchDistance < bag) {
+          const char* p = reinterpret_cast<const char*>(table.row(idx[l + kPrefetchDistance]));
+          for (Index off = 0; off < dim * Index(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+        }
+        const Eigen::Map<const Vector<T>> row(table.row(idx[l]), dim);
+        if constexpr (std::is_same_v<T, S>) {
+          acc.noalias() += w[l] * row.transpose();
+        } else {
+          acc.noalias() += w[l] * row.transpose().template cast<S>();
+        }
+      }
+    }
+  });
+}
+
+/// Backward of embedding_bag: dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and the
+/// table gradient sum_{b,l: indices(b,l) = r} weights(b, l) * dy(b, :) for each touched row r,
+/// merged (added) into `dtable`. Contributions to one row are summed in (b, l) order.
+template <class T, class S = detail::accumulator_t<T>>
+void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& indices,
+                            const ConstMatrixRef<detail::no_deduce<S>>& weights, const ConstMatrixRef<detail::no_deduce<S>>& dy,
+                            MatrixRef<detail::no_deduce<S>> dweights,
+                            SparseRowGrad<detail::no_deduce<S>>& dtable) {
+  const char* who = "pkm::embedding_bag_backward";
+  detail::check_bag_args(who, table, indices, weights, "dy", dy.rows(), dy.cols());
+  detail::check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), indices.rows(),
+                           indices.cols());
+  if (!dtable.empty() && dtable.dim != table.dim()) {
+    throw std::invalid_argument(std::string(who) + ": dtable.dim = " +
+                                std::to_string(dtable.dim) + ", expected table dim " +
+                                std::to_string(table.dim()));
+  }
+  const Index dim = table.dim();
+  const Index bag = indices.cols();
+  const Index batch = indices.rows();
+  // Weight gradients: one dot product per bag entry.
+  detail::parallel_blocks(batch, 8, [&](Index begin, Index end) {
+    for (Index b = begin; b < end; ++b) {
+      const Eigen::Map<const Vector<S>> g(dy.row(b).data(), dim);
+      for (Index l = 0; l < bag; ++l) {
+        const Eigen::Map<const Vector<T>> row(table.row(indices(b, l)), dim);
+        if constexpr (std::is_same_v<T, S>) {
+          dweights(b, l) = g.dot(row);
+        } else {
+          dweights(b, l) = g.dot(row.template cast<S>());
+        }
+      }
+    }
+  });
+  // Table gradient: group the (row, token, weight) contributions by row, reduce each once.
+  std::vector<detail::RowContribution<S>> items(static_cast<std::size_t>(batch * bag));
+  detail::parallel_for(batch, [&](Index b) {
+    for (Index l = 0; l < bag; ++l) items[b * bag + l] = {indices(b, l), b, weights(b, l)};
+  });
+  SparseRowGrad<S> local;
+  local.dim = dim;
+  detail::segment_reduce(
+      items, dim, [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
+      local.rows, local.values);
+  if (dtable.empty()) {
+    dtable = std::move(local);
+  } else {
+    dtable.merge(local);
+  }
+}
+
+}  // namespace pkm

@@ -1,0 +1,67 @@
+// pkm/init.hpp — the reference initialisation, reproducible from a seed on any platform and
+// thread count: keys U(+-1/sqrt(k_dim)); values N(0, v_dim^-1/2); Wq xavier-uniform;
+// W1, W2 N(0, output_dim^-1/2); wg N(0, input_dim^-1/2); biases 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "pkm/detail/parallel.hpp"
+#include "pkm/detail/random.hpp"
+#include "pkm/parameters.hpp"
+#include "pkm/value_table.hpp"
+
+namespace pkm {
+
+/// Stream id of the value table's random numbers (the dense tensors use their Tensor id).
+inline constexpr std::uint64_t kValueStream = 1000;
+
+/// Fills every present tensor of `p` as the reference module initialises it.
+template <class Scalar>
+void init_parameters(LayerParameters<Scalar>& p, std::uint64_t seed) {
+  const MemoryConfig& c = p.config();
+  p.for_each([&](Tensor t, MatrixMap<Scalar> m) {
+    const detail::CounterRng rng(seed, static_cast<std::uint64_t>(t));
+    const Index n = m.size();
+    Scalar* d = m.data();
+    auto uniform = [&](double bound) {
+      for (Index i = 0; i < n; ++i) d[i] = static_cast<Scalar>(rng.uniform(i, -bound, bound));
+    };
+    auto normal = [&](double std_dev) {
+      for (Index i = 0; i < n; ++i) d[i] = static_cast<Scalar>(std_dev * rng.normal(i));
+    };
+    switch (t) {
+      case Tensor::keys: uniform(1.0 / std::sqrt(double(c.k_dim))); break;
+      case Tensor::query_weight:
+        uniform(std::sqrt(6.0 / double(c.input_dim + c.heads * c.k_dim)));
+        break;
+      case Tensor::swilu_weight:
+      case Tensor::value_proj_weight: normal(1.0 / std::sqrt(double(c.output_dim))); break;
+      case Tensor::gate_weight: normal(1.0 / std::sqrt(double(c.input_dim))); break;
+      default: m.setZero(); break;  // biases
+    }
+  });
+}
+
+/// Fills a value table with N(0, dim^-1/2), in parallel; row r depends only on (seed, r).
+template <class T>
+void init_values(ValueTable<T>& table, std::uint64_t seed) {
+  const detail::CounterRng rng(seed, kValueStream);
+  const Index dim = table.dim();
+  const double std_dev = 1.0 / std::sqrt(double(dim));
+  detail::parallel_for(table.rows(), [&](Index r) {
+    T* row = table.row(r);
+    const auto base = static_cast<std::uint64_t>(r * dim);
+    for (Index d = 0; d < dim; ++d) {
+      const std::uint64_t i = base + static_cast<std::uint64_t>(d);
+      double first, second;
+      rng.normal_pair(i, first, second);  // number i and its partner i ^ 1
+      row[d] = static_cast<T>(std_dev * ((i & 1) ? second : first));
+      if (!(i & 1) && d + 1 < dim) {
+        row[++d] = static_cast<T>(std_dev * second);
+      }
+    }
+  });
+}
+
+}  // namespace pkm

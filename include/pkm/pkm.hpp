@@ -1,0 +1,19 @@
+// pkm/pkm.hpp — product-key memory layers (Berges et al., "Memory Layers at Scale", 2024;
+// Lample et al., "Large Memory Layers with Product Keys", 2019), header-only, on CPU.
+// Include this one header for everything pkm offers on the CPU; CUDA headers live in pkm/cuda/.
+#pragma once
+
+#include "pkm/version.hpp"
+#include "pkm/config.hpp"
+#include "pkm/types.hpp"
+#include "pkm/parameters.hpp"
+#include "pkm/value_table.hpp"
+#include "pkm/sparse_grad.hpp"
+#include "pkm/init.hpp"
+#include "pkm/activations.hpp"
+#include "pkm/linear.hpp"
+#include "pkm/qk_norm.hpp"
+#include "pkm/product_keys.hpp"
+#include "pkm/softmax.hpp"
+#include "pkm/embedding_bag.hpp"
+#include "pkm/memory_layer.hpp"

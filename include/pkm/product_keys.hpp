@@ -1,0 +1,125 @@
+// pkm/product_keys.hpp — the exact product-key top-k (Lample et al., 2019), forward and
+// backward, plus the brute-force search it must equal.
+//
+// Given the half scores s1 (n) and s2 (n) of one head, the candidate (i, j) is memory slot
+// i * n + j with score s1[i] + s2[j]. Candidates are ranked by the strict total order
+//     sum desc, then s1 desc, then i asc, then s2 desc, then j asc,
+// which every function here uses. Under it, the k best of all n^2 slots always lie in
+// I1 x I2, where I1 and I2 are the top-k of each half (ranked by score desc, index asc) —
+// also when rounding makes two different sums equal — so the search is exact.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "pkm/types.hpp"
+
+namespace pkm {
+
+/// Scratch space for product_key_topk; reuse one per thread to avoid allocations.
+template <class S>
+struct ProductKeyScratch {
+  struct Candidate {
+    S sum, s1, s2;
+    Index i, j;  // sub-key ids
+    Index a, b;  // ranks in the two half lists
+  };
+  std::vector<Index> order;
+  std::vector<Index> top1, top2;
+  std::vector<Candidate> heap;
+};
+
+namespace detail {
+/// true if candidate x ranks before y in the order documented above.
+template <class C>
+bool ranks_before(const C& x, const C& y) {
+  if (x.sum != y.sum) return x.sum > y.sum;
+  if (x.s1 != y.s1) return x.s1 > y.s1;
+  if (x.i != y.i) return x.i < y.i;
+  if (x.s2 != y.s2) return x.s2 > y.s2;
+  return x.j < y.j;
+}
+}  // namespace detail
+
+/// The k best of n scores by (score desc, index asc), in that order, into `out`.
+/// Scores must not be NaN.
+template <class S>
+void half_topk(const S* s, Index n, Index k, Index* out, std::vector<Index>& order) {
+  order.resize(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) order[i] = i;
+  auto better = [s](Index a, Index b) { return s[a] != s[b] ? s[a] > s[b] : a < b; };
+  if (k < n) {
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), better);
+    std::sort(order.begin(), order.begin() + k, better);
+  } else {
+    std::sort(order.begin(), order.end(), better);
+  }
+  std::copy(order.begin(), order.begin() + k, out);
+}
+
+/// Exact top-k of the n^2 sums s1[i] + s2[j]: writes slots (i * n + j) and their scores,
+/// best first. A k-way merge over the k x k grid of the two sorted half lists with a heap of
+/// k candidates: O(n + k log k) per call after the half selections. Scores must be finite.
+template <class S>
+void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* slots,
+                      S* scores, ProductKeyScratch<S>& scratch) {
+  using C = typename ProductKeyScratch<S>::Candidate;
+  scratch.top1.resize(static_cast<std::size_t>(k));
+  scratch.top2.resize(static_cast<std::size_t>(k));
+  half_topk(s1, n, k, scratch.top1.data(), scratch.order);
+  half_topk(s2, n, k, scratch.top2.data(), scratch.order);
+  const Index* t1 = scratch.top1.data();
+  const Index* t2 = scratch.top2.data();
+  auto make = [&](Index a, Index b) {
+    const Index i = t1[a], j = t2[b];
+    return C{s1[i] + s2[j], s1[i], s2[j], i, j, a, b};
+  };
+  // Max-heap: the comparator says "x ranks after y".
+  auto after = [](const C& x, const C& y) { return detail::ranks_before(y, x); };
+  auto& heap = scratch.heap;
+  heap.clear();
+  for (Index a = 0; a < k; ++a) heap.push_back(make(a, 0));  // row a of the grid, column 0
+  std::make_heap(heap.begin(), heap.end(), after);
+  for (Index m = 0; m < k; ++m) {
+    std::pop_heap(heap.begin(), heap.end(), after);
+    const C best = heap.back();
+    heap.pop_back();
+    slots[m] = static_cast<std::int64_t>(best.i * n + best.j);
+    scores[m] = best.sum;
+    if (best.b + 1 < k) {  // next candidate in the same grid row
+      heap.push_back(make(best.a, best.b + 1));
+      std::push_heap(heap.begin(), heap.end(), after);
+    }
+  }
+}
+
+/// The reference: ranks all n^2 sums and keeps the k best. O(n^2 log k); for tests.
+template <class S>
+void product_key_topk_brute_force(const S* s1, const S* s2, Index n, Index k,
+                                  std::int64_t* slots, S* scores) {
+  using C = typename ProductKeyScratch<S>::Candidate;
+  std::vector<C> all;
+  all.reserve(static_cast<std::size_t>(n * n));
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < n; ++j) all.push_back(C{s1[i] + s2[j], s1[i], s2[j], i, j, 0, 0});
+  auto before = [](const C& x, const C& y) { return detail::ranks_before(x, y); };
+  std::partial_sort(all.begin(), all.begin() + k, all.end(), before);
+  for (Index m = 0; m < k; ++m) {
+    slots[m] = static_cast<std::int64_t>(all[m].i * n + all[m].j);
+    scores[m] = all[m].sum;
+  }
+}
+
+/// Backward of the selection: the gradient dz[m] of the score of slot[m] = i*n + j flows to
+/// s1[i] and to s2[j]. Calls fn(half, sub_key, dz[m]) for half 0 (id i) and 1 (id j), in m order.
+template <class S, class F>
+void product_key_backward(const std::int64_t* slots, const S* dz, Index k, Index n, F&& fn) {
+  for (Index m = 0; m < k; ++m) {
+    fn(0, static_cast<Index>(slots[m] / n), dz[m]);
+    fn(1, static_cast<Index>(slots[m] % n), dz[m]);
+  }
+}
+
+}  // namespace pkm

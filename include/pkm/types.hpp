@@ -1,0 +1,32 @@
+// pkm/types.hpp — the Eigen aliases pkm uses in its interfaces (all row-major).
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+
+namespace pkm {
+
+using Index = std::int64_t;
+
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+template <class T>
+using MatrixMap = Eigen::Map<RowMatrix<T>>;
+template <class T>
+using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
+template <class T>
+using VectorMap = Eigen::Map<Vector<T>>;
+template <class T>
+using ConstVectorMap = Eigen::Map<const Vector<T>>;
+/// What pkm's functions take as input: any row-major block with unit inner stride.
+template <class T>
+using ConstMatrixRef = Eigen::Ref<const RowMatrix<T>>;
+template <class T>
+using MatrixRef = Eigen::Ref<RowMatrix<T>>;
+
+/// Slot ids (rows of the value table), as PyTorch's int64 indices.
+using IndexMatrix = RowMatrix<std::int64_t>;
+
+}  // namespace pkm

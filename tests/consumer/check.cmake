@@ -1,0 +1,26 @@
+# Installs pkm from PKM_SOURCE into WORK/prefix, then builds and runs the consumer project
+# against it with find_package(pkm). Run with cmake -P.
+file(REMOVE_RECURSE ${WORK})
+function(run)
+  execute_process(COMMAND ${ARGV} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGV}")
+  endif()
+endfunction()
+run(${CMAKE_COMMAND} -S ${PKM_SOURCE} -B ${WORK}/pkm-build -G ${GENERATOR}
+    -DPKM_BUILD_TESTS=OFF -DPKM_BUILD_BENCH=OFF -DPKM_BUILD_EXAMPLES=OFF
+    -DCMAKE_INSTALL_PREFIX=${WORK}/prefix)
+run(${CMAKE_COMMAND} --install ${WORK}/pkm-build)
+run(${CMAKE_COMMAND} -S ${PKM_SOURCE}/tests/consumer -B ${WORK}/consumer-build -G ${GENERATOR}
+    -DCMAKE_PREFIX_PATH=${WORK}/prefix -DCMAKE_BUILD_TYPE=Release)
+run(${CMAKE_COMMAND} --build ${WORK}/consumer-build)
+run(${WORK}/consumer-build/consumer)
+
+# The same consumer with add_subdirectory(pkm): tests, benchmarks and examples stay off.
+run(${CMAKE_COMMAND} -S ${PKM_SOURCE}/tests/consumer -B ${WORK}/subdir-build -G ${GENERATOR}
+    -DPKM_SOURCE_DIR=${PKM_SOURCE} -DCMAKE_BUILD_TYPE=Release)
+if(EXISTS ${WORK}/subdir-build/pkm/tests)
+  message(FATAL_ERROR "add_subdirectory(pkm) built pkm's tests; they must default off there")
+endif()
+run(${CMAKE_COMMAND} --build ${WORK}/subdir-build)
+run(${WORK}/subdir-build/consumer)

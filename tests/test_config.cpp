@@ -1,0 +1,79 @@
+#include <catch2/catch.hpp>
+
+#include <limits>
+#include <string>
+
+#include <pkm/pkm.hpp>
+
+#include "support.hpp"
+
+using Catch::Matchers::Contains;
+
+namespace {
+// Expects validate() to throw std::invalid_argument mentioning every string in `words`.
+void expect_invalid(const pkm::MemoryConfig& c, std::initializer_list<const char*> words) {
+  try {
+    c.validate();
+    FAIL("validate() accepted an invalid config");
+  } catch (const std::invalid_argument& e) {
+    const std::string msg = e.what();
+    for (const char* w : words) {
+      INFO("message: " << msg);
+      CHECK_THAT(msg, Contains(w));
+    }
+  }
+}
+}  // namespace
+
+TEST_CASE("a valid config passes and derives its sizes", "[config]") {
+  pkm::MemoryConfig c = pkmtest::small_config();
+  REQUIRE_NOTHROW(c.validate());
+  CHECK(c.half() == 2);
+  CHECK(c.slots() == 25);
+  CHECK(c.bag_size() == 6);
+  CHECK(c.effective_qk_norm_scale() == Approx(std::sqrt(2.0)));
+  c.qk_norm_scale = 3.0;
+  CHECK(c.effective_qk_norm_scale() == 3.0);
+  c.knn = c.n_keys;  // knn = n_keys is allowed
+  REQUIRE_NOTHROW(c.validate());
+}
+
+TEST_CASE("every invalid config field is rejected with its name and range", "[config][errors]") {
+  const pkm::MemoryConfig good = pkmtest::small_config();
+  auto with = [&](auto edit) {
+    pkm::MemoryConfig c = good;
+    edit(c);
+    return c;
+  };
+  expect_invalid(with([](auto& c) { c.input_dim = 0; }), {"input_dim", "0", "1 <= input_dim"});
+  expect_invalid(with([](auto& c) { c.input_dim = -3; }), {"input_dim", "-3"});
+  expect_invalid(with([](auto& c) { c.heads = 0; }), {"heads", "1 <= heads"});
+  expect_invalid(with([](auto& c) { c.n_keys = 0; }), {"n_keys", "1 <= n_keys"});
+  expect_invalid(with([](auto& c) { c.n_keys = pkm::kMaxKeys + 1; }), {"n_keys"});
+  expect_invalid(with([](auto& c) { c.k_dim = 0; }), {"k_dim", "2 <= k_dim"});
+  expect_invalid(with([](auto& c) { c.k_dim = 5; }), {"k_dim = 5", "even"});
+  expect_invalid(with([](auto& c) { c.knn = 0; }), {"knn = 0", "1 <= knn <= 5"});
+  expect_invalid(with([](auto& c) { c.knn = 6; }), {"knn = 6", "knn <= 5"});
+  expect_invalid(with([](auto& c) { c.v_dim = 0; }), {"v_dim", "1 <= v_dim"});
+  expect_invalid(with([](auto& c) { c.output_dim = 0; }), {"output_dim", "1 <= output_dim"});
+  expect_invalid(with([](auto& c) { c.heads = 4096; c.k_dim = 1 << 14; }), {"heads * k_dim"});
+  expect_invalid(with([](auto& c) { c.value_projection = false; }),
+                 {"memory_plus", "value_projection"});
+  expect_invalid(with([](auto& c) {
+                   c.memory_plus = false;
+                   c.value_projection = false;
+                 }),
+                 {"output_dim = 7", "v_dim = 5", "value_projection = false"});
+  expect_invalid(with([](auto& c) { c.qk_norm_scale = 0.0; }), {"qk_norm_scale", "> 0"});
+  expect_invalid(with([](auto& c) { c.qk_norm_scale = -1.0; }), {"qk_norm_scale"});
+  expect_invalid(with([](auto& c) { c.qk_norm_scale = std::numeric_limits<double>::quiet_NaN(); }),
+                 {"qk_norm_scale", "finite"});
+}
+
+TEST_CASE("layers and parameter sets refuse an invalid config", "[config][errors]") {
+  pkm::MemoryConfig c = pkmtest::small_config();
+  c.k_dim = 3;
+  CHECK_THROWS_AS(pkm::MemoryLayer<float>(c, 1), std::invalid_argument);
+  CHECK_THROWS_AS(pkm::LayerParameters<float>(c), std::invalid_argument);
+  CHECK_THROWS_AS(pkm::LayerGradients<float>(c), std::invalid_argument);
+}

@@ -1,0 +1,138 @@
+#include <catch2/catch.hpp>
+
+#include <random>
+
+#include <pkm/pkm.hpp>
+
+#include "support.hpp"
+
+using pkm::Index;
+using Mat = pkm::RowMatrix<double>;
+using MatF = pkm::RowMatrix<float>;
+
+namespace {
+pkm::IndexMatrix random_indices(Index B, Index L, Index rows, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<Index> u(0, rows - 1);
+  pkm::IndexMatrix idx(B, L);
+  for (Index i = 0; i < idx.size(); ++i) idx.data()[i] = u(rng);
+  return idx;
+}
+}  // namespace
+
+TEST_CASE("the gather agrees with the naive loop", "[embedding_bag]") {
+  for (Index dim : {1, 3, 8, 33, 130}) {
+    pkm::ValueTable<float> table(97, dim);
+    pkm::init_values(table, 5);
+    const auto idx = random_indices(70, 12, 97, dim);
+    const MatF w = pkmtest::random_matrix(70, 12, 9).cast<float>();
+    MatF fast(70, dim), naive(70, dim);
+    pkm::embedding_bag(table, idx, w, fast);
+    pkm::embedding_bag_naive(table, idx, w, naive);
+    INFO("dim " << dim);
+    CHECK((fast - naive).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + naive.cwiseAbs().maxCoeff()));
+  }
+}
+
+TEST_CASE("a strided view of the caller's table is read in place", "[embedding_bag]") {
+  Mat big = pkmtest::random_matrix(10, 8, 1);
+  auto table = pkm::ValueTable<double>::view(big.leftCols(5));  // stride 8, dim 5
+  CHECK(table.data() == big.data());
+  CHECK(table.stride() == 8);
+  pkm::IndexMatrix idx(1, 2);
+  idx << 3, 7;
+  Mat w(1, 2);
+  w << 0.5, -2.0;
+  Mat out(1, 5);
+  pkm::embedding_bag(table, idx, w, out);
+  const Mat expect = 0.5 * big.row(3).head(5) - 2.0 * big.row(7).head(5);
+  CHECK((out - expect).cwiseAbs().maxCoeff() < 1e-15);
+}
+
+TEST_CASE("the sparse table gradient equals a dense scatter, duplicates included",
+          "[embedding_bag][backward]") {
+  const Index rows = 40, dim = 6, B = 25, L = 8;
+  pkm::ValueTable<double> table(rows, dim);
+  pkm::init_values(table, 2);
+  auto idx = random_indices(B, L, rows, 4);
+  // Duplicates of one slot within a token and across tokens.
+  idx(0, 1) = idx(0, 0);
+  idx(0, 2) = idx(0, 0);
+  idx(3, 5) = idx(0, 0);
+  idx(7, 0) = 39;
+  idx(8, 7) = 39;
+  const Mat w = pkmtest::random_matrix(B, L, 5);
+  const Mat dy = pkmtest::random_matrix(B, dim, 6);
+  Mat dw(B, L);
+  pkm::SparseRowGrad<double> g;
+  pkm::embedding_bag_backward(table, idx, w, dy, dw, g);
+
+  Mat dense = Mat::Zero(rows, dim);  // the reference: scatter-add every contribution
+  for (Index b = 0; b < B; ++b)
+    for (Index l = 0; l < L; ++l) dense.row(idx(b, l)) += w(b, l) * dy.row(b);
+  Mat from_sparse = Mat::Zero(rows, dim);
+  g.add_to(from_sparse);
+  CHECK((from_sparse - dense).cwiseAbs().maxCoeff() < 1e-13);
+  REQUIRE(std::is_sorted(g.rows.begin(), g.rows.end()));
+  REQUIRE(std::adjacent_find(g.rows.begin(), g.rows.end()) == g.rows.end());
+  std::vector<std::int64_t> touched(idx.data(), idx.data() + idx.size());
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  CHECK(g.rows == touched);  // exactly the touched rows, each once
+  CHECK(g.values.rows() == g.size());
+
+  for (Index b = 0; b < B; ++b)
+    for (Index l = 0; l < L; ++l)
+      CHECK(dw(b, l) == Approx(dy.row(b).dot(table.matrix().row(idx(b, l)))).epsilon(1e-12));
+
+  // A second backward merges (adds) into the same sparse gradient.
+  pkm::embedding_bag_backward(table, idx, w, dy, dw, g);
+  Mat twice = Mat::Zero(rows, dim);
+  g.add_to(twice);
+  CHECK((twice - 2 * dense).cwiseAbs().maxCoeff() < 1e-13);
+}
+
+TEST_CASE("sparse gradients merge as a sum", "[sparse_grad]") {
+  pkm::SparseRowGrad<double> a, b;
+  a.dim = b.dim = 2;
+  a.rows = {1, 4, 9};
+  a.values = Mat::Ones(3, 2);
+  b.rows = {0, 4, 10};
+  b.values = 2 * Mat::Ones(3, 2);
+  a.merge(b);
+  CHECK(a.rows == std::vector<std::int64_t>{0, 1, 4, 9, 10});
+  Mat expect(5, 2);
+  expect << 2, 2, 1, 1, 3, 3, 1, 1, 2, 2;
+  CHECK(a.values == expect);
+  pkm::SparseRowGrad<double> wrong;
+  wrong.dim = 3;
+  wrong.rows = {0};
+  wrong.values = Mat::Ones(1, 3);
+  CHECK_THROWS_AS(a.merge(wrong), std::invalid_argument);
+  Mat small = Mat::Zero(5, 2);
+  CHECK_THROWS_AS(a.add_to(small), std::out_of_range);  // row 9 and 10 do not exist
+}
+
+TEST_CASE("the gather rejects bad indices and shapes without reading out of bounds",
+          "[embedding_bag][errors]") {
+  pkm::ValueTable<float> table(10, 4);
+  pkm::IndexMatrix idx = pkm::IndexMatrix::Zero(2, 3);
+  MatF w = MatF::Ones(2, 3), out(2, 4);
+  idx(1, 2) = 10;
+  CHECK_THROWS_WITH(pkm::embedding_bag(table, idx, w, out),
+                    Catch::Contains("indices(1, 2) = 10") && Catch::Contains("0 <= index < 10"));
+  CHECK_THROWS_AS(pkm::embedding_bag_naive(table, idx, w, out), std::out_of_range);
+  idx(1, 2) = -1;
+  CHECK_THROWS_AS(pkm::embedding_bag(table, idx, w, out), std::out_of_range);
+  idx(1, 2) = 0;
+  MatF wrong_w = MatF::Ones(2, 2), wrong_out(3, 4);
+  CHECK_THROWS_WITH(pkm::embedding_bag(table, idx, wrong_w, out), Catch::Contains("weights"));
+  CHECK_THROWS_WITH(pkm::embedding_bag(table, idx, w, wrong_out), Catch::Contains("out is 3 x 4"));
+  MatF dw(2, 3);
+  pkm::SparseRowGrad<float> g;
+  idx(0, 0) = 12;
+  CHECK_THROWS_AS(pkm::embedding_bag_backward(table, idx, w, out, dw, g), std::out_of_range);
+  CHECK(g.empty());
+  CHECK_THROWS_AS(pkm::ValueTable<float>(0, 4), std::invalid_argument);
+  CHECK_THROWS_AS(pkm::ValueTable<float>::view(nullptr, 4, 4), std::invalid_argument);
+}

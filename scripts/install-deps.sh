@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages pkm needs to build its tests, benchmarks and examples, if any is
+# missing. Needs root or sudo only when something must be installed.
+set -euo pipefail
+
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "pkm: all build dependencies are installed (${packages[*]})"
+  exit 0
+fi
+
+echo "pkm: installing ${missing[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "pkm: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -65,8 +65,8 @@ int main(int argc, char** argv) {
   const double bytes_read = double(batch * cfg.bag_size() * cfg.v_dim * sizeof(float));
   std::printf("batch %lld tokens: output norm %.4f, mean top weight %.3f\n", (long long)batch,
               double(y.norm()), double(cache.weights.col(0).mean()));
-  std::printf("forward  %.1f ms  %.0f tokens/s  (value rows read: %.2f GB/s)\n", fwd * 1e3,
-              double(batch) / fwd, bytes_read / fwd / 1e9);
+  std::printf("forward  %.1f ms  %.0f tokens/s  (%.2f GB of value rows read, %.1f GB/s over the whole forward)\n",
+              fwd * 1e3, double(batch) / fwd, bytes_read / 1e9, bytes_read / fwd / 1e9);
   std::printf("backward %.1f ms  %.0f tokens/s\n", bwd * 1e3, double(batch) / bwd);
   std::printf("value gradient: %lld of %lld slots touched (%.2f%%), %.1f MiB sparse vs %.1f MiB dense\n",
               (long long)grads.values.size(), (long long)cfg.slots(),

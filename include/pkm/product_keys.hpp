@@ -26,7 +26,7 @@ struct ProductKeyScratch {
     Index i, j;  // sub-key ids
     Index a, b;  // ranks in the two half lists
   };
-  std::vector<Index> order;
+  std::vector<Index> half_heap;
   std::vector<Index> top1, top2;
   std::vector<Candidate> heap;
 };
@@ -44,19 +44,26 @@ bool ranks_before(const C& x, const C& y) {
 }  // namespace detail
 
 /// The k best of n scores by (score desc, index asc), in that order, into `out`.
-/// Scores must not be NaN.
+/// One pass with a heap of the k best so far (its root is the worst of them): most scores
+/// are rejected by a single comparison with the root. O(n + k log k · hits). Scores must not
+/// be NaN.
 template <class S>
-void half_topk(const S* s, Index n, Index k, Index* out, std::vector<Index>& order) {
-  order.resize(static_cast<std::size_t>(n));
-  for (Index i = 0; i < n; ++i) order[i] = i;
-  auto better = [s](Index a, Index b) { return s[a] != s[b] ? s[a] > s[b] : a < b; };
-  if (k < n) {
-    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), better);
-    std::sort(order.begin(), order.begin() + k, better);
-  } else {
-    std::sort(order.begin(), order.end(), better);
+void half_topk(const S* s, Index n, Index k, Index* out, std::vector<Index>& heap) {
+  // "a ranks before b": higher score, or equal score and lower index.
+  auto before = [s](Index a, Index b) { return s[a] != s[b] ? s[a] > s[b] : a < b; };
+  heap.resize(static_cast<std::size_t>(k));
+  for (Index i = 0; i < k; ++i) heap[i] = i;
+  std::make_heap(heap.begin(), heap.end(), before);  // root: the worst of the k
+  for (Index i = k; i < n; ++i) {
+    // Indices grow, so a score equal to the root's never ranks before it.
+    if (s[i] > s[heap.front()]) {
+      std::pop_heap(heap.begin(), heap.end(), before);
+      heap.back() = i;
+      std::push_heap(heap.begin(), heap.end(), before);
+    }
   }
-  std::copy(order.begin(), order.begin() + k, out);
+  std::sort_heap(heap.begin(), heap.end(), before);
+  std::copy(heap.begin(), heap.end(), out);
 }
 
 /// Exact top-k of the n^2 sums s1[i] + s2[j]: writes slots (i * n + j) and their scores,
@@ -68,8 +75,8 @@ void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* 
   using C = typename ProductKeyScratch<S>::Candidate;
   scratch.top1.resize(static_cast<std::size_t>(k));
   scratch.top2.resize(static_cast<std::size_t>(k));
-  half_topk(s1, n, k, scratch.top1.data(), scratch.order);
-  half_topk(s2, n, k, scratch.top2.data(), scratch.order);
+  half_topk(s1, n, k, scratch.top1.data(), scratch.half_heap);
+  half_topk(s2, n, k, scratch.top2.data(), scratch.half_heap);
   const Index* t1 = scratch.top1.data();
   const Index* t2 = scratch.top2.data();
   auto make = [&](Index a, Index b) {

@@ -28,6 +28,14 @@ template <class T>
 struct accumulator {
   using type = T;
 };
+template <>
+struct accumulator<bf16> {
+  using type = float;
+};
+template <>
+struct accumulator<fp16> {
+  using type = float;
+};
 template <class T>
 using accumulator_t = typename accumulator<T>::type;
 template <class T>

@@ -29,4 +29,8 @@ using MatrixRef = Eigen::Ref<RowMatrix<T>>;
 /// Slot ids (rows of the value table), as PyTorch's int64 indices.
 using IndexMatrix = RowMatrix<std::int64_t>;
 
+/// 16-bit storage types for value tables (rows are summed in float).
+using bf16 = Eigen::bfloat16;
+using fp16 = Eigen::half;
+
 }  // namespace pkm

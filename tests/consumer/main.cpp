@@ -1,3 +1,4 @@
+#include <pkm/io/checkpoint.hpp>
 #include <pkm/pkm.hpp>
 
 #include <iostream>
@@ -15,6 +16,9 @@ int main() {
   pkm::ForwardCache<float> cache;
   const pkm::RowMatrix<float> x = pkm::RowMatrix<float>::Ones(3, 16);
   const pkm::RowMatrix<float> y = layer.forward(x, cache);
+  pkm::io::save_layer("consumer_layer.safetensors", layer);
+  const auto back = pkm::io::load_layer<float>(pkm::io::SafetensorsFile("consumer_layer.safetensors"));
+  if (back.config() != c) return 1;
   std::cout << "pkm " << PKM_VERSION_STRING << " consumer: output " << y.rows() << " x "
             << y.cols() << "\n";
   return y.allFinite() ? 0 : 1;

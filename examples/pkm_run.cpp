@@ -1,0 +1,82 @@
+// pkm_run — the parity tool: runs a memory layer from a PyTorch-made safetensors checkpoint
+// on an input and writes what PyTorch would: y, indices, scores and, given dy, dx and the
+// gradient of every checkpoint tensor.
+//
+//   pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors
+//           [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--threads N]
+#include <pkm/io/parity.hpp>
+
+#include <omp.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <string>
+
+namespace {
+const char* kUsage =
+    "usage: pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors\n"
+    "               [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--threads N]\n"
+    "IN holds x (B, input_dim) and optionally dy (B, output_dim). OUT gets y, indices, scores\n"
+    "and, with dy, dx and grad.<name> for every checkpoint tensor. --knn, --qk-norm and\n"
+    "--qk-norm-scale override the checkpoint's __metadata__ (mem_knn, qk_norm, qk_norm_scale).\n";
+
+[[noreturn]] void die(const std::string& msg) {
+  std::fprintf(stderr, "pkm_run: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+long long to_int(const std::string& flag, const std::string& v, long long lo) {
+  char* end = nullptr;
+  const long long x = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || x < lo) die(flag + " " + v + ": expected an integer >= " + std::to_string(lo));
+  return x;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string checkpoint, input, output;
+  pkm::io::LoadOptions options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) die(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--checkpoint") checkpoint = value();
+    else if (a == "--input") input = value();
+    else if (a == "--output") output = value();
+    else if (a == "--knn") options.knn = to_int(a, value(), 1);
+    else if (a == "--qk-norm") options.qk_norm = true;
+    else if (a == "--no-qk-norm") options.qk_norm = false;
+    else if (a == "--qk-norm-scale") {
+      const std::string v = value();
+      char* end = nullptr;
+      const double s = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end != '\0') die("--qk-norm-scale " + v + ": expected a number");
+      options.qk_norm_scale = s;
+    } else if (a == "--threads") omp_set_num_threads(int(to_int(a, value(), 1)));
+    else if (a == "--prefix") options.prefix = value();
+    else if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else {
+      die("unknown argument '" + a + "' (see --help)");
+    }
+  }
+  if (checkpoint.empty() || input.empty() || output.empty()) {
+    die("--checkpoint, --input and --output are required (see --help)");
+  }
+  try {
+    const pkm::io::SafetensorsFile ckpt(checkpoint), in(input);
+    const pkm::io::ParityResult r = pkm::io::run_parity(ckpt, in, options);
+    r.write(output);
+    const auto& c = r.config;
+    std::fprintf(stderr, "pkm_run: %lld tokens through %lld heads x knn %lld over %lld slots -> %s\n",
+                 (long long)r.get("y").shape[0], (long long)c.heads, (long long)c.knn,
+                 (long long)c.slots(), output.c_str());
+  } catch (const std::exception& e) {
+    die(e.what());
+  }
+  return 0;
+}

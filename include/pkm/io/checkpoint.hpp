@@ -1,0 +1,239 @@
+// pkm/io/checkpoint.hpp — load and save one memory layer as safetensors with the parameter
+// names of the reference PyTorch module (HashingMemory), so checkpoints trained there run here
+// and pkm's checkpoints load there.
+//
+// Sizes come from the shapes; which optional tensors are present decides Memory+, projection,
+// gating and query bias. What shapes cannot tell — knn, qk-norm and its scale — comes from the
+// caller (LoadOptions) or else from __metadata__ keys "mem_knn", "qk_norm", "qk_norm_scale".
+#pragma once
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "pkm/io/safetensors.hpp"
+#include "pkm/memory_layer.hpp"
+
+namespace pkm::io {
+
+/// Metadata keys pkm reads and writes.
+inline constexpr const char* kMetaKnn = "mem_knn";
+inline constexpr const char* kMetaQkNorm = "qk_norm";
+inline constexpr const char* kMetaQkNormScale = "qk_norm_scale";
+
+/// What the caller says about a checkpoint; each set field wins over the file's metadata.
+struct LoadOptions {
+  std::optional<std::int64_t> knn;
+  std::optional<bool> qk_norm;
+  std::optional<double> qk_norm_scale;
+  /// Prepended to every tensor name (a layer inside a whole model's checkpoint, e.g.
+  /// "layers.4.memory.").
+  std::string prefix;
+};
+
+namespace detail {
+[[noreturn]] inline void bad_checkpoint(const SafetensorsFile& f, const std::string& what) {
+  throw std::invalid_argument("checkpoint '" + f.path() + "': " + what);
+}
+
+inline std::int64_t parse_int(const SafetensorsFile& f, const std::string& key, const std::string& s) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || errno != 0 || *end != '\0') {
+    bad_checkpoint(f, "__metadata__ '" + key + "' = \"" + s + "\" is not an integer");
+  }
+  return v;
+}
+inline double parse_double(const SafetensorsFile& f, const std::string& key, const std::string& s) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || errno != 0 || *end != '\0') {
+    bad_checkpoint(f, "__metadata__ '" + key + "' = \"" + s + "\" is not a number");
+  }
+  return v;
+}
+inline bool parse_bool(const SafetensorsFile& f, const std::string& key, const std::string& s) {
+  if (s == "true" || s == "True" || s == "1") return true;
+  if (s == "false" || s == "False" || s == "0") return false;
+  bad_checkpoint(f, "__metadata__ '" + key + "' = \"" + s + "\" is not true or false");
+}
+
+/// The shape of tensor t as safetensors writes it: rank 1 for biases, 2 otherwise.
+inline std::vector<std::int64_t> file_shape(const MemoryConfig& c, Tensor t) {
+  const TensorShape s = tensor_shape(c, t);
+  if (s.rank == 1) return {s.rows};
+  return {s.rows, s.cols};
+}
+
+inline std::string shape_str(const std::vector<std::int64_t>& v) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+inline const TensorInfo& rank2(const SafetensorsFile& f, const std::string& name) {
+  const TensorInfo& t = f.info(name);
+  if (t.shape.size() != 2) {
+    bad_checkpoint(f, "tensor '" + name + "' has shape " + t.shape_string() + "; expected 2 dimensions");
+  }
+  return t;
+}
+}  // namespace detail
+
+/// The layer's config, from the tensors' shapes and presence plus metadata and options.
+/// Throws std::invalid_argument naming the file and the tensor or setting at fault.
+inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& opt = {}) {
+  const std::string& p = opt.prefix;
+  auto name = [&](Tensor t) { return p + tensor_name(t); };
+  for (const char* required : {"keys", "values.weight", "query_proj.query_mlps.0.weight"}) {
+    if (!f.has(p + required)) detail::bad_checkpoint(f, "tensor '" + p + required + "' is missing");
+  }
+  const TensorInfo& values = detail::rank2(f, p + "values.weight");
+  const TensorInfo& keys = detail::rank2(f, name(Tensor::keys));
+  const TensorInfo& wq = detail::rank2(f, name(Tensor::query_weight));
+  MemoryConfig c;
+  const std::int64_t slots = values.shape[0];
+  c.n_keys = static_cast<std::int64_t>(std::llround(std::sqrt(static_cast<double>(slots))));
+  if (c.n_keys * c.n_keys != slots || slots == 0) {
+    detail::bad_checkpoint(f, "values.weight has " + std::to_string(slots) + " rows; expected n_keys^2 for some n_keys");
+  }
+  c.v_dim = values.shape[1];
+  const std::int64_t half = keys.shape[1];
+  c.k_dim = 2 * half;
+  if (c.n_keys == 0 || keys.shape[0] % (2 * c.n_keys) != 0 || keys.shape[0] == 0) {
+    detail::bad_checkpoint(f, "keys has " + std::to_string(keys.shape[0]) +
+                                  " rows; expected 2 * heads * n_keys with n_keys = " + std::to_string(c.n_keys));
+  }
+  c.heads = keys.shape[0] / (2 * c.n_keys);
+  c.input_dim = wq.shape[1];
+  c.query_bias = f.has(name(Tensor::query_bias));
+  c.memory_plus = f.has(name(Tensor::swilu_weight));
+  c.value_projection = f.has(name(Tensor::value_proj_weight));
+  c.gating = f.has(name(Tensor::gate_weight));
+  c.output_dim = c.value_projection ? detail::rank2(f, name(Tensor::value_proj_weight)).shape[0] : c.v_dim;
+  for (auto [w, b] : {std::pair{Tensor::swilu_weight, Tensor::swilu_bias},
+                      std::pair{Tensor::value_proj_weight, Tensor::value_proj_bias},
+                      std::pair{Tensor::gate_weight, Tensor::gate_bias}}) {
+    if (f.has(name(w)) != f.has(name(b))) {
+      detail::bad_checkpoint(f, "'" + name(f.has(name(w)) ? b : w) + "' is missing; '" + name(w) + "' and '" +
+                                    name(b) + "' come together");
+    }
+  }
+  const auto& meta = f.metadata();
+  if (opt.knn) {
+    c.knn = *opt.knn;
+  } else if (auto it = meta.find(kMetaKnn); it != meta.end()) {
+    c.knn = detail::parse_int(f, kMetaKnn, it->second);
+  } else {
+    detail::bad_checkpoint(f, "knn is not in the file's __metadata__ (\"mem_knn\"); pass it (LoadOptions::knn, --knn)");
+  }
+  if (opt.qk_norm) {
+    c.qk_norm = *opt.qk_norm;
+  } else if (auto it = meta.find(kMetaQkNorm); it != meta.end()) {
+    c.qk_norm = detail::parse_bool(f, kMetaQkNorm, it->second);
+  }
+  if (opt.qk_norm_scale) {
+    c.qk_norm_scale = *opt.qk_norm_scale;
+  } else if (auto it = meta.find(kMetaQkNormScale); it != meta.end()) {
+    c.qk_norm_scale = detail::parse_double(f, kMetaQkNormScale, it->second);
+  }
+  try {
+    c.validate();
+  } catch (const std::invalid_argument& e) {
+    detail::bad_checkpoint(f, e.what());
+  }
+  // Every present tensor must have exactly the shape the config implies.
+  for (int t = 0; t < kNumTensors; ++t) {
+    const Tensor tensor = Tensor(t);
+    if (!tensor_shape(c, tensor).present) continue;
+    const auto want = detail::file_shape(c, tensor);
+    const TensorInfo& info = f.info(name(tensor));
+    if (info.shape != want) {
+      detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has shape " + info.shape_string() + ", expected " +
+                                    detail::shape_str(want));
+    }
+    if (!is_float(info.dtype)) {
+      detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has dtype " + dtype_name(info.dtype) + "; expected a float dtype");
+    }
+  }
+  if (!is_float(values.dtype)) {
+    detail::bad_checkpoint(f, "tensor 'values.weight' has dtype " + std::string(dtype_name(values.dtype)) + "; expected a float dtype");
+  }
+  return c;
+}
+
+/// Reads the dense parameters of the layer described by `c` from `f` (converting dtypes).
+template <class Scalar>
+LayerParameters<Scalar> load_parameters(const SafetensorsFile& f, const MemoryConfig& c,
+                                        const std::string& prefix = "") {
+  LayerParameters<Scalar> params(c);
+  params.for_each([&](Tensor t, MatrixMap<Scalar> m) {
+    f.read(prefix + tensor_name(t), m.data(), static_cast<std::size_t>(m.size()));
+  });
+  return params;
+}
+
+/// Loads a layer: parameters as Scalar, the value table converted to TableT (e.g. a BF16
+/// table kept as pkm::bf16, or converted to float). Everything is copied out of the file.
+template <class Scalar, class TableT = Scalar>
+MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptions& opt = {}) {
+  const MemoryConfig c = infer_config(f, opt);
+  ValueTable<TableT> table(c.slots(), c.v_dim);
+  f.read(opt.prefix + "values.weight", table.data(), static_cast<std::size_t>(c.slots() * c.v_dim));
+  return MemoryLayer<Scalar, TableT>(load_parameters<Scalar>(f, c, opt.prefix), std::move(table));
+}
+
+/// Loads a layer whose value table is a view into the file's mapping: no copy of the table.
+/// The file's dtype must be TableT's and its data aligned for TableT; `f` (or a copy of it)
+/// must outlive the layer. Writes to the table (fine-tuning) stay in memory, never in the file.
+template <class Scalar, class TableT = Scalar>
+MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOptions& opt = {}) {
+  const MemoryConfig c = infer_config(f, opt);
+  const TensorInfo& v = f.info(opt.prefix + "values.weight");
+  if (v.dtype != dtype_of<TableT>()) {
+    detail::bad_checkpoint(f, "values.weight is " + std::string(dtype_name(v.dtype)) + "; mapping it needs " +
+                                  dtype_name(dtype_of<TableT>()) + " (use load_layer to convert)");
+  }
+  std::uint8_t* p = f.mutable_bytes(v);
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(TableT) != 0) {
+    detail::bad_checkpoint(f, "values.weight is not aligned for its dtype in the file; use load_layer");
+  }
+  return MemoryLayer<Scalar, TableT>(load_parameters<Scalar>(f, c, opt.prefix),
+                                     ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
+}
+
+/// Writes the layer with the reference names and the metadata (mem_knn, qk_norm and, when
+/// set, qk_norm_scale) that make a load of the file give back the same layer, bit for bit.
+/// The value table must be contiguous (stride == v_dim).
+template <class Scalar, class TableT>
+void save_layer(const std::string& path, const MemoryLayer<Scalar, TableT>& layer,
+                const std::map<std::string, std::string>& extra_metadata = {}) {
+  const MemoryConfig& c = layer.config();
+  if (layer.values().stride() != layer.values().dim()) {
+    throw std::invalid_argument("pkm::io::save_layer: the value table has stride " +
+                                std::to_string(layer.values().stride()) + "; saving needs a contiguous table");
+  }
+  SafetensorsWriter w;
+  layer.params().for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
+    w.add(tensor_name(t), detail::file_shape(c, t), m.data());
+  });
+  w.add("values.weight", {c.slots(), c.v_dim}, static_cast<const TableT*>(layer.values().data()));
+  for (const auto& [k, v] : extra_metadata) w.set_metadata(k, v);
+  w.set_metadata(kMetaKnn, std::to_string(c.knn));
+  w.set_metadata(kMetaQkNorm, c.qk_norm ? "true" : "false");
+  if (c.qk_norm_scale) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.17g", *c.qk_norm_scale);
+    w.set_metadata(kMetaQkNormScale, buf);
+  }
+  w.write(path);
+}
+
+}  // namespace pkm::io

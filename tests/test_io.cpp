@@ -167,7 +167,8 @@ TEST_CASE("a layer inside a larger checkpoint loads by prefix", "[io]") {
     keep.push_back(f.read<float>(t.name));
     w.add("layers.3.memory." + t.name, t.shape, keep.back().data());
   }
-  w.add("layers.3.attention.weight", {2, 2}, keep.front().data());
+  const std::vector<float> other_layer = {1, 2, 3, 4};
+  w.add("layers.3.attention.weight", {2, 2}, other_layer.data());
   w.set_metadata("mem_knn", "4");
   const auto big = SafetensorsFile::from_bytes(w.to_bytes(), "model.safetensors");
   pkm::io::LoadOptions o;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -25,6 +26,15 @@ pkm::IndexMatrix random_indices(Index B, Index L, Index rows, std::uint64_t seed
   return idx;
 }
 
+/// Fills a table with small distinct values, fast (the benchmarks do not depend on them).
+template <class T>
+void fill(pkm::ValueTable<T>& t) {
+  const Index dim = t.dim();
+#pragma omp parallel for schedule(static)
+  for (Index r = 0; r < t.rows(); ++r)
+    for (Index d = 0; d < dim; ++d) t.row(r)[d] = static_cast<T>(float((r * 31 + d) % 97) * 1e-3f);
+}
+
 MatF softmax_like_weights(Index B, Index L) {
   MatF w = MatF::Constant(B, L, 1.0f / float(kBagKnn));
   return w;
@@ -36,7 +46,7 @@ MatF softmax_like_weights(Index B, Index L) {
 void BM_StreamRead(benchmark::State& state) {
   const Index n = Index(kTableBytes / sizeof(float));
   pkm::ValueTable<float> buf(n / 1024, 1024);
-  pkm::init_values(buf, 1);
+  fill(buf);
   const float* p = buf.data();
   constexpr Index kChunk = Index(1) << 16;  // 256 KiB per task
   for (auto _ : state) {
@@ -51,12 +61,14 @@ void BM_StreamRead(benchmark::State& state) {
 }
 BENCHMARK(BM_StreamRead)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-template <bool kNaive>
+/// The naive embedding bag (row by row, scalar, no prefetch) or pkm's, over a 1 GiB table of
+/// T: 4096 tokens, each a bag of 4 heads x 32 rows.
+template <class T, bool kNaive>
 void gather(benchmark::State& state) {
   const Index dim = state.range(0), batch = 4096;
-  const Index rows = Index(kTableBytes / (sizeof(float) * dim));
-  pkm::ValueTable<float> table(rows, dim);
-  pkm::init_values(table, 2);
+  const Index rows = Index(kTableBytes / (sizeof(T) * dim));
+  pkm::ValueTable<T> table(rows, dim);
+  fill(table);
   const auto idx = random_indices(batch, kBag, rows, 3);
   const MatF w = softmax_like_weights(batch, kBag);
   MatF out(batch, dim);
@@ -69,13 +81,34 @@ void gather(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
   }
   const double rows_read = double(state.iterations()) * double(batch * kBag);
-  state.SetBytesProcessed(std::int64_t(rows_read * double(dim * Index(sizeof(float)))));
+  state.SetBytesProcessed(std::int64_t(rows_read * double(dim * Index(sizeof(T)))));
   state.counters["rows/s"] = benchmark::Counter(rows_read, benchmark::Counter::kIsRate);
 }
-void BM_EmbeddingBagNaive(benchmark::State& state) { gather<true>(state); }
-void BM_EmbeddingBag_fp32(benchmark::State& state) { gather<false>(state); }
+
+template <class T>
+void register_gathers(const char* dtype) {
+  for (Index dim : {256, 1024, 4096}) {
+    benchmark::RegisterBenchmark((std::string("BM_EmbeddingBag/") + dtype).c_str(), gather<T, false>)
+        ->Arg(dim)->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+}
+
+void BM_EmbeddingBagNaive(benchmark::State& state) { gather<float, true>(state); }
 BENCHMARK(BM_EmbeddingBagNaive)->Arg(256)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_EmbeddingBag_fp32)->Arg(256)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+/// The machine's GEMM limit: the layer's largest product (the query projection of 2048
+/// tokens, 1024 -> 2048) through pkm's linear_forward, in FLOP/s.
+void BM_Gemm(benchmark::State& state) {
+  const Index batch = 2048, in = 1024, out = 2048;
+  MatF x = MatF::Constant(batch, in, 0.01f), w = MatF::Constant(out, in, 0.02f), y(batch, out);
+  for (auto _ : state) {
+    pkm::linear_forward<float>(x, w, nullptr, y);
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["FLOP/s"] =
+      benchmark::Counter(2.0 * double(batch * in * out) * double(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Gemm)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 /// Naive value backward: a dense zero-filled gradient table plus a scatter-add (what a dense
 /// EmbeddingBag backward does), against pkm's sparse backward. 1024^2 slots x 1024, batch 2048.
@@ -169,4 +202,13 @@ BENCHMARK(BM_LayerForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime()
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  register_gathers<float>("fp32");
+  register_gathers<pkm::bf16>("bf16");
+  register_gathers<pkm::fp16>("fp16");
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -20,9 +20,11 @@ pkm::IndexMatrix random_indices(Index B, Index L, Index rows, std::uint64_t seed
 }
 }  // namespace
 
-TEST_CASE("the gather agrees with the naive loop", "[embedding_bag]") {
-  for (Index dim : {1, 3, 8, 33, 130}) {
-    pkm::ValueTable<float> table(97, dim);
+template <class T>
+void check_gather_against_naive() {
+  // Widths that use the 64-wide register blocks, the 8-wide remainder and the scalar tail.
+  for (Index dim : {1, 3, 8, 33, 64, 71, 130, 200}) {
+    pkm::ValueTable<T> table(97, dim);
     pkm::init_values(table, 5);
     const auto idx = random_indices(70, 12, 97, dim);
     const MatF w = pkmtest::random_matrix(70, 12, 9).cast<float>();
@@ -31,7 +33,44 @@ TEST_CASE("the gather agrees with the naive loop", "[embedding_bag]") {
     pkm::embedding_bag_naive(table, idx, w, naive);
     INFO("dim " << dim);
     CHECK((fast - naive).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + naive.cwiseAbs().maxCoeff()));
+    // The backward's dot products against a plain loop over the rows as floats.
+    const MatF dy = pkmtest::random_matrix(70, dim, 10).cast<float>();
+    MatF dw(70, 12);
+    pkm::SparseRowGrad<float> g;
+    pkm::embedding_bag_backward(table, idx, w, dy, dw, g);
+    float worst = 0;
+    for (Index b = 0; b < 70; ++b)
+      for (Index l = 0; l < 12; ++l) {
+        float ref = 0;
+        for (Index d = 0; d < dim; ++d) ref += dy(b, d) * static_cast<float>(table.row(idx(b, l))[d]);
+        worst = std::max(worst, std::abs(ref - dw(b, l)));
+      }
+    CHECK(worst <= 1e-4f);
   }
+}
+
+TEST_CASE("the gather agrees with the naive loop: fp32 table", "[embedding_bag]") {
+  check_gather_against_naive<float>();
+}
+TEST_CASE("the gather agrees with the naive loop: bf16 table", "[embedding_bag]") {
+  check_gather_against_naive<pkm::bf16>();
+}
+TEST_CASE("the gather agrees with the naive loop: fp16 table", "[embedding_bag]") {
+  check_gather_against_naive<pkm::fp16>();
+}
+
+TEST_CASE("a layer reads a bf16 table as the float reference of the same values", "[embedding_bag][layer]") {
+  auto c = pkmtest::small_config();
+  c.v_dim = 70;  // blocks + remainder + tail
+  pkm::MemoryLayer<float, pkm::bf16> half(c, 3);
+  pkm::ValueTable<float> widened(c.slots(), c.v_dim);
+  widened.matrix() = half.values().matrix().cast<float>();
+  pkm::MemoryLayer<float> full(half.params(), std::move(widened));
+  const MatF x = pkmtest::random_matrix(20, c.input_dim, 4).cast<float>();
+  pkm::ForwardCache<float> c1, c2;
+  const MatF a = half.forward(x, c1), b = full.forward(x, c2);
+  CHECK(c1.indices == c2.indices);
+  CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + b.cwiseAbs().maxCoeff()));
 }
 
 TEST_CASE("a strided view of the caller's table is read in place", "[embedding_bag]") {

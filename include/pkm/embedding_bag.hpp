@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "pkm/detail/bag_kernels.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/sparse_grad.hpp"
@@ -95,36 +96,18 @@ void embedding_bag_naive(const ValueTable<T>& table, const ConstIndexRef& indice
   }
 }
 
-/// How many bag entries ahead the gather prefetches rows.
-inline constexpr Index kPrefetchDistance = 4;
-
-/// pkm's gather: tokens split over threads, rows prefetched a few entries ahead, vectorised
-/// accumulation in S. Each token's sum runs in bag order, so results do not depend on the
-/// thread count.
+/// pkm's gather: tokens split over threads; per token, the register-blocked, prefetching
+/// kernel of detail/bag_kernels.hpp (AVX2 + FMA builds) or Eigen's vectorised loop. Each
+/// token's sum runs in bag order, so results do not depend on the thread count.
 template <class T, class S = detail::accumulator_t<T>>
 void embedding_bag(const ValueTable<T>& table, const ConstIndexRef& indices,
                    const ConstMatrixRef<detail::no_deduce<S>>& weights, MatrixRef<detail::no_deduce<S>> out) {
   detail::check_bag_args("pkm::embedding_bag", table, indices, weights, "out", out.rows(), out.cols());
-  const Index dim = table.dim();
-  const Index bag = indices.cols();
+  const Index dim = table.dim(), bag = indices.cols();
   detail::parallel_blocks(indices.rows(), 8, [&](Index begin, Index end) {
     for (Index b = begin; b < end; ++b) {
-      auto acc = out.row(b);
-      acc.setZero();
-      const std::int64_t* idx = indices.row(b).data();
-      const S* w = weights.row(b).data();
-      for (Index l = 0; l < bag; ++l) {
-        if (l + kPrefetchDistance < bag) {
-          const char* p = reinterpret_cast<const char*>(table.row(idx[l + kPrefetchDistance]));
-          for (Index off = 0; off < dim * Index(sizeof(T)); off += 64) __builtin_prefetch(p + off);
-        }
-        const Eigen::Map<const Vector<T>> row(table.row(idx[l]), dim);
-        if constexpr (std::is_same_v<T, S>) {
-          acc.noalias() += w[l] * row.transpose();
-        } else {
-          acc.noalias() += w[l] * row.transpose().template cast<S>();
-        }
-      }
+      detail::bag_sum<T, S>(table.data(), table.stride(), indices.row(b).data(), weights.row(b).data(), bag, dim,
+                            out.row(b).data());
     }
   });
 }
@@ -152,14 +135,8 @@ void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& ind
   // Weight gradients: one dot product per bag entry.
   detail::parallel_blocks(batch, 8, [&](Index begin, Index end) {
     for (Index b = begin; b < end; ++b) {
-      const Eigen::Map<const Vector<S>> g(dy.row(b).data(), dim);
       for (Index l = 0; l < bag; ++l) {
-        const Eigen::Map<const Vector<T>> row(table.row(indices(b, l)), dim);
-        if constexpr (std::is_same_v<T, S>) {
-          dweights(b, l) = g.dot(row);
-        } else {
-          dweights(b, l) = g.dot(row.template cast<S>());
-        }
+        dweights(b, l) = detail::row_dot<T, S>(dy.row(b).data(), table.row(indices(b, l)), dim);
       }
     }
   });

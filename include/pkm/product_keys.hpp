@@ -12,11 +12,49 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "pkm/types.hpp"
 
 namespace pkm {
+
+namespace detail {
+/// 128-bit unsigned integer (a GCC/Clang extension).
+__extension__ typedef unsigned __int128 uint128;
+
+/// An integer whose order is "score descending, then index ascending" for (score, index):
+/// the score's bits made monotone (floats: flip the sign bit, or all bits of negatives) in the
+/// high part, the complemented index in the low part. +0 and -0 give the same key.
+template <class S>
+struct RankKey;
+template <>
+struct RankKey<float> {
+  using type = std::uint64_t;
+  static type make(float s, Index i) {
+    s += 0.0f;  // -0 -> +0
+    std::uint32_t u;
+    std::memcpy(&u, &s, 4);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (type(u) << 32) | type(0xFFFFFFFFu - std::uint32_t(i));
+  }
+  static Index index(type k) { return Index(0xFFFFFFFFu - std::uint32_t(k)); }
+};
+template <>
+struct RankKey<double> {
+  using type = uint128;
+  static type make(double s, Index i) {
+    s += 0.0;
+    std::uint64_t u;
+    std::memcpy(&u, &s, 8);
+    u = (u >> 63) ? ~u : (u | (std::uint64_t(1) << 63));
+    return (type(u) << 64) | type(~std::uint64_t(i));
+  }
+  static Index index(type k) { return Index(~std::uint64_t(k)); }
+};
+}  // namespace detail
 
 /// Scratch space for product_key_topk; reuse one per thread to avoid allocations.
 template <class S>
@@ -26,7 +64,12 @@ struct ProductKeyScratch {
     Index i, j;  // sub-key ids
     Index a, b;  // ranks in the two half lists
   };
-  std::vector<Index> half_heap;
+  std::vector<typename detail::RankKey<S>::type> half_heap;
+  struct KeyedCandidate {
+    detail::uint128 key;
+    std::int32_t a, b;
+  };
+  std::vector<KeyedCandidate> fast_heap;
   std::vector<Index> top1, top2;
   std::vector<Candidate> heap;
 };
@@ -44,26 +87,28 @@ bool ranks_before(const C& x, const C& y) {
 }  // namespace detail
 
 /// The k best of n scores by (score desc, index asc), in that order, into `out`.
-/// One pass with a heap of the k best so far (its root is the worst of them): most scores
-/// are rejected by a single comparison with the root. O(n + k log k · hits). Scores must not
-/// be NaN.
+/// One pass with a min-heap of the k best so far, keyed by one integer per entry (see
+/// detail::RankKey): most scores are rejected by a single integer comparison with the root.
+/// Scores must not be NaN (n must fit in 32 bits for float scores).
 template <class S>
-void half_topk(const S* s, Index n, Index k, Index* out, std::vector<Index>& heap) {
-  // "a ranks before b": higher score, or equal score and lower index.
-  auto before = [s](Index a, Index b) { return s[a] != s[b] ? s[a] > s[b] : a < b; };
+void half_topk(const S* s, Index n, Index k, Index* out,
+               std::vector<typename detail::RankKey<S>::type>& heap) {
+  using K = detail::RankKey<S>;
+  using Key = typename K::type;
   heap.resize(static_cast<std::size_t>(k));
-  for (Index i = 0; i < k; ++i) heap[i] = i;
-  std::make_heap(heap.begin(), heap.end(), before);  // root: the worst of the k
+  for (Index i = 0; i < k; ++i) heap[i] = K::make(s[i], i);
+  const auto worse = std::greater<Key>();  // min-heap: the root is the worst kept
+  std::make_heap(heap.begin(), heap.end(), worse);
   for (Index i = k; i < n; ++i) {
-    // Indices grow, so a score equal to the root's never ranks before it.
-    if (s[i] > s[heap.front()]) {
-      std::pop_heap(heap.begin(), heap.end(), before);
-      heap.back() = i;
-      std::push_heap(heap.begin(), heap.end(), before);
+    const Key key = K::make(s[i], i);
+    if (key > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), worse);
+      heap.back() = key;
+      std::push_heap(heap.begin(), heap.end(), worse);
     }
   }
-  std::sort_heap(heap.begin(), heap.end(), before);
-  std::copy(heap.begin(), heap.end(), out);
+  std::sort_heap(heap.begin(), heap.end(), worse);  // best first
+  for (Index m = 0; m < k; ++m) out[m] = K::index(heap[m]);
 }
 
 /// Exact top-k of the n^2 sums s1[i] + s2[j]: writes slots (i * n + j) and their scores,
@@ -79,6 +124,43 @@ void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* 
   half_topk(s2, n, k, scratch.top2.data(), scratch.half_heap);
   const Index* t1 = scratch.top1.data();
   const Index* t2 = scratch.top2.data();
+  if constexpr (std::is_same_v<S, float>) {
+    // One 128-bit key per candidate, ordered as ranks_before: sum, s1, i, s2, j (sub-key ids
+    // are < 2^16, see kMaxKeys). Integer compares make the heap cheap.
+    using Key = detail::uint128;
+    auto ord = [](float v) {
+      v += 0.0f;
+      std::uint32_t u;
+      std::memcpy(&u, &v, 4);
+      return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    };
+    auto key = [&](Index a, Index b) {
+      const Index i = t1[a], j = t2[b];
+      const std::uint64_t hi = (std::uint64_t(ord(s1[i] + s2[j])) << 32) | ord(s1[i]);
+      const std::uint64_t lo = (std::uint64_t(0xFFFFu - std::uint32_t(i)) << 48) |
+                               (std::uint64_t(ord(s2[j])) << 16) | std::uint64_t(0xFFFFu - std::uint32_t(j));
+      return (Key(hi) << 64) | Key(lo);
+    };
+    auto& heap = scratch.fast_heap;
+    heap.clear();
+    for (Index a = 0; a < k; ++a) heap.push_back({key(a, 0), std::int32_t(a), 0});
+    auto lower = [](const typename ProductKeyScratch<S>::KeyedCandidate& x,
+                    const typename ProductKeyScratch<S>::KeyedCandidate& y) { return x.key < y.key; };
+    std::make_heap(heap.begin(), heap.end(), lower);
+    for (Index m = 0; m < k; ++m) {
+      std::pop_heap(heap.begin(), heap.end(), lower);
+      const auto best = heap.back();
+      heap.pop_back();
+      const Index i = t1[best.a], j = t2[best.b];
+      slots[m] = static_cast<std::int64_t>(i * n + j);
+      scores[m] = s1[i] + s2[j];
+      if (best.b + 1 < k) {
+        heap.push_back({key(best.a, best.b + 1), best.a, best.b + 1});
+        std::push_heap(heap.begin(), heap.end(), lower);
+      }
+    }
+    return;
+  }
   auto make = [&](Index a, Index b) {
     const Index i = t1[a], j = t2[b];
     return C{s1[i] + s2[j], s1[i], s2[j], i, j, a, b};

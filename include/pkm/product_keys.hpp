@@ -25,6 +25,20 @@ namespace detail {
 /// 128-bit unsigned integer (a GCC/Clang extension).
 __extension__ typedef unsigned __int128 uint128;
 
+/// The bits of a finite score as an unsigned integer of the same order (-0 and +0 equal).
+inline std::uint32_t ordered_bits(float v) {
+  v += 0.0f;  // -0 -> +0
+  std::uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline std::uint64_t ordered_bits(double v) {
+  v += 0.0;
+  std::uint64_t u;
+  std::memcpy(&u, &v, 8);
+  return (u >> 63) ? ~u : (u | (std::uint64_t(1) << 63));
+}
+
 /// An integer whose order is "score descending, then index ascending" for (score, index):
 /// the score's bits made monotone (floats: flip the sign bit, or all bits of negatives) in the
 /// high part, the complemented index in the low part. +0 and -0 give the same key.
@@ -34,24 +48,14 @@ template <>
 struct RankKey<float> {
   using type = std::uint64_t;
   static type make(float s, Index i) {
-    s += 0.0f;  // -0 -> +0
-    std::uint32_t u;
-    std::memcpy(&u, &s, 4);
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return (type(u) << 32) | type(0xFFFFFFFFu - std::uint32_t(i));
+    return (type(ordered_bits(s)) << 32) | type(0xFFFFFFFFu - std::uint32_t(i));
   }
   static Index index(type k) { return Index(0xFFFFFFFFu - std::uint32_t(k)); }
 };
 template <>
 struct RankKey<double> {
   using type = uint128;
-  static type make(double s, Index i) {
-    s += 0.0;
-    std::uint64_t u;
-    std::memcpy(&u, &s, 8);
-    u = (u >> 63) ? ~u : (u | (std::uint64_t(1) << 63));
-    return (type(u) << 64) | type(~std::uint64_t(i));
-  }
+  static type make(double s, Index i) { return (type(ordered_bits(s)) << 64) | type(~std::uint64_t(i)); }
   static Index index(type k) { return Index(~std::uint64_t(k)); }
 };
 }  // namespace detail
@@ -128,17 +132,12 @@ void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* 
     // One 128-bit key per candidate, ordered as ranks_before: sum, s1, i, s2, j (sub-key ids
     // are < 2^16, see kMaxKeys). Integer compares make the heap cheap.
     using Key = detail::uint128;
-    auto ord = [](float v) {
-      v += 0.0f;
-      std::uint32_t u;
-      std::memcpy(&u, &v, 4);
-      return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    };
+    using detail::ordered_bits;
     auto key = [&](Index a, Index b) {
       const Index i = t1[a], j = t2[b];
-      const std::uint64_t hi = (std::uint64_t(ord(s1[i] + s2[j])) << 32) | ord(s1[i]);
+      const std::uint64_t hi = (std::uint64_t(ordered_bits(s1[i] + s2[j])) << 32) | ordered_bits(s1[i]);
       const std::uint64_t lo = (std::uint64_t(0xFFFFu - std::uint32_t(i)) << 48) |
-                               (std::uint64_t(ord(s2[j])) << 16) | std::uint64_t(0xFFFFu - std::uint32_t(j));
+                               (std::uint64_t(ordered_bits(s2[j])) << 16) | std::uint64_t(0xFFFFu - std::uint32_t(j));
       return (Key(hi) << 64) | Key(lo);
     };
     auto& heap = scratch.fast_heap;

@@ -4,8 +4,8 @@
 //
 // With AVX2 + FMA (chosen at compile time: build with -mavx2 -mfma or -march=native) the sum
 // keeps 64 output floats in eight registers across the whole bag, so each value row is read
-// once and the accumulators never go to memory, and prefetches the same 64-float block of the
-// row kPrefetchRows entries ahead. bf16 rows widen by a shift, fp16 rows by F16C. Other
+// once and the accumulators never go to memory, and prefetches the same 64-element block of
+// the row kPrefetchBytes of blocks ahead (8 rows of fp32, 16 of bf16/fp16). bf16 rows widen by a shift, fp16 rows by F16C. Other
 // builds use Eigen's vectorised expressions (whatever ISA Eigen targets). In every path the
 // bag is summed in order, so the result does not depend on threads.
 #pragma once

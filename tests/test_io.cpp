@@ -286,3 +286,18 @@ TEST_CASE("checkpoints with inconsistent tensors are refused", "[io][errors]") {
                     })),
                     Contains("keys"));
 }
+
+TEST_CASE("the writer and save_layer refuse what they cannot write", "[io][errors]") {
+  pkm::io::SafetensorsWriter w;
+  const float v[2] = {1, 2};
+  w.add("a", {2}, v);
+  CHECK_THROWS_WITH(w.add("a", {2}, v), Contains("'a' added twice"));
+  CHECK_THROWS_WITH(w.add("__metadata__", {2}, v), Contains("invalid tensor name"));
+  CHECK_THROWS_WITH(w.add("b", {-1}, v), Contains("negative dimension"));
+  // A layer whose table is a strided view cannot be saved as one tensor.
+  auto c = pkmtest::small_config();
+  pkmtest::Mat wide = pkmtest::random_matrix(c.slots(), c.v_dim + 3, 1);
+  pkm::MemoryLayer<double> layer(c, pkm::ValueTable<double>::view(wide.leftCols(c.v_dim)), 1);
+  CHECK_THROWS_WITH(pkm::io::save_layer(temp_path("strided"), layer), Contains("contiguous"));
+  CHECK_THROWS_WITH(pkm::ValueTable<double>::view(wide.data(), 4, 8, 5), Contains("stride >= dim"));
+}

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <pkm/pkm.hpp>
@@ -26,6 +28,34 @@ inline pkm::MemoryConfig small_config() {
   c.v_dim = 5;
   c.output_dim = 7;
   return c;
+}
+
+/// A layer big enough for threads and blocks to matter.
+inline pkm::MemoryConfig medium_config() {
+  pkm::MemoryConfig c;
+  c.input_dim = 48;
+  c.heads = 4;
+  c.n_keys = 32;
+  c.k_dim = 16;
+  c.knn = 8;
+  c.v_dim = 40;
+  c.output_dim = 48;
+  return c;
+}
+
+/// Same shape and the same bytes, element by element.
+template <class A, class B>
+bool same_bits(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  using S = typename A::Scalar;
+  static_assert(std::is_same_v<S, typename B::Scalar>, "same_bits: different scalar types");
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  for (Index r = 0; r < a.rows(); ++r) {
+    for (Index c = 0; c < a.cols(); ++c) {
+      const S x = a(r, c), y = b(r, c);
+      if (std::memcmp(&x, &y, sizeof(S)) != 0) return false;
+    }
+  }
+  return true;
 }
 
 inline Mat random_matrix(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {

@@ -16,25 +16,8 @@ using pkmtest::Mat;
 using MatF = pkm::RowMatrix<float>;
 using Catch::Contains;
 
-namespace {
-pkm::MemoryConfig medium_config() {
-  pkm::MemoryConfig c;
-  c.input_dim = 48;
-  c.heads = 4;
-  c.n_keys = 32;
-  c.k_dim = 16;
-  c.knn = 8;
-  c.v_dim = 40;
-  c.output_dim = 48;
-  return c;
-}
-
-template <class S>
-bool same_bits(const pkm::RowMatrix<S>& a, const pkm::RowMatrix<S>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(S) * a.size()) == 0;
-}
-}  // namespace
+using pkmtest::medium_config;
+using pkmtest::same_bits;
 
 TEST_CASE("forward matches the plain-loop reference in every output mode", "[layer]") {
   int seed = 0;
@@ -144,12 +127,12 @@ TEST_CASE("parameters and tables can view the caller's buffers without copying",
   pkm::MemoryLayer<double> owning(owned, std::move(own_table));
   const Mat x = pkmtest::random_matrix(5, c.input_dim, 3);
   pkm::ForwardCache<double> c1, c2;
-  CHECK(same_bits<double>(viewing.forward(x, c1), owning.forward(x, c2)));
+  CHECK(same_bits(viewing.forward(x, c1), owning.forward(x, c2)));
   // Writing through the caller's buffer changes what the layer computes.
   store[0][0] += 0.5;
   table(c1.indices(0, 0), 0) += 1.0;
   const Mat changed = viewing.forward(x, c1);
-  CHECK_FALSE(same_bits<double>(changed, owning.forward(x, c2)));
+  CHECK_FALSE(same_bits(changed, owning.forward(x, c2)));
 
   // A copy of an owning set is deep; a copy of a view is a view.
   pkm::LayerParameters<double> copy = owned;
@@ -272,7 +255,7 @@ TEST_CASE("outputs and gradients are bitwise equal with 1 and 2 threads", "[laye
   for (int t = 0; t < pkm::kNumTensors; ++t) {
     if (!one.g.params.has(pkm::Tensor(t))) continue;
     INFO(pkm::tensor_name(pkm::Tensor(t)));
-    CHECK(same_bits<float>(one.g.params.matrix(pkm::Tensor(t)), two.g.params.matrix(pkm::Tensor(t))));
+    CHECK(same_bits(one.g.params.matrix(pkm::Tensor(t)), two.g.params.matrix(pkm::Tensor(t))));
   }
   CHECK(one.g.values.rows == two.g.values.rows);
   CHECK(same_bits(one.g.values.values, two.g.values.values));

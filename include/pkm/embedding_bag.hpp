@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "pkm/detail/bag_kernels.hpp"
@@ -112,6 +113,31 @@ void embedding_bag(const ValueTable<T>& table, const ConstIndexRef& indices,
   });
 }
 
+namespace detail {
+/// The common first half of the two backward variants: checks the arguments, writes
+/// dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and returns the table gradient's
+/// contributions (row, token, weight) in (b, l) order.
+template <class T, class S>
+std::vector<RowContribution<S>> bag_backward_begin(const char* who, const ValueTable<T>& table,
+                                                   const ConstIndexRef& indices,
+                                                   const ConstMatrixRef<S>& weights,
+                                                   const ConstMatrixRef<S>& dy, MatrixRef<S> dweights) {
+  check_bag_args(who, table, indices, weights, "dy", dy.rows(), dy.cols());
+  check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), indices.rows(), indices.cols());
+  const Index dim = table.dim(), bag = indices.cols(), batch = indices.rows();
+  parallel_blocks(batch, 8, [&](Index begin, Index end) {
+    for (Index b = begin; b < end; ++b) {
+      for (Index l = 0; l < bag; ++l) dweights(b, l) = row_dot<T, S>(dy.row(b).data(), table.row(indices(b, l)), dim);
+    }
+  });
+  std::vector<RowContribution<S>> items(static_cast<std::size_t>(batch * bag));
+  parallel_for(batch, [&](Index b) {
+    for (Index l = 0; l < bag; ++l) items[b * bag + l] = {indices(b, l), b, weights(b, l)};
+  });
+  return items;
+}
+}  // namespace detail
+
 /// Backward of embedding_bag: dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and the
 /// table gradient sum_{b,l: indices(b,l) = r} weights(b, l) * dy(b, :) for each touched row r,
 /// merged (added) into `dtable`. Contributions to one row are summed in (b, l) order.
@@ -121,40 +147,51 @@ void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& ind
                             MatrixRef<detail::no_deduce<S>> dweights,
                             SparseRowGrad<detail::no_deduce<S>>& dtable) {
   const char* who = "pkm::embedding_bag_backward";
-  detail::check_bag_args(who, table, indices, weights, "dy", dy.rows(), dy.cols());
-  detail::check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), indices.rows(),
-                           indices.cols());
   if (!dtable.empty() && dtable.dim != table.dim()) {
     throw std::invalid_argument(std::string(who) + ": dtable.dim = " +
                                 std::to_string(dtable.dim) + ", expected table dim " +
                                 std::to_string(table.dim()));
   }
-  const Index dim = table.dim();
-  const Index bag = indices.cols();
-  const Index batch = indices.rows();
-  // Weight gradients: one dot product per bag entry.
-  detail::parallel_blocks(batch, 8, [&](Index begin, Index end) {
-    for (Index b = begin; b < end; ++b) {
-      for (Index l = 0; l < bag; ++l) {
-        dweights(b, l) = detail::row_dot<T, S>(dy.row(b).data(), table.row(indices(b, l)), dim);
-      }
-    }
-  });
+  auto items = detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights);
   // Table gradient: group the (row, token, weight) contributions by row, reduce each once.
-  std::vector<detail::RowContribution<S>> items(static_cast<std::size_t>(batch * bag));
-  detail::parallel_for(batch, [&](Index b) {
-    for (Index l = 0; l < bag; ++l) items[b * bag + l] = {indices(b, l), b, weights(b, l)};
-  });
   SparseRowGrad<S> local;
-  local.dim = dim;
+  local.dim = table.dim();
   detail::segment_reduce(
-      items, dim, [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
+      items, table.dim(), [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
       local.rows, local.values);
   if (dtable.empty()) {
     dtable = std::move(local);
   } else {
     dtable.merge(local);
   }
+}
+
+/// Backward of embedding_bag fused with a sparse optimizer (pkm/optim): writes dweights as
+/// embedding_bag_backward does, then updates the table's touched rows with `optimizer`
+/// (LazyAdam, RowWiseAdagrad, ...) straight from the grouped contributions, storing no
+/// gradient rows. The table ends as after embedding_bag_backward into an empty gradient
+/// followed by optimizer.step(table, gradient), bit for bit. Returns the gradient's norm
+/// before clipping. Throws std::invalid_argument, before touching the table, for a bad shape
+/// or a non-finite weight or dy.
+template <class T, class S = detail::accumulator_t<T>, class Optimizer>
+double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& indices,
+                                     const ConstMatrixRef<detail::no_deduce<S>>& weights,
+                                     const ConstMatrixRef<detail::no_deduce<S>>& dy,
+                                     MatrixRef<detail::no_deduce<S>> dweights, Optimizer& optimizer) {
+  static_assert(std::is_same_v<typename Optimizer::scalar_type, S>,
+                "pkm::embedding_bag_backward_update: the optimizer's scalar type must be the "
+                "gradient's scalar type S");
+  const char* who = "pkm::embedding_bag_backward_update";
+  for (const auto* m : {&weights, &dy}) {
+    if (!m->allFinite()) {
+      throw std::invalid_argument(std::string(who) + ": " + (m == &dy ? "dy" : "weights") +
+                                  " holds a non-finite value; nothing was updated");
+    }
+  }
+  auto items = detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights);
+  const detail::RowSegments seg = detail::group_by_row(items);
+  return optimizer.step_segments(table, items, seg,
+                                 [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); });
 }
 
 }  // namespace pkm

@@ -167,6 +167,26 @@ class MemoryLayer {
     backward_impl(x, cache, dout, grads.params, grads.values, nullptr);
   }
 
+  /// Backward with the value table updated in place: the dense parameter gradients are
+  /// added to `dparams` and dx written as by backward(), but the value gradient is applied
+  /// straight away by `value_optimizer` (pkm::optim::LazyAdam, RowWiseAdagrad, ... made for
+  /// this table) and never stored. The table ends as after backward() into an empty
+  /// SparseRowGrad followed by value_optimizer.step(values(), grad), bit for bit. Returns the
+  /// value gradient's norm before clipping. One call is one optimizer step: for a table
+  /// shared by several layers, merge their gradients and step once instead (docs/training.md).
+  template <class Optimizer>
+  double backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                        Optimizer& value_optimizer, MatrixRef<Scalar> dx) {
+    return backward_fused_impl(x, cache, dout, dparams, value_optimizer, &dx);
+  }
+  template <class Optimizer>
+  double backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                        Optimizer& value_optimizer) {
+    return backward_fused_impl(x, cache, dout, dparams, value_optimizer, nullptr);
+  }
+
  private:
   void check_table() const {
     const MemoryConfig& c = config();
@@ -308,7 +328,7 @@ class MemoryLayer {
   void check_backward_args(const char* who, const ConstMatrixRef<Scalar>& x,
                            const ForwardCache<Scalar>& cache, const ConstMatrixRef<Scalar>& dout,
                            const LayerParameters<Scalar>& dparams,
-                           const SparseRowGrad<Scalar>& dvalues,
+                           const SparseRowGrad<Scalar>* dvalues,
                            const MatrixRef<Scalar>* dx) const {
     const MemoryConfig& c = config();
     if (cache.batch < 0 || cache.config != c) {
@@ -327,9 +347,9 @@ class MemoryLayer {
       throw std::invalid_argument(std::string(who) + ": dout holds a non-finite value");
     }
     check_parameters_match(dparams, c, "parameter gradients (dparams)");
-    if (!dvalues.empty() && dvalues.dim != c.v_dim) {
+    if (dvalues != nullptr && !dvalues->empty() && dvalues->dim != c.v_dim) {
       throw std::invalid_argument(std::string(who) + ": dvalues.dim = " +
-                                  std::to_string(dvalues.dim) + ", expected v_dim = " +
+                                  std::to_string(dvalues->dim) + ", expected v_dim = " +
                                   std::to_string(c.v_dim));
     }
     if (dx != nullptr) {
@@ -341,8 +361,39 @@ class MemoryLayer {
   void backward_impl(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
                      const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
                      SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar>* dx) const {
-    check_backward_args("pkm::MemoryLayer::backward", x, cache, dout, dparams, dvalues, dx);
+    check_backward_args("pkm::MemoryLayer::backward", x, cache, dout, dparams, &dvalues, dx);
     if (dvalues.empty()) dvalues.dim = config().v_dim;
+    backward_core(x, cache, dout, dparams, dx, [&](const RowMatrix<Scalar>& dy, RowMatrix<Scalar>& dscore) {
+      embedding_bag_backward<TableT, Scalar>(values_, cache.indices, cache.weights, dy, dscore, dvalues);
+    });
+  }
+
+  template <class Optimizer>
+  double backward_fused_impl(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                             const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                             Optimizer& opt, MatrixRef<Scalar>* dx) {
+    const char* who = "pkm::MemoryLayer::backward_fused";
+    check_backward_args(who, x, cache, dout, dparams, nullptr, dx);
+    if (opt.rows() != values_.rows() || opt.dim() != values_.dim()) {
+      throw std::invalid_argument(std::string(who) + ": value_optimizer was made for a " +
+                                  std::to_string(opt.rows()) + " x " + std::to_string(opt.dim()) +
+                                  " table, expected this layer's " + std::to_string(values_.rows()) +
+                                  " x " + std::to_string(values_.dim()));
+    }
+    double norm = 0.0;
+    backward_core(x, cache, dout, dparams, dx, [&](const RowMatrix<Scalar>& dy, RowMatrix<Scalar>& dscore) {
+      norm = embedding_bag_backward_update<TableT, Scalar>(values_, cache.indices, cache.weights, dy,
+                                                           dscore, opt);
+    });
+    return norm;
+  }
+
+  /// The backward after validation; read_backward(dy, dscore) is the read's backward (it
+  /// writes dscore and stores or applies the value gradient).
+  template <class ReadBackward>
+  void backward_core(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                     const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                     MatrixRef<Scalar>* dx, ReadBackward&& read_backward) const {
     const Index B = cache.batch;
     if (B == 0) return;
     const MemoryConfig& c = config();
@@ -389,8 +440,7 @@ class MemoryLayer {
     // Read: weight gradients and the sparse value gradient; then the softmax.
     const Index bag = c.bag_size(), k = c.knn;
     RowMatrix<Scalar> dscore(B, bag);
-    embedding_bag_backward<TableT, Scalar>(values_, cache.indices, cache.weights, dy, dscore,
-                                           dvalues);
+    read_backward(dy, dscore);
     detail::parallel_for(B, [&](Index b) {
       for (Index h = 0; h < c.heads; ++h) {
         Scalar* z = &dscore(b, h * k);

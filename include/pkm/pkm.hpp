@@ -17,3 +17,8 @@
 #include "pkm/softmax.hpp"
 #include "pkm/embedding_bag.hpp"
 #include "pkm/memory_layer.hpp"
+#include "pkm/optim/grad_clip.hpp"
+#include "pkm/optim/adamw.hpp"
+#include "pkm/optim/sparse_optimizer.hpp"
+#include "pkm/optim/lazy_adam.hpp"
+#include "pkm/optim/rowwise_adagrad.hpp"

@@ -3,6 +3,10 @@
 // each row keeps the order the contributions were made in) and each row's sum
 //     out[row] = sum over its contributions of coef * source_vector(source, row)
 // is formed once, by one thread. No atomics; the same bits with any thread count.
+//
+// Grouping (group_by_row) and reducing one row (reduce_segment) are separate so that a
+// sparse optimizer can reduce a row into a scratch vector and apply it at once (the fused
+// value update) instead of storing every reduced row (segment_reduce).
 #pragma once
 
 #include <algorithm>
@@ -21,37 +25,58 @@ struct RowContribution {
   S coef;               ///< its weight
 };
 
-/// Sorts `items` by row (stable) and writes the unique rows and their reduced vectors.
-/// `source(source_id, row)` returns a pointer to `dim` values of type convertible to S.
-template <class S, class SourceFn>
-void segment_reduce(std::vector<RowContribution<S>>& items, Index dim, SourceFn&& source,
-                    std::vector<std::int64_t>& out_rows, RowMatrix<S>& out_values) {
+/// Contributions grouped by row: segment u covers items[starts[u], starts[u + 1]) and
+/// targets rows[u]; rows are sorted and unique.
+struct RowSegments {
+  std::vector<std::int64_t> rows;
+  std::vector<std::size_t> starts;
+  Index size() const { return static_cast<Index>(rows.size()); }
+};
+
+/// Sorts `items` by row (stable) and returns its segments.
+template <class S>
+RowSegments group_by_row(std::vector<RowContribution<S>>& items) {
   std::stable_sort(items.begin(), items.end(),
                    [](const RowContribution<S>& a, const RowContribution<S>& b) {
                      return a.row < b.row;
                    });
-  std::vector<std::size_t> starts;
-  out_rows.clear();
+  RowSegments seg;
   for (std::size_t t = 0; t < items.size(); ++t) {
     if (t == 0 || items[t].row != items[t - 1].row) {
-      starts.push_back(t);
-      out_rows.push_back(items[t].row);
+      seg.starts.push_back(t);
+      seg.rows.push_back(items[t].row);
     }
   }
-  starts.push_back(items.size());
-  const Index nrows = static_cast<Index>(out_rows.size());
-  out_values.resize(nrows, dim);
-  parallel_blocks(nrows, 16, [&](Index begin, Index end) {
-    for (Index u = begin; u < end; ++u) {
-      S* out = out_values.row(u).data();
-      std::fill(out, out + dim, S(0));
-      for (std::size_t t = starts[u]; t < starts[u + 1]; ++t) {
-        const auto* src = source(items[t].source, items[t].row);
-        const S c = items[t].coef;
-        for (Index d = 0; d < dim; ++d) out[d] += c * static_cast<S>(src[d]);
-      }
-    }
+  seg.starts.push_back(items.size());
+  return seg;
+}
+
+/// out[0, dim) = the sum of segment u, its contributions added in order.
+/// `source(source_id, row)` returns a pointer to `dim` values of type convertible to S.
+template <class S, class SourceFn>
+void reduce_segment(const std::vector<RowContribution<S>>& items, const RowSegments& seg,
+                    Index u, Index dim, SourceFn& source, S* out) {
+  std::fill(out, out + dim, S(0));
+  for (std::size_t t = seg.starts[u]; t < seg.starts[u + 1]; ++t) {
+    const auto* src = source(items[t].source, items[t].row);
+    const S c = items[t].coef;
+    for (Index d = 0; d < dim; ++d) out[d] += c * static_cast<S>(src[d]);
+  }
+}
+
+/// Rows per parallel block when reducing segments.
+inline constexpr Index kSegmentBlock = 16;
+
+/// Sorts `items` by row (stable) and writes the unique rows and their reduced vectors.
+template <class S, class SourceFn>
+void segment_reduce(std::vector<RowContribution<S>>& items, Index dim, SourceFn&& source,
+                    std::vector<std::int64_t>& out_rows, RowMatrix<S>& out_values) {
+  RowSegments seg = group_by_row(items);
+  out_values.resize(seg.size(), dim);
+  parallel_blocks(seg.size(), kSegmentBlock, [&](Index begin, Index end) {
+    for (Index u = begin; u < end; ++u) reduce_segment(items, seg, u, dim, source, out_values.row(u).data());
   });
+  out_rows = std::move(seg.rows);
 }
 
 }  // namespace pkm::detail

@@ -209,23 +209,21 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
                                      ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
 }
 
-/// Writes the layer with the reference names and the metadata (mem_knn, qk_norm and, when
-/// set, qk_norm_scale) that make a load of the file give back the same layer, bit for bit.
-/// The value table must be contiguous (stride == v_dim).
+/// Adds the layer's tensors, named prefix + the reference names, to `w`, with the metadata
+/// (mem_knn, qk_norm and, when set, qk_norm_scale; not prefixed) that make a load give back
+/// the same layer, bit for bit. The data is kept by pointer until w.write(). The value table
+/// must be contiguous (stride == v_dim).
 template <class Scalar, class TableT>
-void save_layer(const std::string& path, const MemoryLayer<Scalar, TableT>& layer,
-                const std::map<std::string, std::string>& extra_metadata = {}) {
+void add_layer(SafetensorsWriter& w, const MemoryLayer<Scalar, TableT>& layer, const std::string& prefix = "") {
   const MemoryConfig& c = layer.config();
   if (layer.values().stride() != layer.values().dim()) {
-    throw std::invalid_argument("pkm::io::save_layer: the value table has stride " +
+    throw std::invalid_argument("pkm::io::add_layer: the value table has stride " +
                                 std::to_string(layer.values().stride()) + "; saving needs a contiguous table");
   }
-  SafetensorsWriter w;
   layer.params().for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
-    w.add(tensor_name(t), detail::file_shape(c, t), m.data());
+    w.add(prefix + tensor_name(t), detail::file_shape(c, t), m.data());
   });
-  w.add("values.weight", {c.slots(), c.v_dim}, static_cast<const TableT*>(layer.values().data()));
-  for (const auto& [k, v] : extra_metadata) w.set_metadata(k, v);
+  w.add(prefix + "values.weight", {c.slots(), c.v_dim}, static_cast<const TableT*>(layer.values().data()));
   w.set_metadata(kMetaKnn, std::to_string(c.knn));
   w.set_metadata(kMetaQkNorm, c.qk_norm ? "true" : "false");
   if (c.qk_norm_scale) {
@@ -233,6 +231,15 @@ void save_layer(const std::string& path, const MemoryLayer<Scalar, TableT>& laye
     std::snprintf(buf, sizeof buf, "%.17g", *c.qk_norm_scale);
     w.set_metadata(kMetaQkNormScale, buf);
   }
+}
+
+/// Writes the layer to `path` (add_layer with no prefix, plus `extra_metadata`).
+template <class Scalar, class TableT>
+void save_layer(const std::string& path, const MemoryLayer<Scalar, TableT>& layer,
+                const std::map<std::string, std::string>& extra_metadata = {}) {
+  SafetensorsWriter w;
+  for (const auto& [k, v] : extra_metadata) w.set_metadata(k, v);
+  add_layer(w, layer);
   w.write(path);
 }
 

@@ -1,0 +1,232 @@
+// pkm/optim/adamw.hpp — Adam with decoupled weight decay (AdamW) for the dense parameters,
+// and the per-element Adam rule that the lazy sparse Adam (lazy_adam.hpp) shares.
+//
+// The rule is torch.optim.AdamW's (amsgrad off):
+//   w <- w (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+//   w <- w - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+// with g the (clipped) gradient and t the step count, counted from 1.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "pkm/detail/parallel.hpp"
+#include "pkm/optim/grad_clip.hpp"
+#include "pkm/parameters.hpp"
+#include "pkm/types.hpp"
+
+namespace pkm::optim {
+
+/// Hyper-parameters of Adam(W); also used by LazyAdam for the value table.
+struct AdamOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;   ///< decoupled (AdamW): w <- w (1 - lr wd) each update
+  double max_grad_norm = 0.0;  ///< clip the gradient's global norm to this; 0: no clipping
+
+  /// Throws std::invalid_argument naming the first bad field.
+  void validate(const char* who) const {
+    detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");
+    detail::check_option(who, "beta1", beta1, 0.0, 1.0, true, "0 <= beta1 < 1");
+    detail::check_option(who, "beta2", beta2, 0.0, 1.0, true, "0 <= beta2 < 1");
+    detail::check_option(who, "eps", eps, 1e-300, HUGE_VAL, false, "a finite eps > 0");
+    detail::check_option(who, "weight_decay", weight_decay, 0.0, HUGE_VAL, false,
+                         "a finite weight_decay >= 0");
+    detail::check_option(who, "max_grad_norm", max_grad_norm, 0.0, HUGE_VAL, false,
+                         "a finite max_grad_norm >= 0 (0 turns clipping off)");
+  }
+};
+
+namespace detail {
+
+/// The coefficients of one Adam update at step t (t >= 1), in the state's type S.
+template <class S>
+struct AdamCoefficients {
+  S decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, inv_sqrt_bc2, eps;
+};
+
+template <class S>
+AdamCoefficients<S> adam_coefficients(const AdamOptions& o, double lr, double weight_decay,
+                                      std::int64_t t) {
+  const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(t));
+  const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(t));
+  return {S(1.0 - lr * weight_decay), S(o.beta1),        S(o.beta2),
+          S(1.0 - o.beta1),           S(1.0 - o.beta2),  S(lr / bc1),
+          S(1.0 / std::sqrt(bc2)),    S(o.eps)};
+}
+
+/// One Adam update of n elements: parameters w (stored as T; computed in S), gradient
+/// grad_scale * g, first and second moments m and v.
+template <class T, class S>
+void adam_update(T* w, const S* g, S grad_scale, S* m, S* v, Index n, const AdamCoefficients<S>& c) {
+  for (Index i = 0; i < n; ++i) {
+    const S gi = grad_scale * g[i];
+    m[i] = c.beta1 * m[i] + c.one_minus_beta1 * gi;
+    v[i] = c.beta2 * v[i] + c.one_minus_beta2 * gi * gi;
+    const S denom = std::sqrt(v[i]) * c.inv_sqrt_bc2 + c.eps;
+    const S wi = static_cast<S>(w[i]) * c.decay - c.step_size * m[i] / denom;
+    w[i] = static_cast<T>(wi);
+  }
+}
+
+}  // namespace detail
+
+/// AdamW over a set of dense tensors registered with add(): the caller's parameter and
+/// gradient buffers (kept by pointer: they must outlive the optimizer), and the optimizer's
+/// own moment estimates. step() clips the global gradient norm (options().max_grad_norm)
+/// and updates every tensor; deterministic under any thread count.
+template <class S = float>
+class AdamW {
+  static_assert(std::is_floating_point_v<S>, "pkm::optim::AdamW: S must be float or double");
+
+ public:
+  using scalar_type = S;
+
+  explicit AdamW(const AdamOptions& options = {}) : options_(options) {
+    options_.validate("pkm::optim::AdamW");
+  }
+
+  const AdamOptions& options() const { return options_; }
+  /// Changes the learning rate (for schedules); validated like the options.
+  void set_lr(double lr) { options_ = detail::with_lr(options_, lr, "pkm::optim::AdamW::set_lr"); }
+  std::int64_t steps() const { return step_; }
+  Index num_tensors() const { return static_cast<Index>(slots_.size()); }
+  /// Elements under optimization, over all tensors.
+  Index num_parameters() const {
+    Index n = 0;
+    for (const auto& s : slots_) n += s.size;
+    return n;
+  }
+
+  /// Registers `size` contiguous parameters and their gradient under a unique name (the
+  /// prefix of its state tensors). weight_decay overrides the option for this tensor (e.g.
+  /// 0 for biases and norms).
+  void add(const std::string& name, S* param, S* grad, Index size,
+           std::optional<double> weight_decay = std::nullopt) {
+    const char* who = "pkm::optim::AdamW::add";
+    if (name.empty()) throw std::invalid_argument(std::string(who) + ": the tensor name is empty");
+    for (const auto& s : slots_) {
+      if (s.name == name) {
+        throw std::invalid_argument(std::string(who) + ": a tensor named '" + name +
+                                    "' is already registered; names must be unique");
+      }
+    }
+    if (size < 0 || (size > 0 && (param == nullptr || grad == nullptr))) {
+      throw std::invalid_argument(std::string(who) + ": tensor '" + name + "' has size " +
+                                  std::to_string(size) + " and a null " +
+                                  (param == nullptr ? "parameter" : "gradient") +
+                                  " pointer; expected size >= 0 and non-null buffers");
+    }
+    const double wd = weight_decay.value_or(options_.weight_decay);
+    detail::check_option(who, "weight_decay", wd, 0.0, HUGE_VAL, false, "a finite weight_decay >= 0");
+    Slot s;
+    s.name = name;
+    s.param = param;
+    s.grad = grad;
+    s.size = size;
+    s.weight_decay = wd;
+    s.m.assign(static_cast<std::size_t>(size), S(0));
+    s.v.assign(static_cast<std::size_t>(size), S(0));
+    slots_.push_back(std::move(s));
+  }
+  /// Registers a matrix (contiguous, row-major) and its gradient of the same shape.
+  void add(const std::string& name, MatrixRef<S> param, MatrixRef<S> grad,
+           std::optional<double> weight_decay = std::nullopt) {
+    const char* who = "pkm::optim::AdamW::add";
+    if (grad.rows() != param.rows() || grad.cols() != param.cols()) {
+      throw std::invalid_argument(std::string(who) + ": gradient of '" + name + "' is " +
+                                  std::to_string(grad.rows()) + " x " + std::to_string(grad.cols()) +
+                                  ", expected the parameter's " + std::to_string(param.rows()) +
+                                  " x " + std::to_string(param.cols()));
+    }
+    for (const auto* m : {&param, &grad}) {
+      if (m->rows() > 1 && m->outerStride() != m->cols()) {
+        throw std::invalid_argument(std::string(who) + ": '" + name + "' has row stride " +
+                                    std::to_string(m->outerStride()) + ", expected a contiguous " +
+                                    "matrix (stride = cols = " + std::to_string(m->cols()) + ")");
+      }
+    }
+    add(name, param.data(), grad.data(), param.size(), weight_decay);
+  }
+  /// Registers every tensor of a memory layer's dense parameters, named prefix + the
+  /// reference name (e.g. "layers.3.mem.query_proj.query_mlps.0.weight").
+  void add(const std::string& prefix, LayerParameters<S>& params, LayerParameters<S>& grads,
+           std::optional<double> weight_decay = std::nullopt) {
+    check_parameters_match(grads, params.config(), "gradients passed to pkm::optim::AdamW::add");
+    params.for_each([&](Tensor t, MatrixMap<S> p) {
+      add(prefix + tensor_name(t), p.data(), grads.data(t), p.size(), weight_decay);
+    });
+  }
+
+  /// Sets every registered gradient to zero.
+  void zero_grad() {
+    for (auto& s : slots_) std::fill(s.grad, s.grad + s.size, S(0));
+  }
+
+  /// One update of every registered tensor from its gradient. Returns the global gradient
+  /// norm before clipping. A non-finite gradient throws std::runtime_error naming the tensor
+  /// and changes nothing.
+  double step() {
+    double sq = 0.0;
+    for (const auto& s : slots_) sq += detail::sum_of_squares(s.grad, s.size);
+    const double norm = std::sqrt(sq);
+    if (!std::isfinite(norm)) throw_non_finite();
+    const S scale = static_cast<S>(clip_coefficient(norm, options_.max_grad_norm));
+    ++step_;
+    for (auto& s : slots_) {
+      const auto c = detail::adam_coefficients<S>(options_, options_.lr, s.weight_decay, step_);
+      pkm::detail::parallel_blocks(s.size, kBlock, [&](Index b, Index e) {
+        detail::adam_update(s.param + b, s.grad + b, scale, s.m.data() + b, s.v.data() + b, e - b, c);
+      });
+    }
+    return norm;
+  }
+
+  /// Calls fn(name, shape, data) for each state tensor: "<tensor>.exp_avg" and
+  /// "<tensor>.exp_avg_sq" (S, shape [size]) and "step" (int64, shape [1]).
+  template <class F>
+  void for_each_state(F&& fn) {
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &step_);
+    for (auto& s : slots_) {
+      fn(s.name + ".exp_avg", std::vector<std::int64_t>{s.size}, s.m.data());
+      fn(s.name + ".exp_avg_sq", std::vector<std::int64_t>{s.size}, s.v.data());
+    }
+  }
+
+ private:
+  static constexpr Index kBlock = 4096;
+
+  struct Slot {
+    std::string name;
+    S* param = nullptr;
+    S* grad = nullptr;
+    Index size = 0;
+    double weight_decay = 0.0;
+    std::vector<S> m, v;
+  };
+
+  [[noreturn]] void throw_non_finite() const {
+    for (const auto& s : slots_) {
+      for (Index i = 0; i < s.size; ++i) {
+        if (!std::isfinite(s.grad[i])) {
+          throw std::runtime_error("pkm::optim::AdamW::step: gradient of '" + s.name +
+                                   "' holds " + std::to_string(s.grad[i]) + " at element " +
+                                   std::to_string(i) + "; expected finite gradients (nothing was updated)");
+        }
+      }
+    }
+    throw std::runtime_error("pkm::optim::AdamW::step: the gradient norm overflows; nothing was updated");
+  }
+
+  AdamOptions options_;
+  std::vector<Slot> slots_;
+  std::int64_t step_ = 0;
+};
+
+}  // namespace pkm::optim

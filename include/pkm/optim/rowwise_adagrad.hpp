@@ -1,0 +1,91 @@
+// pkm/optim/rowwise_adagrad.hpp — row-wise Adagrad for a value table, the rule of FBGEMM's
+// fused sparse Adagrad: one accumulator per row (4 bytes per row of state instead of Adam's
+// two moments per element). For an updated row r with gradient g (clipped, plus
+// weight_decay * w when L2 decay is on):
+//   h[r] <- h[r] + mean(g^2);   w <- w - lr g / (sqrt(h[r]) + eps)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "pkm/optim/grad_clip.hpp"
+#include "pkm/optim/sparse_optimizer.hpp"
+
+namespace pkm::optim {
+
+struct RowWiseAdagradOptions {
+  double lr = 1e-2;
+  double eps = 1e-8;
+  double initial_accumulator = 0.0;  ///< h[r] before the first update
+  double weight_decay = 0.0;         ///< L2: g <- g + weight_decay * w (FBGEMM's L2 mode)
+  double max_grad_norm = 0.0;        ///< clip the gradient's global norm to this; 0: off
+
+  void validate(const char* who) const {
+    detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");
+    detail::check_option(who, "eps", eps, 1e-300, HUGE_VAL, false, "a finite eps > 0");
+    detail::check_option(who, "initial_accumulator", initial_accumulator, 0.0, HUGE_VAL, false,
+                         "a finite initial_accumulator >= 0");
+    detail::check_option(who, "weight_decay", weight_decay, 0.0, HUGE_VAL, false,
+                         "a finite weight_decay >= 0");
+    detail::check_option(who, "max_grad_norm", max_grad_norm, 0.0, HUGE_VAL, false,
+                         "a finite max_grad_norm >= 0 (0 turns clipping off)");
+  }
+};
+
+template <class S = float>
+class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S> {
+  using Base = SparseRowOptimizer<RowWiseAdagrad<S>, S>;
+  friend Base;
+
+ public:
+  RowWiseAdagrad(Index rows, Index dim, const RowWiseAdagradOptions& options = {})
+      : Base("pkm::optim::RowWiseAdagrad", rows, dim), options_(options) {
+    options_.validate(name());
+    sum_.assign(static_cast<std::size_t>(rows), static_cast<S>(options_.initial_accumulator));
+  }
+  template <class T>
+  RowWiseAdagrad(const ValueTable<T>& table, const RowWiseAdagradOptions& options = {})
+      : RowWiseAdagrad(table.rows(), table.dim(), options) {}
+
+  const RowWiseAdagradOptions& options() const { return options_; }
+  void set_lr(double lr) { options_ = detail::with_lr(options_, lr, "pkm::optim::RowWiseAdagrad::set_lr"); }
+  /// The accumulator of row r.
+  S accumulator(Index r) const { return sum_.at(static_cast<std::size_t>(r)); }
+
+  /// State: "step" (int64 [1]) and "sum" (S, [rows]), FBGEMM's momentum1.
+  template <class F>
+  void for_each_state(F&& fn) {
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count());
+    fn(std::string("sum"), std::vector<std::int64_t>{this->rows()}, sum_.data());
+  }
+
+  /// Updates table row r (see SparseRowOptimizer).
+  template <class T>
+  void update_row(std::int64_t r, T* w, const S* g, S grad_scale) {
+    const Index dim = this->dim();
+    const S wd = static_cast<S>(options_.weight_decay);
+    S sq = S(0);
+    for (Index d = 0; d < dim; ++d) {
+      const S gd = grad_scale * g[d] + wd * static_cast<S>(w[d]);
+      sq += gd * gd;
+    }
+    S& h = sum_[static_cast<std::size_t>(r)];
+    h += sq / static_cast<S>(dim);
+    const S step = static_cast<S>(options_.lr) / (std::sqrt(h) + static_cast<S>(options_.eps));
+    for (Index d = 0; d < dim; ++d) {
+      const S wv = static_cast<S>(w[d]);
+      const S gd = grad_scale * g[d] + wd * wv;
+      w[d] = static_cast<T>(wv - step * gd);
+    }
+  }
+
+ private:
+  static const char* name() { return "pkm::optim::RowWiseAdagrad"; }
+
+  RowWiseAdagradOptions options_;
+  std::vector<S> sum_;
+};
+
+}  // namespace pkm::optim

@@ -12,6 +12,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "pkm/detail/parallel.hpp"
@@ -62,16 +63,20 @@ AdamCoefficients<S> adam_coefficients(const AdamOptions& o, double lr, double we
 }
 
 /// One Adam update of n elements: parameters w (stored as T; computed in S), gradient
-/// grad_scale * g, first and second moments m and v.
+/// grad_scale * g, first and second moments m and v. Vectorised through Eigen arrays.
 template <class T, class S>
 void adam_update(T* w, const S* g, S grad_scale, S* m, S* v, Index n, const AdamCoefficients<S>& c) {
-  for (Index i = 0; i < n; ++i) {
-    const S gi = grad_scale * g[i];
-    m[i] = c.beta1 * m[i] + c.one_minus_beta1 * gi;
-    v[i] = c.beta2 * v[i] + c.one_minus_beta2 * gi * gi;
-    const S denom = std::sqrt(v[i]) * c.inv_sqrt_bc2 + c.eps;
-    const S wi = static_cast<S>(w[i]) * c.decay - c.step_size * m[i] / denom;
-    w[i] = static_cast<T>(wi);
+  using Array = Eigen::Array<S, Eigen::Dynamic, 1>;
+  const auto gs = Eigen::Map<const Array>(g, n) * grad_scale;
+  Eigen::Map<Array> mm(m, n), vm(v, n);
+  Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> wm(w, n);
+  mm = c.beta1 * mm + c.one_minus_beta1 * gs;
+  vm = c.beta2 * vm + c.one_minus_beta2 * gs.square();
+  if constexpr (std::is_same_v<T, S>) {
+    wm = wm * c.decay - c.step_size * mm / (vm.sqrt() * c.inv_sqrt_bc2 + c.eps);
+  } else {
+    wm = (wm.template cast<S>() * c.decay - c.step_size * mm / (vm.sqrt() * c.inv_sqrt_bc2 + c.eps))
+             .template cast<T>();
   }
 }
 

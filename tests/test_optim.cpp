@@ -20,6 +20,10 @@
 
 #include "support.hpp"
 
+#ifndef PKM_TEST_DATA
+#error "PKM_TEST_DATA must name tests/data"
+#endif
+
 using Catch::Contains;
 using pkmtest::Mat;
 using pkmtest::same_bits;
@@ -159,6 +163,43 @@ TEST_CASE("AdamW rejects bad options and registrations, and a non-finite gradien
   CHECK_THROWS_WITH(opt.step(), Contains("'p'") && Contains("element 6"));
   CHECK(p == before);
   CHECK(opt.steps() == 0);
+}
+
+TEST_CASE("AdamW and lazy Adam follow torch.optim.AdamW with clip_grad_norm_ (golden file)",
+          "[optim][golden]") {
+  const pkm::io::SafetensorsFile f(std::string(PKM_TEST_DATA) + "/adamw.safetensors");
+  const auto& meta = f.metadata();
+  pkm::optim::AdamOptions o;
+  o.lr = std::stod(meta.at("lr"));
+  o.beta1 = std::stod(meta.at("beta1"));
+  o.beta2 = std::stod(meta.at("beta2"));
+  o.eps = std::stod(meta.at("eps"));
+  o.weight_decay = std::stod(meta.at("weight_decay"));
+  o.max_grad_norm = std::stod(meta.at("max_grad_norm"));
+  auto read = [&](const std::string& name) {
+    Mat m(6, 5);
+    f.read(name, m.data(), std::size_t(m.size()));
+    return m;
+  };
+  Mat w = read("w0"), g = Mat::Zero(6, 5);
+  pkm::ValueTable<double> table(6, 5);
+  table.matrix() = w;
+  pkm::optim::AdamW<double> adam(o);
+  adam.add("w", w, g);
+  pkm::optim::LazyAdam<double> lazy(table, o);
+  for (int t = 1; t <= 4; ++t) {
+    g.array() = read("grad." + std::to_string(t)).array();  // into the registered buffer
+    pkm::SparseRowGrad<double> sg;
+    sg.dim = 5;
+    sg.rows = {0, 1, 2, 3, 4, 5};
+    sg.values = g;
+    adam.step();
+    lazy.step(table, sg);
+    const Mat expected = read("expected." + std::to_string(t));
+    INFO("step " << t);
+    CHECK((w - expected).cwiseAbs().maxCoeff() < 1e-13);
+    CHECK((table.matrix() - expected).cwiseAbs().maxCoeff() < 1e-13);
+  }
 }
 
 // ---- lazy Adam -------------------------------------------------------------------------

@@ -8,6 +8,8 @@ grad.<name> for every checkpoint tensor, from autograd).
 
 Needs PyTorch (Debian: apt-get install python3-torch); the C++ tests do not.
 Run from the repository root:  /usr/bin/python3 tests/reference/make_golden.py
+It also writes adamw.safetensors, torch.optim.AdamW's trajectory for the optimizer tests
+(alone: --optimizer-only).
 The other way round, that PyTorch reads what pkm writes:
   /usr/bin/python3 tests/reference/make_golden.py --check-pkm-file CKPT IN OUT
 loads CKPT (written by pkm::io::save_layer) into the module with strict names and shapes, runs
@@ -248,8 +250,30 @@ def make_case(name, args, batch, bf16_values, seed):
                       {"torch": torch.__version__})
 
 
+def make_optimizer_case():
+    """adamw.safetensors: torch.optim.AdamW with clip_grad_norm_ over 4 steps, in float64.
+    w0, grad.<t> and expected.<t> (the parameters after step t), hyper-parameters in metadata."""
+    torch.manual_seed(5)
+    w = torch.randn(6, 5, dtype=torch.float64)
+    hp = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.1, "max_grad_norm": 0.5}
+    p = torch.nn.Parameter(w.clone())
+    opt = torch.optim.AdamW([p], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                            weight_decay=hp["weight_decay"])
+    out = {"w0": w}
+    for t in range(1, 5):
+        g = 2.0 * torch.randn(6, 5, dtype=torch.float64)
+        out["grad.%d" % t] = g
+        p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_([p], hp["max_grad_norm"])
+        opt.step()
+        out["expected.%d" % t] = p.detach().clone()
+    write_safetensors(os.path.join(OUT, "adamw.safetensors"), out,
+                      dict(hp, torch=torch.__version__))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    make_optimizer_case()
     torch.set_num_threads(1)
     for seed, (name, (args, batch, bf16)) in enumerate(sorted(CASES.items())):
         make_case(name, args, batch, bf16, 1000 + seed)
@@ -259,4 +283,8 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--check-pkm-file":
         sys.exit(check_pkm_file(*sys.argv[2:]))
+    if len(sys.argv) == 2 and sys.argv[1] == "--optimizer-only":
+        os.makedirs(OUT, exist_ok=True)
+        make_optimizer_case()
+        sys.exit(0)
     main()

@@ -374,12 +374,7 @@ class MemoryLayer {
                              Optimizer& opt, MatrixRef<Scalar>* dx) {
     const char* who = "pkm::MemoryLayer::backward_fused";
     check_backward_args(who, x, cache, dout, dparams, nullptr, dx);
-    if (opt.rows() != values_.rows() || opt.dim() != values_.dim()) {
-      throw std::invalid_argument(std::string(who) + ": value_optimizer was made for a " +
-                                  std::to_string(opt.rows()) + " x " + std::to_string(opt.dim()) +
-                                  " table, expected this layer's " + std::to_string(values_.rows()) +
-                                  " x " + std::to_string(values_.dim()));
-    }
+    opt.check_table(who, values_);  // before any gradient is written
     double norm = 0.0;
     backward_core(x, cache, dout, dparams, dx, [&](const RowMatrix<Scalar>& dy, RowMatrix<Scalar>& dscore) {
       norm = embedding_bag_backward_update<TableT, Scalar>(values_, cache.indices, cache.weights, dy,

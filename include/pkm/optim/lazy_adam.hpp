@@ -14,16 +14,14 @@
 namespace pkm::optim {
 
 template <class S = float>
-class LazyAdam : public SparseRowOptimizer<LazyAdam<S>, S> {
-  using Base = SparseRowOptimizer<LazyAdam<S>, S>;
-  friend Base;
+class LazyAdam : public SparseRowOptimizer<LazyAdam<S>, S, AdamOptions> {
+  using Base = SparseRowOptimizer<LazyAdam<S>, S, AdamOptions>;
 
  public:
   /// For a table of rows x dim. Weight decay, if any, is decoupled and applied to a row only
   /// when it is updated (lazily).
   LazyAdam(Index rows, Index dim, const AdamOptions& options = {})
-      : Base("pkm::optim::LazyAdam", rows, dim), options_(options) {
-    options_.validate(name());
+      : Base("pkm::optim::LazyAdam", rows, dim, options) {
     m_ = RowMatrix<S>::Zero(rows, dim);
     v_ = RowMatrix<S>::Zero(rows, dim);
     row_step_.assign(static_cast<std::size_t>(rows), 0);
@@ -32,8 +30,6 @@ class LazyAdam : public SparseRowOptimizer<LazyAdam<S>, S> {
   LazyAdam(const ValueTable<T>& table, const AdamOptions& options = {})
       : LazyAdam(table.rows(), table.dim(), options) {}
 
-  const AdamOptions& options() const { return options_; }
-  void set_lr(double lr) { options_ = detail::with_lr(options_, lr, "pkm::optim::LazyAdam::set_lr"); }
   /// Updates row r has had.
   std::int64_t row_steps(Index r) const { return row_step_.at(static_cast<std::size_t>(r)); }
 
@@ -51,14 +47,12 @@ class LazyAdam : public SparseRowOptimizer<LazyAdam<S>, S> {
   template <class T>
   void update_row(std::int64_t r, T* w, const S* g, S grad_scale) {
     const std::int64_t t = ++row_step_[static_cast<std::size_t>(r)];
-    const auto c = detail::adam_coefficients<S>(options_, options_.lr, options_.weight_decay, t);
+    const AdamOptions& o = this->options();
+    const auto c = detail::adam_coefficients<S>(o, o.lr, o.weight_decay, t);
     detail::adam_update(w, g, grad_scale, m_.row(r).data(), v_.row(r).data(), this->dim(), c);
   }
 
  private:
-  static const char* name() { return "pkm::optim::LazyAdam"; }
-
-  AdamOptions options_;
   RowMatrix<S> m_, v_;
   std::vector<std::int64_t> row_step_;
 };

@@ -35,22 +35,18 @@ struct RowWiseAdagradOptions {
 };
 
 template <class S = float>
-class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S> {
-  using Base = SparseRowOptimizer<RowWiseAdagrad<S>, S>;
-  friend Base;
+class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S, RowWiseAdagradOptions> {
+  using Base = SparseRowOptimizer<RowWiseAdagrad<S>, S, RowWiseAdagradOptions>;
 
  public:
   RowWiseAdagrad(Index rows, Index dim, const RowWiseAdagradOptions& options = {})
-      : Base("pkm::optim::RowWiseAdagrad", rows, dim), options_(options) {
-    options_.validate(name());
-    sum_.assign(static_cast<std::size_t>(rows), static_cast<S>(options_.initial_accumulator));
+      : Base("pkm::optim::RowWiseAdagrad", rows, dim, options) {
+    sum_.assign(static_cast<std::size_t>(rows), static_cast<S>(options.initial_accumulator));
   }
   template <class T>
   RowWiseAdagrad(const ValueTable<T>& table, const RowWiseAdagradOptions& options = {})
       : RowWiseAdagrad(table.rows(), table.dim(), options) {}
 
-  const RowWiseAdagradOptions& options() const { return options_; }
-  void set_lr(double lr) { options_ = detail::with_lr(options_, lr, "pkm::optim::RowWiseAdagrad::set_lr"); }
   /// The accumulator of row r.
   S accumulator(Index r) const { return sum_.at(static_cast<std::size_t>(r)); }
 
@@ -65,7 +61,8 @@ class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S> {
   template <class T>
   void update_row(std::int64_t r, T* w, const S* g, S grad_scale) {
     const Index dim = this->dim();
-    const S wd = static_cast<S>(options_.weight_decay);
+    const RowWiseAdagradOptions& o = this->options();
+    const S wd = static_cast<S>(o.weight_decay);
     S sq = S(0);
     for (Index d = 0; d < dim; ++d) {
       const S gd = grad_scale * g[d] + wd * static_cast<S>(w[d]);
@@ -73,7 +70,7 @@ class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S> {
     }
     S& h = sum_[static_cast<std::size_t>(r)];
     h += sq / static_cast<S>(dim);
-    const S step = static_cast<S>(options_.lr) / (std::sqrt(h) + static_cast<S>(options_.eps));
+    const S step = static_cast<S>(o.lr) / (std::sqrt(h) + static_cast<S>(o.eps));
     for (Index d = 0; d < dim; ++d) {
       const S wv = static_cast<S>(w[d]);
       const S gd = grad_scale * g[d] + wd * wv;
@@ -82,9 +79,6 @@ class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S> {
   }
 
  private:
-  static const char* name() { return "pkm::optim::RowWiseAdagrad"; }
-
-  RowWiseAdagradOptions options_;
   std::vector<S> sum_;
 };
 

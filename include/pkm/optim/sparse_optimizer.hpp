@@ -4,7 +4,8 @@
 // backward (step_segments: each row's gradient is reduced into a per-thread scratch row and
 // applied at once, so no gradient rows are stored).
 //
-// A derived optimizer provides
+// A derived optimizer passes its name and validated Options (with lr and max_grad_norm) to
+// the base and provides
 //   template <class T> void update_row(std::int64_t row, T* w, const S* g, S grad_scale);
 // which updates table row `row` (w, stored as T) from the gradient grad_scale * g. Rows of
 // one step are unique, so rows are updated in parallel, each by one thread.
@@ -25,16 +26,31 @@
 
 namespace pkm::optim {
 
-template <class Derived, class S>
+template <class Derived, class S, class Options>
 class SparseRowOptimizer {
  public:
   using scalar_type = S;
+  using options_type = Options;
 
   /// Rows and width of the table this optimizer was made for.
   Index rows() const { return rows_; }
   Index dim() const { return dim_; }
   /// Steps taken (calls of step / step_segments).
   std::int64_t steps() const { return step_; }
+  const Options& options() const { return options_; }
+  /// Changes the learning rate (for schedules); validated like the options.
+  void set_lr(double lr) { options_ = detail::with_lr(options_, lr, who_); }
+
+  /// Throws std::invalid_argument unless `table` has the shape this optimizer was made for.
+  template <class T>
+  void check_table(const char* caller, const ValueTable<T>& table) const {
+    if (table.rows() != rows_ || table.dim() != dim_) {
+      throw std::invalid_argument(std::string(caller) + ": table is " + std::to_string(table.rows()) +
+                                  " x " + std::to_string(table.dim()) + ", expected the " +
+                                  std::to_string(rows_) + " x " + std::to_string(dim_) +
+                                  " the optimizer was made for");
+    }
+  }
 
   /// Applies a sparse gradient (sorted unique rows, as backward() returns it) to `table`.
   /// Returns the gradient's norm before clipping. Everything is checked first: a bad shape
@@ -42,12 +58,11 @@ class SparseRowOptimizer {
   /// std::runtime_error, and the table and the optimizer state are then unchanged.
   template <class T>
   double step(ValueTable<T>& table, const SparseRowGrad<S>& grad) {
-    const char* who = derived().name();
-    check_table(who, table);
+    check_table(who_, table);
     const Index n = grad.size();
     if (n > 0) {
       if (grad.dim != dim_ || grad.values.rows() != n || grad.values.cols() != dim_) {
-        throw std::invalid_argument(std::string(who) + ": gradient values are " +
+        throw std::invalid_argument(std::string(who_) + ": gradient values are " +
                                     std::to_string(grad.values.rows()) + " x " +
                                     std::to_string(grad.values.cols()) + " (dim " +
                                     std::to_string(grad.dim) + "), expected rows.size() x dim = " +
@@ -55,26 +70,16 @@ class SparseRowOptimizer {
       }
       for (Index u = 0; u < n; ++u) {
         const std::int64_t r = grad.rows[u];
-        if (r < 0 || r >= rows_) {
-          throw std::out_of_range(std::string(who) + ": gradient row id " + std::to_string(r) +
-                                  " is outside the table of " + std::to_string(rows_) + " rows");
-        }
+        if (r < 0 || r >= rows_) throw_row_out_of_range(r);
         if (u > 0 && r <= grad.rows[u - 1]) {
-          throw std::invalid_argument(std::string(who) + ": gradient row ids are not sorted and "
+          throw std::invalid_argument(std::string(who_) + ": gradient row ids are not sorted and "
                                       "unique (" + std::to_string(grad.rows[u - 1]) + " then " +
                                       std::to_string(r) + "); expected a SparseRowGrad as backward() makes it");
         }
       }
     }
-    std::vector<double> sq(static_cast<std::size_t>(n));
-    pkm::detail::parallel_for(n, [&](Index u) { sq[u] = detail::sum_of_squares_serial(grad.values.row(u).data(), dim_); });
-    const double norm = finite_norm(who, sq, [&](Index u) { return grad.rows[u]; });
-    const S scale = static_cast<S>(clip_coefficient(norm, max_grad_norm()));
-    pkm::detail::parallel_blocks(n, pkm::detail::kSegmentBlock, [&](Index b, Index e) {
-      for (Index u = b; u < e; ++u) derived().update_row(grad.rows[u], table.row(grad.rows[u]), grad.values.row(u).data(), scale);
-    });
-    ++step_;
-    return norm;
+    // The stored rows are cheap to read twice: the norm (and finiteness) always comes first.
+    return apply(table, grad.rows, true, [&](Index u, S*) { return grad.values.row(u).data(); });
   }
 
   /// The fused step: the gradient of row seg.rows[u] is the sum over its contributions t of
@@ -86,87 +91,83 @@ class SparseRowOptimizer {
   template <class T, class SourceFn>
   double step_segments(ValueTable<T>& table, const std::vector<pkm::detail::RowContribution<S>>& items,
                        const pkm::detail::RowSegments& seg, SourceFn&& source) {
-    const char* who = derived().name();
-    check_table(who, table);
-    const Index n = seg.size();
-    if (n > 0 && (seg.rows.front() < 0 || seg.rows.back() >= rows_)) {
-      const std::int64_t bad = seg.rows.front() < 0 ? seg.rows.front() : seg.rows.back();
-      throw std::out_of_range(std::string(who) + ": gradient row id " + std::to_string(bad) +
-                              " is outside the table of " + std::to_string(rows_) + " rows");
+    check_table(who_, table);
+    if (seg.size() > 0 && (seg.rows.front() < 0 || seg.rows.back() >= rows_)) {
+      throw_row_out_of_range(seg.rows.front() < 0 ? seg.rows.front() : seg.rows.back());
     }
-    std::vector<double> sq(static_cast<std::size_t>(n));
-    using Scratch = std::vector<S>;
-    const bool clip = max_grad_norm() > 0.0;
-    double norm = 0.0;
-    S scale = S(1);
-    if (clip) {
-      pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
-        g.resize(static_cast<std::size_t>(dim_));
-        for (Index u = b; u < e; ++u) {
-          pkm::detail::reduce_segment(items, seg, u, dim_, source, g.data());
-          sq[u] = detail::sum_of_squares_serial(g.data(), dim_);
-        }
-      });
-      norm = finite_norm(who, sq, [&](Index u) { return seg.rows[u]; });
-      scale = static_cast<S>(clip_coefficient(norm, max_grad_norm()));
-    }
-    pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
-      g.resize(static_cast<std::size_t>(dim_));
-      for (Index u = b; u < e; ++u) {
-        pkm::detail::reduce_segment(items, seg, u, dim_, source, g.data());
-        if (!clip) sq[u] = detail::sum_of_squares_serial(g.data(), dim_);
-        derived().update_row(seg.rows[u], table.row(seg.rows[u]), g.data(), scale);
-      }
+    return apply(table, seg.rows, options_.max_grad_norm > 0.0, [&](Index u, S* scratch) {
+      pkm::detail::reduce_segment(items, seg, u, dim_, source, scratch);
+      return static_cast<const S*>(scratch);
     });
-    if (!clip) {
-      double total = 0.0;
-      for (double s : sq) total += s;
-      norm = std::sqrt(total);
-    }
-    ++step_;
-    return norm;
   }
 
  protected:
-  SparseRowOptimizer(const char* who, Index rows, Index dim) : rows_(rows), dim_(dim) {
+  SparseRowOptimizer(const char* who, Index rows, Index dim, const Options& options)
+      : who_(who), rows_(rows), dim_(dim), options_(options) {
     if (rows < 1 || dim < 1) {
       throw std::invalid_argument(std::string(who) + ": table is " + std::to_string(rows) + " x " +
                                   std::to_string(dim) + ", expected rows >= 1 and dim >= 1");
     }
+    options_.validate(who);
   }
   std::int64_t& step_count() { return step_; }
 
  private:
-  Derived& derived() { return static_cast<Derived&>(*this); }
-  double max_grad_norm() const { return static_cast<const Derived&>(*this).options().max_grad_norm; }
-
-  template <class T>
-  void check_table(const char* who, const ValueTable<T>& table) const {
-    if (table.rows() != rows_ || table.dim() != dim_) {
-      throw std::invalid_argument(std::string(who) + ": table is " + std::to_string(table.rows()) +
-                                  " x " + std::to_string(table.dim()) + ", expected the " +
-                                  std::to_string(rows_) + " x " + std::to_string(dim_) +
-                                  " the optimizer was made for");
-    }
+  [[noreturn]] void throw_row_out_of_range(std::int64_t r) const {
+    throw std::out_of_range(std::string(who_) + ": gradient row id " + std::to_string(r) +
+                            " is outside the table of " + std::to_string(rows_) + " rows");
   }
 
-  /// sqrt of the in-order sum of the per-row squares; throws naming a non-finite row.
-  template <class RowOf>
-  static double finite_norm(const char* who, const std::vector<double>& sq, RowOf&& row_of) {
-    double total = 0.0;
-    for (double s : sq) total += s;
-    if (std::isfinite(total)) return std::sqrt(total);
+  /// The one update loop behind step and step_segments. row_grad(u, scratch) returns the
+  /// gradient of rows[u] (in storage of its own, or computed into `scratch`, dim values).
+  /// With norm_first, every row's gradient is formed once for the norm (throwing on a
+  /// non-finite one before anything changes) and again for the update; otherwise the norm is
+  /// gathered during the update. Either way it is the in-order sum of the per-row sums.
+  template <class T, class RowGrad>
+  double apply(ValueTable<T>& table, const std::vector<std::int64_t>& rows, bool norm_first, RowGrad&& row_grad) {
+    using Scratch = std::vector<S>;
+    const Index n = static_cast<Index>(rows.size());
+    std::vector<double> sq(static_cast<std::size_t>(n));
+    auto total_norm = [&] {
+      double total = 0.0;
+      for (double s : sq) total += s;
+      return std::sqrt(total);
+    };
+    S scale = S(1);
+    if (norm_first) {
+      pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
+        g.resize(static_cast<std::size_t>(dim_));
+        for (Index u = b; u < e; ++u) sq[u] = detail::sum_of_squares_serial(row_grad(u, g.data()), dim_);
+      });
+      const double norm = total_norm();
+      if (!std::isfinite(norm)) throw_non_finite(sq, rows);
+      scale = static_cast<S>(clip_coefficient(norm, options_.max_grad_norm));
+    }
+    pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
+      g.resize(static_cast<std::size_t>(dim_));
+      for (Index u = b; u < e; ++u) {
+        const S* grad = row_grad(u, g.data());
+        if (!norm_first) sq[u] = detail::sum_of_squares_serial(grad, dim_);
+        static_cast<Derived&>(*this).update_row(rows[u], table.row(rows[u]), grad, scale);
+      }
+    });
+    ++step_;
+    return total_norm();
+  }
+
+  [[noreturn]] void throw_non_finite(const std::vector<double>& sq, const std::vector<std::int64_t>& rows) const {
     for (std::size_t u = 0; u < sq.size(); ++u) {
       if (!std::isfinite(sq[u])) {
-        throw std::runtime_error(std::string(who) + ": the gradient of table row " +
-                                 std::to_string(row_of(static_cast<Index>(u))) +
+        throw std::runtime_error(std::string(who_) + ": the gradient of table row " + std::to_string(rows[u]) +
                                  " is not finite; expected finite gradients (nothing was updated)");
       }
     }
-    throw std::runtime_error(std::string(who) + ": the gradient norm overflows; nothing was updated");
+    throw std::runtime_error(std::string(who_) + ": the gradient norm overflows; nothing was updated");
   }
 
+  const char* who_;
   Index rows_ = 0, dim_ = 0;
+  Options options_;
   std::int64_t step_ = 0;
 };
 

@@ -72,11 +72,6 @@ inline std::vector<std::int64_t> file_shape(const MemoryConfig& c, Tensor t) {
   return {s.rows, s.cols};
 }
 
-inline std::string shape_str(const std::vector<std::int64_t>& v) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
-}
 
 inline const TensorInfo& rank2(const SafetensorsFile& f, const std::string& name) {
   const TensorInfo& t = f.info(name);
@@ -157,7 +152,7 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
     const TensorInfo& info = f.info(name(tensor));
     if (info.shape != want) {
       detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has shape " + info.shape_string() + ", expected " +
-                                    detail::shape_str(want));
+                                    shape_string(want));
     }
     if (!is_float(info.dtype)) {
       detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has dtype " + dtype_name(info.dtype) + "; expected a float dtype");

@@ -41,10 +41,8 @@ void load_optimizer_state(const SafetensorsFile& f, Optimizer& optimizer, const 
     }
     const TensorInfo& t = f.info(full);
     if (t.shape != shape) {
-      std::string want = "[";
-      for (std::size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
       throw std::invalid_argument("pkm::io::load_optimizer_state: tensor '" + full + "' has shape " +
-                                  t.shape_string() + ", expected " + want + "]");
+                                  t.shape_string() + ", expected " + shape_string(shape));
     }
     if (is_float(t.dtype) != std::is_floating_point_v<T>) {
       throw std::invalid_argument("pkm::io::load_optimizer_state: tensor '" + full + "' has dtype " +
@@ -52,10 +50,8 @@ void load_optimizer_state(const SafetensorsFile& f, Optimizer& optimizer, const 
                                   (std::is_floating_point_v<T> ? "a float dtype" : "an integer dtype"));
     }
   });
-  optimizer.for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape, auto* data) {
-    std::size_t n = 1;
-    for (auto d : shape) n *= static_cast<std::size_t>(d);
-    f.read(prefix + name, data, n);
+  optimizer.for_each_state([&](const std::string& name, const std::vector<std::int64_t>&, auto* data) {
+    f.read(prefix + name, data, static_cast<std::size_t>(f.info(prefix + name).numel()));
   });
 }
 

@@ -85,6 +85,13 @@ constexpr Dtype dtype_of() {
 /// Largest header accepted (the limit of the reference implementation).
 inline constexpr std::uint64_t kMaxHeaderBytes = std::uint64_t{100} << 20;
 
+/// A shape as "[d0, d1, ...]", for error messages.
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
 /// One tensor of a file: its byte range is [begin, end) of the data section.
 struct TensorInfo {
   std::string name;
@@ -97,11 +104,7 @@ struct TensorInfo {
     for (auto d : shape) n *= d;
     return n;
   }
-  std::string shape_string() const {
-    std::string s = "[";
-    for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + "]";
-  }
+  std::string shape_string() const { return io::shape_string(shape); }
 };
 
 namespace detail {

@@ -158,6 +158,15 @@ Mat normal_matrix(Index rows, Index cols, double stddev, std::mt19937_64& rng) {
 
 // ---- the two blocks ----------------------------------------------------------------------
 
+/// Multiply-adds per token of a Memory+ layer (the top-k's comparisons not counted).
+double memory_macs_per_token(const pkm::MemoryConfig& c) {
+  return double(c.input_dim * c.heads * c.k_dim)  // query
+         + double(c.heads * c.n_keys * c.k_dim)   // half scores, both halves
+         + double(c.heads * c.knn * c.v_dim)      // weighted read
+         + double(c.input_dim * c.v_dim)          // SiLU gate projection
+         + double(c.v_dim * c.output_dim);        // output projection
+}
+
 /// f(x) for a batch, its backward (dx written, parameter gradients added) and its update.
 struct Block {
   virtual ~Block() = default;
@@ -168,7 +177,6 @@ struct Block {
   virtual void forward(const Mat& x, Mat& out) = 0;
   virtual void backward(const Mat& x, const Mat& dout, Mat& dx) = 0;
   virtual void register_dense(pkm::optim::AdamW<float>& opt) = 0;
-  virtual void zero_grad() = 0;
 };
 
 /// SwiGLU FFN: out = W2 (silu(W1 x) * (W3 x)).
@@ -216,11 +224,6 @@ class DenseFfn final : public Block {
     opt.add("ffn.w3", w3_, g3_);
     opt.add("ffn.w2", w2_, g2_);
   }
-  void zero_grad() override {
-    g1_.setZero();
-    g2_.setZero();
-    g3_.setZero();
-  }
 
  private:
   Index dim_, hidden_;
@@ -238,14 +241,7 @@ class MemoryBlock final : public Block {
       : layer_(c, seed), grads_(c), values_opt_(layer_.values(), vo), fused_(fused) {}
 
   const char* name() const override { return "Memory+ layer"; }
-  double macs_per_token() const override {
-    const auto& c = layer_.config();
-    return double(c.input_dim * c.heads * c.k_dim)     // query
-           + double(c.heads * c.n_keys * c.k_dim)      // half scores, both halves
-           + double(c.heads * c.knn * c.v_dim)         // weighted read
-           + double(c.input_dim * c.v_dim)             // SiLU gate projection
-           + double(c.v_dim * c.output_dim);           // output projection
-  }
+  double macs_per_token() const override { return memory_macs_per_token(layer_.config()); }
   Index active_params() const override {
     const auto& c = layer_.config();
     return dense_params() + c.heads * c.knn * c.v_dim;
@@ -266,7 +262,6 @@ class MemoryBlock final : public Block {
     }
   }
   void register_dense(pkm::optim::AdamW<float>& opt) override { opt.add("mem.", layer_.params(), grads_.params); }
-  void zero_grad() override { grads_.params.set_zero(); }
 
  private:
   Index dense_params() const {
@@ -299,17 +294,13 @@ class Model {
         wo_(normal_matrix(o.objects, o.dim, 1.0 / std::sqrt(double(o.dim)), rng)),
         bo_(Mat::Zero(1, o.objects)),
         gea_(Mat::Zero(o.vocab, o.dim)), geb_(Mat::Zero(o.vocab, o.dim)), ger_(Mat::Zero(o.relations, o.dim)),
-        gwo_(Mat::Zero(o.objects, o.dim)), gbo_(Mat::Zero(1, o.objects)) {
-    pkm::optim::AdamOptions ao;
-    ao.lr = lr;
-    ao.max_grad_norm = o.clip;
-    opt_ = std::make_unique<pkm::optim::AdamW<float>>(ao);
-    opt_->add("embed.a", ea_, gea_);
-    opt_->add("embed.b", eb_, geb_);
-    opt_->add("embed.r", er_, ger_);
-    opt_->add("out.weight", wo_, gwo_);
-    opt_->add("out.bias", bo_, gbo_);
-    block_->register_dense(*opt_);
+        gwo_(Mat::Zero(o.objects, o.dim)), gbo_(Mat::Zero(1, o.objects)), opt_(adam_options(lr, o.clip)) {
+    opt_.add("embed.a", ea_, gea_);
+    opt_.add("embed.b", eb_, geb_);
+    opt_.add("embed.r", er_, ger_);
+    opt_.add("out.weight", wo_, gwo_);
+    opt_.add("out.bias", bo_, gbo_);
+    block_->register_dense(opt_);
   }
 
   Block& block() { return *block_; }
@@ -355,8 +346,7 @@ class Model {
     }
     if (!train) return s;
 
-    opt_->zero_grad();
-    block_->zero_grad();
+    opt_.zero_grad();  // every dense gradient, the block's included (register_dense)
     const Mat& dlogits = logits_;
     pkm::linear_backward_weights<float>(h_, dlogits, gwo_, gbo_.data());
     dh_.resize(B, d);
@@ -370,15 +360,22 @@ class Model {
       geb_.row(f.b[t]) += dx_.row(i);
       ger_.row(f.r[t]) += dx_.row(i);
     }
-    opt_->step();
+    opt_.step();
     return s;
   }
 
  private:
+  static pkm::optim::AdamOptions adam_options(double lr, double clip) {
+    pkm::optim::AdamOptions ao;
+    ao.lr = lr;
+    ao.max_grad_norm = clip;
+    return ao;
+  }
+
   std::unique_ptr<Block> block_;
   Mat ea_, eb_, er_, wo_, bo_;
   Mat gea_, geb_, ger_, gwo_, gbo_;
-  std::unique_ptr<pkm::optim::AdamW<float>> opt_;
+  pkm::optim::AdamW<float> opt_;
   Mat x_, fx_, h_, logits_, dh_, dx_;
 };
 
@@ -422,7 +419,6 @@ Result train(const std::string& label, Model& m, const Facts& f, const Options& 
   std::vector<std::int64_t> order(std::size_t(f.size()));
   for (Index i = 0; i < f.size(); ++i) order[std::size_t(i)] = i;
   const bool tty = isatty(fileno(stderr));
-  const double t0 = now();
   double train_time = 0;
   for (int e = 1; e <= o.epochs; ++e) {
     for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
@@ -454,7 +450,6 @@ Result train(const std::string& label, Model& m, const Facts& f, const Options& 
     if (eval >= 0) r.accuracy = eval;
   }
   r.seconds = train_time;
-  (void)t0;
   return r;
 }
 
@@ -477,10 +472,7 @@ int main(int argc, char** argv) {
     mc.memory_plus = true;
     mc.validate();
     // The dense FFN's hidden width: the same multiply-adds per token as the memory layer.
-    const double mem_macs = double(mc.input_dim * mc.heads * mc.k_dim) + double(mc.heads * mc.n_keys * mc.k_dim) +
-                            double(mc.heads * mc.knn * mc.v_dim) + double(mc.input_dim * mc.v_dim) +
-                            double(mc.v_dim * mc.output_dim);
-    const Index hidden = Index(std::llround(mem_macs / (3.0 * double(o.dim))));
+    const Index hidden = Index(std::llround(memory_macs_per_token(mc) / (3.0 * double(o.dim))));
 
     std::printf("pkm %s train_facts: %lld facts = %lld x %lld subjects x %lld relations -> %lld objects (seed %llu)\n",
                 PKM_VERSION_STRING, (long long)facts.size(), (long long)o.vocab, (long long)o.vocab,

@@ -338,6 +338,76 @@ TEST_CASE("sparse optimizers check everything before touching the table", "[opti
   CHECK_THROWS_WITH(pkm::optim::LazyAdam<double>(0, 4), Contains("rows >= 1"));
 }
 
+TEST_CASE("set_lr changes the rate of the next step", "[optim]") {
+  // With lr 0 an update changes nothing (decoupled decay is scaled by lr too); back at the
+  // first rate the step is as if set_lr had not been called.
+  const Index rows = 6, dim = 3;
+  const auto g = random_sparse_grad(rows, dim, rows, 90);
+  pkm::optim::AdamOptions o;
+  o.lr = 0.1;
+  o.weight_decay = 0.5;
+  auto check = [&](auto& opt, pkm::ValueTable<double>& table) {
+    const Mat before = copy_table(table);
+    opt.set_lr(0.0);
+    opt.step(table, g);
+    CHECK(same_bits(table.matrix(), before));
+    opt.set_lr(0.1);
+    CHECK(opt.options().lr == 0.1);
+    opt.step(table, g);
+    CHECK_FALSE(same_bits(table.matrix(), before));
+  };
+  pkm::ValueTable<double> t1(rows, dim), t2(rows, dim);
+  t1.matrix() = pkmtest::random_matrix(rows, dim, 91);
+  t2.matrix() = t1.matrix();
+  pkm::optim::LazyAdam<double> lazy(t1, o);
+  check(lazy, t1);
+  pkm::optim::RowWiseAdagradOptions ao;
+  ao.lr = 0.1;
+  pkm::optim::RowWiseAdagrad<double> ada(t2, ao);
+  check(ada, t2);
+  CHECK_THROWS_WITH(ada.set_lr(-1), Contains("lr = -1"));
+  CHECK(ada.options().lr == 0.1);
+
+  Mat w = pkmtest::random_matrix(2, 2, 92), gw = pkmtest::random_matrix(2, 2, 93);
+  const Mat before = w;
+  pkm::optim::AdamW<double> dense(o);
+  dense.add("w", w, gw);
+  dense.set_lr(0.0);
+  dense.step();
+  CHECK(same_bits(w, before));
+  dense.set_lr(0.1);
+  dense.step();
+  CHECK_FALSE(same_bits(w, before));
+}
+
+TEST_CASE("the fused update refuses non-finite inputs and rows outside the table before any write",
+          "[optim][fused][errors]") {
+  const Index rows = 30, dim = 5, batch = 4, bag = 3;
+  pkm::ValueTable<float> table(rows, dim);
+  table.matrix() = pkmtest::random_matrix(rows, dim, 94).cast<float>();
+  const MatF before = table.matrix();
+  pkm::optim::LazyAdam<float> opt(table);
+  pkm::IndexMatrix idx(batch, bag);
+  for (Index i = 0; i < idx.size(); ++i) idx.data()[i] = i % rows;
+  MatF w = pkmtest::random_matrix(batch, bag, 95).cast<float>();
+  MatF dy = pkmtest::random_matrix(batch, dim, 96).cast<float>();
+  MatF dw(batch, bag);
+  dy(1, 2) = NAN;
+  CHECK_THROWS_WITH(pkm::embedding_bag_backward_update(table, idx, w, dy, dw, opt),
+                    Contains("dy holds a non-finite value"));
+  dy(1, 2) = 0.0f;
+  w(0, 0) = INFINITY;
+  CHECK_THROWS_WITH(pkm::embedding_bag_backward_update(table, idx, w, dy, dw, opt),
+                    Contains("weights holds a non-finite value"));
+  // step_segments called directly with a row past the table.
+  std::vector<pkm::detail::RowContribution<float>> items{{3, 0, 1.0f}, {rows, 1, 1.0f}};
+  const auto seg = pkm::detail::group_by_row(items);
+  CHECK_THROWS_AS(opt.step_segments(table, items, seg, [&](std::int64_t t, std::int64_t) { return dy.row(t).data(); }),
+                  std::out_of_range);
+  CHECK(same_bits(table.matrix(), before));
+  CHECK(opt.steps() == 0);
+}
+
 // ---- fused backward + update ---------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("the fused bag backward + update equals backward then step, bit for bit",
@@ -517,6 +587,15 @@ TEST_CASE("training resumed from saved layer and optimizer state matches uninter
   const auto f2 = pkm::io::SafetensorsFile::from_bytes(w2.to_bytes(), "ada.safetensors");
   CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f2, other, "ada."), Contains("'ada.sum'") && Contains("expected [1025]"));
   CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f2, other, "nope."), Contains("'nope.step' is missing"));
+  // A float tensor where the step count (an integer) belongs.
+  pkm::io::SafetensorsWriter w3;
+  const float one = 1.0f;
+  const std::vector<float> sums(static_cast<std::size_t>(c.slots()), 0.0f);
+  w3.add("ada.step", {1}, &one);
+  w3.add("ada.sum", {c.slots()}, sums.data());
+  const auto f3 = pkm::io::SafetensorsFile::from_bytes(w3.to_bytes(), "float-step.safetensors");
+  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f3, small, "ada."), Contains("'ada.step' has dtype F32, expected an integer dtype"));
+  CHECK(small.steps() == 0);
   CHECK(other.steps() == 0);
 }
 

@@ -4,7 +4,11 @@
 
 #include <pkm/pkm.hpp>
 
+#include <dlfcn.h>
+#include <omp.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <cstdint>
 #include <optional>
 #include <random>
@@ -98,19 +102,111 @@ void register_gathers(const char* dtype) {
 void BM_EmbeddingBagNaive(benchmark::State& state) { gather<float, true>(state); }
 BENCHMARK(BM_EmbeddingBagNaive)->Arg(256)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-/// The machine's GEMM limit: the layer's largest product (the query projection of 2048
-/// tokens, 1024 -> 2048) through pkm's linear_forward, in FLOP/s.
-void BM_Gemm(benchmark::State& state) {
-  const Index batch = 2048, in = 1024, out = 2048;
-  MatF x = MatF::Constant(batch, in, 0.01f), w = MatF::Constant(out, in, 0.02f), y(batch, out);
-  for (auto _ : state) {
-    pkm::linear_forward<float>(x, w, nullptr, y);
-    benchmark::DoNotOptimize(y.data());
-  }
-  state.counters["FLOP/s"] =
-      benchmark::Counter(2.0 * double(batch * in * out) * double(state.iterations()), benchmark::Counter::kIsRate);
+// ---- GEMM: the best library GEMM (the limit) and pkm's products ------------------------------
+
+/// One product C (m x n) = A (m x k) * B^T (B stored n x k), as the layer's linear maps do.
+struct GemmShape {
+  Index m, n, k;
+  double flop() const { return 2.0 * double(m) * double(n) * double(k); }
+};
+
+/// The forward's products at BM_LayerForward's shapes (2048 tokens): the query (1024 -> 2048),
+/// W1 and W2 (1024 -> 1024), and the 8 half-score products (4 heads x 2 halves, 256 -> 512).
+std::vector<GemmShape> layer_forward_gemms() {
+  std::vector<GemmShape> v = {{2048, 2048, 1024}, {2048, 1024, 1024}, {2048, 1024, 1024}};
+  for (int i = 0; i < 8; ++i) v.push_back({2048, 512, 256});
+  return v;
 }
-BENCHMARK(BM_Gemm)->Unit(benchmark::kMillisecond)->UseRealTime();
+/// The layer's largest product: the query projection of 2048 tokens, 1024 -> 2048.
+std::vector<GemmShape> largest_gemm() { return {{2048, 2048, 1024}}; }
+
+using GemmFn = void (*)(const GemmShape&, const float*, const float*, float*);
+
+void gemm_pkm(const GemmShape& s, const float* a, const float* b, float* c) {
+  pkm::gemm<float>(false, true, s.m, s.n, s.k, 1.0f, a, s.k, b, s.k, 0.0f, c, s.n);
+}
+
+/// Eigen's own (OpenMP-threaded) product of whole matrices: a library GEMM, outside pkm.
+void gemm_eigen_threaded(const GemmShape& s, const float* a, const float* b, float* c) {
+  pkm::MatrixMap<float>(c, s.m, s.n).noalias() =
+      pkm::ConstMatrixMap<float>(a, s.m, s.k) * pkm::ConstMatrixMap<float>(b, s.n, s.k).transpose();
+}
+
+#if defined(PKM_WITH_BLIS)
+/// BLIS called directly (its kernel for this CPU as BLIS detects it), all threads.
+void gemm_blis(const GemmShape& s, const float* a, const float* b, float* c) {
+  rntm_t rntm = BLIS_RNTM_INITIALIZER;
+  bli_rntm_set_num_threads(omp_get_max_threads(), &rntm);
+  float one = 1.0f, zero = 0.0f;
+  bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_TRANSPOSE, s.m, s.n, s.k, &one, const_cast<float*>(a), s.k, 1,
+               const_cast<float*>(b), s.k, 1, &zero, c, s.n, 1, nullptr, &rntm);
+}
+#endif
+
+/// OpenBLAS, loaded at run time (so it can sit beside BLIS in one process) where installed.
+using CblasSgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
+                            float, float*, int);
+CblasSgemm openblas_sgemm() {
+  static CblasSgemm fn = [] {
+    for (const char* lib : {"libopenblas.so.0", "libopenblas.so"}) {
+      if (void* h = dlopen(lib, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND)) {
+        if (auto set = reinterpret_cast<void (*)(int)>(dlsym(h, "openblas_set_num_threads"))) set(omp_get_max_threads());
+        return reinterpret_cast<CblasSgemm>(dlsym(h, "cblas_sgemm"));
+      }
+    }
+    return CblasSgemm(nullptr);
+  }();
+  return fn;
+}
+void gemm_openblas(const GemmShape& s, const float* a, const float* b, float* c) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  openblas_sgemm()(kRowMajor, kNoTrans, kTrans, int(s.m), int(s.n), int(s.k), 1.0f, a, int(s.k), b, int(s.k),
+                   0.0f, c, int(s.n));
+}
+
+/// Runs `fn` over every product of `shapes` per iteration; reports FLOP/s.
+void gemm_bench(benchmark::State& state, std::vector<GemmShape> shapes, GemmFn fn) {
+  if (fn == gemm_openblas && openblas_sgemm() == nullptr) {
+    state.SkipWithError("OpenBLAS not installed (Debian: libopenblas0-pthread)");
+    return;
+  }
+  std::vector<MatF> a, b, c;
+  double flop = 0;
+  for (const auto& s : shapes) {
+    a.push_back(MatF::Constant(s.m, s.k, 0.01f));
+    b.push_back(MatF::Constant(s.n, s.k, 0.02f));
+    c.emplace_back(s.m, s.n);
+    flop += s.flop();
+  }
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < shapes.size(); ++i) fn(shapes[i], a[i].data(), b[i].data(), c[i].data());
+    benchmark::DoNotOptimize(c.back().data());
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(flop * double(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+/// BM_Gemm/<library>: the limit, the layer's largest product by each library called directly;
+/// BM_LayerGemm/<library>: the forward's 11 products; BM_LayerGemm/pkm: the same through
+/// pkm::gemm (the backend pkm_bench prints at start).
+void register_gemms() {
+  std::vector<std::pair<const char*, GemmFn>> libs = {{"eigen_threaded", gemm_eigen_threaded},
+                                                      {"openblas", gemm_openblas}};
+#if defined(PKM_WITH_BLIS)
+  libs.insert(libs.begin(), {"blis", gemm_blis});
+#endif
+  for (const auto& [name, fn] : libs) {
+    benchmark::RegisterBenchmark((std::string("BM_Gemm/") + name).c_str(), gemm_bench, largest_gemm(), fn)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+  benchmark::RegisterBenchmark("BM_Gemm/pkm", gemm_bench, largest_gemm(), gemm_pkm)
+      ->Unit(benchmark::kMillisecond)->UseRealTime();
+  for (const auto& [name, fn] : libs) {
+    benchmark::RegisterBenchmark((std::string("BM_LayerGemm/") + name).c_str(), gemm_bench, layer_forward_gemms(), fn)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+  benchmark::RegisterBenchmark("BM_LayerGemm/pkm", gemm_bench, layer_forward_gemms(), gemm_pkm)
+      ->Unit(benchmark::kMillisecond)->UseRealTime();
+}
 
 /// Naive value backward: a dense zero-filled gradient table plus a scatter-add (what a dense
 /// EmbeddingBag backward does), against pkm's sparse backward. 1024^2 slots x 1024, batch 2048.
@@ -264,6 +360,9 @@ BENCHMARK(BM_LayerForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime()
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::fprintf(stderr, "pkm_bench: %d OpenMP threads, GEMM backend %s\n", omp_get_max_threads(),
+              pkm::gemm_backend_name(pkm::gemm_backend()));
+  register_gemms();
   register_gathers<float>("fp32");
   register_gathers<pkm::bf16>("bf16");
   register_gathers<pkm::fp16>("fp16");

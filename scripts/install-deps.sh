@@ -3,7 +3,8 @@
 # missing. Needs root or sudo only when something must be installed.
 set -euo pipefail
 
-packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev)
+# libblis-openmp-dev: the GEMM backend (pkm/gemm.hpp); pkm builds without it (PKM_BLAS=off).
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libblis-openmp-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

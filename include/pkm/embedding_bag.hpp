@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "pkm/detail/bag_kernels.hpp"
+#include "pkm/detail/checks.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/sparse_grad.hpp"
@@ -21,8 +22,6 @@
 #include "pkm/value_table.hpp"
 
 namespace pkm {
-
-using ConstIndexRef = Eigen::Ref<const IndexMatrix>;
 
 namespace detail {
 /// The type rows of a table of T are summed in: T itself for float and double.
@@ -47,30 +46,6 @@ struct identity {
 /// Blocks template deduction (the accumulation type comes from the table type).
 template <class T>
 using no_deduce = typename identity<T>::type;
-
-inline void check_same_shape(const char* who, const char* name, Index rows, Index cols,
-                             Index want_rows, Index want_cols) {
-  if (rows != want_rows || cols != want_cols) {
-    throw std::invalid_argument(std::string(who) + ": " + name + " is " + std::to_string(rows) +
-                                " x " + std::to_string(cols) + ", expected " +
-                                std::to_string(want_rows) + " x " + std::to_string(want_cols));
-  }
-}
-
-/// Throws std::out_of_range unless every index is a row of a table of `rows` rows.
-inline void check_indices(const char* who, const ConstIndexRef& idx, Index rows) {
-  for (Index b = 0; b < idx.rows(); ++b) {
-    for (Index l = 0; l < idx.cols(); ++l) {
-      const std::int64_t r = idx(b, l);
-      if (r < 0 || r >= rows) {
-        throw std::out_of_range(std::string(who) + ": indices(" + std::to_string(b) + ", " +
-                                std::to_string(l) + ") = " + std::to_string(r) +
-                                " is outside the table; expected 0 <= index < " +
-                                std::to_string(rows));
-      }
-    }
-  }
-}
 
 template <class T, class S>
 void check_bag_args(const char* who, const ValueTable<T>& table, const ConstIndexRef& idx,
@@ -113,57 +88,74 @@ void embedding_bag(const ValueTable<T>& table, const ConstIndexRef& indices,
   });
 }
 
+/// Buffers the backward of embedding_bag reuses from call to call: pass the same one every
+/// step and the grouping of the table gradient allocates nothing once warm.
+template <class S>
+struct BagBackwardScratch {
+  std::vector<detail::RowContribution<S>> items;  ///< (row, token, weight), grouped by row
+  detail::GroupScratch<S> group;
+  detail::RowSegments segments;
+  SparseRowGrad<S> local;  ///< this call's gradient, when it is merged into a non-empty one
+};
+
 namespace detail {
 /// The common first half of the two backward variants: checks the arguments, writes
-/// dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and returns the table gradient's
-/// contributions (row, token, weight) in (b, l) order.
+/// dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and groups the table gradient's
+/// contributions (row, token, weight) by row, each row's in (b, l) order, in `scratch`.
 template <class T, class S>
-std::vector<RowContribution<S>> bag_backward_begin(const char* who, const ValueTable<T>& table,
-                                                   const ConstIndexRef& indices,
-                                                   const ConstMatrixRef<S>& weights,
-                                                   const ConstMatrixRef<S>& dy, MatrixRef<S> dweights) {
+void bag_backward_begin(const char* who, const ValueTable<T>& table, const ConstIndexRef& indices,
+                        const ConstMatrixRef<S>& weights, const ConstMatrixRef<S>& dy,
+                        MatrixRef<S> dweights, BagBackwardScratch<S>& scratch) {
   check_bag_args(who, table, indices, weights, "dy", dy.rows(), dy.cols());
   check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), indices.rows(), indices.cols());
   const Index dim = table.dim(), bag = indices.cols(), batch = indices.rows();
+  auto& items = scratch.items;
+  items.resize(static_cast<std::size_t>(batch * bag));
   parallel_blocks(batch, 8, [&](Index begin, Index end) {
     for (Index b = begin; b < end; ++b) {
-      for (Index l = 0; l < bag; ++l) dweights(b, l) = row_dot<T, S>(dy.row(b).data(), table.row(indices(b, l)), dim);
+      for (Index l = 0; l < bag; ++l) {
+        dweights(b, l) = row_dot<T, S>(dy.row(b).data(), table.row(indices(b, l)), dim);
+        items[static_cast<std::size_t>(b * bag + l)] = {indices(b, l), b, weights(b, l)};
+      }
     }
   });
-  std::vector<RowContribution<S>> items(static_cast<std::size_t>(batch * bag));
-  parallel_for(batch, [&](Index b) {
-    for (Index l = 0; l < bag; ++l) items[b * bag + l] = {indices(b, l), b, weights(b, l)};
-  });
-  return items;
+  group_by_row(items, table.rows(), scratch.group, scratch.segments);
 }
 }  // namespace detail
 
 /// Backward of embedding_bag: dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and the
 /// table gradient sum_{b,l: indices(b,l) = r} weights(b, l) * dy(b, :) for each touched row r,
 /// merged (added) into `dtable`. Contributions to one row are summed in (b, l) order.
+/// `scratch` holds buffers reused between calls.
 template <class T, class S = detail::accumulator_t<T>>
 void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& indices,
                             const ConstMatrixRef<detail::no_deduce<S>>& weights, const ConstMatrixRef<detail::no_deduce<S>>& dy,
                             MatrixRef<detail::no_deduce<S>> dweights,
-                            SparseRowGrad<detail::no_deduce<S>>& dtable) {
+                            SparseRowGrad<detail::no_deduce<S>>& dtable, BagBackwardScratch<S>& scratch) {
   const char* who = "pkm::embedding_bag_backward";
   if (!dtable.empty() && dtable.dim != table.dim()) {
     throw std::invalid_argument(std::string(who) + ": dtable.dim = " +
                                 std::to_string(dtable.dim) + ", expected table dim " +
                                 std::to_string(table.dim()));
   }
-  auto items = detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights);
-  // Table gradient: group the (row, token, weight) contributions by row, reduce each once.
-  SparseRowGrad<S> local;
-  local.dim = table.dim();
-  detail::segment_reduce(
-      items, table.dim(), [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
-      local.rows, local.values);
-  if (dtable.empty()) {
-    dtable = std::move(local);
-  } else {
-    dtable.merge(local);
-  }
+  detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights, scratch);
+  // Table gradient: each row's contributions reduced once, in order.
+  auto source = [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); };
+  SparseRowGrad<S>& target = dtable.empty() ? dtable : scratch.local;
+  target.dim = table.dim();
+  target.rows.assign(scratch.segments.rows.begin(), scratch.segments.rows.end());
+  detail::reduce_segments(scratch.items, scratch.segments, table.dim(), source, target.values);
+  if (&target != &dtable) dtable.merge(scratch.local);
+}
+
+/// As above, with buffers of its own (allocated for this call).
+template <class T, class S = detail::accumulator_t<T>>
+void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& indices,
+                            const ConstMatrixRef<detail::no_deduce<S>>& weights, const ConstMatrixRef<detail::no_deduce<S>>& dy,
+                            MatrixRef<detail::no_deduce<S>> dweights,
+                            SparseRowGrad<detail::no_deduce<S>>& dtable) {
+  BagBackwardScratch<S> scratch;
+  embedding_bag_backward<T, S>(table, indices, weights, dy, dweights, dtable, scratch);
 }
 
 /// Backward of embedding_bag fused with a sparse optimizer (pkm/optim): writes dweights as
@@ -177,7 +169,8 @@ template <class T, class S = detail::accumulator_t<T>, class Optimizer>
 double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& indices,
                                      const ConstMatrixRef<detail::no_deduce<S>>& weights,
                                      const ConstMatrixRef<detail::no_deduce<S>>& dy,
-                                     MatrixRef<detail::no_deduce<S>> dweights, Optimizer& optimizer) {
+                                     MatrixRef<detail::no_deduce<S>> dweights, Optimizer& optimizer,
+                                     BagBackwardScratch<S>& scratch) {
   static_assert(std::is_same_v<typename Optimizer::scalar_type, S>,
                 "pkm::embedding_bag_backward_update: the optimizer's scalar type must be the "
                 "gradient's scalar type S");
@@ -188,10 +181,19 @@ double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& 
                                   " holds a non-finite value; nothing was updated");
     }
   }
-  auto items = detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights);
-  const detail::RowSegments seg = detail::group_by_row(items);
-  return optimizer.step_segments(table, items, seg,
+  detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights, scratch);
+  return optimizer.step_segments(table, scratch.items, scratch.segments,
                                  [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); });
+}
+
+/// As above, with buffers of its own (allocated for this call).
+template <class T, class S = detail::accumulator_t<T>, class Optimizer>
+double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& indices,
+                                     const ConstMatrixRef<detail::no_deduce<S>>& weights,
+                                     const ConstMatrixRef<detail::no_deduce<S>>& dy,
+                                     MatrixRef<detail::no_deduce<S>> dweights, Optimizer& optimizer) {
+  BagBackwardScratch<S> scratch;
+  return embedding_bag_backward_update<T, S>(table, indices, weights, dy, dweights, optimizer, scratch);
 }
 
 }  // namespace pkm

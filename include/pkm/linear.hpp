@@ -1,9 +1,13 @@
-// pkm/linear.hpp — y = x W^T + b over a batch, forward and backward, deterministic under
-// threads: tokens (forward, input gradient) or weight rows (weight gradient) are split into
-// fixed blocks, each computed serially.
+// pkm/linear.hpp — y = x W^T + b over a batch, forward and backward. Each is one full-batch
+// product through pkm::gemm (so the weights are packed once per call, not once per token
+// block), plus a bias pass whose order of additions is fixed: the same bits with any thread
+// count whenever the GEMM backend keeps that promise (pkm/gemm.hpp).
 #pragma once
 
+#include <algorithm>
+
 #include "pkm/detail/parallel.hpp"
+#include "pkm/gemm.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm {
@@ -12,10 +16,24 @@ namespace pkm {
 template <class S>
 void linear_forward(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& w, const S* bias,
                     MatrixRef<S> y) {
-  detail::parallel_blocks(x.rows(), detail::kTokenBlock, [&](Index b0, Index b1) {
-    auto yb = y.middleRows(b0, b1 - b0);
-    yb.noalias() = x.middleRows(b0, b1 - b0) * w.transpose();
-    if (bias != nullptr) yb.rowwise() += ConstVectorMap<S>(bias, w.rows()).transpose();
+  const Index B = x.rows(), out = w.rows();
+  if (bias != nullptr) {
+    const ConstVectorMap<S> b(bias, out);
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      for (Index r = b0; r < b1; ++r) y.row(r) = b.transpose();
+    });
+  }
+  gemm<S>(false, true, B, out, x.cols(), S(1), x.data(), x.outerStride(), w.data(), w.outerStride(),
+          bias != nullptr ? S(1) : S(0), y.data(), y.outerStride());
+}
+
+/// dbias += the sum over the batch of dy's rows, in batch order per column.
+template <class S>
+void bias_backward(const ConstMatrixRef<S>& dy, S* dbias) {
+  constexpr Index kCols = 256;
+  detail::parallel_blocks(dy.cols(), kCols, [&](Index c0, Index c1) {
+    VectorMap<S> db(dbias + c0, c1 - c0);
+    for (Index b = 0; b < dy.rows(); ++b) db += dy.row(b).segment(c0, c1 - c0).transpose();
   });
 }
 
@@ -23,28 +41,17 @@ void linear_forward(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& w, cons
 template <class S>
 void linear_backward_weights(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& dy,
                              MatrixRef<S> dw, S* dbias) {
-  detail::parallel_blocks(dw.rows(), detail::kTokenBlock, [&](Index r0, Index r1) {
-    const Index n = r1 - r0;
-    dw.middleRows(r0, n).noalias() += dy.middleCols(r0, n).transpose() * x;
-    if (dbias != nullptr) {
-      VectorMap<S> db(dbias + r0, n);
-      for (Index b = 0; b < dy.rows(); ++b) db += dy.row(b).segment(r0, n).transpose();
-    }
-  });
+  gemm<S>(true, false, dw.rows(), dw.cols(), x.rows(), S(1), dy.data(), dy.outerStride(), x.data(),
+          x.outerStride(), S(1), dw.data(), dw.outerStride());
+  if (dbias != nullptr) bias_backward<S>(dy, dbias);
 }
 
 /// dx = dy W, or dx += dy W when `accumulate`.
 template <class S>
 void linear_backward_input(const ConstMatrixRef<S>& dy, const ConstMatrixRef<S>& w,
                            MatrixRef<S> dx, bool accumulate) {
-  detail::parallel_blocks(dy.rows(), detail::kTokenBlock, [&](Index b0, Index b1) {
-    auto dxb = dx.middleRows(b0, b1 - b0);
-    if (accumulate) {
-      dxb.noalias() += dy.middleRows(b0, b1 - b0) * w;
-    } else {
-      dxb.noalias() = dy.middleRows(b0, b1 - b0) * w;
-    }
-  });
+  gemm<S>(false, false, dy.rows(), w.cols(), w.rows(), S(1), dy.data(), dy.outerStride(), w.data(),
+          w.outerStride(), accumulate ? S(1) : S(0), dx.data(), dx.outerStride());
 }
 
 }  // namespace pkm

@@ -11,6 +11,7 @@
 #include "pkm/sparse_grad.hpp"
 #include "pkm/init.hpp"
 #include "pkm/activations.hpp"
+#include "pkm/gemm.hpp"
 #include "pkm/linear.hpp"
 #include "pkm/qk_norm.hpp"
 #include "pkm/product_keys.hpp"

@@ -28,6 +28,7 @@ using MatrixRef = Eigen::Ref<RowMatrix<T>>;
 
 /// Slot ids (rows of the value table), as PyTorch's int64 indices.
 using IndexMatrix = RowMatrix<std::int64_t>;
+using ConstIndexRef = Eigen::Ref<const IndexMatrix>;
 
 /// 16-bit storage types for value tables (rows are summed in float).
 using bf16 = Eigen::bfloat16;

@@ -33,14 +33,36 @@ struct RowSegments {
   Index size() const { return static_cast<Index>(rows.size()); }
 };
 
-/// Sorts `items` by row (stable) and returns its segments.
+/// Buffers of group_by_row, kept between calls so that grouping allocates nothing once warm.
 template <class S>
-RowSegments group_by_row(std::vector<RowContribution<S>>& items) {
-  std::stable_sort(items.begin(), items.end(),
-                   [](const RowContribution<S>& a, const RowContribution<S>& b) {
-                     return a.row < b.row;
-                   });
-  RowSegments seg;
+struct GroupScratch {
+  std::vector<RowContribution<S>> tmp;
+  std::vector<std::size_t> counts;
+};
+
+/// Sorts `items` by row, stably (contributions to one row keep their order), and writes its
+/// segments to `seg`. Every row id must lie in [0, row_count). An LSD radix sort with digits
+/// of at most 11 bits: linear in the number of items, no comparisons, no allocation once the
+/// scratch and `seg` have grown to size.
+template <class S>
+void group_by_row(std::vector<RowContribution<S>>& items, std::int64_t row_count,
+                  GroupScratch<S>& scratch, RowSegments& seg) {
+  int bits = 0;
+  while (bits < 63 && (std::int64_t(1) << bits) < row_count) ++bits;
+  const int passes = bits == 0 ? 0 : (bits + 10) / 11;
+  const int digit = passes == 0 ? 0 : (bits + passes - 1) / passes;
+  const std::size_t buckets = std::size_t(1) << digit;
+  scratch.tmp.resize(items.size());
+  for (int p = 0; p < passes; ++p) {
+    const int shift = p * digit;
+    scratch.counts.assign(buckets + 1, 0);
+    for (const auto& it : items) ++scratch.counts[((std::uint64_t(it.row) >> shift) & (buckets - 1)) + 1];
+    for (std::size_t d = 1; d <= buckets; ++d) scratch.counts[d] += scratch.counts[d - 1];
+    for (const auto& it : items) scratch.tmp[scratch.counts[(std::uint64_t(it.row) >> shift) & (buckets - 1)]++] = it;
+    items.swap(scratch.tmp);
+  }
+  seg.rows.clear();
+  seg.starts.clear();
   for (std::size_t t = 0; t < items.size(); ++t) {
     if (t == 0 || items[t].row != items[t - 1].row) {
       seg.starts.push_back(t);
@@ -48,6 +70,16 @@ RowSegments group_by_row(std::vector<RowContribution<S>>& items) {
     }
   }
   seg.starts.push_back(items.size());
+}
+
+/// Sorts `items` by row (stable) and returns its segments (allocating; see above).
+template <class S>
+RowSegments group_by_row(std::vector<RowContribution<S>>& items) {
+  std::int64_t rows = 0;
+  for (const auto& it : items) rows = std::max<std::int64_t>(rows, it.row + 1);
+  GroupScratch<S> scratch;
+  RowSegments seg;
+  group_by_row(items, rows, scratch, seg);
   return seg;
 }
 
@@ -67,15 +99,22 @@ void reduce_segment(const std::vector<RowContribution<S>>& items, const RowSegme
 /// Rows per parallel block when reducing segments.
 inline constexpr Index kSegmentBlock = 16;
 
+/// Reduces every segment of grouped `items` into out_values (one row per segment).
+template <class S, class SourceFn>
+void reduce_segments(const std::vector<RowContribution<S>>& items, const RowSegments& seg, Index dim,
+                     SourceFn&& source, RowMatrix<S>& out_values) {
+  out_values.resize(seg.size(), dim);
+  parallel_blocks(seg.size(), kSegmentBlock, [&](Index begin, Index end) {
+    for (Index u = begin; u < end; ++u) reduce_segment(items, seg, u, dim, source, out_values.row(u).data());
+  });
+}
+
 /// Sorts `items` by row (stable) and writes the unique rows and their reduced vectors.
 template <class S, class SourceFn>
 void segment_reduce(std::vector<RowContribution<S>>& items, Index dim, SourceFn&& source,
                     std::vector<std::int64_t>& out_rows, RowMatrix<S>& out_values) {
   RowSegments seg = group_by_row(items);
-  out_values.resize(seg.size(), dim);
-  parallel_blocks(seg.size(), kSegmentBlock, [&](Index begin, Index end) {
-    for (Index u = begin; u < end; ++u) reduce_segment(items, seg, u, dim, source, out_values.row(u).data());
-  });
+  reduce_segments(items, seg, dim, source, out_values);
   out_rows = std::move(seg.rows);
 }
 

@@ -63,20 +63,20 @@ AdamCoefficients<S> adam_coefficients(const AdamOptions& o, double lr, double we
 }
 
 /// One Adam update of n elements: parameters w (stored as T; computed in S), gradient
-/// grad_scale * g, first and second moments m and v. Vectorised through Eigen arrays.
+/// grad_scale * g, first and second moments m and v. A plain loop the compiler vectorises:
+/// every element goes through the same instructions wherever it sits in the array (Eigen's
+/// packet path and its scalar tail round differently where the compiler contracts the tail's
+/// multiply-adds), so a row updated alone gets the same bits as in a whole tensor.
 template <class T, class S>
 void adam_update(T* w, const S* g, S grad_scale, S* m, S* v, Index n, const AdamCoefficients<S>& c) {
-  using Array = Eigen::Array<S, Eigen::Dynamic, 1>;
-  const auto gs = Eigen::Map<const Array>(g, n) * grad_scale;
-  Eigen::Map<Array> mm(m, n), vm(v, n);
-  Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> wm(w, n);
-  mm = c.beta1 * mm + c.one_minus_beta1 * gs;
-  vm = c.beta2 * vm + c.one_minus_beta2 * gs.square();
-  if constexpr (std::is_same_v<T, S>) {
-    wm = wm * c.decay - c.step_size * mm / (vm.sqrt() * c.inv_sqrt_bc2 + c.eps);
-  } else {
-    wm = (wm.template cast<S>() * c.decay - c.step_size * mm / (vm.sqrt() * c.inv_sqrt_bc2 + c.eps))
-             .template cast<T>();
+  for (Index i = 0; i < n; ++i) {
+    const S gs = g[i] * grad_scale;
+    const S mi = c.beta1 * m[i] + c.one_minus_beta1 * gs;
+    const S vi = c.beta2 * v[i] + c.one_minus_beta2 * (gs * gs);
+    m[i] = mi;
+    v[i] = vi;
+    const S wi = static_cast<S>(w[i]) * c.decay - c.step_size * mi / (std::sqrt(vi) * c.inv_sqrt_bc2 + c.eps);
+    w[i] = static_cast<T>(wi);
   }
 }
 

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""pkm against PyTorch on the same CPU, in one invocation.
+
+Runs pkm_bench's layer, gather and GEMM benchmarks, then the same work in plain PyTorch (the
+memory layer of tests/reference/make_golden.py at the same shapes, F.embedding_bag, and
+torch.matmul), and prints tokens/s (or rows/s, FLOP/s) for both and the ratio.
+
+  /usr/bin/python3 bench/compare_pytorch.py [--pkm-bench build/bench/pkm_bench]
+        [--threads 2] [--repetitions 3] [--json results.json]
+
+Needs Debian's python3-torch (and libopenblas0-pthread for a fast torch GEMM). The shapes are
+pkm_bench's: d 1024, 4 heads, knn 32, k_dim 512, 512^2 slots x 1024 values (a 1 GiB table),
+2048 tokens; the gather reads 4096 bags of 4 x 32 random rows of a 1 GiB table.
+
+PyTorch's layer backward is timed twice: with the dense value gradient the reference module
+gets from F.embedding_bag (a 1 GiB zero-filled gradient each step), and with sparse=True (a
+sparse COO gradient). The faster of the two is the peer.
+"""
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    print("PyTorch is not installed (Debian: apt-get install python3-torch)", file=sys.stderr)
+    sys.exit(77)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = dict(input_dim=1024, heads=4, n_keys=512, k_dim=512, knn=32, v_dim=1024, output_dim=1024)
+BATCH = 2048
+
+
+def load_reference():
+    spec = importlib.util.spec_from_file_location(
+        "make_golden", os.path.join(ROOT, "tests", "reference", "make_golden.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def median_time(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_pkm(bench, reps):
+    filt = ("^(BM_StreamRead|BM_Gemm/.*|BM_LayerGemm/.*|BM_EmbeddingBag/fp32/1024|"
+            "BM_LayerForward|BM_LayerForwardBackward)/real_time$")
+    cmd = [bench, "--benchmark_filter=" + filt, "--benchmark_format=json",
+           "--benchmark_repetitions=%d" % reps, "--benchmark_report_aggregates_only=true",
+           "--benchmark_min_time=0.3"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    res = {}
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("aggregate_name") != "median":
+            continue
+        name = b["run_name"].replace("/real_time", "")
+        res[name] = b
+    return res
+
+
+def torch_layer(ref, reps, sparse):
+    torch.manual_seed(0)
+    m = ref.Memory(**CONFIG)
+    x = torch.randn(BATCH, CONFIG["input_dim"])
+    dout = torch.full((BATCH, CONFIG["output_dim"]), 1e-3)
+    saved = ref.F
+    if sparse:
+        ref.F = types.SimpleNamespace(embedding_bag=functools.partial(F.embedding_bag, sparse=True),
+                                      softmax=F.softmax, silu=F.silu)
+    try:
+        def fwd():
+            with torch.no_grad():
+                m(x)
+
+        def fwd_bwd():
+            for p in m.parameters():
+                p.grad = None
+            out, _, _ = m(x)
+            out.backward(dout)
+
+        t_fwd = median_time(fwd, reps) if not sparse else None
+        t_fb = median_time(fwd_bwd, reps)
+    finally:
+        ref.F = saved
+    return t_fwd, t_fb
+
+
+def torch_gather(reps):
+    rows, dim, bags, bag = 262144, 1024, 4096, 128
+    table = torch.empty(rows, dim).normal_()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, rows, (bags, bag), generator=g)
+    w = torch.full((bags, bag), 1.0 / 32)
+
+    def run():
+        F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)
+
+    return median_time(run, reps, warmup=2), bags * bag
+
+
+def torch_gemm(reps):
+    a = torch.randn(2048, 1024)
+    b = torch.randn(2048, 1024)
+    return median_time(lambda: a @ b.T, reps * 3, warmup=2), 2.0 * 2048 * 1024 * 2048
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pkm-bench", default=os.path.join(ROOT, "build", "bench", "pkm_bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--json", help="write all numbers to this file")
+    args = ap.parse_args()
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(args.threads)
+    print("pkm_bench: %s (OMP_NUM_THREADS=%s)" % (args.pkm_bench, os.environ["OMP_NUM_THREADS"]))
+    pkm = run_pkm(args.pkm_bench, args.repetitions)
+    ref = load_reference()
+    print("PyTorch %s, %d threads" % (torch.__version__, torch.get_num_threads()))
+    t_fwd, t_fb_dense = torch_layer(ref, args.repetitions, sparse=False)
+    _, t_fb_sparse = torch_layer(ref, args.repetitions, sparse=True)
+    t_gather, gather_rows = torch_gather(args.repetitions)
+    t_gemm, gemm_flop = torch_gemm(args.repetitions)
+
+    def pkm_seconds(name):
+        b = pkm[name]
+        scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
+        return b["real_time"] * scale
+
+    rows = []
+    t_fb = min(t_fb_dense, t_fb_sparse)
+    for what, pk, pt, unit, n in [
+            ("layer forward", "BM_LayerForward", t_fwd, "tokens/s", BATCH),
+            ("layer forward+backward", "BM_LayerForwardBackward", t_fb, "tokens/s", BATCH),
+            ("embedding bag fp32, v_dim 1024", "BM_EmbeddingBag/fp32/1024", t_gather, "rows/s", gather_rows)]:
+        a, b = n / pkm_seconds(pk), n / pt
+        rows.append((what, a, b, unit))
+    print()
+    print("| work | pkm | PyTorch | pkm / PyTorch |")
+    print("|---|---|---|---|")
+    for what, a, b, unit in rows:
+        print("| %s | %.4g %s | %.4g %s | **%.2f×** |" % (what, a, unit, b, unit, a / b))
+    print()
+    print("PyTorch forward+backward: dense value gradient %.1f ms, sparse %.1f ms (peer: the faster)"
+          % (t_fb_dense * 1e3, t_fb_sparse * 1e3))
+    print("GEMM 2048 x 1024 x 2048: torch.matmul %.1f GFLOP/s" % (gemm_flop / t_gemm / 1e9))
+    for name in sorted(pkm):
+        if name.startswith("BM_Gemm") or name.startswith("BM_LayerGemm"):
+            print("  %s: %.1f GFLOP/s" % (name, pkm[name]["FLOP/s"] / 1e9))
+    if "BM_StreamRead" in pkm:
+        print("BM_StreamRead: %.1f GB/s" % (pkm["BM_StreamRead"]["bytes_per_second"] / 1e9))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"pkm": pkm, "torch": {"forward_s": t_fwd, "forward_backward_dense_s": t_fb_dense,
+                                             "forward_backward_sparse_s": t_fb_sparse,
+                                             "embedding_bag_s": t_gather, "gemm_s": t_gemm},
+                       "table": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

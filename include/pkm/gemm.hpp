@@ -1,0 +1,252 @@
+// pkm/gemm.hpp — the one matrix product every pkm op goes through:
+//
+//   C (m x n) = alpha * op(A) * op(B) + beta * C,   all row-major with leading dimensions,
+//
+// computed by the backend CMake chose (PKM_BLAS=auto|blis|openblas|off, passed to the headers as
+// PKM_WITH_BLIS / PKM_WITH_OPENBLAS by the pkm::pkm target):
+//
+//   eigen     Eigen's serial GEMM kernel over fixed tiles of C, the tiles spread over OpenMP
+//             threads. Tile bounds depend only on (m, n), never on the thread count, and each
+//             tile is one serial product whose blocking depends only on its shape: the same
+//             bits with any number of threads. Always available.
+//   blis      BLIS's typed API (arbitrary strides, no copies), threaded through a per-call
+//             runtime object (no global state). BLIS threads only the m and n loops, never k:
+//             the same bits with any number of threads.
+//   openblas  cblas_?gemm. Fast, but OpenBLAS may split work differently for different thread
+//             counts, so results can differ in the last bits between 1 and N threads: pkm's
+//             same-bits promise does NOT hold with this backend (docs/benchmarks.md).
+//
+// With BLIS compiled in, `auto` uses it only where BLIS has a tuned kernel for the CPU it runs
+// on (BLIS 0.9 falls back to its slow generic kernel on CPUs it does not know, e.g. AMD family
+// 0x1A); otherwise the eigen backend. gemm_backend() says which one runs here.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "pkm/detail/parallel.hpp"
+
+#if defined(PKM_WITH_BLIS)
+#include <blis.h>
+#endif
+#if defined(PKM_WITH_OPENBLAS)
+#include <cblas.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pkm {
+
+enum class GemmBackend { eigen, blis, openblas };
+
+inline const char* gemm_backend_name(GemmBackend b) {
+  switch (b) {
+    case GemmBackend::eigen: return "eigen";
+    case GemmBackend::blis: return "blis";
+    case GemmBackend::openblas: return "openblas";
+  }
+  return "?";
+}
+
+/// True when `b` gives the same bits with any thread count.
+constexpr bool gemm_backend_deterministic(GemmBackend b) { return b != GemmBackend::openblas; }
+
+/// True when backend `b` was compiled in (eigen always is).
+constexpr bool gemm_backend_available(GemmBackend b) {
+  switch (b) {
+    case GemmBackend::eigen: return true;
+    case GemmBackend::blis:
+#if defined(PKM_WITH_BLIS)
+      return true;
+#else
+      return false;
+#endif
+    case GemmBackend::openblas:
+#if defined(PKM_WITH_OPENBLAS)
+      return true;
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+/// The backend pkm's ops use on this machine.
+inline GemmBackend gemm_backend() {
+#if defined(PKM_WITH_OPENBLAS)
+  return GemmBackend::openblas;
+#elif defined(PKM_WITH_BLIS)
+  // BLIS picks its kernels from the CPU id; on a CPU it does not know it runs a portable C
+  // kernel several times slower than Eigen's. Only a tuned sub-configuration is worth using.
+  return bli_arch_query_id() == BLIS_ARCH_GENERIC ? GemmBackend::eigen : GemmBackend::blis;
+#else
+  return GemmBackend::eigen;
+#endif
+}
+
+namespace detail {
+
+/// Tile of C computed by one serial Eigen product in the eigen backend: large enough that
+/// packing is a small share of each tile, small enough to give every thread several tiles.
+inline constexpr std::int64_t kGemmTileRows = 512;
+inline constexpr std::int64_t kGemmTileCols = 256;
+
+template <class S>
+void check_gemm_args(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                     const S* a, std::int64_t lda, const S* b, std::int64_t ldb, const S* c,
+                     std::int64_t ldc) {
+  auto fail = [](const std::string& what) {
+    throw std::invalid_argument("pkm::gemm: " + what);
+  };
+  if (m < 0 || n < 0 || k < 0) {
+    fail("sizes m = " + std::to_string(m) + ", n = " + std::to_string(n) + ", k = " +
+         std::to_string(k) + "; expected non-negative sizes");
+  }
+  const std::int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
+  if (lda < std::max<std::int64_t>(1, a_cols)) fail("lda = " + std::to_string(lda) + " < " + std::to_string(a_cols));
+  if (ldb < std::max<std::int64_t>(1, b_cols)) fail("ldb = " + std::to_string(ldb) + " < " + std::to_string(b_cols));
+  if (ldc < std::max<std::int64_t>(1, n)) fail("ldc = " + std::to_string(ldc) + " < n = " + std::to_string(n));
+  if ((m > 0 && n > 0 && c == nullptr) || (m > 0 && n > 0 && k > 0 && (a == nullptr || b == nullptr))) {
+    fail("null matrix pointer for a non-empty product");
+  }
+}
+
+/// C = alpha op(A) op(B) + beta C for one tile, serially, with Eigen's kernel.
+template <class S>
+void eigen_gemm_tile(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                     S alpha, const S* a, std::int64_t lda, const S* b, std::int64_t ldb, S beta,
+                     S* c, std::int64_t ldc) {
+  using Row = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using CMap = Eigen::Map<const Row, 0, Eigen::OuterStride<>>;
+  Eigen::Map<Row, 0, Eigen::OuterStride<>> C(c, m, n, Eigen::OuterStride<>(ldc));
+  if (k == 0) {
+    if (beta == S(0)) C.setZero(); else C *= beta;
+    return;
+  }
+  const CMap A(a, trans_a ? k : m, trans_a ? m : k, Eigen::OuterStride<>(lda));
+  const CMap B(b, trans_b ? n : k, trans_b ? k : n, Eigen::OuterStride<>(ldb));
+  auto run = [&](const auto& opa, const auto& opb) {
+    if (beta == S(0)) {
+      C.noalias() = alpha * (opa * opb);
+    } else {
+      if (beta != S(1)) C *= beta;
+      C.noalias() += alpha * (opa * opb);
+    }
+  };
+  if (!trans_a && !trans_b) run(A, B);
+  else if (!trans_a) run(A, B.transpose());
+  else if (!trans_b) run(A.transpose(), B);
+  else run(A.transpose(), B.transpose());
+}
+
+template <class S>
+void eigen_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, S alpha,
+                const S* a, std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c,
+                std::int64_t ldc) {
+  const std::int64_t tm = (m + kGemmTileRows - 1) / kGemmTileRows;
+  const std::int64_t tn = (n + kGemmTileCols - 1) / kGemmTileCols;
+  auto tile = [&](std::int64_t t) {
+    const std::int64_t i0 = (t / tn) * kGemmTileRows, j0 = (t % tn) * kGemmTileCols;
+    const std::int64_t mb = std::min(kGemmTileRows, m - i0), nb = std::min(kGemmTileCols, n - j0);
+    const S* ab = trans_a ? a + i0 : a + i0 * lda;
+    const S* bb = trans_b ? b + j0 * ldb : b + j0;
+    eigen_gemm_tile(trans_a, trans_b, mb, nb, k, alpha, ab, lda, bb, ldb, beta, c + i0 * ldc + j0, ldc);
+  };
+  const std::int64_t tiles = tm * tn;
+  bool serial = tiles == 1;
+#ifdef _OPENMP
+  serial = serial || omp_in_parallel();  // inside the caller's (or pkm's) threads: one tile at a time
+#endif
+  if (serial) {
+    for (std::int64_t t = 0; t < tiles; ++t) tile(t);
+    return;
+  }
+  parallel_blocks(tiles, 1, [&](std::int64_t t0, std::int64_t) { tile(t0); });
+}
+
+#if defined(PKM_WITH_BLIS)
+template <class S>
+void blis_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, S alpha,
+               const S* a, std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c,
+               std::int64_t ldc) {
+  rntm_t rntm = BLIS_RNTM_INITIALIZER;
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+#endif
+  bli_rntm_set_num_threads(threads, &rntm);
+  const trans_t ta = trans_a ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE;
+  const trans_t tb = trans_b ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE;
+  // BLIS takes non-const pointers; it does not write A or B.
+  S* pa = const_cast<S*>(a);
+  S* pb = const_cast<S*>(b);
+  if constexpr (std::is_same_v<S, float>) {
+    bli_sgemm_ex(ta, tb, m, n, k, &alpha, pa, lda, 1, pb, ldb, 1, &beta, c, ldc, 1, nullptr, &rntm);
+  } else {
+    bli_dgemm_ex(ta, tb, m, n, k, &alpha, pa, lda, 1, pb, ldb, 1, &beta, c, ldc, 1, nullptr, &rntm);
+  }
+}
+#endif
+
+#if defined(PKM_WITH_OPENBLAS)
+template <class S>
+void openblas_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                   S alpha, const S* a, std::int64_t lda, const S* b, std::int64_t ldb, S beta,
+                   S* c, std::int64_t ldc) {
+  const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<S, float>) {
+    cblas_sgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+  } else {
+    cblas_dgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+  }
+}
+#endif
+
+}  // namespace detail
+
+/// C (m x n) = alpha op(A) op(B) + beta C, row-major: op(A) is m x k (A stored k x m when
+/// trans_a), op(B) is k x n (B stored n x k when trans_b); lda / ldb / ldc are the distances
+/// between consecutive stored rows. With beta == 0, C is not read (it may hold NaN).
+/// Runs on `backend` (default: gemm_backend()); throws std::invalid_argument for negative
+/// sizes, too-small leading dimensions, null pointers, or a backend not compiled in.
+template <class S>
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, S alpha,
+          const S* a, std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c,
+          std::int64_t ldc, GemmBackend backend = gemm_backend()) {
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>,
+                "pkm::gemm: float or double");
+  detail::check_gemm_args(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
+  if (m == 0 || n == 0) return;
+  if (!gemm_backend_available(backend)) {
+    throw std::invalid_argument(std::string("pkm::gemm: backend ") + gemm_backend_name(backend) +
+                                " was not compiled in (configure with PKM_BLAS=" +
+                                gemm_backend_name(backend) + ")");
+  }
+  if (k > 0 && (m > (std::int64_t(1) << 31) - 1 || n > (std::int64_t(1) << 31) - 1 ||
+                k > (std::int64_t(1) << 31) - 1) &&
+      backend == GemmBackend::openblas) {
+    throw std::invalid_argument("pkm::gemm: sizes above 2^31 - 1 need the eigen or blis backend");
+  }
+  switch (backend) {
+    case GemmBackend::blis:
+#if defined(PKM_WITH_BLIS)
+      if (k > 0) return detail::blis_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
+      break;
+    case GemmBackend::openblas:
+#if defined(PKM_WITH_OPENBLAS)
+      if (k > 0) return detail::openblas_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
+      break;
+    case GemmBackend::eigen: break;
+  }
+  detail::eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+}  // namespace pkm

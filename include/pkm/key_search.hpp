@@ -1,0 +1,196 @@
+// pkm/key_search.hpp — the key-search op of a memory layer: per head, query halves -> half
+// scores against the head's sub-keys (optionally qk-normalised) -> the exact product-key top-k
+// -> softmax weights; and its backward, from the gradient of the weights to the query
+// gradient dq and the (sparse) sub-key gradient.
+//
+// Forward: for a chunk of up to kSearchChunk tokens and one head, the two half-score products
+// (chunk x half) * (half x n_keys) are each one pkm::gemm; then the tokens' top-k and softmax
+// run in parallel over fixed blocks of tokens. Backward: softmax backward, the selection's
+// gradient to the half scores, dq per token, and the sub-key gradient reduced per key row in a
+// fixed order (stable grouping by row). The same bits with any thread count.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "pkm/config.hpp"
+#include "pkm/detail/parallel.hpp"
+#include "pkm/detail/segment_reduce.hpp"
+#include "pkm/gemm.hpp"
+#include "pkm/product_keys.hpp"
+#include "pkm/qk_norm.hpp"
+#include "pkm/softmax.hpp"
+#include "pkm/types.hpp"
+
+namespace pkm {
+
+/// Tokens whose half scores are computed by one product (bounds the score buffer to
+/// kSearchChunk x 2 n_keys values).
+inline constexpr Index kSearchChunk = 1024;
+/// Tokens per parallel block of the top-k / softmax / backward loops.
+inline constexpr Index kSearchBlock = 16;
+
+/// What the key search's forward keeps for its backward (and for the caller to inspect).
+template <class S>
+struct KeySearchCache {
+  IndexMatrix indices;             ///< B x (H knn): slot ids, per head best first
+  RowMatrix<S> scores;             ///< B x (H knn): raw scores, descending per head
+  RowMatrix<S> weights;            ///< B x (H knn): softmax of the scores per head
+  RowMatrix<S> query_inv_norm;     ///< B x 2H: 1/|q half| (qk_norm only)
+  RowMatrix<S> keys_normalized;    ///< (2 H n_keys) x half (qk_norm only)
+  Vector<S> key_inv_norm;          ///< 2 H n_keys: 1/|key row| (qk_norm only)
+};
+
+/// Buffers the key search reuses from call to call (no allocation once warm).
+template <class S>
+struct KeySearchWorkspace {
+  RowMatrix<S> query_hat;    ///< chunk x (H k_dim): tau q / |q| (qk_norm only)
+  RowMatrix<S> half_scores;  ///< chunk x 2 n_keys: one head's two half-score rows per token
+  std::vector<detail::RowContribution<S>> key_items;  ///< backward: (key row, token, coef)
+  detail::GroupScratch<S> group;
+  detail::RowSegments key_segments;
+  RowMatrix<S> key_grads;    ///< backward: one reduced gradient per touched key row
+};
+
+/// The sub-keys the scores are computed against: the parameters, or their normalised copy.
+template <class S>
+const S* key_search_keys(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
+                         const KeySearchCache<S>& cache) {
+  return c.qk_norm ? cache.keys_normalized.data() : keys.data();
+}
+
+/// Forward: `keys` (2 H n_keys x half) and `query` (B x H k_dim) -> cache.indices, scores,
+/// weights (and the qk-norm factors). Throws std::runtime_error if a half score is not finite.
+template <class S>
+void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
+                        const ConstMatrixRef<S>& query, KeySearchCache<S>& cache,
+                        KeySearchWorkspace<S>& ws) {
+  const Index B = query.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(), kd = c.k_dim;
+  const Index bag = c.bag_size();
+  cache.indices.resize(B, bag);
+  cache.scores.resize(B, bag);
+  cache.weights.resize(B, bag);
+  if (B == 0) return;
+  const S tau = static_cast<S>(c.effective_qk_norm_scale());
+  if (c.qk_norm) {
+    const Index rows = 2 * H * n;
+    cache.query_inv_norm.resize(B, 2 * H);
+    cache.keys_normalized.resize(rows, half);
+    cache.key_inv_norm.resize(rows);
+    detail::parallel_blocks(rows, 64, [&](Index r0, Index r1) {
+      for (Index r = r0; r < r1; ++r) {
+        const S inv = qk_inv_norm(keys.row(r).data(), half);
+        cache.key_inv_norm[r] = inv;
+        cache.keys_normalized.row(r) = keys.row(r) * inv;
+      }
+    });
+  }
+  const S* K = key_search_keys(c, keys, cache);
+  for (Index c0 = 0; c0 < B; c0 += kSearchChunk) {
+    const Index nb = std::min(kSearchChunk, B - c0);
+    // The query rows the scores use: q itself, or tau q / |q| per half (tau folded in).
+    const S* q = query.data() + c0 * query.outerStride();
+    Index ldq = query.outerStride();
+    if (c.qk_norm) {
+      ws.query_hat.resize(nb, H * kd);
+      detail::parallel_blocks(nb, kSearchBlock, [&](Index b0, Index b1) {
+        for (Index b = b0; b < b1; ++b) {
+          for (Index p = 0; p < 2 * H; ++p) {
+            const S* qp = query.row(c0 + b).data() + p * half;
+            const S inv = qk_inv_norm(qp, half);
+            cache.query_inv_norm(c0 + b, p) = inv;
+            const S f = inv * tau;
+            S* out = ws.query_hat.row(b).data() + p * half;
+            for (Index d = 0; d < half; ++d) out[d] = qp[d] * f;
+          }
+        }
+      });
+      q = ws.query_hat.data();
+      ldq = ws.query_hat.outerStride();
+    }
+    ws.half_scores.resize(nb, 2 * n);
+    S* s = ws.half_scores.data();
+    for (Index h = 0; h < H; ++h) {
+      for (Index t = 0; t < 2; ++t) {
+        gemm<S>(false, true, nb, n, half, S(1), q + h * kd + t * half, ldq, K + (2 * h + t) * n * half,
+                half, S(0), s + t * n, 2 * n);
+      }
+      detail::parallel_blocks_with<ProductKeyScratch<S>>(
+          nb, kSearchBlock, [&](ProductKeyScratch<S>& sc, Index b0, Index b1) {
+            for (Index b = b0; b < b1; ++b) {
+              const S* row = s + b * 2 * n;
+              if (!ConstVectorMap<S>(row, 2 * n).allFinite()) {
+                throw std::runtime_error(
+                    "pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
+                    std::to_string(h) +
+                    " has a non-finite half score; the layer's keys or query weights hold "
+                    "non-finite values");
+              }
+              const Index col = h * k;
+              product_key_topk(row, row + n, n, k, &cache.indices(c0 + b, col),
+                               &cache.scores(c0 + b, col), sc);
+              softmax_forward(&cache.scores(c0 + b, col), k, &cache.weights(c0 + b, col));
+            }
+          });
+    }
+  }
+}
+
+/// Backward: given dscore = the gradient of the weights (B x H knn; overwritten with the
+/// gradient of the scores), writes dq (B x H k_dim) and adds the sub-key gradient to dkeys
+/// (2 H n_keys x half). `keys` and `query` are the forward's.
+template <class S>
+void key_search_backward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
+                         const ConstMatrixRef<S>& query, const KeySearchCache<S>& cache,
+                         MatrixRef<S> dscore, MatrixRef<S> dq, MatrixRef<S> dkeys,
+                         KeySearchWorkspace<S>& ws) {
+  const Index B = query.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(), kd = c.k_dim;
+  if (B == 0) return;
+  const S tau = static_cast<S>(c.effective_qk_norm_scale());
+  const S* K = key_search_keys(c, keys, cache);
+  ws.key_items.resize(static_cast<std::size_t>(B * H * 2 * k));
+  detail::parallel_blocks(B, kSearchBlock, [&](Index b0, Index b1) {
+    for (Index b = b0; b < b1; ++b) {
+      dq.row(b).setZero();
+      for (Index h = 0; h < H; ++h) {
+        S* z = &dscore(b, h * k);
+        softmax_backward(&cache.weights(b, h * k), z, k, z);
+        std::size_t pos = static_cast<std::size_t>((b * H + h) * 2 * k);
+        product_key_backward(&cache.indices(b, h * k), z, k, n, [&](Index t, Index id, S g) {
+          const Index row = (2 * h + t) * n + id;
+          S* dqh = &dq(b, h * kd + t * half);
+          const S* kr = K + row * half;
+          const S gs = c.qk_norm ? g * tau : g;
+          for (Index d = 0; d < half; ++d) dqh[d] += gs * kr[d];
+          const S coef = c.qk_norm ? gs * cache.query_inv_norm(b, 2 * h + t) : g;
+          ws.key_items[pos++] = {row, b, coef};
+        });
+        if (c.qk_norm) {
+          for (Index t = 0; t < 2; ++t) {
+            S* dqh = &dq(b, h * kd + t * half);
+            qk_norm_backward(query.row(b).data() + h * kd + t * half, cache.query_inv_norm(b, 2 * h + t), dqh,
+                             half, dqh);
+          }
+        }
+      }
+    }
+  });
+  // Sub-key gradient: row r of head h, half t gets sum over its contributions of coef * q half.
+  detail::group_by_row(ws.key_items, 2 * H * n, ws.group, ws.key_segments);
+  detail::reduce_segments(ws.key_items, ws.key_segments, half,
+                          [&](std::int64_t b, std::int64_t row) { return query.row(b).data() + (row / n) * half; },
+                          ws.key_grads);
+  const auto& rows = ws.key_segments.rows;
+  detail::parallel_blocks(static_cast<Index>(rows.size()), 64, [&](Index u0, Index u1) {
+    for (Index u = u0; u < u1; ++u) {
+      const Index r = rows[u];
+      S* g = ws.key_grads.row(u).data();
+      if (c.qk_norm) qk_norm_backward(keys.row(r).data(), cache.key_inv_norm[r], g, half, g);
+      dkeys.row(r) += ws.key_grads.row(u);
+    }
+  });
+}
+
+}  // namespace pkm

@@ -1,0 +1,160 @@
+// pkm/memory_output.hpp — the output op of a memory layer: from the read y (B x v_dim) and the
+// layer input x to the layer output, forward and backward:
+//
+//   Memory+ (memory_plus):        o = W2 (y * silu(W1 x + b1)) + b2
+//   projection (value_projection): o = W2 y + b2
+//   neither:                       o = y
+//   gate (gating, optional):       out = sigmoid(wg . x + bg) * o
+//
+// Every product is one full-batch pkm::gemm; the elementwise parts run over fixed blocks of
+// tokens. The same bits with any thread count.
+#pragma once
+
+#include "pkm/activations.hpp"
+#include "pkm/config.hpp"
+#include "pkm/detail/parallel.hpp"
+#include "pkm/linear.hpp"
+#include "pkm/parameters.hpp"
+#include "pkm/types.hpp"
+
+namespace pkm {
+
+/// What the output op's forward keeps for its backward.
+template <class S>
+struct OutputCache {
+  RowMatrix<S> swilu_pre;  ///< B x v_dim: G = W1 x + b1 (memory_plus only)
+  RowMatrix<S> hidden;     ///< B x v_dim: y * silu(G) (memory_plus only)
+  RowMatrix<S> pre_gate;   ///< B x output_dim: output before the gate (gating only)
+  Vector<S> gate;          ///< B: sigmoid(wg . x + bg) (gating only)
+};
+
+/// Buffers the output op's backward reuses from call to call.
+template <class S>
+struct OutputWorkspace {
+  RowMatrix<S> d_gated;  ///< B x output_dim: gradient of the output before the gate
+  Vector<S> dt;          ///< B: gradient of the gate's pre-activation
+  RowMatrix<S> du;       ///< B x v_dim: gradient of the Memory+ hidden
+  RowMatrix<S> d_swilu;  ///< B x v_dim: gradient of G = W1 x + b1
+};
+
+namespace detail {
+template <class S>
+const S* bias_or_null(const LayerParameters<S>& p, Tensor t) {
+  return p.has(t) ? p.data(t) : nullptr;
+}
+template <class S>
+S* bias_or_null(LayerParameters<S>& p, Tensor t) {
+  return p.has(t) ? p.data(t) : nullptr;
+}
+}  // namespace detail
+
+/// Forward: writes out (B x output_dim) from x (B x input_dim) and the read y (B x v_dim).
+template <class S>
+void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& y,
+                    MatrixRef<S> out, OutputCache<S>& cache) {
+  const MemoryConfig& c = p.config();
+  const Index B = x.rows();
+  if (c.memory_plus) {
+    cache.swilu_pre.resize(B, c.v_dim);
+    cache.hidden.resize(B, c.v_dim);
+  }
+  if (c.gating) {
+    cache.pre_gate.resize(B, c.output_dim);
+    cache.gate.resize(B);
+  }
+  if (B == 0) return;
+  MatrixRef<S> o = c.gating ? MatrixRef<S>(cache.pre_gate) : out;
+  if (c.memory_plus) {
+    linear_forward<S>(x, p.swilu_weight(), detail::bias_or_null(p, Tensor::swilu_bias), cache.swilu_pre);
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      for (Index b = b0; b < b1; ++b) {
+        for (Index d = 0; d < c.v_dim; ++d) cache.hidden(b, d) = y(b, d) * silu<S>(cache.swilu_pre(b, d));
+      }
+    });
+    linear_forward<S>(cache.hidden, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias), o);
+  } else if (c.value_projection) {
+    linear_forward<S>(y, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias), o);
+  } else {
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      o.middleRows(b0, b1 - b0) = y.middleRows(b0, b1 - b0);
+    });
+  }
+  if (c.gating) {
+    const auto wg = p.gate_weight();
+    const S bg = p.gate_bias();
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      for (Index b = b0; b < b1; ++b) {
+        const S g = sigmoid<S>(x.row(b).dot(wg.transpose()) + bg);
+        cache.gate[b] = g;
+        out.row(b) = g * cache.pre_gate.row(b);
+      }
+    });
+  }
+}
+
+/// Backward of output_forward, given dout: adds the output op's parameter gradients to
+/// dparams and writes dy, the gradient of the read (B x v_dim). Leaves in `ws` what
+/// output_backward_input needs for the input gradient.
+template <class S>
+void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& y,
+                     const OutputCache<S>& cache, const ConstMatrixRef<S>& dout,
+                     LayerParameters<S>& dparams, MatrixRef<S> dy, OutputWorkspace<S>& ws) {
+  const MemoryConfig& c = p.config();
+  const Index B = x.rows();
+  if (B == 0) return;
+  // Gate: d_o = g dout, dt = <dout, o> g (1 - g).
+  if (c.gating) {
+    ws.d_gated.resize(B, c.output_dim);
+    ws.dt.resize(B);
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      for (Index b = b0; b < b1; ++b) {
+        const S g = cache.gate[b];
+        ws.dt[b] = dout.row(b).dot(cache.pre_gate.row(b)) * g * (S(1) - g);
+        ws.d_gated.row(b) = g * dout.row(b);
+      }
+    });
+    const ConstMatrixMap<S> dt_col(ws.dt.data(), B, 1);
+    linear_backward_weights<S>(x, dt_col, dparams.matrix(Tensor::gate_weight), dparams.data(Tensor::gate_bias));
+  }
+  const ConstMatrixRef<S> d_o = c.gating ? ConstMatrixRef<S>(ws.d_gated) : dout;
+  if (c.memory_plus) {
+    linear_backward_weights<S>(cache.hidden, d_o, dparams.value_proj_weight(),
+                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
+    ws.du.resize(B, c.v_dim);
+    linear_backward_input<S>(d_o, p.value_proj_weight(), ws.du, false);
+    ws.d_swilu.resize(B, c.v_dim);
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      for (Index b = b0; b < b1; ++b) {
+        for (Index d = 0; d < c.v_dim; ++d) {
+          const S G = cache.swilu_pre(b, d), du = ws.du(b, d);
+          dy(b, d) = du * silu<S>(G);
+          ws.d_swilu(b, d) = du * y(b, d) * silu_grad<S>(G);
+        }
+      }
+    });
+    linear_backward_weights<S>(x, ws.d_swilu, dparams.swilu_weight(),
+                               detail::bias_or_null(dparams, Tensor::swilu_bias));
+  } else if (c.value_projection) {
+    linear_backward_weights<S>(y, d_o, dparams.value_proj_weight(),
+                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
+    linear_backward_input<S>(d_o, p.value_proj_weight(), dy, false);
+  } else {
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      dy.middleRows(b0, b1 - b0) = d_o.middleRows(b0, b1 - b0);
+    });
+  }
+}
+
+/// Adds the output op's share of the input gradient to dx: dG W1 (Memory+) and dt wg (gate).
+template <class S>
+void output_backward_input(const LayerParameters<S>& p, const OutputWorkspace<S>& ws, MatrixRef<S> dx) {
+  const MemoryConfig& c = p.config();
+  if (dx.rows() == 0) return;
+  if (c.memory_plus) linear_backward_input<S>(ws.d_swilu, p.swilu_weight(), dx, true);
+  if (c.gating) {
+    const ConstMatrixMap<S> dt_col(ws.dt.data(), dx.rows(), 1);
+    linear_backward_input<S>(dt_col, p.matrix(Tensor::gate_weight), dx, true);
+  }
+}
+
+}  // namespace pkm

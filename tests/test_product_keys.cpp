@@ -115,3 +115,21 @@ TEST_CASE("the layer's selection is the exact top-k over all slots", "[product_k
   }
   CHECK(configs == 4 * 5 * 2 * 3);
 }
+
+TEST_CASE("product-key top-k is exact at the paper's n_keys with ties and signed zeros", "[product_keys]") {
+  // n = 512, k = 32: the threshold pass of the half selection is in play. Coarse levels make
+  // many scores equal to the threshold itself; -0 and +0 must rank as equal.
+  std::mt19937_64 rng(13);
+  std::uniform_int_distribution<int> level(-6, 6);
+  pkm::ProductKeyScratch<float> scratch;
+  for (int rep = 0; rep < 4; ++rep) {
+    const Index n = 512;
+    std::vector<float> a(n), b(n);
+    for (Index i = 0; i < n; ++i) {
+      a[i] = 0.25f * float(level(rng));
+      b[i] = rep == 3 ? 0.0f : 0.25f * float(level(rng));
+      if (a[i] == 0.0f && (i % 2)) a[i] = -0.0f;
+    }
+    for (Index k : {1, 8, 32, 100}) expect_equal_to_brute_force(a, b, n, k, scratch);
+  }
+}

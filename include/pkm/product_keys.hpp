@@ -76,6 +76,7 @@ struct ProductKeyScratch {
   std::vector<KeyedCandidate> fast_heap;
   std::vector<Index> top1, top2;
   std::vector<Candidate> heap;
+  std::vector<S> group_max;
 };
 
 namespace detail {
@@ -91,28 +92,39 @@ bool ranks_before(const C& x, const C& y) {
 }  // namespace detail
 
 /// The k best of n scores by (score desc, index asc), in that order, into `out`.
-/// One pass with a min-heap of the k best so far, keyed by one integer per entry (see
-/// detail::RankKey): most scores are rejected by a single integer comparison with the root.
-/// Scores must not be NaN (n must fit in 32 bits for float scores).
+/// A threshold pass first: the n scores are dealt into k strided groups and T is the smallest
+/// group maximum, so at least k scores are >= T and every score of the top k is >= T (ties
+/// included). One vectorised max pass and one compare per score keep the few candidates
+/// >= T, which are then ranked by one integer key each (detail::RankKey). Exact for any input
+/// without NaN (n must fit in 32 bits for float scores).
 template <class S>
-void half_topk(const S* s, Index n, Index k, Index* out,
-               std::vector<typename detail::RankKey<S>::type>& heap) {
+void half_topk(const S* s, Index n, Index k, Index* out, ProductKeyScratch<S>& scratch) {
   using K = detail::RankKey<S>;
   using Key = typename K::type;
-  heap.resize(static_cast<std::size_t>(k));
-  for (Index i = 0; i < k; ++i) heap[i] = K::make(s[i], i);
-  const auto worse = std::greater<Key>();  // min-heap: the root is the worst kept
-  std::make_heap(heap.begin(), heap.end(), worse);
-  for (Index i = k; i < n; ++i) {
-    const Key key = K::make(s[i], i);
-    if (key > heap.front()) {
-      std::pop_heap(heap.begin(), heap.end(), worse);
-      heap.back() = key;
-      std::push_heap(heap.begin(), heap.end(), worse);
+  auto& cand = scratch.half_heap;
+  cand.resize(static_cast<std::size_t>(n));
+  std::size_t count = 0;
+  if (n >= 4 * k) {
+    auto& gmax = scratch.group_max;
+    gmax.assign(s, s + k);
+    const Index full = n / k;
+    for (Index t = 1; t < full; ++t) {
+      const S* row = s + t * k;
+      for (Index j = 0; j < k; ++j) gmax[j] = row[j] > gmax[j] ? row[j] : gmax[j];
     }
+    for (Index j = 0; j < n - full * k; ++j) gmax[j] = s[full * k + j] > gmax[j] ? s[full * k + j] : gmax[j];
+    S threshold = gmax[0];
+    for (Index j = 1; j < k; ++j) threshold = gmax[j] < threshold ? gmax[j] : threshold;
+    for (Index i = 0; i < n; ++i) {
+      cand[count] = K::make(s[i], i);
+      count += s[i] >= threshold ? 1 : 0;
+    }
+  } else {
+    for (Index i = 0; i < n; ++i) cand[count++] = K::make(s[i], i);
   }
-  std::sort_heap(heap.begin(), heap.end(), worse);  // best first
-  for (Index m = 0; m < k; ++m) out[m] = K::index(heap[m]);
+  std::partial_sort(cand.begin(), cand.begin() + k, cand.begin() + static_cast<std::ptrdiff_t>(count),
+                    std::greater<Key>());  // best first
+  for (Index m = 0; m < k; ++m) out[m] = K::index(cand[m]);
 }
 
 /// Exact top-k of the n^2 sums s1[i] + s2[j]: writes slots (i * n + j) and their scores,
@@ -124,8 +136,8 @@ void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* 
   using C = typename ProductKeyScratch<S>::Candidate;
   scratch.top1.resize(static_cast<std::size_t>(k));
   scratch.top2.resize(static_cast<std::size_t>(k));
-  half_topk(s1, n, k, scratch.top1.data(), scratch.half_heap);
-  half_topk(s2, n, k, scratch.top2.data(), scratch.half_heap);
+  half_topk(s1, n, k, scratch.top1.data(), scratch);
+  half_topk(s2, n, k, scratch.top2.data(), scratch);
   const Index* t1 = scratch.top1.data();
   const Index* t2 = scratch.top2.data();
   if constexpr (std::is_same_v<S, float>) {

@@ -1,0 +1,198 @@
+// The GEMM engine (pkm/gemm.hpp) against a double-precision triple loop, on every backend
+// compiled in; its same-bits promise across thread counts; its argument checks; and the whole
+// layer at sizes where the products span many tiles and the search several chunks.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include <pkm/pkm.hpp>
+
+#include "support.hpp"
+
+using pkm::Index;
+using MatF = pkm::RowMatrix<float>;
+using pkmtest::same_bits;
+
+namespace {
+
+std::vector<pkm::GemmBackend> backends() {
+  std::vector<pkm::GemmBackend> v;
+  for (auto b : {pkm::GemmBackend::eigen, pkm::GemmBackend::blis, pkm::GemmBackend::openblas})
+    if (pkm::gemm_backend_available(b)) v.push_back(b);
+  return v;
+}
+
+/// Row-major storage with a leading dimension larger than the row, padding set to NaN so a
+/// read outside the logical matrix shows up in the result.
+template <class S>
+struct Strided {
+  Index rows, cols, ld;
+  std::vector<S> data;
+  Strided(Index r, Index c, Index pad, std::uint64_t seed) : rows(r), cols(c), ld(c + pad) {
+    data.assign(std::size_t(std::max<Index>(1, r * ld)), std::numeric_limits<S>::quiet_NaN());
+    const auto m = pkmtest::random_matrix(r, c, seed);
+    for (Index i = 0; i < r; ++i)
+      for (Index j = 0; j < c; ++j) data[std::size_t(i * ld + j)] = static_cast<S>(m(i, j));
+  }
+  S at(Index i, Index j) const { return data[std::size_t(i * ld + j)]; }
+};
+
+/// C = alpha op(A) op(B) + beta C0 in double, as the reference.
+template <class S>
+pkmtest::Mat reference(bool ta, bool tb, Index m, Index n, Index k, double alpha, const Strided<S>& a,
+                       const Strided<S>& b, double beta, const Strided<S>& c0) {
+  pkmtest::Mat c(m, n);
+  for (Index i = 0; i < m; ++i)
+    for (Index j = 0; j < n; ++j) {
+      double s = 0;
+      for (Index p = 0; p < k; ++p) s += double(ta ? a.at(p, i) : a.at(i, p)) * double(tb ? b.at(j, p) : b.at(p, j));
+      c(i, j) = alpha * s + (beta == 0 ? 0.0 : beta * double(c0.at(i, j)));
+    }
+  return c;
+}
+
+template <class S>
+void check_products(pkm::GemmBackend backend) {
+  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-12;
+  struct Case { Index m, n, k; };
+  for (const Case& s : {Case{1, 1, 1}, Case{7, 5, 3}, Case{600, 700, 50}, Case{513, 257, 130}, Case{33, 1, 64}}) {
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb)
+        for (double beta : {0.0, 1.0, 0.5}) {
+          INFO(pkm::gemm_backend_name(backend) << " m " << s.m << " n " << s.n << " k " << s.k << " ta " << ta
+                                               << " tb " << tb << " beta " << beta);
+          const Strided<S> a(ta ? s.k : s.m, ta ? s.m : s.k, 3, 1), b(tb ? s.n : s.k, tb ? s.k : s.n, 2, 2);
+          Strided<S> c(s.m, s.n, 5, 3);
+          if (beta == 0) {  // C must not be read: fill the logical part with NaN too
+            for (Index i = 0; i < s.m; ++i)
+              for (Index j = 0; j < s.n; ++j) c.data[std::size_t(i * c.ld + j)] = std::numeric_limits<S>::quiet_NaN();
+          }
+          const Strided<S> c0 = c;
+          const auto want = reference(ta, tb, s.m, s.n, s.k, 0.75, a, b, beta, c0);
+          pkm::gemm<S>(ta, tb, s.m, s.n, s.k, S(0.75), a.data.data(), a.ld, b.data.data(), b.ld, S(beta),
+                       c.data.data(), c.ld, backend);
+          double err = 0;
+          for (Index i = 0; i < s.m; ++i)
+            for (Index j = 0; j < s.n; ++j)
+              err = std::max(err, std::abs(double(c.at(i, j)) - want(i, j)) / (1.0 + std::abs(want(i, j))));
+          CHECK(err < tol);
+          // The padding between rows is never written.
+          bool padding_untouched = true;
+          for (Index i = 0; i < s.m; ++i)
+            for (Index j = s.n; j < c.ld; ++j) padding_untouched &= std::isnan(c.at(i, j));
+          CHECK(padding_untouched);
+        }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gemm matches a double-precision reference on every backend, transposes and strides", "[gemm]") {
+  INFO("default backend here: " << pkm::gemm_backend_name(pkm::gemm_backend()));
+  for (auto b : backends()) {
+    check_products<float>(b);
+    check_products<double>(b);
+  }
+}
+
+TEST_CASE("gemm gives the same bits with 1 and 2 threads and inside the caller's threads", "[gemm][threads]") {
+  const Index m = 1100, n = 700, k = 300;
+  const MatF a = pkmtest::random_matrix(m, k, 4).cast<float>(), b = pkmtest::random_matrix(n, k, 5).cast<float>();
+  const int saved = omp_get_max_threads();
+  for (auto backend : backends()) {
+    if (!pkm::gemm_backend_deterministic(backend)) continue;  // OpenBLAS makes no such promise
+    INFO(pkm::gemm_backend_name(backend));
+    auto run = [&](int threads) {
+      omp_set_num_threads(threads);
+      MatF c(m, n);
+      pkm::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n, backend);
+      return c;
+    };
+    const MatF one = run(1), two = run(2);
+    omp_set_num_threads(saved);
+    CHECK(same_bits(one, two));
+    MatF nested(m, n);
+#pragma omp parallel num_threads(2)
+    {
+#pragma omp single
+      pkm::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, nested.data(), n, backend);
+    }
+    CHECK(same_bits(one, nested));
+  }
+}
+
+TEST_CASE("gemm refuses bad sizes, strides, pointers and missing backends", "[gemm][errors]") {
+  std::vector<float> a(16, 1.0f), b(16, 1.0f), c(16, 0.0f);
+  using Catch::Contains;
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, -1, 2, 2, 1.f, a.data(), 2, b.data(), 2, 0.f, c.data(), 2),
+                    Contains("m = -1"));
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 4, 1.f, a.data(), 3, b.data(), 2, 0.f, c.data(), 2),
+                    Contains("lda = 3"));
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, true, 2, 2, 4, 1.f, a.data(), 4, b.data(), 2, 0.f, c.data(), 2),
+                    Contains("ldb = 2"));
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 3, 2, 1.f, a.data(), 2, b.data(), 3, 0.f, c.data(), 2),
+                    Contains("ldc = 2"));
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, nullptr, 2, b.data(), 2, 0.f, c.data(), 2),
+                    Contains("null"));
+  CHECK(c == std::vector<float>(16, 0.0f));  // nothing written by a refused call
+  for (auto backend : {pkm::GemmBackend::blis, pkm::GemmBackend::openblas}) {
+    if (pkm::gemm_backend_available(backend)) continue;
+    CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, a.data(), 2, b.data(), 2, 0.f, c.data(), 2, backend),
+                      Contains("not compiled in"));
+  }
+  // Empty products: k = 0 scales C by beta; m = 0 or n = 0 touch nothing.
+  std::vector<float> d = {1, 2, 3, 4};
+  pkm::gemm<float>(false, false, 2, 2, 0, 1.f, nullptr, 1, nullptr, 2, 0.5f, d.data(), 2);
+  CHECK(d == std::vector<float>{0.5f, 1.f, 1.5f, 2.f});
+  pkm::gemm<float>(false, false, 0, 2, 3, 1.f, nullptr, 3, nullptr, 2, 0.f, nullptr, 2);
+}
+
+TEMPLATE_TEST_CASE("a layer gives the same bits with 1 and 2 threads at sizes that span many GEMM tiles",
+                   "[layer][threads][gemm]", float, pkm::bf16) {
+  pkm::MemoryConfig c;
+  c.input_dim = 300;
+  c.heads = 2;
+  c.n_keys = 40;
+  c.k_dim = 64;
+  c.knn = 6;
+  c.v_dim = 520;
+  c.output_dim = 270;
+  c.gating = true;
+  c.qk_norm = true;
+  const Index B = 1100;  // two search chunks, several tiles, not a multiple of 64
+  pkm::MemoryLayer<float, TestType> layer(c, pkm::ValueTable<TestType>(c.slots(), c.v_dim), 61);
+  pkm::init_values(layer.values(), 61);
+  const MatF x = pkmtest::random_matrix(B, c.input_dim, 62).cast<float>();
+  const MatF dout = pkmtest::random_matrix(B, c.output_dim, 63).cast<float>();
+  struct Run {
+    MatF out, dx;
+    pkm::LayerGradients<float> g;
+    pkm::IndexMatrix idx;
+  };
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    Run r{MatF(), MatF(B, c.input_dim), pkm::LayerGradients<float>(c), {}};
+    pkm::ForwardCache<float> cache;
+    r.out = layer.forward(x, cache);
+    r.idx = cache.indices;
+    layer.backward(x, cache, dout, r.g, r.dx);
+    return r;
+  };
+  const int saved = omp_get_max_threads();
+  const Run one = run(1), two = run(2);
+  omp_set_num_threads(saved);
+  CHECK(one.idx == two.idx);
+  CHECK(same_bits(one.out, two.out));
+  CHECK(same_bits(one.dx, two.dx));
+  for (int t = 0; t < pkm::kNumTensors; ++t) {
+    if (!one.g.params.has(pkm::Tensor(t))) continue;
+    INFO(pkm::tensor_name(pkm::Tensor(t)));
+    CHECK(same_bits(one.g.params.matrix(pkm::Tensor(t)), two.g.params.matrix(pkm::Tensor(t))));
+  }
+  CHECK(one.g.values.rows == two.g.values.rows);
+  CHECK(same_bits(one.g.values.values, two.g.values.values));
+}

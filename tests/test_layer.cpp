@@ -293,3 +293,39 @@ TEST_CASE("a reused cache gives the same result as a fresh one", "[layer]") {
   CHECK(same_bits(a, b));
   CHECK(reused.batch == 7);
 }
+
+TEST_CASE("value initialisation: element values depend on their index alone and are standard normal",
+          "[layer][init]") {
+  const pkm::detail::CounterRng rng(5, pkm::kValueStream);
+  // Any window of the stream equals the same window of one long fill, odd offsets included.
+  std::vector<float> whole(1001);
+  pkm::detail::fill_normal(rng, 0, 1001, 1.0f, whole.data());
+  for (std::uint64_t first : {0, 1, 2, 3, 255, 256, 511, 513}) {
+    for (Index n : {1, 2, 3, 300, 487}) {
+      std::vector<float> part(std::size_t(n), 0.0f);
+      pkm::detail::fill_normal(rng, first, n, 1.0f, part.data());
+      INFO("first " << first << " n " << n);
+      CHECK(std::memcmp(part.data(), whole.data() + first, sizeof(float) * std::size_t(n)) == 0);
+    }
+  }
+  // The same table with 1 and 2 threads; moments of N(0, 1).
+  pkm::ValueTable<float> a(4099, 33), b(4099, 33);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  pkm::init_values(a, 9);
+  omp_set_num_threads(2);
+  pkm::init_values(b, 9);
+  omp_set_num_threads(saved);
+  CHECK(std::memcmp(a.data(), b.data(), sizeof(float) * 4099 * 33) == 0);
+  const Eigen::ArrayXd v = Eigen::Map<const Eigen::ArrayXf>(a.data(), 4099 * 33).cast<double>() * std::sqrt(33.0);
+  const double mean = v.mean(), var = (v - mean).square().mean(), kurt = (v - mean).pow(4).mean() / (var * var);
+  CHECK(std::abs(mean) < 0.02);
+  CHECK(var == Approx(1.0).epsilon(0.02));
+  CHECK(kurt == Approx(3.0).epsilon(0.05));
+  CHECK(v.abs().maxCoeff() < 6.0);
+  CHECK((v > 3.0).count() > 100);  // the tails are there: P(z > 3) * 135267 = 183
+  // A bf16 table holds the float values rounded.
+  pkm::ValueTable<pkm::bf16> h(4099, 33);
+  pkm::init_values(h, 9);
+  for (Index i = 0; i < 4099 * 33; i += 97) CHECK(h.data()[i] == pkm::bf16(a.data()[i]));
+}

@@ -43,23 +43,17 @@ void init_parameters(LayerParameters<Scalar>& p, std::uint64_t seed) {
   });
 }
 
-/// Fills a value table with N(0, dim^-1/2), in parallel; row r depends only on (seed, r).
+/// Fills a value table with N(0, dim^-1/2), in parallel; element (r, d) is normal number
+/// r * dim + d of the table's stream (detail::fill_normal: float Box-Muller without library
+/// calls, vectorised), so the values depend on the seed alone, never on the thread count.
 template <class T>
 void init_values(ValueTable<T>& table, std::uint64_t seed) {
   const detail::CounterRng rng(seed, kValueStream);
   const Index dim = table.dim();
-  const double std_dev = 1.0 / std::sqrt(double(dim));
-  detail::parallel_for(table.rows(), [&](Index r) {
-    T* row = table.row(r);
-    const auto base = static_cast<std::uint64_t>(r * dim);
-    for (Index d = 0; d < dim; ++d) {
-      const std::uint64_t i = base + static_cast<std::uint64_t>(d);
-      double first, second;
-      rng.normal_pair(i, first, second);  // number i and its partner i ^ 1
-      row[d] = static_cast<T>(std_dev * ((i & 1) ? second : first));
-      if (!(i & 1) && d + 1 < dim) {
-        row[++d] = static_cast<T>(std_dev * second);
-      }
+  const float std_dev = static_cast<float>(1.0 / std::sqrt(double(dim)));
+  detail::parallel_blocks(table.rows(), 64, [&](Index r0, Index r1) {
+    for (Index r = r0; r < r1; ++r) {
+      detail::fill_normal(rng, static_cast<std::uint64_t>(r * dim), dim, std_dev, table.row(r));
     }
   });
 }

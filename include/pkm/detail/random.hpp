@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace pkm::detail {
 
@@ -44,5 +45,104 @@ struct CounterRng {
     return (i & 1) ? second : first;
   }
 };
+
+/// ln(x) for x in (0, 1], in float: exponent and mantissa split, then the Cephes logf
+/// polynomial on [sqrt(1/2), sqrt(2)). No library call, so loops over it vectorise.
+inline float fast_logf(float x) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  float e = static_cast<float>(static_cast<int>((bits >> 23) & 0xffu) - 127);
+  const std::uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
+  float m;
+  std::memcpy(&m, &mbits, 4);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1.0f : e;
+  const float f = m - 1.0f, z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+
+/// The random bits of normal pair p of a stream: SplitMix64 at counter p (one mix per pair).
+inline std::uint64_t pair_bits(std::uint64_t key, std::uint64_t p) {
+  return mix64(key + p * 0x9E3779B97F4A7C15ull);
+}
+
+/// Pairs of standard normals by Box-Muller in float, from pair_bits: the radius from the top
+/// 24 bits, the angle from the low 24 (its quadrant exactly from 2 bits, sin / cos of the rest
+/// by series on [0, pi/2)). Radius at most ~5.9 (the smallest uniform is 2^-25). Written as
+/// three plain loops over a block (the first and last vectorise; the square root, a library
+/// call as far as the compiler knows, runs alone), every pair through the same instructions.
+struct NormalBlock {
+  static constexpr int kPairs = 256;
+  alignas(64) float t[kPairs];   ///< -2 ln u1, then the radius
+  alignas(64) float x[kPairs];   ///< angle within its quadrant, radians
+  alignas(64) std::uint32_t q[kPairs];
+
+  /// Pairs p0 .. p0 + m - 1 (m <= kPairs) of stream `key`, written as out[2j], out[2j + 1].
+  template <class T>
+  void fill(std::uint64_t key, std::uint64_t p0, int m, float std_dev, T* out) {
+    for (int j = 0; j < m; ++j) {
+      const std::uint64_t h = pair_bits(key, p0 + static_cast<std::uint64_t>(j));
+      const float u1 = (static_cast<float>(static_cast<std::uint32_t>(h >> 40)) + 0.5f) * (1.0f / 16777216.0f);
+      const std::uint32_t a = static_cast<std::uint32_t>(h) & 0xffffffu;  // angle in 2^-24 turns
+      q[j] = a >> 22;
+      x[j] = static_cast<float>(static_cast<std::int32_t>(a & 0x3fffffu)) * (1.5707963267948966f / 4194304.0f);
+      t[j] = -2.0f * fast_logf(u1);
+    }
+    for (int j = 0; j < m; ++j) t[j] = std::sqrt(t[j]);
+    for (int j = 0; j < m; ++j) {
+      const float xj = x[j], x2 = xj * xj, r = t[j] * std_dev;
+      const float sn = xj * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f +
+                                          x2 * (2.7557319e-6f + x2 * (-2.5052108e-8f))))));
+      const float cs = 1.0f + x2 * (-0.5f + x2 * (4.1666668e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f +
+                                     x2 * (-2.7557319e-7f + x2 * 2.0876757e-9f)))));
+      const std::uint32_t qj = q[j];  // (cos, sin) of q pi/2 + x
+      const float c = qj == 0 ? cs : qj == 1 ? -sn : qj == 2 ? -cs : sn;
+      const float s = qj == 0 ? sn : qj == 1 ? cs : qj == 2 ? -sn : -cs;
+      out[2 * j] = static_cast<T>(r * c);
+      out[2 * j + 1] = static_cast<T>(r * s);
+    }
+  }
+};
+
+/// out[j] = std_dev * normal number (first + j) of the stream `rng`, j in [0, n): numbers
+/// 2p and 2p + 1 are pair p. Element j depends only on (rng, first + j), so any split of a
+/// table over threads gives the same values.
+template <class T>
+void fill_normal(const CounterRng& rng, std::uint64_t first, std::int64_t n, float std_dev, T* out) {
+  if (n <= 0) return;
+  NormalBlock blk;
+  T edge[2];
+  std::int64_t j = 0;
+  if (first & 1) {  // the second half of a pair
+    blk.fill(rng.key, first >> 1, 1, std_dev, edge);
+    out[j++] = edge[1];
+  }
+  std::int64_t pairs = (n - j) / 2;
+  std::uint64_t p = (first + static_cast<std::uint64_t>(j)) >> 1;
+  while (pairs > 0) {
+    const int m = static_cast<int>(pairs < NormalBlock::kPairs ? pairs : NormalBlock::kPairs);
+    blk.fill(rng.key, p, m, std_dev, out + j);
+    p += static_cast<std::uint64_t>(m);
+    j += 2 * m;
+    pairs -= m;
+  }
+  if (j < n) {  // the first half of a last pair
+    blk.fill(rng.key, (first + static_cast<std::uint64_t>(j)) >> 1, 1, std_dev, edge);
+    out[j] = edge[0];
+  }
+}
 
 }  // namespace pkm::detail

@@ -5,7 +5,9 @@
 // With AVX2 + FMA (chosen at compile time: build with -mavx2 -mfma or -march=native) the sum
 // keeps 64 output floats in eight registers across the whole bag, so each value row is read
 // once and the accumulators never go to memory, and prefetches the same 64-element block of
-// the row kPrefetchBytes of blocks ahead (8 rows of fp32, 16 of bf16/fp16). bf16 rows widen by a shift, fp16 rows by F16C. Other
+// the row kPrefetchBytes of blocks ahead (8 rows of fp32, 16 of bf16/fp16). With AVX-512 as
+// well, blocks of 256 floats in sixteen registers go first (1 KiB runs of an fp32 row, which
+// the hardware prefetchers follow far better than 256-byte runs). bf16 rows widen by a shift, fp16 rows by F16C. Other
 // builds use Eigen's vectorised expressions (whatever ISA Eigen targets). In every path the
 // bag is summed in order, so the result does not depend on threads.
 #pragma once
@@ -72,6 +74,38 @@ inline void prefetch_block(const T* p, Index elems) {
 }
 #endif
 
+#if defined(PKM_AVX2_BAG) && defined(__AVX512F__)
+#define PKM_AVX512_BAG 1
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const fp16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+/// The AVX-512 form of the sum: 256 output floats in sixteen registers across the bag, so a
+/// row is read in 1 KiB runs (fp32) that the hardware prefetchers follow, and the next rows'
+/// same runs prefetched `ahead` rows in advance.
+template <class T>
+void bag_sum_avx512(const T* base, Index stride, const std::int64_t* idx, const float* w, Index bag,
+                    Index dim, Index& d0, float* out) {
+  constexpr Index ahead = 4;  // 2 / 4 / 8 / 16 rows ahead measured 38 / 43 / 39 / 43 GB/s at v_dim 1024
+  for (; d0 + 256 <= dim; d0 += 256) {
+    __m512 acc[16];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (Index l = 0; l < bag; ++l) {
+      if (l + ahead < bag) prefetch_block(base + idx[l + ahead] * stride + d0, 256);
+      const T* r = base + idx[l] * stride + d0;
+      const __m512 x = _mm512_set1_ps(w[l]);
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(x, load16(r + 16 * j), acc[j]);
+    }
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + d0 + 16 * j, acc[j]);
+  }
+}
+#endif
+
 /// True where the fast kernel serves tables of T with float accumulation.
 template <class T, class S>
 constexpr bool fast_bag() {
@@ -90,6 +124,9 @@ void bag_sum(const T* base, Index stride, const std::int64_t* idx, const S* w, I
   if constexpr (fast_bag<T, S>()) {
     constexpr Index ahead = prefetch_rows<T>();
     Index d0 = 0;
+#ifdef PKM_AVX512_BAG
+    bag_sum_avx512(base, stride, idx, w, bag, dim, d0, out);
+#endif
     for (; d0 + 64 <= dim; d0 += 64) {
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
       for (Index l = 0; l < bag; ++l) {

@@ -122,8 +122,9 @@ void half_topk(const S* s, Index n, Index k, Index* out, ProductKeyScratch<S>& s
   } else {
     for (Index i = 0; i < n; ++i) cand[count++] = K::make(s[i], i);
   }
-  std::partial_sort(cand.begin(), cand.begin() + k, cand.begin() + static_cast<std::ptrdiff_t>(count),
-                    std::greater<Key>());  // best first
+  const auto first = cand.begin(), kth = first + k, last = first + static_cast<std::ptrdiff_t>(count);
+  if (count > static_cast<std::size_t>(k)) std::nth_element(first, kth - 1, last, std::greater<Key>());
+  std::sort(first, kth, std::greater<Key>());  // best first
   for (Index m = 0; m < k; ++m) out[m] = K::index(cand[m]);
 }
 

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "pkm/detail/vec_math.hpp"
+
 namespace pkm::detail {
 
 /// SplitMix64 finaliser: a bijective mix of 64 bits.
@@ -82,8 +84,8 @@ inline std::uint64_t pair_bits(std::uint64_t key, std::uint64_t p) {
 /// Pairs of standard normals by Box-Muller in float, from pair_bits: the radius from the top
 /// 24 bits, the angle from the low 24 (its quadrant exactly from 2 bits, sin / cos of the rest
 /// by series on [0, pi/2)). Radius at most ~5.9 (the smallest uniform is 2^-25). Written as
-/// three plain loops over a block (the first and last vectorise; the square root, a library
-/// call as far as the compiler knows, runs alone), every pair through the same instructions.
+/// two plain loops over a block that the compiler vectorises around one packed square root
+/// (detail::sqrt_array): every pair goes through the same instructions.
 struct NormalBlock {
   static constexpr int kPairs = 256;
   alignas(64) float t[kPairs];   ///< -2 ln u1, then the radius
@@ -101,7 +103,7 @@ struct NormalBlock {
       x[j] = static_cast<float>(static_cast<std::int32_t>(a & 0x3fffffu)) * (1.5707963267948966f / 4194304.0f);
       t[j] = -2.0f * fast_logf(u1);
     }
-    for (int j = 0; j < m; ++j) t[j] = std::sqrt(t[j]);
+    sqrt_array(t, t, m);
     for (int j = 0; j < m; ++j) {
       const float xj = x[j], x2 = xj * xj, r = t[j] * std_dev;
       const float sn = xj * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f +

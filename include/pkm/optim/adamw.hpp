@@ -7,6 +7,7 @@
 // with g the (clipped) gradient and t the step count, counted from 1.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "pkm/detail/parallel.hpp"
+#include "pkm/detail/vec_math.hpp"
 #include "pkm/optim/grad_clip.hpp"
 #include "pkm/parameters.hpp"
 #include "pkm/types.hpp"
@@ -63,20 +65,30 @@ AdamCoefficients<S> adam_coefficients(const AdamOptions& o, double lr, double we
 }
 
 /// One Adam update of n elements: parameters w (stored as T; computed in S), gradient
-/// grad_scale * g, first and second moments m and v. A plain loop the compiler vectorises:
-/// every element goes through the same instructions wherever it sits in the array (Eigen's
-/// packet path and its scalar tail round differently where the compiler contracts the tail's
-/// multiply-adds), so a row updated alone gets the same bits as in a whole tensor.
+/// grad_scale * g, first and second moments m and v. Chunks of plain loops the compiler
+/// vectorises around one packed square root (detail::sqrt_array): every element goes through
+/// the same instructions wherever it sits in the array, so a row updated alone gets the same
+/// bits as in a whole tensor.
 template <class T, class S>
 void adam_update(T* w, const S* g, S grad_scale, S* m, S* v, Index n, const AdamCoefficients<S>& c) {
-  for (Index i = 0; i < n; ++i) {
-    const S gs = g[i] * grad_scale;
-    const S mi = c.beta1 * m[i] + c.one_minus_beta1 * gs;
-    const S vi = c.beta2 * v[i] + c.one_minus_beta2 * (gs * gs);
-    m[i] = mi;
-    v[i] = vi;
-    const S wi = static_cast<S>(w[i]) * c.decay - c.step_size * mi / (std::sqrt(vi) * c.inv_sqrt_bc2 + c.eps);
-    w[i] = static_cast<T>(wi);
+  constexpr Index kChunk = 256;
+  alignas(64) S root[kChunk];
+  for (Index i0 = 0; i0 < n; i0 += kChunk) {
+    const Index len = std::min(kChunk, n - i0);
+    S* mc = m + i0;
+    S* vc = v + i0;
+    const S* gc = g + i0;
+    for (Index i = 0; i < len; ++i) {
+      const S gs = gc[i] * grad_scale;
+      mc[i] = c.beta1 * mc[i] + c.one_minus_beta1 * gs;
+      vc[i] = c.beta2 * vc[i] + c.one_minus_beta2 * (gs * gs);
+    }
+    pkm::detail::sqrt_array(vc, root, len);
+    T* wc = w + i0;
+    for (Index i = 0; i < len; ++i) {
+      const S wi = static_cast<S>(wc[i]) * c.decay - c.step_size * mc[i] / (root[i] * c.inv_sqrt_bc2 + c.eps);
+      wc[i] = static_cast<T>(wi);
+    }
   }
 }
 

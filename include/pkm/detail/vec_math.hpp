@@ -1,0 +1,49 @@
+// pkm/detail/vec_math.hpp — element-wise math that vectorises under any compiler flags and
+// gives every element the same bits wherever it sits in an array.
+//
+// A loop calling std::sqrt does not vectorise unless errno is off (-fno-math-errno), and
+// Eigen's packet sqrt for float is an approximation (reciprocal square root and a Newton step
+// under EIGEN_FAST_MATH) whose bits differ from the scalar tail's. The hardware's packed square
+// root is correctly rounded like the scalar one, so sqrt_array uses it directly.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace pkm::detail {
+
+/// out[i] = sqrt(in[i]), correctly rounded (the same bits as std::sqrt), for i < n.
+/// `out` may equal `in`.
+template <class S>
+void sqrt_array(const S* in, S* out, std::int64_t n) {
+  std::int64_t i = 0;
+  if constexpr (std::is_same_v<S, float>) {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_sqrt_ps(_mm512_loadu_ps(in + i)));
+#endif
+#if defined(__AVX__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_sqrt_ps(_mm256_loadu_ps(in + i)));
+#endif
+#if defined(__SSE2__)
+    for (; i + 4 <= n; i += 4) _mm_storeu_ps(out + i, _mm_sqrt_ps(_mm_loadu_ps(in + i)));
+#endif
+  } else if constexpr (std::is_same_v<S, double>) {
+#if defined(__AVX512F__)
+    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(out + i, _mm512_sqrt_pd(_mm512_loadu_pd(in + i)));
+#endif
+#if defined(__AVX__)
+    for (; i + 4 <= n; i += 4) _mm256_storeu_pd(out + i, _mm256_sqrt_pd(_mm256_loadu_pd(in + i)));
+#endif
+#if defined(__SSE2__)
+    for (; i + 2 <= n; i += 2) _mm_storeu_pd(out + i, _mm_sqrt_pd(_mm_loadu_pd(in + i)));
+#endif
+  }
+  for (; i < n; ++i) out[i] = std::sqrt(in[i]);
+}
+
+}  // namespace pkm::detail

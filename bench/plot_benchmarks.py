@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Plots pkm_bench results: read bandwidth of the gathers against the streaming-read limit.
+"""Plots pkm_bench results: read bandwidth of the gathers against the streaming-read limit;
+and, given compare_pytorch.py's JSON, pkm against PyTorch.
 
   build/bench/pkm_bench --benchmark_repetitions=3 --benchmark_out=results.json --benchmark_out_format=json
   python3 bench/plot_benchmarks.py results.json docs/benchmarks.png
+  /usr/bin/python3 bench/compare_pytorch.py --json compare.json
+  python3 bench/plot_benchmarks.py --compare compare.json docs/compare_pytorch.png
 
 Needs gnuplot (Debian: apt-get install gnuplot-nox). Uses the medians when repetitions were run.
 """
@@ -29,7 +32,34 @@ def medians(path):
     return out
 
 
+def plot_compare(path, png):
+    with open(path) as f:
+        table = json.load(f)["table"]
+    with tempfile.NamedTemporaryFile("w", suffix=".dat", delete=False) as d:
+        for what, pkm, torch, unit in table:  # columns: label, pkm / PyTorch, 1
+            label = what.split(",")[0].replace("_", " ")  # gnuplot reads _ as a subscript
+            d.write('"%s" %.3f 1\n' % (label, pkm / torch))
+    script = """
+set terminal pngcairo size 1000,420 font 'Sans,11'
+set output '%s'
+set title 'pkm / PyTorch 1.13 on the same 2 cores (d 1024, 4 heads, knn 32, 512^2 x 1024 table, 2048 tokens)'
+set ylabel 'speed-up (PyTorch = 1)'
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set key outside right top
+set yrange [0:*]
+set grid ytics
+plot '%s' using 2:xtic(1) title 'pkm' lc rgb '#1b9e77', '' using 3 title 'PyTorch' lc rgb '#888888'
+""" % (png, d.name)
+    subprocess.run(["gnuplot"], input=script, text=True, check=True)
+    os.unlink(d.name)
+    print("wrote", png)
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":
+        return plot_compare(sys.argv[2], sys.argv[3])
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     res = medians(sys.argv[1])

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -205,6 +206,20 @@ FdStats check_fd(double* target, Index count, const std::vector<double>& analyti
     }
   }
   return st;
+}
+
+/// "" when two sets of layer gradients hold the same bits, else the name of the first that
+/// differs ("values" for the sparse value gradient).
+template <class S>
+std::string first_gradient_difference(const pkm::LayerGradients<S>& a, const pkm::LayerGradients<S>& b) {
+  for (int t = 0; t < pkm::kNumTensors; ++t) {
+    if (!a.params.has(pkm::Tensor(t))) continue;
+    if (!same_bits(a.params.matrix(pkm::Tensor(t)), b.params.matrix(pkm::Tensor(t)))) {
+      return pkm::tensor_name(pkm::Tensor(t));
+    }
+  }
+  if (a.values.rows != b.values.rows || !same_bits(a.values.values, b.values.values)) return "values";
+  return "";
 }
 
 }  // namespace pkmtest

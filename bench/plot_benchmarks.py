@@ -15,6 +15,16 @@ import subprocess
 import sys
 import tempfile
 
+# gnuplot settings both plots share: clustered bars from 0, key on the right.
+BARS = """
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set key outside right top
+set yrange [0:*]
+set grid ytics
+"""
+
 
 def medians(path):
     with open(path) as f:
@@ -44,14 +54,8 @@ set terminal pngcairo size 1000,420 font 'Sans,11'
 set output '%s'
 set title 'pkm / PyTorch 1.13 on the same 2 cores (d 1024, 4 heads, knn 32, 512^2 x 1024 table, 2048 tokens)'
 set ylabel 'speed-up (PyTorch = 1)'
-set style data histograms
-set style histogram clustered gap 1
-set style fill solid 0.85 border -1
-set key outside right top
-set yrange [0:*]
-set grid ytics
-plot '%s' using 2:xtic(1) title 'pkm' lc rgb '#1b9e77', '' using 3 title 'PyTorch' lc rgb '#888888'
-""" % (png, d.name)
+%splot '%s' using 2:xtic(1) title 'pkm' lc rgb '#1b9e77', '' using 3 title 'PyTorch' lc rgb '#888888'
+""" % (png, BARS, d.name)
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
     os.unlink(d.name)
     print("wrote", png)
@@ -79,18 +83,12 @@ set output '%s'
 set title 'pkm embedding bag: bytes read per second (4096 tokens x 128 rows, 1 GiB table)'
 set ylabel 'GB/s'
 set xlabel 'v\\_dim'
-set style data histograms
-set style histogram clustered gap 1
-set style fill solid 0.85 border -1
-set key outside right top
-set yrange [0:*]
-set grid ytics
-plot '%s' using 2:xtic(1) title 'streaming read (limit)' lc rgb '#888888', \\
+%splot '%s' using 2:xtic(1) title 'streaming read (limit)' lc rgb '#888888', \\
      '' using 3 title 'naive loop (fp32)' lc rgb '#d95f02', \\
      '' using 4 title 'pkm fp32' lc rgb '#1b9e77', \\
      '' using 5 title 'pkm bf16' lc rgb '#7570b3', \\
      '' using 6 title 'pkm fp16' lc rgb '#e7298a'
-""" % (sys.argv[2], d.name)
+""" % (sys.argv[2], BARS, d.name)
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
     os.unlink(d.name)
     print("wrote", sys.argv[2])

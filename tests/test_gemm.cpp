@@ -125,6 +125,27 @@ TEST_CASE("gemm gives the same bits with 1 and 2 threads and inside the caller's
   }
 }
 
+TEST_CASE("a product of one tile gives the same bits with 1 and 2 threads", "[gemm][threads]") {
+  // 512 x 256 is a single tile of the eigen backend; with k = 1024 it is big enough that Eigen
+  // would thread it itself (and block it by thread count) if called outside a parallel region.
+  const Index m = 512, n = 256, k = 1024;
+  const MatF a = pkmtest::random_matrix(m, k, 6).cast<float>(), b = pkmtest::random_matrix(n, k, 7).cast<float>();
+  const int saved = omp_get_max_threads();
+  for (auto backend : backends()) {
+    if (!pkm::gemm_backend_deterministic(backend)) continue;
+    INFO(pkm::gemm_backend_name(backend));
+    auto run = [&](int threads) {
+      omp_set_num_threads(threads);
+      MatF c(m, n);
+      pkm::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n, backend);
+      return c;
+    };
+    const MatF one = run(1), two = run(2);
+    omp_set_num_threads(saved);
+    CHECK(same_bits(one, two));
+  }
+}
+
 TEST_CASE("gemm refuses bad sizes, strides, pointers and missing backends", "[gemm][errors]") {
   std::vector<float> a(16, 1.0f), b(16, 1.0f), c(16, 0.0f);
   using Catch::Contains;
@@ -143,6 +164,11 @@ TEST_CASE("gemm refuses bad sizes, strides, pointers and missing backends", "[ge
     if (pkm::gemm_backend_available(backend)) continue;
     CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, a.data(), 2, b.data(), 2, 0.f, c.data(), 2, backend),
                       Contains("not compiled in"));
+  }
+  if (pkm::gemm_backend_available(pkm::GemmBackend::openblas)) {  // 32-bit ints in its API
+    CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, a.data(), Index(1) << 31, b.data(), 2, 0.f,
+                                       c.data(), 2, pkm::GemmBackend::openblas),
+                      Contains("above 2^31 - 1"));
   }
   // Empty products: k = 0 scales C by beta; m = 0 or n = 0 touch nothing.
   std::vector<float> d = {1, 2, 3, 4};

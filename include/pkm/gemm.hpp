@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -159,14 +160,14 @@ void eigen_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std:
     eigen_gemm_tile(trans_a, trans_b, mb, nb, k, alpha, ab, lda, bb, ldb, beta, c + i0 * ldc + j0, ldc);
   };
   const std::int64_t tiles = tm * tn;
-  bool serial = tiles == 1;
 #ifdef _OPENMP
-  serial = serial || omp_in_parallel();  // inside the caller's (or pkm's) threads: one tile at a time
-#endif
-  if (serial) {
+  if (omp_in_parallel()) {  // inside the caller's threads: one tile at a time, Eigen serial too
     for (std::int64_t t = 0; t < tiles; ++t) tile(t);
     return;
   }
+#endif
+  // Always from inside a parallel region, even for one tile: Eigen threads a product itself
+  // when called outside one, with blocking (so rounding) that depends on the thread count.
   parallel_blocks(tiles, 1, [&](std::int64_t t0, std::int64_t) { tile(t0); });
 }
 
@@ -228,10 +229,9 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
                                 " was not compiled in (configure with PKM_BLAS=" +
                                 gemm_backend_name(backend) + ")");
   }
-  if (k > 0 && (m > (std::int64_t(1) << 31) - 1 || n > (std::int64_t(1) << 31) - 1 ||
-                k > (std::int64_t(1) << 31) - 1) &&
-      backend == GemmBackend::openblas) {
-    throw std::invalid_argument("pkm::gemm: sizes above 2^31 - 1 need the eigen or blis backend");
+  if (backend == GemmBackend::openblas && std::max({m, n, k, lda, ldb, ldc}) > std::int64_t(INT32_MAX)) {
+    throw std::invalid_argument("pkm::gemm: sizes or leading dimensions above 2^31 - 1 need the eigen or "
+                                "blis backend (OpenBLAS takes 32-bit ints)");
   }
   switch (backend) {
     case GemmBackend::blis:

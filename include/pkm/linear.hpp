@@ -4,8 +4,6 @@
 // count whenever the GEMM backend keeps that promise (pkm/gemm.hpp).
 #pragma once
 
-#include <algorithm>
-
 #include "pkm/detail/parallel.hpp"
 #include "pkm/gemm.hpp"
 #include "pkm/types.hpp"

@@ -401,7 +401,9 @@ TEST_CASE("the fused update refuses non-finite inputs and rows outside the table
                     Contains("weights holds a non-finite value"));
   // step_segments called directly with a row past the table.
   std::vector<pkm::detail::RowContribution<float>> items{{3, 0, 1.0f}, {rows, 1, 1.0f}};
-  const auto seg = pkm::detail::group_by_row(items);
+  pkm::detail::GroupScratch<float> group;
+  pkm::detail::RowSegments seg;
+  pkm::detail::group_by_row(items, rows + 1, group, seg);
   CHECK_THROWS_AS(opt.step_segments(table, items, seg, [&](std::int64_t t, std::int64_t) { return dy.row(t).data(); }),
                   std::out_of_range);
   CHECK(same_bits(table.matrix(), before));

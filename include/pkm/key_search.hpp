@@ -10,6 +10,7 @@
 // fixed order (stable grouping by row). The same bits with any thread count.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -51,7 +52,6 @@ struct KeySearchWorkspace {
   std::vector<detail::RowContribution<S>> key_items;  ///< backward: (key row, token, coef)
   detail::GroupScratch<S> group;
   detail::RowSegments key_segments;
-  RowMatrix<S> key_grads;    ///< backward: one reduced gradient per touched key row
 };
 
 /// The sub-keys the scores are computed against: the parameters, or their normalised copy.
@@ -88,13 +88,15 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
     });
   }
   const S* K = key_search_keys(c, keys, cache);
+  const Index chunk = std::min(kSearchChunk, B);  // buffers sized once: a last, shorter chunk reuses them
+  if (c.qk_norm) ws.query_hat.resize(chunk, H * kd);
+  ws.half_scores.resize(chunk, 2 * n);
   for (Index c0 = 0; c0 < B; c0 += kSearchChunk) {
     const Index nb = std::min(kSearchChunk, B - c0);
     // The query rows the scores use: q itself, or tau q / |q| per half (tau folded in).
     const S* q = query.data() + c0 * query.outerStride();
     Index ldq = query.outerStride();
     if (c.qk_norm) {
-      ws.query_hat.resize(nb, H * kd);
       detail::parallel_blocks(nb, kSearchBlock, [&](Index b0, Index b1) {
         for (Index b = b0; b < b1; ++b) {
           for (Index p = 0; p < 2 * H; ++p) {
@@ -110,7 +112,6 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
       q = ws.query_hat.data();
       ldq = ws.query_hat.outerStride();
     }
-    ws.half_scores.resize(nb, 2 * n);
     S* s = ws.half_scores.data();
     for (Index h = 0; h < H; ++h) {
       for (Index t = 0; t < 2; ++t) {
@@ -177,20 +178,21 @@ void key_search_backward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
       }
     }
   });
-  // Sub-key gradient: row r of head h, half t gets sum over its contributions of coef * q half.
+  // Sub-key gradient: row r of head h, half t gets the sum over its contributions of coef * q
+  // half, reduced into a per-thread row and added to dkeys at once (no gradient rows stored).
   detail::group_by_row(ws.key_items, 2 * H * n, ws.group, ws.key_segments);
-  detail::reduce_segments(ws.key_items, ws.key_segments, half,
-                          [&](std::int64_t b, std::int64_t row) { return query.row(b).data() + (row / n) * half; },
-                          ws.key_grads);
+  auto source = [&](std::int64_t b, std::int64_t row) { return query.row(b).data() + (row / n) * half; };
   const auto& rows = ws.key_segments.rows;
-  detail::parallel_blocks(static_cast<Index>(rows.size()), 64, [&](Index u0, Index u1) {
-    for (Index u = u0; u < u1; ++u) {
-      const Index r = rows[u];
-      S* g = ws.key_grads.row(u).data();
-      if (c.qk_norm) qk_norm_backward(keys.row(r).data(), cache.key_inv_norm[r], g, half, g);
-      dkeys.row(r) += ws.key_grads.row(u);
-    }
-  });
+  detail::parallel_blocks_with<std::vector<S>>(
+      static_cast<Index>(rows.size()), detail::kSegmentBlock, [&](std::vector<S>& g, Index u0, Index u1) {
+        g.resize(static_cast<std::size_t>(half));
+        for (Index u = u0; u < u1; ++u) {
+          const Index r = rows[static_cast<std::size_t>(u)];
+          detail::reduce_segment(ws.key_items, ws.key_segments, u, half, source, g.data());
+          if (c.qk_norm) qk_norm_backward(keys.row(r).data(), cache.key_inv_norm[r], g.data(), half, g.data());
+          dkeys.row(r) += ConstVectorMap<S>(g.data(), half).transpose();
+        }
+      });
 }
 
 }  // namespace pkm

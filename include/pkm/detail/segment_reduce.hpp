@@ -4,9 +4,9 @@
 //     out[row] = sum over its contributions of coef * source_vector(source, row)
 // is formed once, by one thread. No atomics; the same bits with any thread count.
 //
-// Grouping (group_by_row) and reducing one row (reduce_segment) are separate so that a
-// sparse optimizer can reduce a row into a scratch vector and apply it at once (the fused
-// value update) instead of storing every reduced row (segment_reduce).
+// Grouping (group_by_row) and reducing one row (reduce_segment) are separate so that a caller
+// can reduce a row into a scratch vector and apply it at once (the fused value update, the
+// sub-key gradient) instead of storing every reduced row (reduce_segments).
 #pragma once
 
 #include <algorithm>
@@ -72,17 +72,6 @@ void group_by_row(std::vector<RowContribution<S>>& items, std::int64_t row_count
   seg.starts.push_back(items.size());
 }
 
-/// Sorts `items` by row (stable) and returns its segments (allocating; see above).
-template <class S>
-RowSegments group_by_row(std::vector<RowContribution<S>>& items) {
-  std::int64_t rows = 0;
-  for (const auto& it : items) rows = std::max<std::int64_t>(rows, it.row + 1);
-  GroupScratch<S> scratch;
-  RowSegments seg;
-  group_by_row(items, rows, scratch, seg);
-  return seg;
-}
-
 /// out[0, dim) = the sum of segment u, its contributions added in order.
 /// `source(source_id, row)` returns a pointer to `dim` values of type convertible to S.
 template <class S, class SourceFn>
@@ -107,15 +96,6 @@ void reduce_segments(const std::vector<RowContribution<S>>& items, const RowSegm
   parallel_blocks(seg.size(), kSegmentBlock, [&](Index begin, Index end) {
     for (Index u = begin; u < end; ++u) reduce_segment(items, seg, u, dim, source, out_values.row(u).data());
   });
-}
-
-/// Sorts `items` by row (stable) and writes the unique rows and their reduced vectors.
-template <class S, class SourceFn>
-void segment_reduce(std::vector<RowContribution<S>>& items, Index dim, SourceFn&& source,
-                    std::vector<std::int64_t>& out_rows, RowMatrix<S>& out_values) {
-  RowSegments seg = group_by_row(items);
-  reduce_segments(items, seg, dim, source, out_values);
-  out_rows = std::move(seg.rows);
 }
 
 }  // namespace pkm::detail

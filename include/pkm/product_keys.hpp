@@ -68,7 +68,7 @@ struct ProductKeyScratch {
     Index i, j;  // sub-key ids
     Index a, b;  // ranks in the two half lists
   };
-  std::vector<typename detail::RankKey<S>::type> half_heap;
+  std::vector<typename detail::RankKey<S>::type> half_candidates;
   struct KeyedCandidate {
     detail::uint128 key;
     std::int32_t a, b;
@@ -101,7 +101,7 @@ template <class S>
 void half_topk(const S* s, Index n, Index k, Index* out, ProductKeyScratch<S>& scratch) {
   using K = detail::RankKey<S>;
   using Key = typename K::type;
-  auto& cand = scratch.half_heap;
+  auto& cand = scratch.half_candidates;
   cand.resize(static_cast<std::size_t>(n));
   std::size_t count = 0;
   if (n >= 4 * k) {

@@ -1,6 +1,10 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <random>
+#include <vector>
 
 #include <pkm/pkm.hpp>
 
@@ -22,8 +26,9 @@ pkm::IndexMatrix random_indices(Index B, Index L, Index rows, std::uint64_t seed
 
 template <class T>
 void check_gather_against_naive() {
-  // Widths that use the 64-wide register blocks, the 8-wide remainder and the scalar tail.
-  for (Index dim : {1, 3, 8, 33, 64, 71, 130, 200}) {
+  // Widths that use the 256-wide (AVX-512) and 64-wide register blocks, the 8-wide remainder
+  // and the scalar tail.
+  for (Index dim : {1, 3, 8, 33, 64, 71, 130, 200, 256, 300, 583}) {
     pkm::ValueTable<T> table(97, dim);
     pkm::init_values(table, 5);
     const auto idx = random_indices(70, 12, 97, dim);
@@ -174,4 +179,58 @@ TEST_CASE("the gather rejects bad indices and shapes without reading out of boun
   CHECK(g.empty());
   CHECK_THROWS_AS(pkm::ValueTable<float>(0, 4), std::invalid_argument);
   CHECK_THROWS_AS(pkm::ValueTable<float>::view(nullptr, 4, 4), std::invalid_argument);
+}
+
+TEST_CASE("grouping by row is a stable sort, in one pass or several", "[sparse_grad]") {
+  // Row counts that take one radix pass (< 2^11), two and three; contributions keep their
+  // order within a row, as std::stable_sort keeps it.
+  std::mt19937_64 rng(21);
+  for (std::int64_t row_count : {std::int64_t(1), std::int64_t(1000), std::int64_t(1) << 20, std::int64_t(5) << 28}) {
+    std::uniform_int_distribution<std::int64_t> pick(0, row_count - 1);
+    std::vector<pkm::detail::RowContribution<float>> items(3000);
+    for (std::size_t t = 0; t < items.size(); ++t) {
+      // Few distinct rows so that many share one; the source records the original position.
+      items[t] = {pick(rng) % std::max<std::int64_t>(1, row_count / 997) * 997 % row_count,
+                  std::int64_t(t), float(t)};
+    }
+    auto expected = items;
+    std::stable_sort(expected.begin(), expected.end(), [](const auto& a, const auto& b) { return a.row < b.row; });
+    pkm::detail::GroupScratch<float> scratch;
+    pkm::detail::RowSegments seg;
+    pkm::detail::group_by_row(items, row_count, scratch, seg);
+    INFO("row_count " << row_count);
+    bool same = items.size() == expected.size();
+    for (std::size_t t = 0; same && t < items.size(); ++t) same = items[t].row == expected[t].row && items[t].source == expected[t].source;
+    CHECK(same);
+    REQUIRE(seg.starts.size() == seg.rows.size() + 1);
+    bool segments_ok = seg.starts.front() == 0 && seg.starts.back() == items.size();
+    for (std::size_t u = 0; u < seg.rows.size(); ++u) {
+      segments_ok = segments_ok && (u == 0 || seg.rows[u - 1] < seg.rows[u]);
+      for (std::size_t t = seg.starts[u]; t < seg.starts[u + 1]; ++t) segments_ok = segments_ok && items[t].row == seg.rows[u];
+    }
+    CHECK(segments_ok);
+  }
+}
+
+TEST_CASE("sqrt_array gives std::sqrt's bits at every position", "[sparse_grad]") {
+  std::mt19937_64 rng(22);
+  std::uniform_real_distribution<double> u(0.0, 1e6);
+  for (int n : {0, 1, 3, 4, 7, 8, 15, 16, 17, 33, 100}) {
+    std::vector<float> f(static_cast<std::size_t>(n)), fo(static_cast<std::size_t>(n));
+    std::vector<double> d(static_cast<std::size_t>(n)), dout(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      d[std::size_t(i)] = u(rng) * (i % 5 == 0 ? 1e-30 : 1.0);  // tiny and zero-ish values too
+      f[std::size_t(i)] = float(d[std::size_t(i)]);
+    }
+    pkm::detail::sqrt_array(f.data(), fo.data(), n);
+    pkm::detail::sqrt_array(d.data(), dout.data(), n);
+    bool same = true;
+    for (int i = 0; i < n; ++i) {
+      const float wf = std::sqrt(f[std::size_t(i)]);
+      const double wd = std::sqrt(d[std::size_t(i)]);
+      same = same && std::memcmp(&wf, &fo[std::size_t(i)], 4) == 0 && std::memcmp(&wd, &dout[std::size_t(i)], 8) == 0;
+    }
+    INFO("n " << n);
+    CHECK(same);
+  }
 }

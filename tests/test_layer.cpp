@@ -288,6 +288,31 @@ TEST_CASE("a reused cache gives the same result as a fresh one", "[layer]") {
   CHECK(reused.batch == 7);
 }
 
+TEST_CASE("a cache whose backward buffers served a bigger batch gives a fresh cache's gradients",
+          "[layer]") {
+  // The backward keeps its temporaries (dq, the read's gradient, grouped contributions) in the
+  // cache; nothing of a previous, larger call may leak into the next.
+  auto c = medium_config();
+  c.gating = true;
+  c.qk_norm = true;
+  pkm::MemoryLayer<float> layer(c, 5);
+  const MatF big = pkmtest::random_matrix(130, c.input_dim, 1).cast<float>();
+  const MatF small = pkmtest::random_matrix(9, c.input_dim, 2).cast<float>();
+  const MatF dbig = pkmtest::random_matrix(130, c.output_dim, 3).cast<float>();
+  const MatF dsmall = pkmtest::random_matrix(9, c.output_dim, 4).cast<float>();
+  pkm::ForwardCache<float> reused, fresh;
+  pkm::LayerGradients<float> g_big(c), g_reused(c), g_fresh(c);
+  MatF dx_big(130, c.input_dim), dx_reused(9, c.input_dim), dx_fresh(9, c.input_dim);
+  layer.forward(big, reused);
+  layer.backward(big, reused, dbig, g_big, dx_big);
+  layer.forward(small, reused);
+  layer.backward(small, reused, dsmall, g_reused, dx_reused);
+  layer.forward(small, fresh);
+  layer.backward(small, fresh, dsmall, g_fresh, dx_fresh);
+  CHECK(same_bits(dx_reused, dx_fresh));
+  CHECK(pkmtest::first_gradient_difference(g_reused, g_fresh) == "");
+}
+
 TEST_CASE("value initialisation: element values depend on their index alone and are standard normal",
           "[layer][init]") {
   const pkm::detail::CounterRng rng(5, pkm::kValueStream);

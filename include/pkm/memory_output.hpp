@@ -38,12 +38,9 @@ struct OutputWorkspace {
 };
 
 namespace detail {
-template <class S>
-const S* bias_or_null(const LayerParameters<S>& p, Tensor t) {
-  return p.has(t) ? p.data(t) : nullptr;
-}
-template <class S>
-S* bias_or_null(LayerParameters<S>& p, Tensor t) {
+/// The tensor's data (const or not, as `p`), or null where the config has no such tensor.
+template <class Params>
+auto bias_or_null(Params& p, Tensor t) -> decltype(p.data(t)) {
   return p.has(t) ? p.data(t) : nullptr;
 }
 }  // namespace detail

@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "pkm/detail/checked.hpp"
+
 namespace pkm {
 
 /// Everything that decides the shapes and the computation of one memory layer.
@@ -33,10 +35,11 @@ struct MemoryConfig {
 
   /// Half of k_dim: the width of one sub-key.
   std::int64_t half() const { return k_dim / 2; }
-  /// Number of memory slots, n_keys^2: the rows of the value table.
-  std::int64_t slots() const { return n_keys * n_keys; }
-  /// H * knn: the rows each token reads.
-  std::int64_t bag_size() const { return heads * knn; }
+  /// Number of memory slots, n_keys^2: the rows of the value table. Throws
+  /// std::invalid_argument where n_keys^2 would overflow (an unvalidated config).
+  std::int64_t slots() const { return detail::checked_mul("pkm::MemoryConfig::slots", "n_keys^2", n_keys, n_keys); }
+  /// H * knn: the rows each token reads (checked like slots()).
+  std::int64_t bag_size() const { return detail::checked_mul("pkm::MemoryConfig::bag_size", "heads x knn", heads, knn); }
   /// The scale applied to normalised scores (qk_norm only).
   double effective_qk_norm_scale() const {
     return qk_norm_scale ? *qk_norm_scale : std::sqrt(static_cast<double>(half()));
@@ -92,9 +95,13 @@ inline void MemoryConfig::validate() const {
   }
   if (qk_norm_scale) {
     const double s = *qk_norm_scale;
-    if (!(std::isfinite(s) && s > 0.0)) {
+    // The scale is applied in the layer's scalar type, float included: it must be finite
+    // and non-zero there too (1e300 is a finite double but inf as a float).
+    const float sf = static_cast<float>(s);
+    if (!(std::isfinite(s) && s > 0.0 && std::isfinite(sf) && sf > 0.0f)) {
       throw std::invalid_argument("pkm::MemoryConfig: qk_norm_scale = " + std::to_string(s) +
-                                  " is out of range; expected a finite value > 0");
+                                  " is out of range; expected a value > 0 that is finite and "
+                                  "non-zero as a float");
     }
   }
 }

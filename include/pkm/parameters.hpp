@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -243,6 +244,23 @@ void check_parameters_match(const LayerParameters<Scalar>& p, const MemoryConfig
     throw std::invalid_argument(std::string("pkm: ") + what +
                                 " were made for a different MemoryConfig than this layer's");
   }
+}
+
+/// Throws std::runtime_error naming the first tensor and element of `p` that holds NaN or an
+/// infinity (the layer's forward checks its parameters with this before computing anything).
+template <class Scalar>
+void check_parameters_finite(const char* who, const LayerParameters<Scalar>& p) {
+  p.for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
+    if (m.allFinite()) return;
+    const Scalar* d = m.data();
+    for (Index i = 0; i < m.size(); ++i) {
+      if (!std::isfinite(d[i])) {
+        throw std::runtime_error(std::string(who) + ": parameter '" + tensor_name(t) + "' holds " +
+                                 std::to_string(d[i]) + " at element " + std::to_string(i) +
+                                 "; expected finite parameters");
+      }
+    }
+  });
 }
 
 }  // namespace pkm

@@ -2,10 +2,15 @@
 // memory; several layers may read one table (a shared value pool).
 #pragma once
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "pkm/detail/aligned_buffer.hpp"
+#include "pkm/detail/checked.hpp"
+#include "pkm/detail/parallel.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm {
@@ -22,7 +27,7 @@ class ValueTable {
   /// Owning, all zeros.
   ValueTable(Index rows, Index dim) : rows_(rows), dim_(dim), stride_(dim) {
     check_sizes(rows, dim, dim);
-    storage_ = detail::AlignedBuffer<T>(static_cast<std::size_t>(rows * dim));
+    storage_ = detail::AlignedBuffer<T>(static_cast<std::size_t>(rows) * static_cast<std::size_t>(dim));
     data_ = storage_.data();
   }
   /// Views `rows` rows of `dim` values at `data`, row r starting at data + r * stride.
@@ -81,6 +86,10 @@ class ValueTable {
                                   std::to_string(stride) +
                                   "; expected rows >= 1, dim >= 1 and stride >= dim");
     }
+    // rows x stride elements of T must be addressable without wrapping (at most 2^62 bytes).
+    detail::checked_mul("pkm::ValueTable", "rows x stride x element bytes",
+                        detail::checked_mul("pkm::ValueTable", "rows x stride", rows, stride),
+                        static_cast<std::int64_t>(sizeof(T)));
   }
   void copy_from(const ValueTable& o) {
     if (o.owns_storage()) {
@@ -98,5 +107,42 @@ class ValueTable {
   Index dim_ = 0;
   Index stride_ = 0;
 };
+
+namespace detail {
+/// True when the `dim` values at `row` are all finite (16-bit types compared as float).
+template <class T>
+bool row_finite(const T* row, Index dim) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return Eigen::Map<const Vector<T>>(row, dim).allFinite();
+  } else {
+    for (Index d = 0; d < dim; ++d) {
+      if (!std::isfinite(static_cast<float>(row[d]))) return false;
+    }
+    return true;
+  }
+}
+}  // namespace detail
+
+/// The lowest row of `table` that holds NaN or an infinity, or -1 when every value is finite.
+/// pkm does not scan tables on its own (a forward checks only the rows it reads, and
+/// load_layer the table it copies): call this after filling or mapping a table yourself.
+template <class T>
+Index first_non_finite_row(const ValueTable<T>& table) {
+  constexpr Index kBlock = 1024;
+  const Index rows = table.rows();
+  std::vector<Index> first((rows + kBlock - 1) / kBlock, -1);
+  detail::parallel_blocks(rows, kBlock, [&](Index r0, Index r1) {
+    for (Index r = r0; r < r1; ++r) {
+      if (!detail::row_finite(table.row(r), table.dim())) {
+        first[r0 / kBlock] = r;
+        return;
+      }
+    }
+  });
+  for (Index f : first) {
+    if (f >= 0) return f;
+  }
+  return -1;
+}
 
 }  // namespace pkm

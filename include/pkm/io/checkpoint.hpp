@@ -176,18 +176,35 @@ LayerParameters<Scalar> load_parameters(const SafetensorsFile& f, const MemoryCo
 }
 
 /// Loads a layer: parameters as Scalar, the value table converted to TableT (e.g. a BF16
-/// table kept as pkm::bf16, or converted to float). Everything is copied out of the file.
+/// table kept as pkm::bf16, or converted to float). Everything is copied out of the file
+/// (with pread: a file truncated meanwhile gives std::runtime_error), then checked: a
+/// parameter or table value that is NaN or infinite (after conversion) throws
+/// std::invalid_argument naming the tensor and the row or element.
 template <class Scalar, class TableT = Scalar>
 MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptions& opt = {}) {
   const MemoryConfig c = infer_config(f, opt);
   ValueTable<TableT> table(c.slots(), c.v_dim);
   f.read(opt.prefix + "values.weight", table.data(), static_cast<std::size_t>(c.slots() * c.v_dim));
-  return MemoryLayer<Scalar, TableT>(load_parameters<Scalar>(f, c, opt.prefix), std::move(table));
+  if (const Index r = first_non_finite_row(table); r >= 0) {
+    detail::bad_checkpoint(f, "tensor '" + opt.prefix + "values.weight' row " + std::to_string(r) +
+                                  " holds a non-finite value (as " + dtype_name(dtype_of<TableT>()) + ")");
+  }
+  LayerParameters<Scalar> params = load_parameters<Scalar>(f, c, opt.prefix);
+  try {
+    check_parameters_finite("load_layer", params);
+  } catch (const std::runtime_error& e) {
+    detail::bad_checkpoint(f, e.what());
+  }
+  return MemoryLayer<Scalar, TableT>(std::move(params), std::move(table));
 }
 
 /// Loads a layer whose value table is a view into the file's mapping: no copy of the table.
 /// The file's dtype must be TableT's and its data aligned for TableT; `f` (or a copy of it)
-/// must outlive the layer. Writes to the table (fine-tuning) stay in memory, never in the file.
+/// must outlive the layer, and the file must not be truncated meanwhile (SIGBUS: see
+/// safetensors.hpp). Writes to the table (fine-tuning) stay in memory, never in the file.
+/// The dense parameters are checked as by load_layer; the table is not scanned (that would
+/// read all of it): forward checks the rows it reads, and pkm::first_non_finite_row checks
+/// it all on demand.
 template <class Scalar, class TableT = Scalar>
 MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOptions& opt = {}) {
   const MemoryConfig c = infer_config(f, opt);
@@ -200,7 +217,13 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
   if (reinterpret_cast<std::uintptr_t>(p) % alignof(TableT) != 0) {
     detail::bad_checkpoint(f, "values.weight is not aligned for its dtype in the file; use load_layer");
   }
-  return MemoryLayer<Scalar, TableT>(load_parameters<Scalar>(f, c, opt.prefix),
+  LayerParameters<Scalar> params = load_parameters<Scalar>(f, c, opt.prefix);
+  try {
+    check_parameters_finite("load_layer_mapped", params);
+  } catch (const std::runtime_error& e) {
+    detail::bad_checkpoint(f, e.what());
+  }
+  return MemoryLayer<Scalar, TableT>(std::move(params),
                                      ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
 }
 

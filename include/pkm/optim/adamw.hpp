@@ -19,6 +19,7 @@
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/vec_math.hpp"
 #include "pkm/optim/grad_clip.hpp"
+#include "pkm/optim/state.hpp"
 #include "pkm/parameters.hpp"
 #include "pkm/types.hpp"
 
@@ -190,6 +191,7 @@ class AdamW {
   /// norm before clipping. A non-finite gradient throws std::runtime_error naming the tensor
   /// and changes nothing.
   double step() {
+    detail::check_step_counter("pkm::optim::AdamW::step", step_);
     double sq = 0.0;
     for (const auto& s : slots_) sq += detail::sum_of_squares(s.grad, s.size);
     const double norm = std::sqrt(sq);
@@ -205,14 +207,14 @@ class AdamW {
     return norm;
   }
 
-  /// Calls fn(name, shape, data) for each state tensor: "<tensor>.exp_avg" and
-  /// "<tensor>.exp_avg_sq" (S, shape [size]) and "step" (int64, shape [1]).
+  /// Calls fn(name, shape, data, kind) for each state tensor: "step" (int64, shape [1]),
+  /// "<tensor>.exp_avg" and "<tensor>.exp_avg_sq" (S, shape [size]).
   template <class F>
   void for_each_state(F&& fn) {
-    fn(std::string("step"), std::vector<std::int64_t>{1}, &step_);
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &step_, StateKind::step_count);
     for (auto& s : slots_) {
-      fn(s.name + ".exp_avg", std::vector<std::int64_t>{s.size}, s.m.data());
-      fn(s.name + ".exp_avg_sq", std::vector<std::int64_t>{s.size}, s.v.data());
+      fn(s.name + ".exp_avg", std::vector<std::int64_t>{s.size}, s.m.data(), StateKind::finite);
+      fn(s.name + ".exp_avg_sq", std::vector<std::int64_t>{s.size}, s.v.data(), StateKind::non_negative);
     }
   }
 

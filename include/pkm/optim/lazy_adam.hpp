@@ -34,13 +34,14 @@ class LazyAdam : public SparseRowOptimizer<LazyAdam<S>, S, AdamOptions> {
   std::int64_t row_steps(Index r) const { return row_step_.at(static_cast<std::size_t>(r)); }
 
   /// State: "step" (int64 [1]), "row_step" (int64 [rows]), "exp_avg" and "exp_avg_sq"
-  /// (S, [rows, dim]).
+  /// (S, [rows, dim]), with the values each may hold (pkm/optim/state.hpp).
   template <class F>
   void for_each_state(F&& fn) {
-    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count());
-    fn(std::string("row_step"), std::vector<std::int64_t>{this->rows()}, row_step_.data());
-    fn(std::string("exp_avg"), std::vector<std::int64_t>{this->rows(), this->dim()}, m_.data());
-    fn(std::string("exp_avg_sq"), std::vector<std::int64_t>{this->rows(), this->dim()}, v_.data());
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(), StateKind::step_count);
+    fn(std::string("row_step"), std::vector<std::int64_t>{this->rows()}, row_step_.data(), StateKind::row_count);
+    fn(std::string("exp_avg"), std::vector<std::int64_t>{this->rows(), this->dim()}, m_.data(), StateKind::finite);
+    fn(std::string("exp_avg_sq"), std::vector<std::int64_t>{this->rows(), this->dim()}, v_.data(),
+       StateKind::non_negative);
   }
 
   /// Updates table row r (see SparseRowOptimizer).

@@ -53,8 +53,8 @@ class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S, RowWiseAd
   /// State: "step" (int64 [1]) and "sum" (S, [rows]), FBGEMM's momentum1.
   template <class F>
   void for_each_state(F&& fn) {
-    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count());
-    fn(std::string("sum"), std::vector<std::int64_t>{this->rows()}, sum_.data());
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(), StateKind::step_count);
+    fn(std::string("sum"), std::vector<std::int64_t>{this->rows()}, sum_.data(), StateKind::non_negative);
   }
 
   /// Updates table row r (see SparseRowOptimizer).

@@ -20,6 +20,7 @@
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/optim/grad_clip.hpp"
+#include "pkm/optim/state.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_table.hpp"
@@ -59,43 +60,35 @@ class SparseRowOptimizer {
   template <class T>
   double step(ValueTable<T>& table, const SparseRowGrad<S>& grad) {
     check_table(who_, table);
-    const Index n = grad.size();
-    if (n > 0) {
-      if (grad.dim != dim_ || grad.values.rows() != n || grad.values.cols() != dim_) {
-        throw std::invalid_argument(std::string(who_) + ": gradient values are " +
-                                    std::to_string(grad.values.rows()) + " x " +
-                                    std::to_string(grad.values.cols()) + " (dim " +
-                                    std::to_string(grad.dim) + "), expected rows.size() x dim = " +
-                                    std::to_string(n) + " x " + std::to_string(dim_));
-      }
-      for (Index u = 0; u < n; ++u) {
-        const std::int64_t r = grad.rows[u];
-        if (r < 0 || r >= rows_) throw_row_out_of_range(r);
-        if (u > 0 && r <= grad.rows[u - 1]) {
-          throw std::invalid_argument(std::string(who_) + ": gradient row ids are not sorted and "
-                                      "unique (" + std::to_string(grad.rows[u - 1]) + " then " +
-                                      std::to_string(r) + "); expected a SparseRowGrad as backward() makes it");
-        }
-      }
+    detail::check_step_counter(who_, step_);
+    if (grad.size() > 0 && grad.dim != dim_) {
+      throw std::invalid_argument(std::string(who_) + ": gradient dim = " + std::to_string(grad.dim) +
+                                  ", expected the table's " + std::to_string(dim_));
     }
+    grad.validate(who_, "the gradient", rows_);
     // The stored rows are cheap to read twice: the norm (and finiteness) always comes first.
     return apply(table, grad.rows, true, [&](Index u, S*) { return grad.values.row(u).data(); });
   }
 
   /// The fused step: the gradient of row seg.rows[u] is the sum over its contributions t of
   /// items[t].coef * source(items[t].source, row); it is reduced into a scratch row and
-  /// applied at once, with no gradient table stored. With clipping on, the rows are reduced
-  /// twice (first for the norm). The result equals building the SparseRowGrad with
-  /// detail::segment_reduce and calling step(), bit for bit. The caller guarantees finite
-  /// sources and coefficients; a row id outside the table throws std::out_of_range first.
+  /// applied at once, with no gradient table stored. The result equals building the
+  /// SparseRowGrad with detail::segment_reduce and calling step(), bit for bit, errors
+  /// included: the rows are reduced twice (first for the norm, throwing on a non-finite
+  /// gradient before anything changes) unless clipping is off and the caller passes
+  /// known_finite = true, having proven that no row's gradient or the norm can overflow
+  /// (embedding_bag_backward_update does, from a bound on the sums). A row id outside the
+  /// table throws std::out_of_range first.
   template <class T, class SourceFn>
   double step_segments(ValueTable<T>& table, const std::vector<pkm::detail::RowContribution<S>>& items,
-                       const pkm::detail::RowSegments& seg, SourceFn&& source) {
+                       const pkm::detail::RowSegments& seg, SourceFn&& source,
+                       bool known_finite = false) {
     check_table(who_, table);
+    detail::check_step_counter(who_, step_);
     if (seg.size() > 0 && (seg.rows.front() < 0 || seg.rows.back() >= rows_)) {
       throw_row_out_of_range(seg.rows.front() < 0 ? seg.rows.front() : seg.rows.back());
     }
-    return apply(table, seg.rows, options_.max_grad_norm > 0.0, [&](Index u, S* scratch) {
+    return apply(table, seg.rows, options_.max_grad_norm > 0.0 || !known_finite, [&](Index u, S* scratch) {
       pkm::detail::reduce_segment(items, seg, u, dim_, source, scratch);
       return static_cast<const S*>(scratch);
     });

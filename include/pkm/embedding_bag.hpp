@@ -7,7 +7,10 @@
 // gradient dweights(b, l) = <dy(b, :), table.row(indices(b, l))>.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -123,6 +126,28 @@ void bag_backward_begin(const char* who, const ValueTable<T>& table, const Const
 }
 }  // namespace detail
 
+namespace detail {
+/// sum_b max_d |dy(b, d)| * sum_l |w(b, l)|, in double over fixed blocks summed in order: an
+/// upper bound on the magnitude of any element of the table gradient (inf if it overflows).
+template <class S>
+double gradient_bound(const ConstMatrixRef<S>& w, const ConstMatrixRef<S>& dy) {
+  const Index B = dy.rows();
+  const Index nblocks = (B + kTokenBlock - 1) / kTokenBlock;
+  std::vector<double> partial(static_cast<std::size_t>(nblocks), 0.0);
+  parallel_blocks(B, kTokenBlock, [&](Index b0, Index b1) {
+    double sum = 0.0;
+    for (Index b = b0; b < b1; ++b) {
+      const double m = dy.cols() > 0 ? static_cast<double>(dy.row(b).cwiseAbs().maxCoeff()) : 0.0;
+      sum += m * static_cast<double>(w.row(b).cwiseAbs().sum());
+    }
+    partial[static_cast<std::size_t>(b0 / kTokenBlock)] = sum;
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+}  // namespace detail
+
 /// Backward of embedding_bag: dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and the
 /// table gradient sum_{b,l: indices(b,l) = r} weights(b, l) * dy(b, :) for each touched row r,
 /// merged (added) into `dtable`. Contributions to one row are summed in (b, l) order.
@@ -133,6 +158,7 @@ void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& ind
                             MatrixRef<detail::no_deduce<S>> dweights,
                             SparseRowGrad<detail::no_deduce<S>>& dtable, BagBackwardScratch<S>& scratch) {
   const char* who = "pkm::embedding_bag_backward";
+  dtable.validate(who, "dtable", table.rows());
   if (!dtable.empty() && dtable.dim != table.dim()) {
     throw std::invalid_argument(std::string(who) + ": dtable.dim = " +
                                 std::to_string(dtable.dim) + ", expected table dim " +
@@ -182,8 +208,15 @@ double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& 
     }
   }
   detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights, scratch);
-  return optimizer.step_segments(table, scratch.items, scratch.segments,
-                                 [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); });
+  // Every row's gradient is at most sum_b max|dy(b, :)| sum_l |weights(b, l)| in magnitude,
+  // and the norm at most sqrt(dim) times that: below the limits, nothing can overflow and
+  // the optimizer may skip its separate finiteness pass (the result is the same either way).
+  const double bound = detail::gradient_bound<S>(weights, dy);
+  const double limit = std::min(0.5 * static_cast<double>(std::numeric_limits<S>::max()),
+                                1e150 / std::sqrt(static_cast<double>(table.dim())));
+  return optimizer.step_segments(
+      table, scratch.items, scratch.segments, [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
+      bound <= limit);
 }
 
 /// As above, with buffers of its own (allocated for this call).

@@ -61,8 +61,28 @@ const S* key_search_keys(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
   return c.qk_norm ? cache.keys_normalized.data() : keys.data();
 }
 
+namespace detail {
+/// Says why token b, head h has a non-finite half score: which input holds a non-finite
+/// value, or that finite ones overflow in the product.
+template <class S>
+[[noreturn]] void throw_non_finite_half_score(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
+                                              const ConstMatrixRef<S>& query, Index b, Index h) {
+  const std::string where = "pkm::key_search_forward: token " + std::to_string(b) + ", head " + std::to_string(h);
+  const auto q = query.row(b).segment(h * c.k_dim, c.k_dim);
+  const auto k = keys.middleRows(2 * h * c.n_keys, 2 * c.n_keys);
+  if (!q.allFinite()) {
+    throw std::runtime_error(where + ": the query (q = Wq x + bq) is not finite; the query weights or bias hold "
+                                     "non-finite values, or are so large that the product overflows");
+  }
+  if (!k.allFinite()) throw std::runtime_error(where + ": the head's sub-keys hold non-finite values");
+  throw std::runtime_error(where + ": a half score overflows: the query and the sub-keys are finite but too large" +
+                           std::string(c.qk_norm ? " (after qk-normalisation and its scale)" : ""));
+}
+}  // namespace detail
+
 /// Forward: `keys` (2 H n_keys x half) and `query` (B x H k_dim) -> cache.indices, scores,
-/// weights (and the qk-norm factors). Throws std::runtime_error if a half score is not finite.
+/// weights (and the qk-norm factors). Throws std::runtime_error naming the token and head if
+/// a half score or a score is not finite, and why (a non-finite input, or an overflow).
 template <class S>
 void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
                         const ConstMatrixRef<S>& query, KeySearchCache<S>& cache,
@@ -122,16 +142,17 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
           nb, kSearchBlock, [&](ProductKeyScratch<S>& sc, Index b0, Index b1) {
             for (Index b = b0; b < b1; ++b) {
               const S* row = s + b * 2 * n;
-              if (!ConstVectorMap<S>(row, 2 * n).allFinite()) {
-                throw std::runtime_error(
-                    "pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
-                    std::to_string(h) +
-                    " has a non-finite half score; the layer's keys or query weights hold "
-                    "non-finite values");
-              }
+              if (!ConstVectorMap<S>(row, 2 * n).allFinite()) detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
               const Index col = h * k;
               product_key_topk(row, row + n, n, k, &cache.indices(c0 + b, col),
                                &cache.scores(c0 + b, col), sc);
+              // Two finite half scores can still add up to an infinity.
+              if (!ConstVectorMap<S>(&cache.scores(c0 + b, col), k).allFinite()) {
+                throw std::runtime_error("pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
+                                         std::to_string(h) +
+                                         ": a score (the sum of two finite half scores) overflows; the "
+                                         "query or the sub-keys are too large");
+              }
               softmax_forward(&cache.scores(c0 + b, col), k, &cache.weights(c0 + b, col));
             }
           });

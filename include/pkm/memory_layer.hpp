@@ -114,24 +114,44 @@ class MemoryLayer {
 
   /// out = layer(x) for a batch of B tokens (x: B x input_dim, out: B x output_dim), filling
   /// `cache` for backward. A batch of 0 tokens is valid and does nothing.
-  /// Throws std::invalid_argument for a wrong shape or a non-finite input value, and
-  /// std::runtime_error if the parameters produce a non-finite score.
+  /// Throws, before writing anything, std::invalid_argument for a wrong shape or a
+  /// non-finite input value and std::runtime_error for a non-finite dense parameter (naming
+  /// the tensor and element). Then throws std::runtime_error for what finite values can still
+  /// produce: a query or score that overflows, a value-table row that holds NaN or infinity
+  /// (only the rows a token reads are checked, naming the row), an output that overflows (out
+  /// then holds the overflowed values). After any throw the cache is marked unfilled: backward
+  /// refuses it until a forward completes.
   void forward(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out,
                ForwardCache<Scalar>& cache) const {
     const char* who = "pkm::MemoryLayer::forward";
     const MemoryConfig& c = config();
     check_input(who, x, true);
     detail::check_same_shape(who, "out", out.rows(), out.cols(), x.rows(), c.output_dim);
+    check_parameters_finite(who, params_);
     const Index B = x.rows();
+    cache.batch = -1;  // the cache is valid again only when this forward completes
     cache.config = c;
-    cache.batch = B;
     cache.query.resize(B, c.heads * c.k_dim);
     cache.read.resize(B, c.v_dim);
     linear_forward<Scalar>(x, params_.query_weight(), detail::bias_or_null(params_, Tensor::query_bias),
                            cache.query);
     key_search_forward<Scalar>(c, params_.keys(), cache.query, cache, cache.workspace.search);
-    if (B > 0) embedding_bag<TableT, Scalar>(values_, cache.indices, cache.weights, cache.read);
+    if (B > 0) {
+      embedding_bag<TableT, Scalar>(values_, cache.indices, cache.weights, cache.read);
+      check_read(who, cache);
+    }
     output_forward<Scalar>(params_, x, cache.read, out, cache);
+    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+      for (Index b = b0; b < b1; ++b) {
+        if (!out.row(b).allFinite()) {
+          throw std::runtime_error(std::string(who) + ": the output of token " + std::to_string(b) +
+                                   " is not finite although x, the parameters and the read are: the "
+                                   "output op (Memory+, projection or gate) overflows; out holds the "
+                                   "overflowed values");
+        }
+      }
+    });
+    cache.batch = B;
   }
 
   /// Convenience: returns the output as a new matrix.
@@ -173,6 +193,8 @@ class MemoryLayer {
   /// SparseRowGrad followed by value_optimizer.step(values(), grad), bit for bit. Returns the
   /// value gradient's norm before clipping. One call is one optimizer step: for a table
   /// shared by several layers, merge their gradients and step once instead (docs/training.md).
+  /// It refuses what step() refuses, with nothing changed (table, optimizer, dparams, dx):
+  /// a non-finite value gradient throws std::runtime_error whatever max_grad_norm is.
   template <class Optimizer>
   double backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
                         const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
@@ -195,6 +217,26 @@ class MemoryLayer {
           std::to_string(values_.dim()) + ", expected n_keys^2 x v_dim = " +
           std::to_string(c.slots()) + " x " + std::to_string(c.v_dim));
     }
+  }
+
+  /// Throws std::runtime_error if a token's read is not finite, naming the table row at
+  /// fault (or the overflow when every row it read is finite).
+  void check_read(const char* who, const ForwardCache<Scalar>& cache) const {
+    detail::parallel_blocks(cache.read.rows(), detail::kTokenBlock, [&](Index b0, Index b1) {
+      for (Index b = b0; b < b1; ++b) {
+        if (cache.read.row(b).allFinite()) continue;
+        for (Index l = 0; l < cache.indices.cols(); ++l) {
+          const Index r = cache.indices(b, l);
+          if (!detail::row_finite(values_.row(r), values_.dim())) {
+            throw std::runtime_error(std::string(who) + ": value table row " + std::to_string(r) + ", read by token " +
+                                     std::to_string(b) + ", holds a non-finite value; expected a finite table "
+                                     "(pkm::first_non_finite_row finds every such row)");
+          }
+        }
+        throw std::runtime_error(std::string(who) + ": the read of token " + std::to_string(b) +
+                                 " overflows: the value rows it reads are finite but their weighted sum is not");
+      }
+    });
   }
 
   void check_input(const char* who, const ConstMatrixRef<Scalar>& x, bool check_finite) const {
@@ -224,8 +266,8 @@ class MemoryLayer {
     const MemoryConfig& c = config();
     if (cache.batch < 0 || cache.config != c) {
       throw std::invalid_argument(std::string(who) +
-                                  ": cache was not filled by forward() of a layer with this "
-                                  "config");
+                                  ": cache was not filled by a completed forward() of a layer with "
+                                  "this config");
     }
     check_input(who, x, false);
     if (x.rows() != cache.batch) {
@@ -238,6 +280,7 @@ class MemoryLayer {
       throw std::invalid_argument(std::string(who) + ": dout holds a non-finite value");
     }
     check_parameters_match(dparams, c, "parameter gradients (dparams)");
+    if (dvalues != nullptr) dvalues->validate(who, "dvalues", c.slots());
     if (dvalues != nullptr && !dvalues->empty() && dvalues->dim != c.v_dim) {
       throw std::invalid_argument(std::string(who) + ": dvalues.dim = " +
                                   std::to_string(dvalues->dim) + ", expected v_dim = " +
@@ -269,6 +312,12 @@ class MemoryLayer {
     opt.check_table(who, values_);  // before any gradient is written
     double norm = 0.0;
     backward_core(x, cache, dout, dparams, dx, [&](LayerWorkspace<Scalar>& ws) {
+      if (!ws.dy.allFinite()) {
+        throw std::runtime_error(std::string(who) +
+                                 ": the gradient of the read (dout through the output op) is not finite "
+                                 "although dout is: dout or the output op's parameters are too large; "
+                                 "nothing was updated");
+      }
       norm = embedding_bag_backward_update<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy,
                                                            ws.dscore, opt, ws.bag);
     });
@@ -276,7 +325,8 @@ class MemoryLayer {
   }
 
   /// The backward after validation: output op, read (read_backward(ws) writes ws.dscore from
-  /// ws.dy and stores or applies the value gradient), key search, query projection.
+  /// ws.dy and stores or applies the value gradient; it is the last step that may throw and
+  /// runs before anything the caller owns is written), key search, query projection.
   template <class ReadBackward>
   void backward_core(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
                      const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
@@ -288,8 +338,11 @@ class MemoryLayer {
     ws.dy.resize(B, c.v_dim);
     ws.dscore.resize(B, c.bag_size());
     ws.dq.resize(B, c.heads * c.k_dim);
-    output_backward<Scalar>(params_, x, cache.read, cache, dout, dparams, ws.dy, ws.output);
+    // The read's gradient first, without touching dparams: the fused read backward may
+    // still refuse it, and then nothing at all has changed.
+    output_backward<Scalar>(params_, cache.read, cache, dout, ws.dy, ws.output);
     read_backward(ws);
+    output_backward_weights<Scalar>(params_, x, cache.read, cache, dout, ws.output, dparams);
     key_search_backward<Scalar>(c, params_.keys(), cache.query, cache, ws.dscore, ws.dq, dparams.keys(),
                                 ws.search);
     linear_backward_weights<Scalar>(x, ws.dq, dparams.query_weight(),

@@ -89,15 +89,14 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, con
   }
 }
 
-/// Backward of output_forward, given dout: adds the output op's parameter gradients to
-/// dparams and writes dy, the gradient of the read (B x v_dim). Leaves in `ws` what
-/// output_backward_input needs for the input gradient.
+/// Backward of output_forward, given dout, first half: writes dy, the gradient of the read
+/// (B x v_dim), and keeps in `ws` what output_backward_weights and output_backward_input
+/// need. Changes no parameter gradient, so a caller can check dy before anything is added.
 template <class S>
-void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& y,
-                     const OutputCache<S>& cache, const ConstMatrixRef<S>& dout,
-                     LayerParameters<S>& dparams, MatrixRef<S> dy, OutputWorkspace<S>& ws) {
+void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& y, const OutputCache<S>& cache,
+                     const ConstMatrixRef<S>& dout, MatrixRef<S> dy, OutputWorkspace<S>& ws) {
   const MemoryConfig& c = p.config();
-  const Index B = x.rows();
+  const Index B = dout.rows();
   if (B == 0) return;
   // Gate: d_o = g dout, dt = <dout, o> g (1 - g).
   if (c.gating) {
@@ -110,13 +109,9 @@ void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, co
         ws.d_gated.row(b) = g * dout.row(b);
       }
     });
-    const ConstMatrixMap<S> dt_col(ws.dt.data(), B, 1);
-    linear_backward_weights<S>(x, dt_col, dparams.matrix(Tensor::gate_weight), dparams.data(Tensor::gate_bias));
   }
   const ConstMatrixRef<S> d_o = c.gating ? ConstMatrixRef<S>(ws.d_gated) : dout;
   if (c.memory_plus) {
-    linear_backward_weights<S>(cache.hidden, d_o, dparams.value_proj_weight(),
-                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
     ws.du.resize(B, c.v_dim);
     linear_backward_input<S>(d_o, p.value_proj_weight(), ws.du, false);
     ws.d_swilu.resize(B, c.v_dim);
@@ -129,16 +124,37 @@ void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, co
         }
       }
     });
-    linear_backward_weights<S>(x, ws.d_swilu, dparams.swilu_weight(),
-                               detail::bias_or_null(dparams, Tensor::swilu_bias));
   } else if (c.value_projection) {
-    linear_backward_weights<S>(y, d_o, dparams.value_proj_weight(),
-                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
     linear_backward_input<S>(d_o, p.value_proj_weight(), dy, false);
   } else {
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       dy.middleRows(b0, b1 - b0) = d_o.middleRows(b0, b1 - b0);
     });
+  }
+}
+
+/// Second half: adds the output op's parameter gradients (W1, b1, W2, b2, wg, bg) to dparams,
+/// from what output_backward left in `ws`.
+template <class S>
+void output_backward_weights(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& y,
+                             const OutputCache<S>& cache, const ConstMatrixRef<S>& dout,
+                             const OutputWorkspace<S>& ws, LayerParameters<S>& dparams) {
+  const MemoryConfig& c = p.config();
+  const Index B = x.rows();
+  if (B == 0) return;
+  if (c.gating) {
+    const ConstMatrixMap<S> dt_col(ws.dt.data(), B, 1);
+    linear_backward_weights<S>(x, dt_col, dparams.matrix(Tensor::gate_weight), dparams.data(Tensor::gate_bias));
+  }
+  const ConstMatrixRef<S> d_o = c.gating ? ConstMatrixRef<S>(ws.d_gated) : dout;
+  if (c.memory_plus) {
+    linear_backward_weights<S>(cache.hidden, d_o, dparams.value_proj_weight(),
+                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
+    linear_backward_weights<S>(x, ws.d_swilu, dparams.swilu_weight(),
+                               detail::bias_or_null(dparams, Tensor::swilu_bias));
+  } else if (c.value_projection) {
+    linear_backward_weights<S>(y, d_o, dparams.value_proj_weight(),
+                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
   }
 }
 

@@ -1,0 +1,620 @@
+// Hostile and broken input, one test per class of defect: unbounded recursion on a header,
+// size arithmetic that wraps, inconsistent sparse gradients, empty tensors, step counters at
+// their limit, optimizer state with impossible values, a save that fails half-way, a file
+// truncated under its mapping, a fused backward that must refuse what step() refuses,
+// overflowing scores, a cache left by a forward that threw, non-finite tables and parameters,
+// and pkm called from inside the caller's own OpenMP threads.
+#include <catch2/catch.hpp>
+
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <dirent.h>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <omp.h>
+
+#include <pkm/io/checkpoint.hpp>
+#include <pkm/io/optimizer_state.hpp>
+#include <pkm/io/parity.hpp>
+#include <pkm/pkm.hpp>
+
+#include "support.hpp"
+
+#ifndef PKM_TEST_DATA
+#error "PKM_TEST_DATA must name tests/data"
+#endif
+
+using Catch::Contains;
+using pkm::Index;
+using pkm::io::SafetensorsFile;
+using pkmtest::Mat;
+using pkmtest::same_bits;
+using MatF = pkm::RowMatrix<float>;
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+std::vector<std::uint8_t> raw_file(const std::string& header, std::size_t data_bytes) {
+  std::vector<std::uint8_t> b(8 + header.size() + data_bytes, 0);
+  const std::uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) b[i] = std::uint8_t(n >> (8 * i));
+  std::copy(header.begin(), header.end(), b.begin() + 8);
+  return b;
+}
+
+std::string read_error(std::vector<std::uint8_t> bytes) {
+  try {
+    SafetensorsFile::from_bytes(std::move(bytes), "hostile.safetensors");
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+std::vector<char> file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+/// Names in the current folder that start with `prefix` (left-over temporary files).
+std::vector<std::string> files_starting_with(const std::string& prefix) {
+  std::vector<std::string> out;
+  if (DIR* d = ::opendir(".")) {
+    while (dirent* e = ::readdir(d)) {
+      const std::string n = e->d_name;
+      if (n.compare(0, prefix.size(), prefix) == 0) out.push_back(n);
+    }
+    ::closedir(d);
+  }
+  return out;
+}
+
+/// The optimizer's state as a file, each tensor passed through edit(name, data, count) first.
+template <class Optimizer, class Edit>
+SafetensorsFile state_file(Optimizer& opt, Edit&& edit) {
+  std::vector<std::vector<double>> floats;
+  std::vector<std::vector<std::int64_t>> ints;
+  floats.reserve(16);
+  ints.reserve(16);
+  pkm::io::SafetensorsWriter w;
+  opt.for_each_state([&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
+    using T = std::remove_pointer_t<decltype(data)>;
+    std::size_t n = 1;
+    for (auto d : shape) n *= static_cast<std::size_t>(d);
+    if constexpr (std::is_floating_point_v<T>) {
+      floats.emplace_back(data, data + n);
+      edit(name, floats.back().data(), n);
+      w.add(name, shape, floats.back().data());
+    } else {
+      ints.emplace_back(data, data + n);
+      edit(name, ints.back().data(), n);
+      w.add(name, shape, ints.back().data());
+    }
+  });
+  return SafetensorsFile::from_bytes(w.to_bytes(), "state.safetensors");
+}
+
+template <class Optimizer>
+std::vector<std::uint8_t> state_bytes(Optimizer& opt) {
+  pkm::io::SafetensorsWriter w;
+  pkm::io::add_optimizer_state(w, opt, "");
+  return w.to_bytes();
+}
+
+pkm::SparseRowGrad<double> sparse(Index dim, std::vector<std::int64_t> rows, Index value_rows) {
+  pkm::SparseRowGrad<double> g;
+  g.dim = dim;
+  g.rows = std::move(rows);
+  g.values = Mat::Constant(value_rows, dim, 0.5);
+  return g;
+}
+
+}  // namespace
+
+// ---- crashes and out-of-bounds access ---------------------------------------------------
+
+TEST_CASE("a header nested 100000 levels deep is refused before any recursive code sees it",
+          "[reliability][io]") {
+  const std::string deep = R"({"a":{"dtype":"F32","shape":)" + std::string(100000, '[') +
+                           std::string(100000, ']') + R"(,"data_offsets":[0,0]}})";
+  CHECK_THAT(read_error(raw_file(deep, 0)), Contains("more than 16 levels deep"));
+  // Brackets inside strings do not count.
+  const std::string quoted = R"({"__metadata__":{"k":")" + std::string(1000, '[') +
+                             R"("},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  CHECK_THAT(read_error(raw_file(quoted, 4)), Contains("no error"));
+  // A shape entry that is itself an array is described, not printed.
+  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[[[[1]]]],"data_offsets":[0,4]}})", 4)),
+             Contains("shape entry an array of 1 entries"));
+  // Values from the file are clipped in messages: a 1 MiB name and a 1 MiB dtype.
+  const std::string big(1 << 20, 'n');
+  const std::string msg = read_error(raw_file("{\"" + big + "\":{\"dtype\":\"" + big + "\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4));
+  CHECK_THAT(msg, Contains("unknown dtype") && Contains("(1048576 characters)"));
+  CHECK(msg.size() < 600);
+}
+
+TEST_CASE("sizes from outside input go through checked arithmetic", "[reliability][sizes]") {
+  // A table whose element count wraps.
+  CHECK_THROWS_WITH(pkm::ValueTable<float>((Index(1) << 62) + 1, 4), Contains("out of range"));
+  float dummy[4] = {};
+  CHECK_THROWS_AS(pkm::ValueTable<float>::view(dummy, Index(1) << 40, Index(1) << 30), std::invalid_argument);
+  // numel x element size wrapping past the reader's 2^62 cap: 2^62 F32 elements over 0 bytes,
+  // 2^61 F64 elements over 0 bytes.
+  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})", 0)),
+             Contains("needs more than 2^62 bytes"));
+  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F64","shape":[2,1152921504606846976],"data_offsets":[0,0]}})", 0)),
+             Contains("needs more than 2^62 bytes"));
+  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0)),
+             Contains("over the limit of 2^62"));
+  // n_keys^2 before validation.
+  pkm::MemoryConfig c = pkmtest::small_config();
+  c.n_keys = Index(1) << 32;
+  CHECK_THROWS_WITH(c.slots(), Contains("n_keys^2"));
+  CHECK_THROWS_AS(c.validate(), std::invalid_argument);
+  c.heads = Index(1) << 40;
+  c.knn = Index(1) << 40;
+  CHECK_THROWS_AS(c.bag_size(), std::invalid_argument);
+  // The writer refuses the shapes its reader refuses (and writes nothing).
+  pkm::io::SafetensorsWriter w;
+  const float v[1] = {1};
+  CHECK_THROWS_WITH(w.add("big", {Index(1) << 31, Index(1) << 31}, v), Contains("needs more than 2^62 bytes"));
+  CHECK_THROWS_WITH(w.add("null", {4}, static_cast<const float*>(nullptr)), Contains("null data"));
+  w.add("empty", {0, 3}, static_cast<const float*>(nullptr));
+  const auto f = SafetensorsFile::from_bytes(w.to_bytes(), "empty.safetensors");
+  CHECK(f.info("empty").numel() == 0);
+}
+
+TEST_CASE("inconsistent sparse gradients are refused where they enter", "[reliability][sparse]") {
+  const auto good = sparse(3, {1, 4}, 2);
+  const std::vector<std::pair<const char*, pkm::SparseRowGrad<double>>> bad = {
+      {"values of 1 x 3 for 2 row ids", sparse(3, {1, 4}, 1)},
+      {"values of 5 x 3 for 2 row ids", sparse(3, {1, 4}, 5)},
+      {"not sorted and unique", sparse(3, {4, 1}, 2)},
+      {"not sorted and unique", sparse(3, {4, 4}, 2)},
+      {"row id -1", sparse(3, {-1, 4}, 2)}};
+  for (const auto& [what, g] : bad) {
+    INFO(what);
+    auto target = good;
+    CHECK_THROWS_WITH(target.merge(g), Contains(what));
+    CHECK(target.rows == good.rows);
+    CHECK(same_bits(target.values, good.values));
+    auto self = g;
+    CHECK_THROWS_WITH(self.merge(good), Contains(what));
+    Mat dense = Mat::Zero(8, 3);
+    CHECK_THROWS_WITH(g.add_to(dense), Contains(what));
+    CHECK(dense.isZero());
+  }
+  Mat small = Mat::Zero(4, 3);
+  CHECK_THROWS_AS(good.add_to(small), std::out_of_range);  // row 4 of a 4-row table
+
+  // Into backward: refused before any gradient is written.
+  const auto c = pkmtest::small_config();
+  pkm::MemoryLayer<double> layer(c, 3);
+  const Mat x = pkmtest::random_matrix(4, c.input_dim, 4);
+  pkm::ForwardCache<double> cache;
+  const Mat out = layer.forward(x, cache);
+  pkm::LayerGradients<double> grads(c);
+  grads.values = sparse(c.v_dim, {7, 2}, 2);
+  CHECK_THROWS_WITH(layer.backward(x, cache, out, grads), Contains("dvalues") && Contains("not sorted"));
+  grads.values = sparse(c.v_dim, {2, c.slots()}, 2);
+  CHECK_THROWS_AS(layer.backward(x, cache, out, grads), std::out_of_range);
+  bool untouched = true;
+  std::as_const(grads.params).for_each([&](pkm::Tensor, pkm::ConstMatrixMap<double> m) { untouched = untouched && m.isZero(); });
+  CHECK(untouched);
+}
+
+TEST_CASE("zero-element tensors read without touching a null pointer, pkm_run's path included",
+          "[reliability][io]") {
+  const SafetensorsFile empty(std::string(PKM_TEST_DATA) + "/empty.input.safetensors");
+  const std::vector<float> x = empty.read<float>("x");  // x.data() is null
+  CHECK(x.empty());
+  const SafetensorsFile ckpt(std::string(PKM_TEST_DATA) + "/memplus.checkpoint.safetensors");
+  const auto result = pkm::io::run_parity(ckpt, empty);
+  const auto out = SafetensorsFile::from_bytes(result.writer().to_bytes(), "out");
+  CHECK(out.info("y").numel() == 0);
+}
+
+TEST_CASE("a step counter at its maximum refuses the next step and changes nothing", "[reliability][optim]") {
+  const Index rows = 16, dim = 4;
+  pkm::ValueTable<double> table(rows, dim);
+  table.matrix() = pkmtest::random_matrix(rows, dim, 5);
+  const Mat before = table.matrix();
+  const auto g = sparse(dim, {2, 9}, 2);
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  pkm::optim::LazyAdam<double> adam(table);
+  pkm::io::load_optimizer_state(state_file(adam, [&](const std::string& n, auto* d, std::size_t) {
+                                  if (n == "step") d[0] = kMax;
+                                }),
+                                adam, "");
+  CHECK(adam.steps() == kMax);
+  CHECK_THROWS_WITH(adam.step(table, g), Contains("at its maximum"));
+  pkm::optim::RowWiseAdagrad<double> ada(table);
+  pkm::io::load_optimizer_state(state_file(ada, [&](const std::string& n, auto* d, std::size_t) {
+                                  if (n == "step") d[0] = kMax;
+                                }),
+                                ada, "");
+  CHECK_THROWS_WITH(ada.step(table, g), Contains("at its maximum"));
+  CHECK(same_bits(Mat(table.matrix()), before));
+  CHECK(adam.steps() == kMax);
+
+  Mat p = Mat::Ones(2, 2), dp = Mat::Ones(2, 2);
+  pkm::optim::AdamW<double> dense;
+  dense.add("w", p, dp);
+  pkm::io::load_optimizer_state(state_file(dense, [&](const std::string& n, auto* d, std::size_t) {
+                                  if (n == "step") d[0] = kMax;
+                                }),
+                                dense, "");
+  CHECK_THROWS_WITH(dense.step(), Contains("at its maximum"));
+  CHECK(p.isOnes());
+}
+
+TEST_CASE("optimizer state with impossible values is refused and the optimizer is unchanged",
+          "[reliability][optim]") {
+  const Index rows = 16, dim = 4;
+  pkm::ValueTable<float> table(rows, dim);
+  pkm::optim::LazyAdam<float> adam(table);
+  pkm::optim::RowWiseAdagrad<float> ada(table);
+  // Give both some state first, so "unchanged" means something.
+  pkm::SparseRowGrad<float> g;
+  g.dim = dim;
+  g.rows = {1, 5};
+  g.values = MatF::Constant(2, dim, 0.25f);
+  adam.step(table, g);
+  ada.step(table, g);
+  struct Case {
+    const char* tensor;
+    double value;
+    const char* expected;
+  };
+  const std::vector<Case> adam_cases = {{"step", -1, "a step count >= 0"},
+                                        {"row_step", -2, "row step count >= 0"},
+                                        {"row_step", 2, "<= the optimizer's step count"},
+                                        {"exp_avg", kNaN, "finite values"},
+                                        {"exp_avg", kInf, "finite values"},
+                                        {"exp_avg_sq", -1e-3, "finite values >= 0"}};
+  const auto adam_before = state_bytes(adam);
+  for (const auto& k : adam_cases) {
+    INFO(k.tensor << " = " << k.value);
+    const auto f = state_file(adam, [&](const std::string& n, auto* d, std::size_t count) {
+      using T = std::remove_pointer_t<decltype(d)>;
+      if (n == k.tensor) d[count - 1] = static_cast<T>(k.value);
+    });
+    CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f, adam, ""),
+                      Contains(std::string("'") + k.tensor + "'") && Contains(k.expected));
+    CHECK(state_bytes(adam) == adam_before);
+  }
+  const auto ada_before = state_bytes(ada);
+  const auto bad_sum = state_file(ada, [&](const std::string& n, auto* d, std::size_t) {
+    if (n == "sum") d[3] = -1;
+  });
+  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(bad_sum, ada, ""), Contains("'sum' holds -1") && Contains("element 3"));
+  CHECK(state_bytes(ada) == ada_before);
+
+  Mat p = Mat::Ones(2, 2), dp = Mat::Ones(2, 2);
+  pkm::optim::AdamW<double> dense;
+  dense.add("w", p, dp);
+  dense.step();
+  const auto dense_before = state_bytes(dense);
+  const auto bad_v = state_file(dense, [&](const std::string& n, auto* d, std::size_t) {
+    if (n == "w.exp_avg_sq") d[1] = -4;
+  });
+  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(bad_v, dense, ""), Contains("'w.exp_avg_sq'"));
+  CHECK(state_bytes(dense) == dense_before);
+  // And good state still loads.
+  const auto good = state_file(adam, [](const std::string&, auto*, std::size_t) {});
+  CHECK_NOTHROW(pkm::io::load_optimizer_state(good, adam, ""));
+}
+
+// ---- lost data --------------------------------------------------------------------------
+
+TEST_CASE("a failed save leaves the checkpoint it would replace intact", "[reliability][io]") {
+  const std::string path = "pkm_reliability_atomic.safetensors";
+  const auto c = pkmtest::medium_config();
+  const pkm::MemoryLayer<float> first(c, 1), second(c, 2);
+  pkm::io::save_layer(path, first);
+  const auto saved = file_bytes(path);
+  REQUIRE(saved.size() > 100000);
+
+  // Metadata that is not UTF-8: a pkm error naming the field, before anything is created.
+  CHECK_THROWS_WITH(pkm::io::save_layer(path, second, {{"note", "caf\xe9"}}),
+                    Contains("metadata value of 'note'") && Contains("UTF-8"));
+  CHECK_THROWS_WITH(pkm::io::save_layer(path, second, {{"\xff", "x"}}), Contains("metadata key"));
+  CHECK(file_bytes(path) == saved);
+
+  // A write that fails half-way (the file-size limit stops it after 4 KiB).
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit small = old;
+  small.rlim_cur = 4096;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  std::string error;
+  try {
+    pkm::io::save_layer(path, second);
+  } catch (const std::runtime_error& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  CHECK_THAT(error, Contains(path) && Contains("unchanged"));
+  CHECK(file_bytes(path) == saved);
+  CHECK(files_starting_with(path + ".tmp").empty());
+  const SafetensorsFile f(path);
+  CHECK(same_bits(pkm::io::load_layer<float>(f).values().matrix(), first.values().matrix()));
+
+  // A folder that does not exist.
+  CHECK_THROWS_WITH(pkm::io::save_layer("no/such/folder/x.safetensors", first), Contains("no/such/folder/x.safetensors"));
+
+  // And a save that succeeds replaces the file in one step.
+  pkm::io::save_layer(path, second);
+  CHECK(same_bits(pkm::io::load_layer<float>(SafetensorsFile(path)).values().matrix(), second.values().matrix()));
+  std::remove(path.c_str());
+}
+
+TEST_CASE("a mapped file truncated under it gives an error on read, not SIGBUS", "[reliability][io]") {
+  const std::string path = "pkm_reliability_truncated.safetensors";
+  const pkm::MemoryLayer<float> layer(pkmtest::medium_config(), 3);
+  pkm::io::save_layer(path, layer);
+  const SafetensorsFile f(path);
+  REQUIRE(::truncate(path.c_str(), 4096) == 0);
+  CHECK_THROWS_WITH(f.read<float>("values.weight"), Contains("changed while in use"));
+  CHECK_THROWS_AS(pkm::io::load_layer<float>(f), std::runtime_error);
+  CHECK_THROWS_AS((pkm::io::load_layer<float, pkm::bf16>(f)), std::runtime_error);  // the converting path
+  std::remove(path.c_str());
+}
+
+// ---- silent wrong results ---------------------------------------------------------------
+
+TEST_CASE("the fused backward refuses what backward + step() refuses, changing nothing",
+          "[reliability][optim]") {
+  pkm::optim::AdamOptions no_clip;
+  no_clip.lr = 0.1;
+  no_clip.max_grad_norm = 0.0;
+  SECTION("the read's gradient overflows in the output op (finite dout)") {
+    const auto c = pkmtest::medium_config();
+    pkm::MemoryLayer<float> layer(c, 7);
+    layer.params().value_proj_weight().setOnes();
+    const MatF x = pkmtest::random_matrix(32, c.input_dim, 8).cast<float>();
+    pkm::ForwardCache<float> cache;
+    layer.forward(x, cache);
+    const MatF dout = MatF::Constant(32, c.output_dim, 1e38f);
+    // Unfused: the gradient holds infinities and step() refuses it.
+    pkm::LayerGradients<float> grads(c);
+    layer.backward(x, cache, dout, grads);
+    pkm::optim::LazyAdam<float> step_opt(layer.values(), no_clip);
+    CHECK_THROWS_WITH(step_opt.step(layer.values(), grads.values), Contains("not finite"));
+    // Fused: refused too, and the table, dparams, dx and the optimizer are untouched.
+    const MatF table_before = layer.values().matrix();
+    pkm::optim::LazyAdam<float> opt(layer.values(), no_clip);
+    pkm::LayerParameters<float> dparams(c);
+    MatF dx = MatF::Constant(32, c.input_dim, 7.0f);
+    CHECK_THROWS_WITH(layer.backward_fused(x, cache, dout, dparams, opt, dx),
+                      Contains("gradient of the read") && Contains("dout") && Contains("nothing was updated"));
+    CHECK(same_bits(MatF(layer.values().matrix()), table_before));
+    bool zero = true;
+    std::as_const(dparams).for_each([&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { zero = zero && m.isZero(); });
+    CHECK(zero);
+    CHECK((dx.array() == 7.0f).all());
+    CHECK(opt.steps() == 0);
+  }
+  SECTION("each token's gradient is finite but a row's sum over tokens overflows") {
+    auto c = pkmtest::medium_config();
+    c.memory_plus = false;
+    c.value_projection = false;
+    c.output_dim = c.v_dim;
+    pkm::MemoryLayer<float> layer(c, 9);
+    const MatF one = pkmtest::random_matrix(1, c.input_dim, 10).cast<float>();
+    const MatF x = one.replicate(64, 1);  // every token reads the same rows
+    pkm::ForwardCache<float> cache;
+    layer.forward(x, cache);
+    const MatF dout = MatF::Constant(64, c.output_dim, 3e38f);
+    const MatF table_before = layer.values().matrix();
+    for (bool adagrad : {false, true}) {
+      pkm::LayerParameters<float> dparams(c);
+      std::string error;
+      try {
+        if (adagrad) {
+          pkm::optim::RowWiseAdagrad<float> opt(layer.values());
+          layer.backward_fused(x, cache, dout, dparams, opt);
+        } else {
+          pkm::optim::LazyAdam<float> opt(layer.values(), no_clip);
+          layer.backward_fused(x, cache, dout, dparams, opt);
+        }
+      } catch (const std::runtime_error& e) {
+        error = e.what();
+      }
+      CHECK_THAT(error, Contains("not finite") && Contains("nothing was updated"));
+      CHECK(same_bits(MatF(layer.values().matrix()), table_before));
+      bool zero = true;
+      std::as_const(dparams).for_each([&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { zero = zero && m.isZero(); });
+      CHECK(zero);
+    }
+  }
+}
+
+TEST_CASE("overflowing scores and queries are reported as overflow", "[reliability][layer]") {
+  const auto c = pkmtest::small_config();  // half = 2
+  const MatF x = pkmtest::random_matrix(3, c.input_dim, 11).cast<float>();
+  pkm::ForwardCache<float> cache;
+  MatF out(3, c.output_dim);
+  {
+    pkm::MemoryLayer<float> layer(c, 12);
+    layer.params().query_weight().setZero();
+    layer.params().query_bias().setConstant(1e19f);
+    layer.params().keys().setConstant(1e19f);  // each half score 2e38 (finite), their sum 4e38 (inf)
+    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("sum of two finite half scores") && Contains("overflows"));
+  }
+  {
+    pkm::MemoryLayer<float> layer(c, 12);
+    layer.params().query_weight().setConstant(1e38f);  // finite weights, q = Wq x overflows
+    const MatF big = MatF::Constant(3, c.input_dim, 10.0f);
+    CHECK_THROWS_WITH(layer.forward(big, out, cache), Contains("the query (q = Wq x + bq) is not finite"));
+  }
+  {
+    pkm::MemoryLayer<float> layer(c, 12);
+    layer.params().query_weight().setZero();
+    layer.params().query_bias().setConstant(1e20f);
+    layer.params().keys().setConstant(1e20f);  // a half score of 2e40
+    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("a half score overflows") &&
+                                                         Contains("finite but too large"));
+  }
+  pkm::MemoryConfig q = c;
+  q.qk_norm = true;
+  q.qk_norm_scale = 1e300;  // a finite double, inf as a float
+  CHECK_THROWS_WITH(q.validate(), Contains("qk_norm_scale") && Contains("as a float"));
+  q.qk_norm_scale = 1e-300;  // zero as a float
+  CHECK_THROWS_AS(q.validate(), std::invalid_argument);
+}
+
+TEST_CASE("a cache from a forward that threw is refused by backward", "[reliability][layer]") {
+  const auto c = pkmtest::small_config();
+  pkm::MemoryLayer<float> layer(c, 13);
+  const MatF x = pkmtest::random_matrix(4, c.input_dim, 14).cast<float>();
+  pkm::ForwardCache<float> cache;
+  const MatF out = layer.forward(x, cache);
+  pkm::LayerGradients<float> grads(c);
+  REQUIRE_NOTHROW(layer.backward(x, cache, out, grads));
+  // The same layer, made to throw in the middle of the key search.
+  pkm::MemoryLayer<float> broken = layer;
+  broken.params().query_weight().setZero();
+  broken.params().query_bias().setConstant(1e19f);
+  broken.params().keys().setConstant(1e19f);
+  CHECK_THROWS_AS(broken.forward(x, cache), std::runtime_error);
+  CHECK_THROWS_WITH(layer.backward(x, cache, out, grads), Contains("completed forward"));
+  CHECK_THROWS_WITH(broken.backward(x, cache, out, grads), Contains("completed forward"));
+  // A forward that throws at its argument checks leaves a valid cache valid.
+  layer.forward(x, cache);
+  CHECK_THROWS_AS(layer.forward(MatF(4, c.input_dim + 1), cache), std::invalid_argument);
+  CHECK_NOTHROW(layer.backward(x, cache, out, grads));
+  // Unfilled again by a forward that throws, then filled by one that completes.
+  CHECK_THROWS_AS(broken.forward(x, cache), std::runtime_error);
+  CHECK_THROWS_AS(layer.backward(x, cache, out, grads), std::invalid_argument);
+  layer.forward(x, cache);
+  CHECK_NOTHROW(layer.backward(x, cache, out, grads));
+}
+
+TEST_CASE("NaN or infinity in the value table or the dense parameters never reaches the output silently",
+          "[reliability][layer]") {
+  auto c = pkmtest::medium_config();
+  c.gating = true;
+  const MatF x = pkmtest::random_matrix(8, c.input_dim, 15).cast<float>();
+  pkm::ForwardCache<float> cache;
+  MatF out(8, c.output_dim);
+  SECTION("a table row a token reads") {
+    pkm::MemoryLayer<float> layer(c, 16);
+    layer.forward(x, out, cache);
+    const Index r = cache.indices(5, 3);
+    layer.values().row(r)[2] = kNaN;
+    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("value table row " + std::to_string(r)) &&
+                                                        Contains("read by token"));
+    CHECK(pkm::first_non_finite_row(layer.values()) == r);
+    pkm::LayerGradients<float> grads(c);
+    CHECK_THROWS_WITH(layer.backward(x, cache, out, grads), Contains("completed forward"));
+  }
+  SECTION("a row no token reads: forward is fine, the checker finds it") {
+    pkm::MemoryLayer<float> layer(c, 16);
+    layer.forward(x, out, cache);
+    std::vector<bool> read(static_cast<std::size_t>(c.slots()), false);
+    for (Index i = 0; i < cache.indices.size(); ++i) read[static_cast<std::size_t>(cache.indices.data()[i])] = true;
+    Index unread = 0;
+    while (read[static_cast<std::size_t>(unread)]) ++unread;
+    CHECK(pkm::first_non_finite_row(layer.values()) == -1);
+    layer.values().row(unread)[0] = -kInf;
+    CHECK_NOTHROW(layer.forward(x, out, cache));
+    CHECK(pkm::first_non_finite_row(layer.values()) == unread);
+  }
+  SECTION("a 16-bit table") {
+    pkm::MemoryLayer<float, pkm::bf16> layer(c, 17);
+    layer.forward(x, out, cache);
+    const Index r = cache.indices(0, 0);
+    layer.values().row(r)[1] = pkm::bf16(kInf);
+    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("value table row " + std::to_string(r)));
+    CHECK(pkm::first_non_finite_row(layer.values()) == r);
+  }
+  SECTION("each dense parameter") {
+    for (pkm::Tensor t : {pkm::Tensor::swilu_weight, pkm::Tensor::swilu_bias, pkm::Tensor::value_proj_weight,
+                          pkm::Tensor::value_proj_bias, pkm::Tensor::gate_weight, pkm::Tensor::gate_bias,
+                          pkm::Tensor::query_weight, pkm::Tensor::keys}) {
+      pkm::MemoryLayer<float> layer(c, 18);
+      layer.params().vector(t)[0] = kNaN;
+      out.setConstant(5.0f);
+      CHECK_THROWS_WITH(layer.forward(x, out, cache),
+                        Contains(std::string("parameter '") + pkm::tensor_name(t) + "' holds nan at element 0"));
+      CHECK((out.array() == 5.0f).all());  // refused before anything was written
+    }
+  }
+  SECTION("a checkpoint holding NaN is refused on load") {
+    pkm::MemoryLayer<float> layer(c, 19);
+    layer.values().row(11)[0] = kNaN;
+    pkm::io::SafetensorsWriter w;
+    pkm::io::add_layer(w, layer);
+    const auto f = SafetensorsFile::from_bytes(w.to_bytes(), "nan.safetensors");
+    CHECK_THROWS_WITH(pkm::io::load_layer<float>(f), Contains("values.weight") && Contains("row 11"));
+    pkm::MemoryLayer<float> dense_nan(c, 19);
+    dense_nan.params().swilu_weight()(0, 1) = kInf;
+    pkm::io::SafetensorsWriter w2;
+    pkm::io::add_layer(w2, dense_nan);
+    CHECK_THROWS_WITH(pkm::io::load_layer<float>(SafetensorsFile::from_bytes(w2.to_bytes(), "inf.safetensors")),
+                      Contains("swilu_projection.weight"));
+  }
+}
+
+TEST_CASE("the same bits when called from inside the caller's OpenMP threads", "[reliability][threads]") {
+  auto c = pkmtest::medium_config();
+  c.input_dim = 300;  // products of several GEMM tiles
+  c.v_dim = 280;
+  c.output_dim = 260;
+  const pkm::MemoryLayer<float> layer(c, 20);
+  const MatF x = pkmtest::random_matrix(600, c.input_dim, 21).cast<float>();
+  const MatF dout = pkmtest::random_matrix(600, c.output_dim, 22).cast<float>();
+  struct Result {
+    MatF out, dx;
+    pkm::LayerGradients<float> grads;
+  };
+  auto run = [&](Result& r) {
+    pkm::ForwardCache<float> cache;
+    r.out = layer.forward(x, cache);
+    r.grads = pkm::LayerGradients<float>(c);
+    r.dx.resize(x.rows(), x.cols());
+    layer.backward(x, cache, dout, r.grads, r.dx);
+  };
+  Result ref;
+  run(ref);
+  auto compare = [&](const std::vector<Result>& rs) {
+    for (const auto& r : rs) {
+      CHECK(same_bits(r.out, ref.out));
+      CHECK(same_bits(r.dx, ref.dx));
+      CHECK(pkmtest::first_gradient_difference(r.grads, ref.grads).empty());
+    }
+  };
+  std::vector<Result> rs(4);
+  SECTION("a parallel for with the default nesting") {
+#pragma omp parallel for num_threads(2)
+    for (int i = 0; i < 4; ++i) run(rs[static_cast<std::size_t>(i)]);
+    compare(rs);
+  }
+  SECTION("nested parallelism enabled") {
+    const int levels = omp_get_max_active_levels();
+    omp_set_max_active_levels(4);
+#pragma omp parallel for num_threads(2)
+    for (int i = 0; i < 4; ++i) run(rs[static_cast<std::size_t>(i)]);
+    omp_set_max_active_levels(levels);
+    compare(rs);
+  }
+  SECTION("a team of one") {
+#pragma omp parallel num_threads(1)
+    run(rs[0]);
+    rs.resize(1);
+    compare(rs);
+  }
+}

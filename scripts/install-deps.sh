@@ -4,7 +4,11 @@
 set -euo pipefail
 
 # libblis-openmp-dev: the GEMM backend (pkm/gemm.hpp); pkm builds without it (PKM_BLAS=off).
+# --fuzz adds clang with libFuzzer and its OpenMP runtime, for scripts/fuzz.sh.
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libblis-openmp-dev)
+if [ "${1:-}" = "--fuzz" ]; then
+  packages+=(clang libclang-rt-14-dev libomp-dev)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

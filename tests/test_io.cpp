@@ -118,7 +118,7 @@ TEST_CASE("save then load gives back the same layer, bit for bit", "[io]") {
   std::remove(temp_path("rt").c_str());
 }
 
-TEST_CASE("options win over metadata; knn must come from one of them", "[io]") {
+TEST_CASE("options win over metadata, and knn must come from one of them", "[io]") {
   const SafetensorsFile f(data("memplus.checkpoint.safetensors"));
   CHECK(pkm::io::infer_config(f).knn == 4);
   pkm::io::LoadOptions o;

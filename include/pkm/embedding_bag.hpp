@@ -202,7 +202,7 @@ double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& 
                 "gradient's scalar type S");
   const char* who = "pkm::embedding_bag_backward_update";
   for (const auto* m : {&weights, &dy}) {
-    if (!m->allFinite()) {
+    if (!detail::all_finite_rows(*m)) {
       throw std::invalid_argument(std::string(who) + ": " + (m == &dy ? "dy" : "weights") +
                                   " holds a non-finite value; nothing was updated");
     }

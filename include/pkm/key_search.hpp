@@ -19,6 +19,7 @@
 #include "pkm/config.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/segment_reduce.hpp"
+#include "pkm/detail/vec_math.hpp"
 #include "pkm/gemm.hpp"
 #include "pkm/product_keys.hpp"
 #include "pkm/qk_norm.hpp"
@@ -142,12 +143,12 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
           nb, kSearchBlock, [&](ProductKeyScratch<S>& sc, Index b0, Index b1) {
             for (Index b = b0; b < b1; ++b) {
               const S* row = s + b * 2 * n;
-              if (!ConstVectorMap<S>(row, 2 * n).allFinite()) detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
+              if (!detail::all_finite(row, 2 * n)) detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
               const Index col = h * k;
               product_key_topk(row, row + n, n, k, &cache.indices(c0 + b, col),
                                &cache.scores(c0 + b, col), sc);
               // Two finite half scores can still add up to an infinity.
-              if (!ConstVectorMap<S>(&cache.scores(c0 + b, col), k).allFinite()) {
+              if (!detail::all_finite(&cache.scores(c0 + b, col), k)) {
                 throw std::runtime_error("pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
                                          std::to_string(h) +
                                          ": a score (the sum of two finite half scores) overflows; the "

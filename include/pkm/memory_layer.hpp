@@ -22,6 +22,7 @@
 #include "pkm/config.hpp"
 #include "pkm/detail/checks.hpp"
 #include "pkm/detail/parallel.hpp"
+#include "pkm/detail/vec_math.hpp"
 #include "pkm/embedding_bag.hpp"
 #include "pkm/init.hpp"
 #include "pkm/key_search.hpp"
@@ -143,7 +144,7 @@ class MemoryLayer {
     output_forward<Scalar>(params_, x, cache.read, out, cache);
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index b = b0; b < b1; ++b) {
-        if (!out.row(b).allFinite()) {
+        if (!detail::all_finite(out.row(b).data(), out.cols())) {
           throw std::runtime_error(std::string(who) + ": the output of token " + std::to_string(b) +
                                    " is not finite although x, the parameters and the read are: the "
                                    "output op (Memory+, projection or gate) overflows; out holds the "
@@ -224,7 +225,7 @@ class MemoryLayer {
   void check_read(const char* who, const ForwardCache<Scalar>& cache) const {
     detail::parallel_blocks(cache.read.rows(), detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index b = b0; b < b1; ++b) {
-        if (cache.read.row(b).allFinite()) continue;
+        if (detail::all_finite(cache.read.row(b).data(), cache.read.cols())) continue;
         for (Index l = 0; l < cache.indices.cols(); ++l) {
           const Index r = cache.indices(b, l);
           if (!detail::row_finite(values_.row(r), values_.dim())) {
@@ -247,7 +248,7 @@ class MemoryLayer {
     }
     if (!check_finite) return;
     for (Index b = 0; b < x.rows(); ++b) {
-      if (x.row(b).allFinite()) continue;
+      if (detail::all_finite(x.row(b).data(), x.cols())) continue;
       for (Index d = 0; d < x.cols(); ++d) {
         if (!std::isfinite(x(b, d))) {
           throw std::invalid_argument(std::string(who) + ": x(" + std::to_string(b) + ", " +
@@ -276,7 +277,7 @@ class MemoryLayer {
                                   std::to_string(cache.batch));
     }
     detail::check_same_shape(who, "dout", dout.rows(), dout.cols(), cache.batch, c.output_dim);
-    if (!dout.allFinite()) {
+    if (!detail::all_finite_rows(dout)) {
       throw std::invalid_argument(std::string(who) + ": dout holds a non-finite value");
     }
     check_parameters_match(dparams, c, "parameter gradients (dparams)");
@@ -312,7 +313,7 @@ class MemoryLayer {
     opt.check_table(who, values_);  // before any gradient is written
     double norm = 0.0;
     backward_core(x, cache, dout, dparams, dx, [&](LayerWorkspace<Scalar>& ws) {
-      if (!ws.dy.allFinite()) {
+      if (!detail::all_finite(ws.dy.data(), ws.dy.size())) {
         throw std::runtime_error(std::string(who) +
                                  ": the gradient of the read (dout through the output op) is not finite "
                                  "although dout is: dout or the output op's parameters are too large; "

@@ -12,6 +12,7 @@
 
 #include "pkm/config.hpp"
 #include "pkm/detail/aligned_buffer.hpp"
+#include "pkm/detail/vec_math.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm {
@@ -251,7 +252,7 @@ void check_parameters_match(const LayerParameters<Scalar>& p, const MemoryConfig
 template <class Scalar>
 void check_parameters_finite(const char* who, const LayerParameters<Scalar>& p) {
   p.for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
-    if (m.allFinite()) return;
+    if (detail::all_finite(m.data(), m.size())) return;
     const Scalar* d = m.data();
     for (Index i = 0; i < m.size(); ++i) {
       if (!std::isfinite(d[i])) {

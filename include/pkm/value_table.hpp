@@ -11,6 +11,7 @@
 #include "pkm/detail/aligned_buffer.hpp"
 #include "pkm/detail/checked.hpp"
 #include "pkm/detail/parallel.hpp"
+#include "pkm/detail/vec_math.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm {
@@ -113,7 +114,7 @@ namespace detail {
 template <class T>
 bool row_finite(const T* row, Index dim) {
   if constexpr (std::is_floating_point_v<T>) {
-    return Eigen::Map<const Vector<T>>(row, dim).allFinite();
+    return all_finite(row, dim);
   } else {
     for (Index d = 0; d < dim; ++d) {
       if (!std::isfinite(static_cast<float>(row[d]))) return false;

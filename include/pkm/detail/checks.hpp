@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "pkm/detail/vec_math.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm::detail {
@@ -18,6 +19,15 @@ inline void check_same_shape(const char* who, const char* name, Index rows, Inde
                                 " x " + std::to_string(cols) + ", expected " +
                                 std::to_string(want_rows) + " x " + std::to_string(want_cols));
   }
+}
+
+/// True when no element of the row-major block `m` (unit inner stride) is NaN or infinite.
+template <class Block>
+bool all_finite_rows(const Block& m) {
+  for (Index r = 0; r < m.rows(); ++r) {
+    if (!all_finite(m.row(r).data(), m.cols())) return false;
+  }
+  return true;
 }
 
 /// Throws std::out_of_range unless every index is a row of a table of `rows` rows.

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX__) || defined(__SSE2__)
@@ -44,6 +45,28 @@ void sqrt_array(const S* in, S* out, std::int64_t n) {
 #endif
   }
   for (; i < n; ++i) out[i] = std::sqrt(in[i]);
+}
+
+/// True when none of x[0..n) is NaN or an infinity. Tests the exponent bits as integers (all
+/// ones means NaN or infinity), a loop that vectorises under any flags, unlike a floating-point
+/// test, and reads memory at close to streaming speed.
+template <class S>
+bool all_finite(const S* x, std::int64_t n) {
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>, "all_finite: float or double");
+  using Bits = std::conditional_t<std::is_same_v<S, float>, std::uint32_t, std::uint64_t>;
+  constexpr Bits kExp = std::is_same_v<S, float> ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  constexpr std::int64_t kChunk = 1024;  // early exit between chunks
+  for (std::int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const std::int64_t len = n - i0 < kChunk ? n - i0 : kChunk;
+    Bits bad = 0;
+    for (std::int64_t i = 0; i < len; ++i) {
+      Bits u;
+      std::memcpy(&u, x + i0 + i, sizeof u);
+      bad |= static_cast<Bits>((u & kExp) == kExp);
+    }
+    if (bad) return false;
+  }
+  return true;
 }
 
 }  // namespace pkm::detail

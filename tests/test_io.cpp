@@ -10,6 +10,7 @@
 #include <pkm/io/parity.hpp>
 #include <pkm/pkm.hpp>
 
+#include "files.hpp"
 #include "golden.hpp"
 #include "support.hpp"
 
@@ -31,23 +32,8 @@ SafetensorsFile as_file(const pkm::io::ParityResult& r) {
   return SafetensorsFile::from_bytes(r.writer().to_bytes(), "pkm output");
 }
 
-// A safetensors file from a header text and a data section.
-std::vector<std::uint8_t> raw_file(const std::string& header, std::size_t data_bytes) {
-  std::vector<std::uint8_t> b(8 + header.size() + data_bytes, 0);
-  const std::uint64_t n = header.size();
-  for (int i = 0; i < 8; ++i) b[i] = std::uint8_t(n >> (8 * i));
-  std::memcpy(b.data() + 8, header.data(), header.size());
-  return b;
-}
-
-std::string read_error(std::vector<std::uint8_t> bytes) {
-  try {
-    SafetensorsFile::from_bytes(std::move(bytes), "bad.safetensors");
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using pkmtest::raw_file;
+using pkmtest::read_error;
 
 std::string temp_path(const std::string& name) { return "pkm_test_" + name + ".safetensors"; }
 }  // namespace

@@ -27,6 +27,7 @@
 #include <pkm/io/parity.hpp>
 #include <pkm/pkm.hpp>
 
+#include "files.hpp"
 #include "support.hpp"
 
 #ifndef PKM_TEST_DATA
@@ -45,22 +46,9 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-std::vector<std::uint8_t> raw_file(const std::string& header, std::size_t data_bytes) {
-  std::vector<std::uint8_t> b(8 + header.size() + data_bytes, 0);
-  const std::uint64_t n = header.size();
-  for (int i = 0; i < 8; ++i) b[i] = std::uint8_t(n >> (8 * i));
-  std::copy(header.begin(), header.end(), b.begin() + 8);
-  return b;
-}
+using pkmtest::raw_file;
 
-std::string read_error(std::vector<std::uint8_t> bytes) {
-  try {
-    SafetensorsFile::from_bytes(std::move(bytes), "hostile.safetensors");
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+std::string read_error(std::vector<std::uint8_t> bytes) { return pkmtest::read_error(std::move(bytes), "hostile.safetensors"); }
 
 std::vector<char> file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -150,12 +138,13 @@ TEST_CASE("sizes from outside input go through checked arithmetic", "[reliabilit
   CHECK_THROWS_AS(pkm::ValueTable<float>::view(dummy, Index(1) << 40, Index(1) << 30), std::invalid_argument);
   // numel x element size wrapping past the reader's 2^62 cap: 2^62 F32 elements over 0 bytes,
   // 2^61 F64 elements over 0 bytes.
-  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})", 0)),
-             Contains("needs more than 2^62 bytes"));
-  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F64","shape":[2,1152921504606846976],"data_offsets":[0,0]}})", 0)),
-             Contains("needs more than 2^62 bytes"));
-  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0)),
-             Contains("over the limit of 2^62"));
+  const std::pair<const char*, const char*> wrapping[] = {
+      {"F32", "[4611686018427387904]"}, {"F64", "[2,1152921504606846976]"}, {"F32", "[0,18446744073709551615]"}};
+  for (const auto& [dtype, shape] : wrapping) {
+    const std::string header = std::string(R"({"a":{"dtype":")") + dtype + R"(","shape":)" + shape +
+                               R"(,"data_offsets":[0,0]}})";
+    CHECK_THAT(read_error(raw_file(header, 0)), Contains("needs more than 2^62 bytes") || Contains("over the limit of 2^62"));
+  }
   // n_keys^2 before validation.
   pkm::MemoryConfig c = pkmtest::small_config();
   c.n_keys = Index(1) << 32;
@@ -616,5 +605,24 @@ TEST_CASE("the same bits when called from inside the caller's OpenMP threads", "
     run(rs[0]);
     rs.resize(1);
     compare(rs);
+  }
+}
+
+TEMPLATE_TEST_CASE("all_finite finds NaN and infinities at every kind of position", "[reliability]", float, double) {
+  using L = std::numeric_limits<TestType>;
+  CHECK(pkm::detail::all_finite<TestType>(nullptr, 0));
+  for (std::int64_t n : {1, 7, 16, 1023, 1024, 1025, 3000}) {
+    std::vector<TestType> v(static_cast<std::size_t>(n), TestType(1.5));
+    v[0] = L::max();
+    v[static_cast<std::size_t>(n - 1)] = -L::denorm_min();
+    CHECK(pkm::detail::all_finite(v.data(), n));
+    for (std::int64_t pos : {std::int64_t(0), n / 2, n - 1}) {
+      for (TestType bad : {L::quiet_NaN(), -L::quiet_NaN(), L::infinity(), -L::infinity()}) {
+        const TestType keep = v[static_cast<std::size_t>(pos)];
+        v[static_cast<std::size_t>(pos)] = bad;
+        CHECK_FALSE(pkm::detail::all_finite(v.data(), n));
+        v[static_cast<std::size_t>(pos)] = keep;
+      }
+    }
   }
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <omp.h>
@@ -344,9 +345,13 @@ TEST_CASE("a failed save leaves the checkpoint it would replace intact", "[relia
   // A folder that does not exist.
   CHECK_THROWS_WITH(pkm::io::save_layer("no/such/folder/x.safetensors", first), Contains("no/such/folder/x.safetensors"));
 
-  // And a save that succeeds replaces the file in one step.
+  // And a save that succeeds replaces the file in one step, keeping its permissions.
+  REQUIRE(::chmod(path.c_str(), 0600) == 0);
   pkm::io::save_layer(path, second);
   CHECK(same_bits(pkm::io::load_layer<float>(SafetensorsFile(path)).values().matrix(), second.values().matrix()));
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
   std::remove(path.c_str());
 }
 

@@ -564,7 +564,8 @@ class SafetensorsWriter {
   /// Writes the file to `path` atomically: into a new temporary file in the same folder,
   /// flushed and fsync'd, then renamed over `path` (and the folder fsync'd). Until the rename
   /// an existing file at `path` is untouched, and on any failure it stays as it was and the
-  /// temporary file is removed. The tensors are streamed, not copied first. Throws
+  /// temporary file is removed. A file that is replaced keeps its permissions; a symbolic
+  /// link at `path` is replaced by the new file (its target is left alone). The tensors are streamed, not copied first. Throws
   /// std::invalid_argument (before creating anything) for a header it cannot write, and
   /// std::runtime_error naming the path and the system error for a failed write.
   void write(const std::string& path) const {
@@ -594,6 +595,12 @@ class SafetensorsWriter {
       throw std::runtime_error(std::string(who) + ": " + what + " '" + path + "' failed: " + std::strerror(err) +
                                " (the previous file, if any, is unchanged)");
     };
+    // A file being replaced keeps its permissions.
+    struct stat target {};
+    if (::stat(path.c_str(), &target) == 0 && S_ISREG(target.st_mode) &&
+        ::fchmod(fd, target.st_mode & 07777) != 0) {
+      fail("setting the permissions of the file replacing");
+    }
     bool ok = true;
     emit(h, [&](const void* p, std::size_t n) {
       const auto* b = static_cast<const std::uint8_t*>(p);

@@ -3,7 +3,7 @@
 // gradient of every checkpoint tensor.
 //
 //   pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors
-//           [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--threads N]
+//           [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--prefix P] [--threads N]
 #include <pkm/io/parity.hpp>
 
 #include <omp.h>
@@ -16,10 +16,12 @@
 namespace {
 const char* kUsage =
     "usage: pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors\n"
-    "               [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--threads N]\n"
+    "               [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--prefix P] [--threads N]\n"
     "IN holds x (B, input_dim) and optionally dy (B, output_dim). OUT gets y, indices, scores\n"
     "and, with dy, dx and grad.<name> for every checkpoint tensor. --knn, --qk-norm and\n"
-    "--qk-norm-scale override the checkpoint's __metadata__ (mem_knn, qk_norm, qk_norm_scale).\n";
+    "--qk-norm-scale override the checkpoint's __metadata__ (mem_knn, qk_norm, qk_norm_scale).\n"
+    "--prefix P reads the layer's tensors as P + the reference names (a layer inside a whole\n"
+    "model's checkpoint, e.g. layers.4.memory.).\n";
 
 [[noreturn]] void die(const std::string& msg) {
   std::fprintf(stderr, "pkm_run: %s\n", msg.c_str());

@@ -12,7 +12,16 @@
 #include <string>
 
 int main(int argc, char** argv) {
-  const pkm::Index batch = argc > 1 ? std::atoll(argv[1]) : 1024;
+  const std::string arg = argc > 1 ? argv[1] : "1024";
+  char* end = nullptr;
+  const long long parsed = std::strtoll(arg.c_str(), &end, 10);
+  if (arg == "-h" || arg == "--help" || *end != '\0' || parsed < 1 || parsed > (1 << 20)) {
+    std::fprintf(arg == "-h" || arg == "--help" ? stdout : stderr,
+                 "usage: quickstart [BATCH]   (tokens per batch, 1 to 1048576; default 1024)\n"
+                 "Builds a Memory+ layer with a 1 GiB table, runs forward and backward, prints times.\n");
+    return arg == "-h" || arg == "--help" ? 0 : 2;
+  }
+  const pkm::Index batch = parsed;
 
   pkm::MemoryConfig cfg;
   cfg.input_dim = 1024;

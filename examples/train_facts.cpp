@@ -65,15 +65,17 @@ struct Options {
 };
 
 [[noreturn]] void usage(const std::string& error) {
-  std::fprintf(stderr,
-               "error: %s\n"
+  std::FILE* out = error.empty() ? stdout : stderr;
+  if (!error.empty()) std::fprintf(out, "error: %s\n", error.c_str());
+  std::fprintf(out,
                "usage: train_facts [--model dense|memory|both] [--epochs N] [--batch N] [--dim N]\n"
                "         [--vocab N] [--relations N] [--objects N] [--n-keys N] [--heads N] [--knn N]\n"
                "         [--k-dim N] [--dense-lr X] [--memory-lr X] [--value-lr X] [--clip X] [--value-clip X]\n"
                "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N]\n"
-               "         [--csv FILE] [--seed N] [--threads N]\n",
-               error.c_str());
-  std::exit(2);
+               "         [--csv FILE] [--seed N] [--threads N] [--help]\n"
+               "Trains a model to recall facts and prints its progress; --csv FILE (default\n"
+               "train_facts.csv in the current folder) gets one line per model and epoch.\n");
+  std::exit(error.empty() ? 0 : 2);
 }
 
 Options parse(int argc, char** argv) {
@@ -84,6 +86,7 @@ Options parse(int argc, char** argv) {
       o.fused = false;
       continue;
     }
+    if (a == "-h" || a == "--help") usage("");
     if (i + 1 >= argc) usage("flag " + a + " needs a value");
     const std::string v = argv[++i];
     auto num = [&](double lo) {
@@ -482,6 +485,7 @@ int main(int argc, char** argv) {
 
     std::ofstream csv(o.csv);
     if (!csv) throw std::runtime_error("cannot write --csv file '" + o.csv + "'");
+    std::printf("per-epoch results -> %s\n", o.csv.c_str());
     csv << "model,epoch,seconds,train_loss,train_accuracy,recalled\n";
 
     std::vector<Result> results;

@@ -201,12 +201,8 @@ double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& 
                 "pkm::embedding_bag_backward_update: the optimizer's scalar type must be the "
                 "gradient's scalar type S");
   const char* who = "pkm::embedding_bag_backward_update";
-  for (const auto* m : {&weights, &dy}) {
-    if (!detail::all_finite_rows(*m)) {
-      throw std::invalid_argument(std::string(who) + ": " + (m == &dy ? "dy" : "weights") +
-                                  " holds a non-finite value; nothing was updated");
-    }
-  }
+  detail::check_finite(who, "weights", weights, " (nothing was updated)");
+  detail::check_finite(who, "dy", dy, " (nothing was updated)");
   detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights, scratch);
   // Every row's gradient is at most sum_b max|dy(b, :)| sum_l |weights(b, l)| in magnitude,
   // and the norm at most sqrt(dim) times that: below the limits, nothing can overflow and

@@ -246,17 +246,7 @@ class MemoryLayer {
                                   " columns, expected input_dim = " +
                                   std::to_string(config().input_dim));
     }
-    if (!check_finite) return;
-    for (Index b = 0; b < x.rows(); ++b) {
-      if (detail::all_finite(x.row(b).data(), x.cols())) continue;
-      for (Index d = 0; d < x.cols(); ++d) {
-        if (!std::isfinite(x(b, d))) {
-          throw std::invalid_argument(std::string(who) + ": x(" + std::to_string(b) + ", " +
-                                      std::to_string(d) + ") = " + std::to_string(x(b, d)) +
-                                      " is not finite; expected finite inputs");
-        }
-      }
-    }
+    if (check_finite) detail::check_finite(who, "x", x);
   }
 
   void check_backward_args(const char* who, const ConstMatrixRef<Scalar>& x,
@@ -277,9 +267,7 @@ class MemoryLayer {
                                   std::to_string(cache.batch));
     }
     detail::check_same_shape(who, "dout", dout.rows(), dout.cols(), cache.batch, c.output_dim);
-    if (!detail::all_finite_rows(dout)) {
-      throw std::invalid_argument(std::string(who) + ": dout holds a non-finite value");
-    }
+    detail::check_finite(who, "dout", dout);
     check_parameters_match(dparams, c, "parameter gradients (dparams)");
     if (dvalues != nullptr) dvalues->validate(who, "dvalues", c.slots());
     if (dvalues != nullptr && !dvalues->empty() && dvalues->dim != c.v_dim) {

@@ -1,6 +1,6 @@
 // pkm/pkm.hpp — product-key memory layers (Berges et al., "Memory Layers at Scale", 2024;
 // Lample et al., "Large Memory Layers with Product Keys", 2019), header-only, on CPU.
-// Include this one header for everything pkm offers on the CPU; CUDA headers live in pkm/cuda/.
+// Include this one header for everything pkm offers on the CPU.
 #pragma once
 
 #include "pkm/version.hpp"

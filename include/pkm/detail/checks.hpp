@@ -21,13 +21,21 @@ inline void check_same_shape(const char* who, const char* name, Index rows, Inde
   }
 }
 
-/// True when no element of the row-major block `m` (unit inner stride) is NaN or infinite.
+/// Throws std::invalid_argument naming the first element of `m` that is NaN or infinite:
+/// "who: name(b, d) = nan is not finite; expected finite values<note>".
 template <class Block>
-bool all_finite_rows(const Block& m) {
-  for (Index r = 0; r < m.rows(); ++r) {
-    if (!all_finite(m.row(r).data(), m.cols())) return false;
+void check_finite(const char* who, const char* name, const Block& m, const char* note = "") {
+  for (Index b = 0; b < m.rows(); ++b) {
+    if (all_finite(m.row(b).data(), m.cols())) continue;
+    for (Index d = 0; d < m.cols(); ++d) {
+      const auto v = m(b, d);
+      if (!all_finite(&v, 1)) {
+        throw std::invalid_argument(std::string(who) + ": " + name + "(" + std::to_string(b) + ", " +
+                                    std::to_string(d) + ") = " + std::to_string(m(b, d)) +
+                                    " is not finite; expected finite values" + note);
+      }
+    }
   }
-  return true;
 }
 
 /// Throws std::out_of_range unless every index is a row of a table of `rows` rows.

@@ -648,3 +648,42 @@ TEST_CASE("training steps give the same bits with 1 and 2 threads", "[optim][thr
   }
   omp_set_num_threads(saved);
 }
+
+TEST_CASE("AdamW takes any Eigen storage order and std::vector, and refuses a buffer moved after add",
+          "[optim][errors]") {
+  using ColF = Eigen::MatrixXf;  // Eigen's default: column-major
+  const ColF p0 = pkmtest::random_matrix(3, 4, 90).cast<float>(), g0 = pkmtest::random_matrix(3, 4, 91).cast<float>();
+  ColF pc = p0, gc = g0;
+  MatF pr = p0, gr = g0;
+  std::vector<float> pv(p0.data(), p0.data() + 12), gv(g0.data(), g0.data() + 12);  // column-major order
+  pkm::optim::AdamW<float> a, b, c;
+  a.add("w", pc, gc);
+  b.add("w", pr, gr);
+  c.add("w", pv, gv);
+  a.step();
+  b.step();
+  c.step();
+  CHECK(same_bits(MatF(pc), pr));
+  CHECK(std::equal(pv.begin(), pv.end(), pc.data()));
+  CHECK_FALSE(same_bits(MatF(pc), MatF(p0)));
+
+  gr = MatF::Ones(3, 4);  // assigning into it keeps its buffer
+  CHECK_NOTHROW(b.step());
+  gr = MatF(MatF::Ones(3, 4));  // move-assigning swaps in another buffer: the registered one is freed
+  const MatF before = pr;
+  CHECK_THROWS_WITH(b.step(), Contains("'w'") && Contains("move-assigned or resized"));
+  CHECK_THROWS_AS(b.zero_grad(), std::runtime_error);
+  CHECK(same_bits(pr, before));
+  gv.resize(1000);  // reallocates
+  CHECK_THROWS_AS(c.step(), std::runtime_error);
+
+  float buf[9] = {};
+  Eigen::Map<MatF, 0, Eigen::OuterStride<>> strided(buf, 2, 2, Eigen::OuterStride<>(3));
+  MatF g22 = MatF::Zero(2, 2);
+  CHECK_THROWS_WITH(a.add("strided", strided, g22), Contains("contiguous"));
+  ColF g34 = ColF::Zero(3, 4);
+  MatF p34 = MatF::Zero(3, 4);
+  CHECK_THROWS_WITH(a.add("mixed", p34, g34), Contains("same storage order"));
+  std::vector<float> short_grad(3);
+  CHECK_THROWS_WITH(a.add("v", pv, short_grad), Contains("has 3 elements"));
+}

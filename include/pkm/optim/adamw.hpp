@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -153,7 +154,60 @@ class AdamW {
     s.v.assign(static_cast<std::size_t>(size), S(0));
     slots_.push_back(std::move(s));
   }
-  /// Registers a matrix (contiguous, row-major) and its gradient of the same shape.
+  /// Registers an Eigen matrix or vector of any storage order — an owning Matrix, or a Map,
+  /// Ref or Block over contiguous memory — and its gradient of the same shape and order
+  /// (AdamW is element-wise, so the order does not matter otherwise). For an owning matrix,
+  /// step() and zero_grad() check that it still holds the buffer registered: one that was
+  /// move-assigned or resized since (`g = Matrix(...)`) throws std::runtime_error instead of
+  /// touching freed memory. Assign into it (`g.setZero()`, `g = expr`) to keep its buffer.
+  template <class P, class G>
+  void add(const std::string& name, Eigen::DenseBase<P>& param, Eigen::DenseBase<G>& grad,
+           std::optional<double> weight_decay = std::nullopt) {
+    static_assert(std::is_same_v<typename P::Scalar, S> && std::is_same_v<typename G::Scalar, S>,
+                  "pkm::optim::AdamW::add: the parameter and its gradient must hold the optimizer's scalar type S");
+    static_assert((int(P::Flags) & Eigen::DirectAccessBit) && (int(G::Flags) & Eigen::DirectAccessBit),
+                  "pkm::optim::AdamW::add: pass a matrix, Map, Ref or Block with storage (not an expression)");
+    const char* who = "pkm::optim::AdamW::add";
+    auto& p = param.derived();
+    auto& g = grad.derived();
+    if (g.rows() != p.rows() || g.cols() != p.cols()) {
+      throw std::invalid_argument(std::string(who) + ": gradient of '" + name + "' is " + std::to_string(g.rows()) +
+                                  " x " + std::to_string(g.cols()) + ", expected the parameter's " +
+                                  std::to_string(p.rows()) + " x " + std::to_string(p.cols()));
+    }
+    auto contiguous = [](const auto& m) {
+      return m.size() <= 1 || (m.innerStride() == 1 && (m.outerSize() <= 1 || m.outerStride() == m.innerSize()));
+    };
+    const bool vectors = p.rows() == 1 || p.cols() == 1;
+    if (!contiguous(p) || !contiguous(g) || (!vectors && bool(P::IsRowMajor) != bool(G::IsRowMajor))) {
+      throw std::invalid_argument(std::string(who) + ": '" + name +
+                                  "' and its gradient must each be contiguous (no row or column stride) "
+                                  "and in the same storage order");
+    }
+    add(name, p.data(), g.data(), p.size(), weight_decay);
+    using PT = std::decay_t<decltype(p)>;
+    using GT = std::decay_t<decltype(g)>;
+    if constexpr (std::is_base_of_v<Eigen::PlainObjectBase<PT>, PT> || std::is_base_of_v<Eigen::PlainObjectBase<GT>, GT>) {
+      slots_.back().moved = [&p, &g, pd = p.data(), gd = g.data(), n = p.size()] {
+        return p.data() != pd || g.data() != gd || p.size() != n || g.size() != n;
+      };
+    }
+  }
+  /// Registers a std::vector and its gradient (same size); checked for reallocation like an
+  /// owning matrix.
+  void add(const std::string& name, std::vector<S>& param, std::vector<S>& grad,
+           std::optional<double> weight_decay = std::nullopt) {
+    if (grad.size() != param.size()) {
+      throw std::invalid_argument("pkm::optim::AdamW::add: gradient of '" + name + "' has " +
+                                  std::to_string(grad.size()) + " elements, expected the parameter's " +
+                                  std::to_string(param.size()));
+    }
+    add(name, param.data(), grad.data(), static_cast<Index>(param.size()), weight_decay);
+    slots_.back().moved = [&param, &grad, pd = param.data(), gd = grad.data(), n = param.size()] {
+      return param.data() != pd || grad.data() != gd || param.size() != n || grad.size() != n;
+    };
+  }
+  /// Registers a row-major matrix view (a temporary Map or Ref) and its gradient.
   void add(const std::string& name, MatrixRef<S> param, MatrixRef<S> grad,
            std::optional<double> weight_decay = std::nullopt) {
     const char* who = "pkm::optim::AdamW::add";
@@ -184,6 +238,7 @@ class AdamW {
 
   /// Sets every registered gradient to zero.
   void zero_grad() {
+    check_buffers("pkm::optim::AdamW::zero_grad");
     for (auto& s : slots_) std::fill(s.grad, s.grad + s.size, S(0));
   }
 
@@ -192,6 +247,7 @@ class AdamW {
   /// and changes nothing.
   double step() {
     detail::check_step_counter("pkm::optim::AdamW::step", step_);
+    check_buffers("pkm::optim::AdamW::step");
     double sq = 0.0;
     for (const auto& s : slots_) sq += detail::sum_of_squares(s.grad, s.size);
     const double norm = std::sqrt(sq);
@@ -228,7 +284,21 @@ class AdamW {
     Index size = 0;
     double weight_decay = 0.0;
     std::vector<S> m, v;
+    std::function<bool()> moved;  ///< for owning containers: has the registered buffer gone?
   };
+
+  /// Throws std::runtime_error, before anything is touched, if an owning matrix or vector
+  /// registered with add() no longer holds the registered buffer.
+  void check_buffers(const char* who) const {
+    for (const auto& s : slots_) {
+      if (s.moved && s.moved()) {
+        throw std::runtime_error(std::string(who) + ": tensor '" + s.name +
+                                 "' (or its gradient) was move-assigned or resized after add(), so its "
+                                 "registered buffer is gone; assign into it instead (g.setZero(), g = expr) "
+                                 "or register it in a new optimizer; nothing was updated");
+      }
+    }
+  }
 
   [[noreturn]] void throw_non_finite() const {
     for (const auto& s : slots_) {

@@ -348,3 +348,33 @@ TEST_CASE("value initialisation: element values depend on their index alone and 
   pkm::init_values(h, 9);
   for (Index i = 0; i < 4099 * 33; i += 97) CHECK(h.data()[i] == pkm::bf16(a.data()[i]));
 }
+
+TEST_CASE("column-major inputs and outputs (Eigen's default) give the row-major results", "[layer]") {
+  auto c = pkmtest::medium_config();
+  c.gating = true;
+  const pkm::MemoryLayer<float> layer(c, 31);
+  const MatF x = pkmtest::random_matrix(40, c.input_dim, 32).cast<float>();
+  const MatF dout = pkmtest::random_matrix(40, c.output_dim, 33).cast<float>();
+  pkm::ForwardCache<float> cache;
+  MatF out(40, c.output_dim), dx(40, c.input_dim);
+  layer.forward(x, out, cache);
+  pkm::LayerGradients<float> g(c);
+  layer.backward(x, cache, dout, g, dx);
+
+  const Eigen::MatrixXf xc = x, doutc = dout;  // column-major copies
+  Eigen::MatrixXf outc(40, c.output_dim), dxc(40, c.input_dim);
+  pkm::ForwardCache<float> cache_c;
+  layer.forward(xc, outc, cache_c);
+  pkm::LayerGradients<float> gc(c);
+  layer.backward(xc, cache_c, doutc, gc, dxc);
+  CHECK(pkmtest::same_bits(MatF(outc), out));
+  CHECK(pkmtest::same_bits(MatF(dxc), dx));
+  CHECK(pkmtest::first_gradient_difference(gc, g).empty());
+  // Into a block of a bigger column-major matrix; a wrong shape is refused and changes nothing.
+  Eigen::MatrixXf big = Eigen::MatrixXf::Zero(50, c.output_dim + 3);
+  layer.forward(xc, big.block(5, 1, 40, c.output_dim), cache_c);
+  CHECK(pkmtest::same_bits(MatF(big.block(5, 1, 40, c.output_dim)), out));
+  Eigen::MatrixXf wrong = Eigen::MatrixXf::Constant(40, c.output_dim + 1, 3.0f);
+  CHECK_THROWS_AS(layer.forward(xc, wrong, cache_c), std::invalid_argument);
+  CHECK((wrong.array() == 3.0f).all());
+}

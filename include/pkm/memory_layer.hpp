@@ -162,6 +162,39 @@ class MemoryLayer {
     return out;
   }
 
+  // Other storage orders. pkm computes on row-major rows (one token per row). Inputs (x, dout)
+  // of any Eigen layout are accepted by every overload: a column-major one is copied into a
+  // row-major temporary by Eigen::Ref, B x input_dim values, small next to the layer's work.
+  // Outputs (out, dx) of another layout — Eigen's default column-major matrices, or their
+  // blocks — are written through a row-major temporary, copied out only when the call
+  // succeeds (so a call that throws leaves them unchanged).
+
+  /// forward into an output of any layout (see above).
+  template <class Out, std::enable_if_t<!std::is_convertible_v<Out&, MatrixRef<Scalar>>, int> = 0>
+  void forward(const ConstMatrixRef<Scalar>& x, const Eigen::MatrixBase<Out>& out,
+               ForwardCache<Scalar>& cache) const {
+    RowMatrix<Scalar> rows(out.rows(), out.cols());
+    forward(x, rows, cache);
+    const_cast<Eigen::MatrixBase<Out>&>(out) = rows;  // Eigen's idiom for writable expressions
+  }
+  /// backward with dx of any layout (see above).
+  template <class Dx, std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
+  void backward(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerGradients<Scalar>& grads,
+                const Eigen::MatrixBase<Dx>& dx) const {
+    RowMatrix<Scalar> rows(dx.rows(), dx.cols());
+    backward(x, cache, dout, grads, MatrixRef<Scalar>(rows));
+    const_cast<Eigen::MatrixBase<Dx>&>(dx) = rows;
+  }
+  template <class Dx, std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
+  void backward(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                SparseRowGrad<Scalar>& dvalues, const Eigen::MatrixBase<Dx>& dx) const {
+    RowMatrix<Scalar> rows(dx.rows(), dx.cols());
+    backward(x, cache, dout, dparams, dvalues, MatrixRef<Scalar>(rows));
+    const_cast<Eigen::MatrixBase<Dx>&>(dx) = rows;
+  }
+
   /// Backward of the forward that filled `cache` with input `x` (the same x, and the same
   /// parameters). Adds the dense parameter gradients to `dparams` and merges the sparse value
   /// gradient into `dvalues`; writes the input gradient to `dx` (B x input_dim).
@@ -207,6 +240,17 @@ class MemoryLayer {
                         const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
                         Optimizer& value_optimizer) {
     return backward_fused_impl(x, cache, dout, dparams, value_optimizer, nullptr);
+  }
+  /// backward_fused with dx of any layout (written through a row-major temporary).
+  template <class Optimizer, class Dx, std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
+  double backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                        Optimizer& value_optimizer, const Eigen::MatrixBase<Dx>& dx) {
+    RowMatrix<Scalar> rows(dx.rows(), dx.cols());
+    MatrixRef<Scalar> ref(rows);
+    const double norm = backward_fused_impl(x, cache, dout, dparams, value_optimizer, &ref);
+    const_cast<Eigen::MatrixBase<Dx>&>(dx) = rows;
+    return norm;
   }
 
  private:

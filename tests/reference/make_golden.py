@@ -32,32 +32,9 @@ except ImportError:
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")
 
-DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16",
-          torch.float16: "F16", torch.int64: "I64", torch.int32: "I32"}
-
-
-def write_safetensors(path, tensors, metadata=None):
-    """A minimal, independent safetensors writer (8-byte LE length, JSON header, raw data)."""
-    header, blobs, offset = {}, [], 0
-    if metadata:
-        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        if t.dtype == torch.bfloat16:  # no numpy bfloat16: write the raw 16-bit patterns
-            raw = t.view(torch.int16).numpy().tobytes()
-        else:
-            raw = t.numpy().tobytes()
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
+# The safetensors reader and writer pkm ships for PyTorch users (python/pkm_export.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
+from pkm_export import read_safetensors, write_safetensors  # noqa: E402
 
 
 class QueryProj(torch.nn.Module):
@@ -169,26 +146,6 @@ def random_cases(count, seed=77):
 
 
 CASES.update(random_cases(6))
-
-
-def read_safetensors(path):
-    """A minimal reader for what pkm writes (F32, F64, BF16, I64)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    meta = header.pop("__metadata__", {})
-    dt = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "I64": torch.int64}
-    out = {}
-    for name, e in header.items():
-        b, end = e["data_offsets"]
-        raw = bytearray(data[b:end])
-        if e["dtype"] == "BF16":
-            t = torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16)
-        else:
-            t = torch.frombuffer(raw, dtype=dt[e["dtype"]])
-        out[name] = t.reshape(e["shape"])
-    return out, meta
 
 
 def check_pkm_file(ckpt_path, input_path, pkm_output_path):

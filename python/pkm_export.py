@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""pkm_export: move a PyTorch memory layer to pkm and compare what comes back.
+
+A dependency-free (PyTorch only; no `safetensors` package needed) companion to pkm's C++ side:
+
+    import pkm_export as pe
+    # a trained module with the reference names (HashingMemory, or any module whose state_dict
+    # has keys, values.weight, query_proj.query_mlps.0.weight, ...), or a whole model:
+    pe.export_memory(model, "memory.safetensors", knn=32, prefix="layers.4.memory.")
+    pe.write_input("in.safetensors", x, dy)      # x: (B, T, C) or (N, C); flattened to (N, C)
+    # $ pkm_run --checkpoint memory.safetensors --prefix layers.4.memory. \\
+    #           --input in.safetensors --output out.safetensors
+    out, _ = pe.read_safetensors("out.safetensors")
+    y = out["y"].reshape(B, T, -1)               # back to the reference module's (B, T, C)
+    report = pe.compare(expected, out)           # expected: the same names from PyTorch
+
+`python3 pkm_export.py compare EXPECTED.safetensors ACTUAL.safetensors` prints the same report
+as pkm's golden_compare. Relative error of a tensor = max |actual - expected| / max |expected|.
+"""
+import json
+import os
+import struct
+import sys
+
+import torch
+
+DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16",
+          torch.float16: "F16", torch.int64: "I64", torch.int32: "I32"}
+FROM_NAME = {v: k for k, v in DTYPES.items()}
+
+# The metadata keys pkm reads (pkm/io/checkpoint.hpp): what tensor shapes cannot say.
+META_KNN, META_QK_NORM, META_QK_NORM_SCALE = "mem_knn", "qk_norm", "qk_norm_scale"
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Writes {name: tensor} as safetensors (names sorted, header padded to 8 bytes), through a
+    temporary file renamed over `path`, as pkm's own writer does."""
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        if t.dtype not in DTYPES:
+            raise ValueError(f"tensor '{name}' has dtype {t.dtype}; pkm reads {sorted(DTYPES.values())}")
+        raw = t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_safetensors(path):
+    """Returns ({name: tensor}, metadata) of a safetensors file (F32, F64, BF16, F16, I64, I32)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for name, e in header.items():
+        begin, end = e["data_offsets"]
+        raw = bytearray(data[begin:end])
+        if e["dtype"] == "BF16":
+            t = torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16) if raw else torch.empty(0, dtype=torch.bfloat16)
+        else:
+            dt = FROM_NAME[e["dtype"]]
+            t = torch.frombuffer(raw, dtype=dt) if raw else torch.empty(0, dtype=dt)
+        out[name] = t.reshape(e["shape"])
+    return out, meta
+
+
+def export_memory(module_or_state_dict, path, knn, qk_norm=False, qk_norm_scale=None, prefix="",
+                  extra_metadata=None):
+    """Writes a memory layer for pkm: every tensor of the state_dict (a whole model's too: pkm
+    then loads the layer under `prefix`, LoadOptions::prefix / pkm_run --prefix) and the
+    metadata pkm needs (knn, qk-norm and its scale). Checks that the layer's tensors are there."""
+    sd = module_or_state_dict.state_dict() if hasattr(module_or_state_dict, "state_dict") else module_or_state_dict
+    for required in ("keys", "values.weight", "query_proj.query_mlps.0.weight"):
+        if prefix + required not in sd:
+            raise KeyError(f"'{prefix + required}' is not in the state_dict: is the prefix '{prefix}' right?")
+    meta = {META_KNN: int(knn), META_QK_NORM: "true" if qk_norm else "false"}
+    if qk_norm_scale is not None:
+        meta[META_QK_NORM_SCALE] = repr(float(qk_norm_scale))
+    meta.update(extra_metadata or {})
+    write_safetensors(path, {k: v for k, v in sd.items() if torch.is_tensor(v)}, meta)
+
+
+def write_input(path, x, dy=None):
+    """Writes pkm_run's input: x as (N, C) float32 rows — the reference module's (B, T, C)
+    hidden states flattened to N = B*T tokens — and optionally dy of the output's shape."""
+    tensors = {"x": x.detach().float().reshape(-1, x.shape[-1])}
+    if dy is not None:
+        tensors["dy"] = dy.detach().float().reshape(-1, dy.shape[-1])
+    write_safetensors(path, tensors)
+
+
+def compare(expected, actual, rtol=1e-5):
+    """Compares tensors of the same names, as pkm's tests do: floats by relative error, integer
+    tensors (indices) exactly. Returns {"worst": (error, name), "failures": [...], "compared": n}."""
+    worst, failures, compared = (0.0, ""), [], 0
+    for name, e in sorted(expected.items()):
+        if name not in actual:
+            failures.append(f"'{name}' is missing")
+            continue
+        a = actual[name]
+        if tuple(a.shape) != tuple(e.shape):
+            failures.append(f"'{name}' has shape {list(a.shape)}, expected {list(e.shape)}")
+            continue
+        compared += 1
+        if e.dtype.is_floating_point:
+            e64, a64 = e.double(), a.double()
+            scale = e64.abs().max().item() if e64.numel() else 0.0
+            err = (e64 - a64).abs().max().item() if e64.numel() else 0.0
+            rel = err / scale if scale > 0 else err
+            if rel > worst[0]:
+                worst = (rel, name)
+            if not rel <= rtol:
+                failures.append(f"'{name}': max relative error {rel:.3g} > {rtol:g}")
+        elif not torch.equal(e.long(), a.long()):
+            failures.append(f"'{name}': {int((e.long() != a.long()).sum())} elements differ")
+    return {"worst": worst, "failures": failures, "compared": compared}
+
+
+def main(argv):
+    if len(argv) != 4 or argv[1] != "compare":
+        print(__doc__.strip().splitlines()[0])
+        print("usage: pkm_export.py compare EXPECTED.safetensors ACTUAL.safetensors")
+        return 2
+    expected, _ = read_safetensors(argv[2])
+    actual, _ = read_safetensors(argv[3])
+    r = compare(expected, actual)
+    for f in r["failures"]:
+        print(f, file=sys.stderr)
+    print(f"{r['compared']} tensors compared, worst relative error {r['worst'][0]:.3g} ({r['worst'][1]}): "
+          f"{'match' if not r['failures'] else 'MISMATCH'}")
+    return 0 if not r["failures"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -123,37 +123,7 @@ class MemoryLayer {
   /// then holds the overflowed values). After any throw the cache is marked unfilled: backward
   /// refuses it until a forward completes.
   void forward(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out,
-               ForwardCache<Scalar>& cache) const {
-    const char* who = "pkm::MemoryLayer::forward";
-    const MemoryConfig& c = config();
-    check_input(who, x, true);
-    detail::check_same_shape(who, "out", out.rows(), out.cols(), x.rows(), c.output_dim);
-    check_parameters_finite(who, params_);
-    const Index B = x.rows();
-    cache.batch = -1;  // the cache is valid again only when this forward completes
-    cache.config = c;
-    cache.query.resize(B, c.heads * c.k_dim);
-    cache.read.resize(B, c.v_dim);
-    linear_forward<Scalar>(x, params_.query_weight(), detail::bias_or_null(params_, Tensor::query_bias),
-                           cache.query);
-    key_search_forward<Scalar>(c, params_.keys(), cache.query, cache, cache.workspace.search);
-    if (B > 0) {
-      embedding_bag<TableT, Scalar>(values_, cache.indices, cache.weights, cache.read);
-      check_read(who, cache);
-    }
-    output_forward<Scalar>(params_, x, cache.read, out, cache);
-    detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
-      for (Index b = b0; b < b1; ++b) {
-        if (!detail::all_finite(out.row(b).data(), out.cols())) {
-          throw std::runtime_error(std::string(who) + ": the output of token " + std::to_string(b) +
-                                   " is not finite although x, the parameters and the read are: the "
-                                   "output op (Memory+, projection or gate) overflows; out holds the "
-                                   "overflowed values");
-        }
-      }
-    });
-    cache.batch = B;
-  }
+               ForwardCache<Scalar>& cache) const;
 
   /// Convenience: returns the output as a new matrix.
   RowMatrix<Scalar> forward(const ConstMatrixRef<Scalar>& x, ForwardCache<Scalar>& cache) const {
@@ -232,15 +202,11 @@ class MemoryLayer {
   template <class Optimizer>
   double backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
                         const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                        Optimizer& value_optimizer, MatrixRef<Scalar> dx) {
-    return backward_fused_impl(x, cache, dout, dparams, value_optimizer, &dx);
-  }
+                        Optimizer& value_optimizer, MatrixRef<Scalar> dx);
   template <class Optimizer>
   double backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
                         const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                        Optimizer& value_optimizer) {
-    return backward_fused_impl(x, cache, dout, dparams, value_optimizer, nullptr);
-  }
+                        Optimizer& value_optimizer);
   /// backward_fused with dx of any layout (written through a row-major temporary).
   template <class Optimizer, class Dx, std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
   double backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
@@ -327,14 +293,7 @@ class MemoryLayer {
 
   void backward_impl(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
                      const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                     SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar>* dx) const {
-    check_backward_args("pkm::MemoryLayer::backward", x, cache, dout, dparams, &dvalues, dx);
-    if (dvalues.empty()) dvalues.dim = config().v_dim;
-    backward_core(x, cache, dout, dparams, dx, [&](LayerWorkspace<Scalar>& ws) {
-      embedding_bag_backward<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy, ws.dscore, dvalues,
-                                             ws.bag);
-    });
-  }
+                     SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar>* dx) const;
 
   template <class Optimizer>
   double backward_fused_impl(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
@@ -389,5 +348,71 @@ class MemoryLayer {
   LayerParameters<Scalar> params_;
   ValueTable<TableT> values_;
 };
+
+// The entry points that do the work are defined outside the class, so that they are not
+// implicitly inline: an `extern template` declaration (pkm/precompiled.hpp) then keeps them
+// — and the ops they call — from being compiled again in every translation unit.
+
+template <class Scalar, class TableT>
+void MemoryLayer<Scalar, TableT>::forward(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out,
+                                          ForwardCache<Scalar>& cache) const {
+  const char* who = "pkm::MemoryLayer::forward";
+  const MemoryConfig& c = config();
+  check_input(who, x, true);
+  detail::check_same_shape(who, "out", out.rows(), out.cols(), x.rows(), c.output_dim);
+  check_parameters_finite(who, params_);
+  const Index B = x.rows();
+  cache.batch = -1;  // the cache is valid again only when this forward completes
+  cache.config = c;
+  cache.query.resize(B, c.heads * c.k_dim);
+  cache.read.resize(B, c.v_dim);
+  linear_forward<Scalar>(x, params_.query_weight(), detail::bias_or_null(params_, Tensor::query_bias),
+                         cache.query);
+  key_search_forward<Scalar>(c, params_.keys(), cache.query, cache, cache.workspace.search);
+  if (B > 0) {
+    embedding_bag<TableT, Scalar>(values_, cache.indices, cache.weights, cache.read);
+    check_read(who, cache);
+  }
+  output_forward<Scalar>(params_, x, cache.read, out, cache);
+  detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
+    for (Index b = b0; b < b1; ++b) {
+      if (!detail::all_finite(out.row(b).data(), out.cols())) {
+        throw std::runtime_error(std::string(who) + ": the output of token " + std::to_string(b) +
+                                 " is not finite although x, the parameters and the read are: the "
+                                 "output op (Memory+, projection or gate) overflows; out holds the "
+                                 "overflowed values");
+      }
+    }
+  });
+  cache.batch = B;
+}
+
+template <class Scalar, class TableT>
+template <class Optimizer>
+double MemoryLayer<Scalar, TableT>::backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                                                   const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                                                   Optimizer& value_optimizer, MatrixRef<Scalar> dx) {
+  return backward_fused_impl(x, cache, dout, dparams, value_optimizer, &dx);
+}
+
+template <class Scalar, class TableT>
+template <class Optimizer>
+double MemoryLayer<Scalar, TableT>::backward_fused(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                                                   const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                                                   Optimizer& value_optimizer) {
+  return backward_fused_impl(x, cache, dout, dparams, value_optimizer, nullptr);
+}
+
+template <class Scalar, class TableT>
+void MemoryLayer<Scalar, TableT>::backward_impl(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                                                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                                                SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar>* dx) const {
+  check_backward_args("pkm::MemoryLayer::backward", x, cache, dout, dparams, &dvalues, dx);
+  if (dvalues.empty()) dvalues.dim = config().v_dim;
+  backward_core(x, cache, dout, dparams, dx, [&](LayerWorkspace<Scalar>& ws) {
+    embedding_bag_backward<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy, ws.dscore, dvalues,
+                                           ws.bag);
+  });
+}
 
 }  // namespace pkm

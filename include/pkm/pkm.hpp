@@ -23,3 +23,6 @@
 #include "pkm/optim/sparse_optimizer.hpp"
 #include "pkm/optim/lazy_adam.hpp"
 #include "pkm/optim/rowwise_adagrad.hpp"
+#if defined(PKM_PRECOMPILED)
+#include "pkm/precompiled.hpp"  // linked with pkm::precompiled: the common instantiations are there
+#endif

@@ -3,6 +3,8 @@
 // layer at sizes where the products span many tiles and the search several chunks.
 #include <catch2/catch.hpp>
 
+#include <cstdint>
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -99,51 +101,47 @@ TEST_CASE("gemm matches a double-precision reference on every backend, transpose
   }
 }
 
-TEST_CASE("gemm gives the same bits with 1 and 2 threads and inside the caller's threads", "[gemm][threads]") {
-  const Index m = 1100, n = 700, k = 300;
-  const MatF a = pkmtest::random_matrix(m, k, 4).cast<float>(), b = pkmtest::random_matrix(n, k, 5).cast<float>();
+namespace {
+/// A (m x k) times B^T (n x k) on every deterministic backend must give the same bits with 1 and
+/// 2 threads and, when `nested`, from inside the caller's parallel region.
+void check_same_bits_across_threads(Index m, Index n, Index k, std::uint64_t seed, bool nested) {
+  const MatF a = pkmtest::random_matrix(m, k, seed).cast<float>(), b = pkmtest::random_matrix(n, k, seed + 1).cast<float>();
   const int saved = omp_get_max_threads();
   for (auto backend : backends()) {
     if (!pkm::gemm_backend_deterministic(backend)) continue;  // OpenBLAS makes no such promise
     INFO(pkm::gemm_backend_name(backend));
+    auto product = [&](MatF& c) {
+      pkm::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n, backend);
+    };
     auto run = [&](int threads) {
       omp_set_num_threads(threads);
       MatF c(m, n);
-      pkm::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n, backend);
+      product(c);
       return c;
     };
     const MatF one = run(1), two = run(2);
     omp_set_num_threads(saved);
     CHECK(same_bits(one, two));
-    MatF nested(m, n);
+    if (!nested) continue;
+    MatF inside(m, n);
 #pragma omp parallel num_threads(2)
     {
 #pragma omp single
-      pkm::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, nested.data(), n, backend);
+      product(inside);
     }
-    CHECK(same_bits(one, nested));
+    CHECK(same_bits(one, inside));
   }
+}
+}  // namespace
+
+TEST_CASE("gemm gives the same bits with 1 and 2 threads and inside the caller's threads", "[gemm][threads]") {
+  check_same_bits_across_threads(1100, 700, 300, 4, true);
 }
 
 TEST_CASE("a product of one tile gives the same bits with 1 and 2 threads", "[gemm][threads]") {
   // 512 x 256 is a single tile of the eigen backend; with k = 1024 it is big enough that Eigen
   // would thread it itself (and block it by thread count) if called outside a parallel region.
-  const Index m = 512, n = 256, k = 1024;
-  const MatF a = pkmtest::random_matrix(m, k, 6).cast<float>(), b = pkmtest::random_matrix(n, k, 7).cast<float>();
-  const int saved = omp_get_max_threads();
-  for (auto backend : backends()) {
-    if (!pkm::gemm_backend_deterministic(backend)) continue;
-    INFO(pkm::gemm_backend_name(backend));
-    auto run = [&](int threads) {
-      omp_set_num_threads(threads);
-      MatF c(m, n);
-      pkm::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n, backend);
-      return c;
-    };
-    const MatF one = run(1), two = run(2);
-    omp_set_num_threads(saved);
-    CHECK(same_bits(one, two));
-  }
+  check_same_bits_across_threads(512, 256, 1024, 6, false);
 }
 
 TEST_CASE("gemm refuses bad sizes, strides, pointers and missing backends", "[gemm][errors]") {

@@ -20,6 +20,7 @@
 #include "pkm/detail/checks.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/segment_reduce.hpp"
+#include "pkm/detail/vec_math.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_table.hpp"
@@ -91,6 +92,31 @@ void embedding_bag(const ValueTable<T>& table, const ConstIndexRef& indices,
   });
 }
 
+namespace detail {
+/// Throws std::runtime_error if a token's read (a row of `read`, the embedding bag of
+/// `indices` over `table`) is not finite, naming the table row at fault (or the overflow when
+/// every row it read is finite). `note` is appended to the message.
+template <class T, class S>
+void check_bag_read(const char* who, const ValueTable<T>& table, const ConstIndexRef& indices,
+                    const ConstMatrixRef<S>& read, const std::string& note = "") {
+  parallel_blocks(read.rows(), kTokenBlock, [&](Index b0, Index b1) {
+    for (Index b = b0; b < b1; ++b) {
+      if (all_finite(read.row(b).data(), read.cols())) continue;
+      for (Index l = 0; l < indices.cols(); ++l) {
+        const Index r = indices(b, l);
+        if (!row_finite(table.row(r), table.dim())) {
+          throw std::runtime_error(std::string(who) + ": value table row " + std::to_string(r) + ", read by token " +
+                                   std::to_string(b) + ", holds a non-finite value; expected a finite table "
+                                   "(pkm::first_non_finite_row finds every such row)" + note);
+        }
+      }
+      throw std::runtime_error(std::string(who) + ": the read of token " + std::to_string(b) +
+                               " overflows: the value rows it reads are finite but their weighted sum is not" + note);
+    }
+  });
+}
+}  // namespace detail
+
 /// Buffers the backward of embedding_bag reuses from call to call: pass the same one every
 /// step and the grouping of the table gradient allocates nothing once warm.
 template <class S>
@@ -145,6 +171,17 @@ double gradient_bound(const ConstMatrixRef<S>& w, const ConstMatrixRef<S>& dy) {
   double total = 0.0;
   for (double p : partial) total += p;
   return total;
+}
+}  // namespace detail
+
+namespace detail {
+/// True when no element of the table gradient of (weights, dy) nor the norm of a gradient of
+/// `full_dim`-wide rows bounded like it can overflow (see gradient_bound).
+template <class S>
+bool gradient_known_finite(const ConstMatrixRef<S>& w, const ConstMatrixRef<S>& dy, Index full_dim) {
+  const double limit = std::min(0.5 * static_cast<double>(std::numeric_limits<S>::max()),
+                                1e150 / std::sqrt(static_cast<double>(full_dim)));
+  return gradient_bound<S>(w, dy) <= limit;
 }
 }  // namespace detail
 
@@ -207,12 +244,9 @@ double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& 
   // Every row's gradient is at most sum_b max|dy(b, :)| sum_l |weights(b, l)| in magnitude,
   // and the norm at most sqrt(dim) times that: below the limits, nothing can overflow and
   // the optimizer may skip its separate finiteness pass (the result is the same either way).
-  const double bound = detail::gradient_bound<S>(weights, dy);
-  const double limit = std::min(0.5 * static_cast<double>(std::numeric_limits<S>::max()),
-                                1e150 / std::sqrt(static_cast<double>(table.dim())));
   return optimizer.step_segments(
       table, scratch.items, scratch.segments, [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
-      bound <= limit);
+      detail::gradient_known_finite<S>(weights, dy, table.dim()));
 }
 
 /// As above, with buffers of its own (allocated for this call).

@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/random.hpp"
@@ -46,19 +48,33 @@ void init_parameters(LayerParameters<Scalar>& p, std::uint64_t seed) {
   });
 }
 
+/// Fills columns [column_begin, column_begin + table.dim()) of a value table `full_dim` wide
+/// as init_values fills the whole table: `table` holds those columns of every row (a column
+/// shard, pkm/distributed), and gets the same values, bit for bit, as the same columns of
+/// the whole table initialised from `seed`.
+template <class T>
+void init_value_columns(ValueTable<T>& table, std::uint64_t seed, Index full_dim, Index column_begin) {
+  if (column_begin < 0 || full_dim < 1 || column_begin > full_dim - table.dim()) {
+    throw std::invalid_argument("pkm::init_value_columns: columns [" + std::to_string(column_begin) + ", " +
+                                std::to_string(column_begin + table.dim()) + ") are not within a table of " +
+                                std::to_string(full_dim) + " columns");
+  }
+  const detail::CounterRng rng(seed, kValueStream);
+  const Index dim = table.dim();
+  const float std_dev = static_cast<float>(1.0 / std::sqrt(double(full_dim)));
+  detail::parallel_blocks(table.rows(), 64, [&](Index r0, Index r1) {
+    for (Index r = r0; r < r1; ++r) {
+      detail::fill_normal(rng, static_cast<std::uint64_t>(r * full_dim + column_begin), dim, std_dev, table.row(r));
+    }
+  });
+}
+
 /// Fills a value table with N(0, dim^-1/2), in parallel; element (r, d) is normal number
 /// r * dim + d of the table's stream (detail::fill_normal: float Box-Muller without library
 /// calls, vectorised), so the values depend on the seed alone, never on the thread count.
 template <class T>
 void init_values(ValueTable<T>& table, std::uint64_t seed) {
-  const detail::CounterRng rng(seed, kValueStream);
-  const Index dim = table.dim();
-  const float std_dev = static_cast<float>(1.0 / std::sqrt(double(dim)));
-  detail::parallel_blocks(table.rows(), 64, [&](Index r0, Index r1) {
-    for (Index r = r0; r < r1; ++r) {
-      detail::fill_normal(rng, static_cast<std::uint64_t>(r * dim), dim, std_dev, table.row(r));
-    }
-  });
+  init_value_columns(table, seed, table.dim(), 0);
 }
 
 }  // namespace pkm

@@ -21,59 +21,18 @@
 
 #include "pkm/config.hpp"
 #include "pkm/detail/checks.hpp"
+#include "pkm/detail/layer_core.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/vec_math.hpp"
 #include "pkm/embedding_bag.hpp"
 #include "pkm/init.hpp"
-#include "pkm/key_search.hpp"
-#include "pkm/linear.hpp"
-#include "pkm/memory_output.hpp"
+#include "pkm/layer_cache.hpp"
 #include "pkm/parameters.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_table.hpp"
 
 namespace pkm {
-
-/// Buffers the layer's backward reuses from call to call (held by the ForwardCache).
-template <class Scalar>
-struct LayerWorkspace {
-  KeySearchWorkspace<Scalar> search;
-  OutputWorkspace<Scalar> output;
-  BagBackwardScratch<Scalar> bag;
-  RowMatrix<Scalar> dy;      ///< B x v_dim: gradient of the read
-  RowMatrix<Scalar> dscore;  ///< B x (H knn): gradient of the weights, then of the scores
-  RowMatrix<Scalar> dq;      ///< B x (H k_dim): gradient of the query
-};
-
-/// What forward() keeps for backward(): the key search's results (indices, scores, weights,
-/// ...) and the output op's (swilu_pre, hidden, pre_gate, gate), plus the query and the read.
-/// Reuse one per layer and thread: its buffers are only reallocated when the batch size
-/// changes, and backward() keeps its own temporaries in it (so a cache must not be used by
-/// two backward calls at once).
-template <class Scalar>
-struct ForwardCache : KeySearchCache<Scalar>, OutputCache<Scalar> {
-  MemoryConfig config{};          ///< config of the layer that filled it
-  Index batch = -1;               ///< tokens of the last forward; -1 before the first
-  RowMatrix<Scalar> query;        ///< B x (H k_dim): q = Wq x + bq
-  RowMatrix<Scalar> read;         ///< B x v_dim: y = sum of weighted value rows
-  mutable LayerWorkspace<Scalar> workspace;  ///< scratch of forward and backward
-};
-
-/// Gradients of one layer: dense ones in a LayerParameters of the same config, the value
-/// table's as a SparseRowGrad. backward() adds to them; zero() clears them.
-template <class Scalar>
-struct LayerGradients {
-  LayerParameters<Scalar> params;
-  SparseRowGrad<Scalar> values;
-
-  LayerGradients() = default;
-  explicit LayerGradients(const MemoryConfig& config) : params(config) { values.dim = config.v_dim; }
-  void zero() {
-    params.set_zero();
-    values.clear();
-  }
-};
 
 /// A product-key memory layer with dense parameters of type Scalar (float for use, double for
 /// gradient checks) reading a value table stored as TableT.
@@ -230,65 +189,19 @@ class MemoryLayer {
     }
   }
 
-  /// Throws std::runtime_error if a token's read is not finite, naming the table row at
-  /// fault (or the overflow when every row it read is finite).
-  void check_read(const char* who, const ForwardCache<Scalar>& cache) const {
-    detail::parallel_blocks(cache.read.rows(), detail::kTokenBlock, [&](Index b0, Index b1) {
-      for (Index b = b0; b < b1; ++b) {
-        if (detail::all_finite(cache.read.row(b).data(), cache.read.cols())) continue;
-        for (Index l = 0; l < cache.indices.cols(); ++l) {
-          const Index r = cache.indices(b, l);
-          if (!detail::row_finite(values_.row(r), values_.dim())) {
-            throw std::runtime_error(std::string(who) + ": value table row " + std::to_string(r) + ", read by token " +
-                                     std::to_string(b) + ", holds a non-finite value; expected a finite table "
-                                     "(pkm::first_non_finite_row finds every such row)");
-          }
-        }
-        throw std::runtime_error(std::string(who) + ": the read of token " + std::to_string(b) +
-                                 " overflows: the value rows it reads are finite but their weighted sum is not");
-      }
-    });
-  }
-
-  void check_input(const char* who, const ConstMatrixRef<Scalar>& x, bool check_finite) const {
-    if (x.cols() != config().input_dim) {
-      throw std::invalid_argument(std::string(who) + ": x has " + std::to_string(x.cols()) +
-                                  " columns, expected input_dim = " +
-                                  std::to_string(config().input_dim));
-    }
-    if (check_finite) detail::check_finite(who, "x", x);
-  }
-
   void check_backward_args(const char* who, const ConstMatrixRef<Scalar>& x,
                            const ForwardCache<Scalar>& cache, const ConstMatrixRef<Scalar>& dout,
                            const LayerParameters<Scalar>& dparams,
                            const SparseRowGrad<Scalar>* dvalues,
                            const MatrixRef<Scalar>* dx) const {
+    detail::check_backward(who, params_, x, cache, dout, dparams, dx);
     const MemoryConfig& c = config();
-    if (cache.batch < 0 || cache.config != c) {
-      throw std::invalid_argument(std::string(who) +
-                                  ": cache was not filled by a completed forward() of a layer with "
-                                  "this config");
-    }
-    check_input(who, x, false);
-    if (x.rows() != cache.batch) {
-      throw std::invalid_argument(std::string(who) + ": x has " + std::to_string(x.rows()) +
-                                  " rows, expected the forward batch of " +
-                                  std::to_string(cache.batch));
-    }
-    detail::check_same_shape(who, "dout", dout.rows(), dout.cols(), cache.batch, c.output_dim);
-    detail::check_finite(who, "dout", dout);
-    check_parameters_match(dparams, c, "parameter gradients (dparams)");
     if (dvalues != nullptr) dvalues->validate(who, "dvalues", c.slots());
     if (dvalues != nullptr && !dvalues->empty() && dvalues->dim != c.v_dim) {
       throw std::invalid_argument(std::string(who) + ": dvalues.dim = " +
                                   std::to_string(dvalues->dim) + ", expected v_dim = " +
                                   std::to_string(c.v_dim));
     }
-    if (dx != nullptr) {
-      detail::check_same_shape(who, "dx", dx->rows(), dx->cols(), cache.batch, c.input_dim);
-    }
-    detail::check_indices(who, cache.indices, c.slots());
   }
 
   void backward_impl(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
@@ -323,26 +236,11 @@ class MemoryLayer {
   void backward_core(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
                      const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
                      MatrixRef<Scalar>* dx, ReadBackward&& read_backward) const {
-    const Index B = cache.batch;
-    if (B == 0) return;
-    const MemoryConfig& c = config();
-    LayerWorkspace<Scalar>& ws = cache.workspace;
-    ws.dy.resize(B, c.v_dim);
-    ws.dscore.resize(B, c.bag_size());
-    ws.dq.resize(B, c.heads * c.k_dim);
+    if (cache.batch == 0) return;
     // The read's gradient first, without touching dparams: the fused read backward may
     // still refuse it, and then nothing at all has changed.
-    output_backward<Scalar>(params_, cache.read, cache, dout, ws.dy, ws.output);
-    read_backward(ws);
-    output_backward_weights<Scalar>(params_, x, cache.read, cache, dout, ws.output, dparams);
-    key_search_backward<Scalar>(c, params_.keys(), cache.query, cache, ws.dscore, ws.dq, dparams.keys(),
-                                ws.search);
-    linear_backward_weights<Scalar>(x, ws.dq, dparams.query_weight(),
-                                    detail::bias_or_null(dparams, Tensor::query_bias));
-    if (dx != nullptr) {
-      linear_backward_input<Scalar>(ws.dq, params_.query_weight(), *dx, false);
-      output_backward_input<Scalar>(params_, ws.output, *dx);
-    }
+    read_backward(detail::backward_begin(params_, cache, dout));
+    detail::backward_end(params_, x, cache, dout, dparams, dx);
   }
 
   LayerParameters<Scalar> params_;
@@ -357,34 +255,12 @@ template <class Scalar, class TableT>
 void MemoryLayer<Scalar, TableT>::forward(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out,
                                           ForwardCache<Scalar>& cache) const {
   const char* who = "pkm::MemoryLayer::forward";
-  const MemoryConfig& c = config();
-  check_input(who, x, true);
-  detail::check_same_shape(who, "out", out.rows(), out.cols(), x.rows(), c.output_dim);
-  check_parameters_finite(who, params_);
-  const Index B = x.rows();
-  cache.batch = -1;  // the cache is valid again only when this forward completes
-  cache.config = c;
-  cache.query.resize(B, c.heads * c.k_dim);
-  cache.read.resize(B, c.v_dim);
-  linear_forward<Scalar>(x, params_.query_weight(), detail::bias_or_null(params_, Tensor::query_bias),
-                         cache.query);
-  key_search_forward<Scalar>(c, params_.keys(), cache.query, cache, cache.workspace.search);
-  if (B > 0) {
+  detail::forward_begin(who, params_, x, out, cache);
+  if (x.rows() > 0) {
     embedding_bag<TableT, Scalar>(values_, cache.indices, cache.weights, cache.read);
-    check_read(who, cache);
+    detail::check_bag_read<TableT, Scalar>(who, values_, cache.indices, cache.read);
   }
-  output_forward<Scalar>(params_, x, cache.read, out, cache);
-  detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
-    for (Index b = b0; b < b1; ++b) {
-      if (!detail::all_finite(out.row(b).data(), out.cols())) {
-        throw std::runtime_error(std::string(who) + ": the output of token " + std::to_string(b) +
-                                 " is not finite although x, the parameters and the read are: the "
-                                 "output op (Memory+, projection or gate) overflows; out holds the "
-                                 "overflowed values");
-      }
-    }
-  });
-  cache.batch = B;
+  detail::forward_end(who, params_, x, out, cache);
 }
 
 template <class Scalar, class TableT>

@@ -9,9 +9,13 @@
 // well, blocks of 256 floats in sixteen registers go first (1 KiB runs of an fp32 row, which
 // the hardware prefetchers follow far better than 256-byte runs). bf16 rows widen by a shift, fp16 rows by F16C. Other
 // builds use Eigen's vectorised expressions (whatever ISA Eigen targets). In every path the
-// bag is summed in order, so the result does not depend on threads.
+// bag is summed in order, so the result does not depend on threads; in the AVX2 path every
+// column (vector block or tail) is the same chain of fused multiply-adds, so a column's sum
+// does not depend on where in the row it sits either (column shards read bit for bit what
+// the whole table reads).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -156,9 +160,9 @@ void bag_sum(const T* base, Index stride, const std::int64_t* idx, const S* w, I
       for (Index l = 0; l < bag; ++l) a = _mm256_fmadd_ps(_mm256_set1_ps(w[l]), load8(base + idx[l] * stride + d0), a);
       _mm256_storeu_ps(out + d0, a);
     }
-    for (; d0 < dim; ++d0) {
-      float a = 0;
-      for (Index l = 0; l < bag; ++l) a += w[l] * to_float(base[idx[l] * stride + d0]);
+    for (; d0 < dim; ++d0) {  // fused multiply-adds as in the vector blocks: a column's sum
+      float a = 0;            // is the same wherever the column sits (pkm/distributed)
+      for (Index l = 0; l < bag; ++l) a = std::fma(w[l], to_float(base[idx[l] * stride + d0]), a);
       out[d0] = a;
     }
     return;

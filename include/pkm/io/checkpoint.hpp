@@ -25,6 +25,17 @@ namespace pkm::io {
 inline constexpr const char* kMetaKnn = "mem_knn";
 inline constexpr const char* kMetaQkNorm = "qk_norm";
 inline constexpr const char* kMetaQkNormScale = "qk_norm_scale";
+/// A column shard of a value table (pkm/distributed, pkm/io/shards.hpp): the file's
+/// values.weight holds columns [begin, end) of a table of v_dim columns.
+inline constexpr const char* kMetaShardBegin = "pkm_shard_column_begin";
+inline constexpr const char* kMetaShardEnd = "pkm_shard_column_end";
+inline constexpr const char* kMetaShardVDim = "pkm_shard_v_dim";
+
+/// The columns a shard file holds.
+struct ShardRange {
+  std::int64_t begin = 0, end = 0, v_dim = 0;
+  std::int64_t width() const { return end - begin; }
+};
 
 /// What the caller says about a checkpoint; each set field wins over the file's metadata.
 struct LoadOptions {
@@ -65,6 +76,36 @@ inline bool parse_bool(const SafetensorsFile& f, const std::string& key, const s
   bad_checkpoint(f, "__metadata__ '" + key + "' = \"" + s + "\" is not true or false");
 }
 
+/// The file's shard range, if its metadata marks it as a column shard (all three keys,
+/// 0 <= begin < end <= v_dim), else nullopt. Throws std::invalid_argument for a partial or
+/// inconsistent marking.
+inline std::optional<ShardRange> shard_range(const SafetensorsFile& f) {
+  const auto& meta = f.metadata();
+  const int present = int(meta.count(kMetaShardBegin)) + int(meta.count(kMetaShardEnd)) + int(meta.count(kMetaShardVDim));
+  if (present == 0) return std::nullopt;
+  if (present != 3) {
+    bad_checkpoint(f, std::string("__metadata__ has only some of '") + kMetaShardBegin + "', '" + kMetaShardEnd +
+                          "' and '" + kMetaShardVDim + "'; a column shard needs all three");
+  }
+  ShardRange r;
+  r.begin = parse_int(f, kMetaShardBegin, meta.at(kMetaShardBegin));
+  r.end = parse_int(f, kMetaShardEnd, meta.at(kMetaShardEnd));
+  r.v_dim = parse_int(f, kMetaShardVDim, meta.at(kMetaShardVDim));
+  if (!(0 <= r.begin && r.begin < r.end && r.end <= r.v_dim && r.v_dim <= kMaxDim)) {
+    bad_checkpoint(f, "shard columns [" + std::to_string(r.begin) + ", " + std::to_string(r.end) + ") of " +
+                          std::to_string(r.v_dim) + "; expected 0 <= begin < end <= v_dim <= " + std::to_string(kMaxDim));
+  }
+  return r;
+}
+
+inline void refuse_shard(const SafetensorsFile& f) {
+  if (const auto r = shard_range(f)) {
+    bad_checkpoint(f, "holds only columns [" + std::to_string(r->begin) + ", " + std::to_string(r->end) + ") of the " +
+                          std::to_string(r->v_dim) + "-column value table (a shard of a memory-parallel layer); "
+                          "gather the shards into one file first (pkm::io::gather_shards, pkm_shards gather)");
+  }
+}
+
 /// The shape of tensor t as safetensors writes it: rank 1 for biases, 2 otherwise.
 inline std::vector<std::int64_t> file_shape(const MemoryConfig& c, Tensor t) {
   const TensorShape s = tensor_shape(c, t);
@@ -100,6 +141,13 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
     detail::bad_checkpoint(f, "values.weight has " + std::to_string(slots) + " rows; expected n_keys^2 for some n_keys");
   }
   c.v_dim = values.shape[1];
+  if (const auto shard = detail::shard_range(f)) {  // a column shard: the table's width from the metadata
+    if (values.shape[1] != shard->width()) {
+      detail::bad_checkpoint(f, "values.weight has " + std::to_string(values.shape[1]) + " columns, expected the " +
+                                    std::to_string(shard->width()) + " of its shard metadata");
+    }
+    c.v_dim = shard->v_dim;
+  }
   const std::int64_t half = keys.shape[1];
   c.k_dim = 2 * half;
   if (c.n_keys == 0 || keys.shape[0] % (2 * c.n_keys) != 0 || keys.shape[0] == 0) {
@@ -182,6 +230,7 @@ LayerParameters<Scalar> load_parameters(const SafetensorsFile& f, const MemoryCo
 /// std::invalid_argument naming the tensor and the row or element.
 template <class Scalar, class TableT = Scalar>
 MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptions& opt = {}) {
+  detail::refuse_shard(f);
   const MemoryConfig c = infer_config(f, opt);
   ValueTable<TableT> table(c.slots(), c.v_dim);
   f.read(opt.prefix + "values.weight", table.data(), static_cast<std::size_t>(c.slots() * c.v_dim));
@@ -207,6 +256,7 @@ MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptio
 /// it all on demand.
 template <class Scalar, class TableT = Scalar>
 MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOptions& opt = {}) {
+  detail::refuse_shard(f);
   const MemoryConfig c = infer_config(f, opt);
   const TensorInfo& v = f.info(opt.prefix + "values.weight");
   if (v.dtype != dtype_of<TableT>()) {
@@ -227,21 +277,21 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
                                      ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
 }
 
-/// Adds the layer's tensors, named prefix + the reference names, to `w`, with the metadata
-/// (mem_knn, qk_norm and, when set, qk_norm_scale; not prefixed) that make a load give back
-/// the same layer, bit for bit. The data is kept by pointer until w.write(). The value table
-/// must be contiguous (stride == v_dim).
+namespace detail {
+/// Adds dense parameters and a value table (the whole table or a column shard) under the
+/// reference names, with pkm's metadata. The table must be contiguous.
 template <class Scalar, class TableT>
-void add_layer(SafetensorsWriter& w, const MemoryLayer<Scalar, TableT>& layer, const std::string& prefix = "") {
-  const MemoryConfig& c = layer.config();
-  if (layer.values().stride() != layer.values().dim()) {
-    throw std::invalid_argument("pkm::io::add_layer: the value table has stride " +
-                                std::to_string(layer.values().stride()) + "; saving needs a contiguous table");
+void add_parts(SafetensorsWriter& w, const LayerParameters<Scalar>& params, const ValueTable<TableT>& values,
+               const std::string& prefix) {
+  const MemoryConfig& c = params.config();
+  if (values.stride() != values.dim()) {
+    throw std::invalid_argument("pkm::io::add_layer: the value table has stride " + std::to_string(values.stride()) +
+                                "; saving needs a contiguous table");
   }
-  layer.params().for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
-    w.add(prefix + tensor_name(t), detail::file_shape(c, t), m.data());
+  params.for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
+    w.add(prefix + tensor_name(t), file_shape(c, t), m.data());
   });
-  w.add(prefix + "values.weight", {c.slots(), c.v_dim}, static_cast<const TableT*>(layer.values().data()));
+  w.add(prefix + "values.weight", {values.rows(), values.dim()}, static_cast<const TableT*>(values.data()));
   w.set_metadata(kMetaKnn, std::to_string(c.knn));
   w.set_metadata(kMetaQkNorm, c.qk_norm ? "true" : "false");
   if (c.qk_norm_scale) {
@@ -249,6 +299,16 @@ void add_layer(SafetensorsWriter& w, const MemoryLayer<Scalar, TableT>& layer, c
     std::snprintf(buf, sizeof buf, "%.17g", *c.qk_norm_scale);
     w.set_metadata(kMetaQkNormScale, buf);
   }
+}
+}  // namespace detail
+
+/// Adds the layer's tensors, named prefix + the reference names, to `w`, with the metadata
+/// (mem_knn, qk_norm and, when set, qk_norm_scale; not prefixed) that make a load give back
+/// the same layer, bit for bit. The data is kept by pointer until w.write(). The value table
+/// must be contiguous (stride == v_dim).
+template <class Scalar, class TableT>
+void add_layer(SafetensorsWriter& w, const MemoryLayer<Scalar, TableT>& layer, const std::string& prefix = "") {
+  detail::add_parts(w, layer.params(), layer.values(), prefix);
 }
 
 /// Writes the layer to `path` (add_layer with no prefix, plus `extra_metadata`).

@@ -60,16 +60,29 @@ class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S, RowWiseAd
   /// Updates table row r (see SparseRowOptimizer).
   template <class T>
   void update_row(std::int64_t r, T* w, const S* g, S grad_scale) {
-    const Index dim = this->dim();
-    const RowWiseAdagradOptions& o = this->options();
-    const S wd = static_cast<S>(o.weight_decay);
+    update_row(r, w, g, grad_scale, row_statistic(w, g, grad_scale), this->dim());
+  }
+
+  /// Over column shards (pkm/distributed), the accumulator grows by the mean of g^2 over the
+  /// whole row: its sum over the group's columns, `sq`, divided by the row's full width.
+  static constexpr bool kRowStatistic = true;
+  template <class T>
+  S row_statistic(const T* w, const S* g, S grad_scale) const {
+    const S wd = static_cast<S>(this->options().weight_decay);
     S sq = S(0);
-    for (Index d = 0; d < dim; ++d) {
+    for (Index d = 0; d < this->dim(); ++d) {
       const S gd = grad_scale * g[d] + wd * static_cast<S>(w[d]);
       sq += gd * gd;
     }
+    return sq;
+  }
+  template <class T>
+  void update_row(std::int64_t r, T* w, const S* g, S grad_scale, S sq, Index full_dim) {
+    const Index dim = this->dim();
+    const RowWiseAdagradOptions& o = this->options();
+    const S wd = static_cast<S>(o.weight_decay);
     S& h = sum_[static_cast<std::size_t>(r)];
-    h += sq / static_cast<S>(dim);
+    h += sq / static_cast<S>(full_dim);
     const S step = static_cast<S>(o.lr) / (std::sqrt(h) + static_cast<S>(o.eps));
     for (Index d = 0; d < dim; ++d) {
       const S wv = static_cast<S>(w[d]);

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,6 +27,17 @@
 #include "pkm/value_table.hpp"
 
 namespace pkm::optim {
+
+/// How a step sees a table whose columns are split over a group of processes
+/// (pkm/distributed): each process steps its own columns, and what the single-process step
+/// computes over whole rows — the gradient norm for clipping, row-wise Adagrad's mean of g^2
+/// — is summed over the group with `sum` (adds n doubles in place over the group, with the
+/// same bits on every process; pkm::distributed::Group::sum_ordered). full_dim is the width of
+/// a whole row. Every process of the group must make the same step call.
+struct ShardReduction {
+  std::function<void(double* data, Index n)> sum;
+  Index full_dim = 0;
+};
 
 template <class Derived, class S, class Options>
 class SparseRowOptimizer {
@@ -57,8 +69,10 @@ class SparseRowOptimizer {
   /// Returns the gradient's norm before clipping. Everything is checked first: a bad shape
   /// or row id throws std::invalid_argument / std::out_of_range, a non-finite gradient
   /// std::runtime_error, and the table and the optimizer state are then unchanged.
+  /// With `shards`, `table` is this process's columns of a table split over a group and the
+  /// step is one process's part of a group step (see ShardReduction).
   template <class T>
-  double step(ValueTable<T>& table, const SparseRowGrad<S>& grad) {
+  double step(ValueTable<T>& table, const SparseRowGrad<S>& grad, const ShardReduction* shards = nullptr) {
     check_table(who_, table);
     detail::check_step_counter(who_, step_);
     if (grad.size() > 0 && grad.dim != dim_) {
@@ -67,7 +81,7 @@ class SparseRowOptimizer {
     }
     grad.validate(who_, "the gradient", rows_);
     // The stored rows are cheap to read twice: the norm (and finiteness) always comes first.
-    return apply(table, grad.rows, true, [&](Index u, S*) { return grad.values.row(u).data(); });
+    return apply(table, grad.rows, true, [&](Index u, S*) { return grad.values.row(u).data(); }, shards);
   }
 
   /// The fused step: the gradient of row seg.rows[u] is the sum over its contributions t of
@@ -82,7 +96,7 @@ class SparseRowOptimizer {
   template <class T, class SourceFn>
   double step_segments(ValueTable<T>& table, const std::vector<pkm::detail::RowContribution<S>>& items,
                        const pkm::detail::RowSegments& seg, SourceFn&& source,
-                       bool known_finite = false) {
+                       bool known_finite = false, const ShardReduction* shards = nullptr) {
     check_table(who_, table);
     detail::check_step_counter(who_, step_);
     if (seg.size() > 0 && (seg.rows.front() < 0 || seg.rows.back() >= rows_)) {
@@ -91,7 +105,7 @@ class SparseRowOptimizer {
     return apply(table, seg.rows, options_.max_grad_norm > 0.0 || !known_finite, [&](Index u, S* scratch) {
       pkm::detail::reduce_segment(items, seg, u, dim_, source, scratch);
       return static_cast<const S*>(scratch);
-    });
+    }, shards);
   }
 
  protected:
@@ -105,6 +119,14 @@ class SparseRowOptimizer {
   }
   std::int64_t& step_count() { return step_; }
 
+  /// True in an optimizer whose update of a row needs a statistic of the whole row
+  /// (row-wise Adagrad's sum of g^2); it then provides
+  ///   template <class T> S row_statistic(const T* w, const S* g, S grad_scale) const;
+  ///   template <class T> void update_row(std::int64_t r, T* w, const S* g, S grad_scale,
+  ///                                      S statistic, Index full_dim);
+  /// and a step over column shards sums the statistic over the group before updating.
+  static constexpr bool kRowStatistic = false;
+
  private:
   [[noreturn]] void throw_row_out_of_range(std::int64_t r) const {
     throw std::out_of_range(std::string(who_) + ": gradient row id " + std::to_string(r) +
@@ -115,47 +137,74 @@ class SparseRowOptimizer {
   /// gradient of rows[u] (in storage of its own, or computed into `scratch`, dim values).
   /// With norm_first, every row's gradient is formed once for the norm (throwing on a
   /// non-finite one before anything changes) and again for the update; otherwise the norm is
-  /// gathered during the update. Either way it is the in-order sum of the per-row sums.
+  /// gathered during the update. Either way it is the in-order sum of the per-row sums
+  /// (summed over the group after that, with `shards`).
   template <class T, class RowGrad>
-  double apply(ValueTable<T>& table, const std::vector<std::int64_t>& rows, bool norm_first, RowGrad&& row_grad) {
+  double apply(ValueTable<T>& table, const std::vector<std::int64_t>& rows, bool norm_first, RowGrad&& row_grad,
+               const ShardReduction* shards) {
     using Scratch = std::vector<S>;
     const Index n = static_cast<Index>(rows.size());
     std::vector<double> sq(static_cast<std::size_t>(n));
-    auto total_norm = [&] {
+    auto total_sq = [&] {
       double total = 0.0;
       for (double s : sq) total += s;
-      return std::sqrt(total);
+      if (shards != nullptr) shards->sum(&total, 1);
+      return total;
     };
     S scale = S(1);
+    double norm = 0.0;
     if (norm_first) {
       pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
         g.resize(static_cast<std::size_t>(dim_));
         for (Index u = b; u < e; ++u) sq[u] = detail::sum_of_squares_serial(row_grad(u, g.data()), dim_);
       });
-      const double norm = total_norm();
-      if (!std::isfinite(norm)) throw_non_finite(sq, rows);
+      norm = std::sqrt(total_sq());
+      if (!std::isfinite(norm)) throw_non_finite(sq, rows, shards != nullptr);
       scale = static_cast<S>(clip_coefficient(norm, options_.max_grad_norm));
+    }
+    Derived& self = static_cast<Derived&>(*this);
+    std::vector<double> stat;  // over column shards: each row's statistic, summed over the group
+    if constexpr (Derived::kRowStatistic) {
+      if (shards != nullptr) {
+        stat.resize(static_cast<std::size_t>(n));
+        pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
+          g.resize(static_cast<std::size_t>(dim_));
+          for (Index u = b; u < e; ++u) stat[u] = static_cast<double>(self.row_statistic(table.row(rows[u]), row_grad(u, g.data()), scale));
+        });
+        shards->sum(stat.data(), n);
+      }
     }
     pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
       g.resize(static_cast<std::size_t>(dim_));
       for (Index u = b; u < e; ++u) {
         const S* grad = row_grad(u, g.data());
         if (!norm_first) sq[u] = detail::sum_of_squares_serial(grad, dim_);
-        static_cast<Derived&>(*this).update_row(rows[u], table.row(rows[u]), grad, scale);
+        if constexpr (Derived::kRowStatistic) {
+          if (shards != nullptr) {
+            self.update_row(rows[u], table.row(rows[u]), grad, scale, static_cast<S>(stat[u]), shards->full_dim);
+            continue;
+          }
+        }
+        self.update_row(rows[u], table.row(rows[u]), grad, scale);
       }
     });
     ++step_;
-    return total_norm();
+    return norm_first ? norm : std::sqrt(total_sq());
   }
 
-  [[noreturn]] void throw_non_finite(const std::vector<double>& sq, const std::vector<std::int64_t>& rows) const {
+  [[noreturn]] void throw_non_finite(const std::vector<double>& sq, const std::vector<std::int64_t>& rows,
+                                     bool sharded) const {
     for (std::size_t u = 0; u < sq.size(); ++u) {
       if (!std::isfinite(sq[u])) {
         throw std::runtime_error(std::string(who_) + ": the gradient of table row " + std::to_string(rows[u]) +
+                                 (sharded ? " (in this process's columns)" : "") +
                                  " is not finite; expected finite gradients (nothing was updated)");
       }
     }
-    throw std::runtime_error(std::string(who_) + ": the gradient norm overflows; nothing was updated");
+    throw std::runtime_error(std::string(who_) + (sharded ? ": the gradient norm over the group overflows, or "
+                                                            "another process's columns hold a non-finite gradient; "
+                                                            "nothing was updated"
+                                                          : ": the gradient norm overflows; nothing was updated"));
   }
 
   const char* who_;

@@ -1,0 +1,381 @@
+// Memory parallelism (pkm/distributed) against the single-process layer, run by CTest with
+// mpirun -np 1, 2 and 3 (3: an uneven split). Every process builds every process's tokens
+// from seeds, so it can compute the single-process reference of the whole group's step on
+// its own and compare its part of the sharded result with it.
+#include <mpi.h>
+
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <limits>
+#include <cstring>
+#include <random>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include <pkm/distributed.hpp>
+#include <pkm/distributed/checkpoint.hpp>
+#include <pkm/pkm.hpp>
+
+namespace {
+
+using pkm::Index;
+using Mat = pkm::RowMatrix<float>;
+namespace dist = pkm::distributed;
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+int world_size() {
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+pkm::MemoryConfig config() {
+  pkm::MemoryConfig c;
+  c.input_dim = 24;
+  c.heads = 2;
+  c.n_keys = 8;
+  c.k_dim = 8;
+  c.knn = 4;
+  c.v_dim = 37;  // 19 + 18 over 2 processes, 13 + 12 + 12 over 3
+  c.output_dim = 20;
+  c.gating = true;
+  return c;
+}
+
+/// Process q's tokens: a different count on each (process 2 of 3 has none in some tests).
+Index tokens_of(int q, bool empty_last) {
+  if (empty_last && q == world_size() - 1 && q > 0) return 0;
+  return 5 + 4 * q;
+}
+Mat random_matrix(Index rows, Index cols, std::uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 g(seed);
+  std::uniform_real_distribution<float> u(-scale, scale);
+  Mat m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = u(g);
+  return m;
+}
+Mat input_of(int q, bool empty_last) { return random_matrix(tokens_of(q, empty_last), config().input_dim, 100 + q); }
+Mat dout_of(int q, bool empty_last) { return random_matrix(tokens_of(q, empty_last), config().output_dim, 200 + q); }
+
+template <class A, class B>
+bool same_bits(const A& a, const B& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  using S = typename A::Scalar;
+  for (Index r = 0; r < a.rows(); ++r)
+    for (Index c = 0; c < a.cols(); ++c) {
+      const S x = a(r, c), y = b(r, c);
+      if (std::memcmp(&x, &y, sizeof(S)) != 0) return false;
+    }
+  return true;
+}
+/// ||a - b|| / max(||b||, tiny): the backward's tolerance is on this.
+template <class A, class B>
+double rel_error(const A& a, const B& b) {
+  const double d = (a.template cast<double>() - b.template cast<double>()).norm();
+  const double n = b.template cast<double>().norm();
+  return d / std::max(n, 1e-30);
+}
+
+/// The split of v_dim columns the tests use: even, or an uneven one.
+dist::ColumnShards split(bool uneven) {
+  const int P = world_size();
+  if (!uneven || P == 1) return dist::ColumnShards::even(config().v_dim, P);
+  if (P == 2) return dist::ColumnShards::from_offsets({0, 5, 37});
+  std::vector<Index> o{0, 1, 30};
+  for (int q = 3; q < P; ++q) o.push_back(30 + q - 2);
+  o.push_back(37);
+  return dist::ColumnShards::from_offsets(o);
+}
+
+/// columns [c0, c0 + w) of a sparse gradient's rows, as a dense matrix over its row ids.
+Mat columns(const pkm::SparseRowGrad<float>& g, Index c0, Index w) { return g.values.middleCols(c0, w); }
+
+template <class TableT>
+void check_forward_bitwise(bool uneven, bool empty_last) {
+  const pkm::MemoryConfig c = config();
+  dist::Group group(MPI_COMM_WORLD);
+  const dist::ColumnShards shards = split(uneven);
+  const std::uint64_t seed = 7;
+  dist::MemoryParallelLayer<float, TableT> layer(group, c, shards, seed);
+  pkm::MemoryLayer<float, TableT> whole(c, seed);
+  // The shard is those columns of the whole table, bit for bit.
+  const int me = group.rank();
+  CHECK(same_bits(layer.values().matrix(), whole.values().matrix().middleCols(shards.begin(me), shards.width(me))));
+  const Mat x = input_of(me, empty_last);
+  dist::ParallelForwardCache<float> cache;
+  const Mat out = layer.forward(x, cache);
+  pkm::ForwardCache<float> ref_cache;
+  const Mat ref = whole.forward(x, ref_cache);
+  CHECK(same_bits(out, ref));
+  CHECK(same_bits(cache.read, ref_cache.read));
+  CHECK(cache.batch == x.rows());
+}
+
+}  // namespace
+
+TEST_CASE("mpi: the sharded forward is bitwise the single-process layer's", "[mpi]") {
+  SECTION("even split, fp32 table") { check_forward_bitwise<float>(false, false); }
+  SECTION("uneven split, fp32 table, a process without tokens") { check_forward_bitwise<float>(true, true); }
+  SECTION("even split, bf16 table") { check_forward_bitwise<pkm::bf16>(false, false); }
+  SECTION("uneven split, fp16 table") { check_forward_bitwise<pkm::fp16>(true, false); }
+}
+
+namespace {
+/// The single-process reference of one group step: each process's tokens through the whole
+/// layer, value gradients merged in process order.
+struct Reference {
+  pkm::LayerParameters<float> dparams_mine, dparams_sum;
+  Mat dx_mine;
+  pkm::SparseRowGrad<float> dvalues;
+};
+Reference reference(const pkm::MemoryLayer<float>& whole, bool empty_last) {
+  const pkm::MemoryConfig c = whole.config();
+  Reference r{pkm::LayerParameters<float>(c), pkm::LayerParameters<float>(c), Mat(), {}};
+  r.dparams_mine.set_zero();
+  r.dparams_sum.set_zero();
+  r.dvalues.dim = c.v_dim;
+  for (int q = 0; q < world_size(); ++q) {
+    const Mat x = input_of(q, empty_last), dout = dout_of(q, empty_last);
+    pkm::ForwardCache<float> cache;
+    whole.forward(x, cache);
+    pkm::LayerParameters<float> dp(c);
+    dp.set_zero();
+    pkm::SparseRowGrad<float> dv;
+    Mat dx(x.rows(), c.input_dim);
+    whole.backward(x, cache, dout, dp, dv, dx);
+    r.dvalues.merge(dv);
+    dp.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) { r.dparams_sum.matrix(t) += m; });
+    if (q == world_rank()) {
+      r.dparams_mine = dp;
+      r.dx_mine = dx;
+    }
+  }
+  return r;
+}
+}  // namespace
+
+TEST_CASE("mpi: the sharded backward equals the single-process one and repeats bit for bit", "[mpi]") {
+  const bool uneven = GENERATE(false, true);
+  const bool empty_last = GENERATE(false, true);
+  const pkm::MemoryConfig c = config();
+  dist::Group group(MPI_COMM_WORLD);
+  const dist::ColumnShards shards = split(uneven);
+  dist::MemoryParallelLayer<float> layer(group, c, shards, 11);
+  const pkm::MemoryLayer<float> whole(c, 11);
+  const Reference ref = reference(whole, empty_last);
+  const int me = group.rank();
+  const Mat x = input_of(me, empty_last), dout = dout_of(me, empty_last);
+
+  auto run = [&](pkm::LayerGradients<float>& g, Mat& dx) {
+    dist::ParallelForwardCache<float> cache;
+    layer.forward(x, cache);
+    g = layer.make_gradients();
+    g.zero();
+    dx.resize(x.rows(), c.input_dim);
+    layer.backward(x, cache, dout, g, dx);
+  };
+  pkm::LayerGradients<float> g1, g2;
+  Mat dx1, dx2;
+  run(g1, dx1);
+  run(g2, dx2);
+  // Run to run: the same bits.
+  CHECK(g1.values.rows == g2.values.rows);
+  CHECK(same_bits(g1.values.values, g2.values.values));
+  CHECK(same_bits(dx1, dx2));
+  g1.params.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) { CHECK(same_bits(m, g2.params.matrix(t))); });
+  // Against the single process: the same touched rows, values within 1e-6 (norm-relative).
+  REQUIRE(g1.values.rows == ref.dvalues.rows);
+  CHECK(g1.values.dim == shards.width(me));
+  CHECK(rel_error(g1.values.values, columns(ref.dvalues, shards.begin(me), shards.width(me))) < 1e-6);
+  if (x.rows() > 0) CHECK(rel_error(dx1, ref.dx_mine) < 1e-6);
+  g1.params.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) {
+    INFO(pkm::tensor_name(t));
+    CHECK(rel_error(m, ref.dparams_mine.matrix(t)) < 1e-6);
+  });
+  // The dense gradients summed over the group: the whole batch's.
+  layer.sum_gradients(g1.params);
+  g1.params.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) {
+    INFO(pkm::tensor_name(t));
+    CHECK(rel_error(m, ref.dparams_sum.matrix(t)) < 1e-6);
+  });
+}
+
+namespace {
+template <class Opt, class Options>
+void check_step(const Options& options, bool fused) {
+  const pkm::MemoryConfig c = config();
+  dist::Group group(MPI_COMM_WORLD);
+  const dist::ColumnShards shards = split(true);
+  dist::MemoryParallelLayer<float> layer(group, c, shards, 5);
+  pkm::MemoryLayer<float> whole(c, 5);
+  const int me = group.rank();
+  Opt opt(layer.values(), options);
+  Opt whole_opt(whole.values(), options);
+  for (int step = 0; step < 3; ++step) {
+    const Reference ref = reference(whole, false);
+    const double ref_norm = whole_opt.step(whole.values(), ref.dvalues);
+    const Mat x = input_of(me, false), dout = dout_of(me, false);
+    dist::ParallelForwardCache<float> cache;
+    layer.forward(x, cache);
+    pkm::LayerParameters<float> dp(c);
+    dp.set_zero();
+    double norm = 0;
+    if (fused) {
+      norm = layer.backward_fused(x, cache, dout, dp, opt);
+    } else {
+      pkm::SparseRowGrad<float> dv;
+      layer.backward(x, cache, dout, dp, dv);
+      norm = layer.step(opt, dv);
+    }
+    CHECK(std::abs(norm - ref_norm) <= 1e-6 * ref_norm);
+    const Mat mine = layer.values().matrix();
+    const Mat want = whole.values().matrix().middleCols(shards.begin(me), shards.width(me));
+    CHECK(rel_error(mine, want) < 1e-6);
+    CHECK(opt.steps() == whole_opt.steps());
+  }
+}
+}  // namespace
+
+TEST_CASE("mpi: a sharded optimizer step equals the single-process step", "[mpi]") {
+  pkm::optim::AdamOptions adam;
+  adam.lr = 1e-2;
+  adam.max_grad_norm = 0.05;  // clipping on: the norm is the group's
+  pkm::optim::RowWiseAdagradOptions adagrad;
+  adagrad.lr = 0.1;
+  adagrad.weight_decay = 0.01;
+  adagrad.max_grad_norm = 0.05;
+  SECTION("lazy Adam, fused") { check_step<pkm::optim::LazyAdam<float>>(adam, true); }
+  SECTION("lazy Adam, backward then step") { check_step<pkm::optim::LazyAdam<float>>(adam, false); }
+  SECTION("row-wise Adagrad, fused") { check_step<pkm::optim::RowWiseAdagrad<float>>(adagrad, true); }
+  SECTION("row-wise Adagrad, backward then step") { check_step<pkm::optim::RowWiseAdagrad<float>>(adagrad, false); }
+}
+
+TEST_CASE("mpi: save shards, gather, load: the same layer", "[mpi]") {
+  const pkm::MemoryConfig c = config();
+  dist::Group group(MPI_COMM_WORLD);
+  const dist::ColumnShards shards = split(true);
+  dist::MemoryParallelLayer<float, pkm::bf16> layer(group, c, shards, 3);
+  const pkm::MemoryLayer<float, pkm::bf16> whole(c, 3);
+  const int me = group.rank(), P = group.size();
+  // One folder for the group: process 0 makes it and tells the others.
+  char dir[256] = {0};
+  if (me == 0) {
+    std::snprintf(dir, sizeof dir, "%s", "/tmp/pkm-mpi-XXXXXX");
+    REQUIRE(mkdtemp(dir) != nullptr);
+  }
+  MPI_Bcast(dir, sizeof dir, MPI_CHAR, 0, MPI_COMM_WORLD);
+  const std::string prefix = std::string(dir) + "/layer";
+  dist::save_shard(dist::shard_path(prefix, me, P), layer);
+  std::vector<std::string> paths;
+  for (int q = P - 1; q >= 0; --q) paths.push_back(dist::shard_path(prefix, q, P));  // any order
+  const std::string gathered = std::string(dir) + "/whole-" + std::to_string(me) + ".safetensors";
+  pkm::io::gather_shards(paths, gathered);
+  // The gathered file is the single-process layer, bit for bit.
+  const auto loaded = pkm::io::load_layer<float, pkm::bf16>(pkm::io::SafetensorsFile(gathered));
+  CHECK(loaded.config() == c);
+  CHECK(same_bits(loaded.values().matrix(), whole.values().matrix()));
+  loaded.params().for_each([&](pkm::Tensor t, pkm::ConstMatrixMap<float> m) { CHECK(same_bits(m, whole.params().matrix(t))); });
+  // A shard file alone is refused by the single-process loader.
+  CHECK_THROWS_WITH(pkm::io::load_layer<float>(pkm::io::SafetensorsFile(dist::shard_path(prefix, me, P))),
+                    Catch::Contains("gather the shards"));
+  // Loading: from this process's shard file, and this process's columns of the whole file.
+  const Mat x = input_of(me, false);
+  dist::ParallelForwardCache<float> cache;
+  const Mat out = layer.forward(x, cache);
+  for (const std::string& path : {dist::shard_path(prefix, me, P), gathered}) {
+    auto back = dist::load_shard<float, pkm::bf16>(group, path, shards);
+    CHECK(same_bits(back.values().matrix(), layer.values().matrix()));
+    dist::ParallelForwardCache<float> cache2;
+    CHECK(same_bits(back.forward(x, cache2), out));
+  }
+  // Another process's shard file: refused on every process.
+  if (P > 1) {
+    CHECK_THROWS_AS((dist::load_shard<float, pkm::bf16>(group, dist::shard_path(prefix, (me + 1) % P, P), shards)),
+                    std::invalid_argument);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (me == 0) {
+    for (int q = 0; q < P; ++q) {
+      std::remove(dist::shard_path(prefix, q, P).c_str());
+      std::remove((std::string(dir) + "/whole-" + std::to_string(q) + ".safetensors").c_str());
+    }
+    rmdir(dir);
+  }
+}
+
+TEST_CASE("mpi: processes that disagree fail together, with a clear message", "[mpi]") {
+  const pkm::MemoryConfig c = config();
+  dist::Group group(MPI_COMM_WORLD);
+  const int me = group.rank(), P = group.size();
+  const dist::ColumnShards shards = dist::ColumnShards::even(c.v_dim, P);
+  SECTION("different seeds: different dense parameters") {
+    if (P == 1) return;
+    CHECK_THROWS_WITH((dist::MemoryParallelLayer<float>(group, c, shards, me == 0 ? 1 : 2)),
+                      Catch::Contains("disagree on the layer"));
+  }
+  SECTION("different configs") {
+    if (P == 1) return;
+    pkm::MemoryConfig mine = c;
+    if (me == P - 1) mine.knn = 3;
+    CHECK_THROWS_WITH((dist::MemoryParallelLayer<float>(group, mine, shards, 1)), Catch::Contains("disagree on the layer"));
+  }
+  SECTION("a split for another number of processes") {
+    const dist::ColumnShards wrong = dist::ColumnShards::even(c.v_dim, P + 1);
+    CHECK_THROWS_WITH((dist::MemoryParallelLayer<float>(group, c, wrong, 1)),
+                      Catch::Contains("expected one per process"));
+  }
+  SECTION("a bad input on one process: every process throws the same kind of error") {
+    dist::MemoryParallelLayer<float> layer(group, c, shards, 1);
+    const Mat x = me == 0 ? random_matrix(3, c.input_dim + 1, 1) : input_of(me, false);
+    dist::ParallelForwardCache<float> cache;
+    try {
+      layer.forward(x, cache);
+      FAIL("forward did not throw");
+    } catch (const std::invalid_argument& e) {
+      const std::string what = e.what();
+      CHECK(what.find("x has 25 columns, expected input_dim = 24") != std::string::npos);
+      if (me != 0) CHECK(what.find("process 0 of the group failed") != std::string::npos);
+    }
+    CHECK(cache.batch == -1);  // not filled: backward refuses it
+    // The group is still usable afterwards.
+    const Mat good = input_of(me, false);
+    CHECK_NOTHROW(layer.forward(good, cache));
+  }
+  SECTION("a NaN in one process's columns names the row") {
+    dist::MemoryParallelLayer<float> layer(group, c, shards, 1);
+    const Mat x = input_of(me, false);
+    dist::ParallelForwardCache<float> cache;
+    layer.forward(x, cache);
+    const Index row = cache.indices(0, 0);  // read by this process's first token
+    // Every process poisons the row process 0's first token reads, in process P-1's columns.
+    Index bad = row;
+    MPI_Bcast(&bad, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+    if (me == P - 1) layer.values().row(bad)[0] = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH(layer.forward(x, cache), Catch::Contains("value table row " + std::to_string(bad)));
+  }
+  SECTION("processes in different calls") {
+    if (P == 1) return;
+    dist::MemoryParallelLayer<float> layer(group, c, shards, 1);
+    const Mat x = input_of(me, false);
+    dist::ParallelForwardCache<float> cache;
+    pkm::LayerParameters<float> dp(c);
+    dp.set_zero();
+    if (me == 0) {
+      CHECK_THROWS_WITH(layer.sum_gradients(dp), Catch::Contains("not in the same call"));
+    } else {
+      CHECK_THROWS_WITH(layer.forward(x, cache), Catch::Contains("not in the same call"));
+    }
+  }
+  SECTION("backward before forward") {
+    dist::MemoryParallelLayer<float> layer(group, c, shards, 1);
+    const Mat x = input_of(me, false), dout = dout_of(me, false);
+    dist::ParallelForwardCache<float> cache;
+    auto g = layer.make_gradients();
+    CHECK_THROWS_WITH(layer.backward(x, cache, dout, g), Catch::Contains("cache was not filled"));
+  }
+}

@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # libblis-openmp-dev: the GEMM backend (pkm/gemm.hpp); pkm builds without it (PKM_BLAS=off).
+# libopenmpi-dev, openmpi-bin: pkm::mpi (memory parallelism) and its tests; pkm builds without them.
 # --fuzz adds clang with libFuzzer and its OpenMP runtime, for scripts/fuzz.sh.
-packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libblis-openmp-dev)
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libblis-openmp-dev libopenmpi-dev openmpi-bin)
 if [ "${1:-}" = "--fuzz" ]; then
   packages+=(clang libclang-rt-14-dev libomp-dev)
 fi

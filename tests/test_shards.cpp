@@ -84,7 +84,7 @@ void remove_all(const std::vector<std::string>& paths) {
 }
 }  // namespace
 
-TEST_CASE("shards: split then gather gives back the checkpoint; bad sets of shards are refused", "[shards][io]") {
+TEST_CASE("shards: split then gather gives back the checkpoint, and bad sets of shards are refused", "[shards][io]") {
   pkm::MemoryConfig c = pkmtest::small_config();
   c.v_dim = 11;
   c.gating = true;

@@ -119,6 +119,12 @@ class Group {
   int size() const { return size_; }
   MPI_Comm comm() const { return comm_; }
 
+  /// Bytes of payload this process has sent to other processes through the group's data
+  /// collectives (all-gathers, all-to-alls, reductions; not the small agreement messages),
+  /// counted as a point-to-point implementation sends them: what docs/distributed.md's
+  /// formulas give. For measuring traffic per token.
+  std::uint64_t bytes_sent() const { return bytes_sent_; }
+
   /// Runs local() (which may throw), then agrees with every process of the group: all must
   /// be in the same operation `op` (else every process throws std::runtime_error), and if any
   /// process's local() threw, every process throws — the first failing process its own
@@ -194,6 +200,8 @@ class Group {
       total += counts[q];
     }
     detail::mpi_count(who, "an all-gather", total);
+    bytes_sent_ += static_cast<std::uint64_t>(counts[static_cast<std::size_t>(rank_)]) * sizeof(T) *
+                   static_cast<std::uint64_t>(size_ - 1);
     check(who, "MPI_Allgatherv",
           MPI_Allgatherv(send, n[static_cast<std::size_t>(rank_)], detail::mpi_type<T>(), recv, n.data(), at.data(),
                          detail::mpi_type<T>(), comm_));
@@ -216,6 +224,7 @@ class Group {
     }
     detail::mpi_count(who, "an all-to-all", s);
     detail::mpi_count(who, "an all-to-all", r);
+    bytes_sent_ += static_cast<std::uint64_t>(s - send_counts[static_cast<std::size_t>(rank_)]) * sizeof(T);
     check(who, "MPI_Alltoallv",
           MPI_Alltoallv(send, sn.data(), sat.data(), detail::mpi_type<T>(), recv, rn.data(), rat.data(),
                         detail::mpi_type<T>(), comm_));
@@ -267,6 +276,7 @@ class Group {
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
+  mutable std::uint64_t bytes_sent_ = 0;
 };
 
 }  // namespace pkm::distributed

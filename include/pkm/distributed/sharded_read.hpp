@@ -45,19 +45,22 @@ struct ShardedReadCache {
   BagBackwardScratch<S> bag;
 };
 
-/// Bytes each process sends per token of the group in one forward + backward of a sharded
-/// read of `bag` slots, by the formulas of docs/distributed.md (all-gathers, all-to-alls and
-/// the reduce-scatter; what a process "sends" to itself not counted).
+/// Bytes one process sends to the others per token of its own, in one forward and one
+/// backward of a sharded read of `bag` slots per token, `width` of the v_dim columns held
+/// here, `scalar_bytes` per weight / read value (docs/distributed.md derives these):
+///   forward:  (P-1) bag (8 + s)    ids and weights, all-gathered
+///           + (P-1) width s        this process's columns of the others' tokens' reads
+///   backward: (v_dim - width) s    its tokens' dy columns of the others' shards
+///           + (P-1) bag s          partial dot products for the others' tokens
+/// (with equal batches on every process). Group::bytes_sent() measures the same.
 struct ShardTraffic {
   double forward = 0, backward = 0;
 };
-inline ShardTraffic shard_traffic_per_token(Index bag, Index v_dim, int ranks, std::size_t scalar_bytes = 4) {
-  const double P = ranks, frac = (P - 1) / P;
+inline ShardTraffic shard_traffic_per_token(Index bag, Index v_dim, Index width, int ranks, double scalar_bytes = 4) {
+  const double P1 = ranks - 1;
   ShardTraffic t;
-  // all-gather of ids (8 B) and weights, then the read's columns of the others' tokens.
-  t.forward = frac * double(bag) * (8.0 + double(scalar_bytes)) + frac * double(v_dim) * double(scalar_bytes);
-  // dy columns out, partial dot products back.
-  t.backward = frac * double(v_dim) * double(scalar_bytes) + frac * double(bag) * double(scalar_bytes);
+  t.forward = P1 * double(bag) * (8.0 + scalar_bytes) + P1 * double(width) * scalar_bytes;
+  t.backward = double(v_dim - width) * scalar_bytes + P1 * double(bag) * scalar_bytes;
   return t;
 }
 

@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <pkm/distributed.hpp>
+#include <pkm/distributed/checkpoint.hpp>
 #include <pkm/pkm.hpp>
 
 #include <chrono>
@@ -23,6 +24,7 @@
 namespace {
 struct Options {
   long long batch = 1024, steps = 3, n_keys = 512, v_dim = 1024;
+  std::string save;  // prefix of the shard files to write at the end, if any
 };
 
 bool parse(int argc, char** argv, Options& o, bool& help) {
@@ -31,6 +33,10 @@ bool parse(int argc, char** argv, Options& o, bool& help) {
     if (a == "-h" || a == "--help") {
       help = true;
       return true;
+    }
+    if (a == "--save" && i + 1 < argc) {
+      o.save = argv[++i];
+      continue;
     }
     long long* target = a == "--batch" ? &o.batch : a == "--steps" ? &o.steps : a == "--n-keys" ? &o.n_keys
                       : a == "--v-dim" ? &o.v_dim : nullptr;
@@ -61,8 +67,10 @@ int main(int argc, char** argv) {
       if (me == 0) {
         std::fprintf(help ? stdout : stderr,
                      "usage: mpirun -np P memory_parallel [--batch TOKENS_PER_PROCESS] [--steps N] [--n-keys N] [--v-dim N]\n"
+                     "                                    [--save PREFIX]\n"
                      "The quickstart's layer (default 512^2 slots x 1024 values) split by columns over P processes;\n"
-                     "prints each process's table share, bytes sent per token and step times.\n");
+                     "prints each process's table share, bytes sent per token and step times. --save writes each\n"
+                     "process's shard to PREFIX-shardR-of-P.safetensors (pkm_shards gather joins them).\n");
       }
       MPI_Finalize();
       return help ? 0 : 2;
@@ -79,9 +87,15 @@ int main(int argc, char** argv) {
     auto seconds = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
 
     try {
-      const auto shards = pkm::distributed::ColumnShards::even(cfg.v_dim, P);
       auto t0 = clock::now();
+      // [layer]
+      // Every process: the same config, split and seed; each keeps only its columns.
+      const auto shards = pkm::distributed::ColumnShards::even(cfg.v_dim, P);  // or from_offsets({...})
       pkm::distributed::MemoryParallelLayer<float> layer(group, cfg, shards, /*seed=*/2024);
+      pkm::optim::RowWiseAdagradOptions ao;
+      ao.lr = 1e-2;
+      pkm::optim::RowWiseAdagrad<float> value_opt(layer.values(), ao);  // for this process's columns
+      // [/layer]
       const double init_s = max_over_group(group, seconds(t0, clock::now()));
       const double table_gib = double(layer.values().rows() * layer.values().dim() * sizeof(float)) / (1 << 30);
       if (me == 0) {
@@ -108,22 +122,24 @@ int main(int argc, char** argv) {
       pkm::distributed::ParallelForwardCache<float> cache;
       pkm::LayerParameters<float> dparams(cfg);
       pkm::RowMatrix<float> dx(o.batch, cfg.input_dim);
-      pkm::optim::RowWiseAdagradOptions ao;
-      ao.lr = 1e-2;
-      pkm::optim::RowWiseAdagrad<float> value_opt(layer.values(), ao);
 
       for (long long step = 0; step <= o.steps; ++step) {  // step 0 warms up (first-touch, buffers)
         dparams.set_zero();
         const std::uint64_t b0 = group.bytes_sent();
         MPI_Barrier(group.comm());
         auto a = clock::now();
+        // [step]
+        // Each process its own tokens x (B x input_dim; B may differ between processes).
         layer.forward(x, y, cache);
+        // ... the model's forward and backward to dout ...
         auto b = clock::now();
         const std::uint64_t b1 = group.bytes_sent();
-        layer.backward_fused(x, cache, dout, dparams, value_opt, dx);
+        layer.backward_fused(x, cache, dout, dparams, value_opt, dx);  // the table: one group step
         auto c = clock::now();
         const std::uint64_t b2 = group.bytes_sent();
-        layer.sum_gradients(dparams);
+        layer.sum_gradients(dparams);  // dense gradients summed over the group (or your DP engine)
+        // ... the dense optimizer step on layer.params() with dparams, the same on every process ...
+        // [/step]
         auto d = clock::now();
         const std::uint64_t b3 = group.bytes_sent();
         const double f = max_over_group(group, seconds(a, b)), bw = max_over_group(group, seconds(b, c)),
@@ -146,6 +162,13 @@ int main(int argc, char** argv) {
                       double(b1 - b0) / double(o.batch), t.forward, double(b2 - b1) / double(o.batch), t.backward,
                       stats, rows, double(b3 - b2) / 1e6);
         }
+      }
+      if (!o.save.empty()) {
+        // [save]
+        pkm::distributed::save_shard(pkm::distributed::shard_path(o.save, me, P), layer);
+        // [/save]
+        if (me == 0) std::printf("saved %s .. %s\n", pkm::distributed::shard_path(o.save, 0, P).c_str(),
+                                 pkm::distributed::shard_path(o.save, P - 1, P).c_str());
       }
     } catch (const std::exception& e) {
       std::fprintf(stderr, "memory_parallel (process %d): %s\n", me, e.what());

@@ -17,11 +17,14 @@
 #include <pkm/distributed/checkpoint.hpp>
 #include <pkm/pkm.hpp>
 
+#include "../support.hpp"
+
 namespace {
 
 using pkm::Index;
 using Mat = pkm::RowMatrix<float>;
 namespace dist = pkm::distributed;
+using pkmtest::same_bits;
 
 int world_rank() {
   int r = 0;
@@ -62,17 +65,6 @@ Mat random_matrix(Index rows, Index cols, std::uint64_t seed, float scale = 1.0f
 Mat input_of(int q, bool empty_last) { return random_matrix(tokens_of(q, empty_last), config().input_dim, 100 + q); }
 Mat dout_of(int q, bool empty_last) { return random_matrix(tokens_of(q, empty_last), config().output_dim, 200 + q); }
 
-template <class A, class B>
-bool same_bits(const A& a, const B& b) {
-  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
-  using S = typename A::Scalar;
-  for (Index r = 0; r < a.rows(); ++r)
-    for (Index c = 0; c < a.cols(); ++c) {
-      const S x = a(r, c), y = b(r, c);
-      if (std::memcmp(&x, &y, sizeof(S)) != 0) return false;
-    }
-  return true;
-}
 /// ||a - b|| / max(||b||, tiny): the backward's tolerance is on this.
 template <class A, class B>
 double rel_error(const A& a, const B& b) {

@@ -1,0 +1,47 @@
+// pkm/torch/register.hpp — registers pkm's memory layer with PyTorch's dispatcher as
+// torch.ops.pkm.memory, and pkm's value optimizer as torch.classes.pkm.ValueOptimizer.
+// Include it in exactly one translation unit of a shared library (src/pkm_torch_ops.cpp is
+// that library: CMake target pkm_torch_ops, loaded by python/pkm_torch.py). C++ code calls
+// pkm::torch_ops::memory directly and needs no registration.
+#pragma once
+
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include "pkm/torch/memory_function.hpp"
+
+namespace pkm::torch_ops::detail {
+inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys, const torch::Tensor& query_weight,
+                               const c10::optional<torch::Tensor>& query_bias,
+                               const c10::optional<torch::Tensor>& swilu_weight,
+                               const c10::optional<torch::Tensor>& swilu_bias,
+                               const c10::optional<torch::Tensor>& value_proj_weight,
+                               const c10::optional<torch::Tensor>& value_proj_bias,
+                               const c10::optional<torch::Tensor>& gate_weight,
+                               const c10::optional<torch::Tensor>& gate_bias, const torch::Tensor& values,
+                               std::int64_t heads, std::int64_t knn, bool qk_norm, double qk_norm_scale,
+                               bool sparse_grad, const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer) {
+  auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
+  LayerOptions options;
+  options.heads = heads;
+  options.knn = knn;
+  options.qk_norm = qk_norm;
+  options.qk_norm_scale = qk_norm_scale;
+  return memory(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias), t(value_proj_weight),
+                t(value_proj_bias), t(gate_weight), t(gate_bias), values, options, sparse_grad,
+                optimizer ? *optimizer : c10::intrusive_ptr<ValueOptimizer>());
+}
+}  // namespace pkm::torch_ops::detail
+
+TORCH_LIBRARY(pkm, m) {
+  m.class_<pkm::torch_ops::ValueOptimizer>("ValueOptimizer")
+      .def(torch::init<std::string, std::int64_t, std::int64_t, double, double, double, double, double, double>())
+      .def("steps", &pkm::torch_ops::ValueOptimizer::steps)
+      .def("set_lr", &pkm::torch_ops::ValueOptimizer::set_lr)
+      .def("last_norm", &pkm::torch_ops::ValueOptimizer::last_norm);
+  m.def("memory(Tensor x, Tensor keys, Tensor query_weight, Tensor? query_bias, Tensor? swilu_weight, "
+        "Tensor? swilu_bias, Tensor? value_proj_weight, Tensor? value_proj_bias, Tensor? gate_weight, "
+        "Tensor? gate_bias, Tensor values, int heads, int knn, bool qk_norm, float qk_norm_scale, bool sparse_grad, "
+        "__torch__.torch.classes.pkm.ValueOptimizer? optimizer) -> Tensor",
+        &pkm::torch_ops::detail::memory_op);
+}

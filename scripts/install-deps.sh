@@ -6,10 +6,16 @@ set -euo pipefail
 # libblis-openmp-dev: the GEMM backend (pkm/gemm.hpp); pkm builds without it (PKM_BLAS=off).
 # libopenmpi-dev, openmpi-bin: pkm::mpi (memory parallelism) and its tests; pkm builds without them.
 # --fuzz adds clang with libFuzzer and its OpenMP runtime, for scripts/fuzz.sh.
+# --torch adds PyTorch and libtorch (python3-torch libtorch-dev), for pkm::torch, the operator
+# library python/pkm_torch.py loads, and the PyTorch tests (skipped without them).
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libblis-openmp-dev libopenmpi-dev openmpi-bin)
-if [ "${1:-}" = "--fuzz" ]; then
-  packages+=(clang libclang-rt-14-dev libomp-dev)
-fi
+for option in "$@"; do
+  case "$option" in
+    --fuzz) packages+=(clang libclang-rt-14-dev libomp-dev) ;;
+    --torch) packages+=(python3-torch libtorch-dev) ;;
+    *) echo "install-deps.sh: unknown option $option (expected --fuzz or --torch)" >&2; exit 2 ;;
+  esac
+done
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,7 +4,10 @@ tests/reference/make_golden.py: forward and every gradient within 1e-5, gradchec
 strict state_dict loading, the sparse gradient with SparseAdam and the fused optimizers against
 dense-gradient reference steps, (B, T, C) input, a shared table, and bad input.
 
-Usage: test_pkm_torch.py LIBRARY   (exit 77, CTest's "skipped", without PyTorch)
+It also trains a pkm_torch layer a few steps, saves it with python/pkm_export.py and checks that
+pkm's C++ side (pkm_run) computes the same output from the file.
+
+Usage: test_pkm_torch.py LIBRARY [PKM_RUN WORK_DIR]   (exit 77, CTest's "skipped", without PyTorch)
 """
 import os
 import sys
@@ -19,7 +22,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "reference"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "python"))
 import make_golden  # noqa: E402
+import pkm_export  # noqa: E402
 import pkm_torch  # noqa: E402
+import subprocess  # noqa: E402
 
 FAILS = []
 
@@ -193,12 +198,46 @@ def test_bad_input():
         check("values has 60 rows, expected n_keys^2 = 64" in str(e), "a table of the wrong size: pkm's message")
 
 
+def test_train_then_load_in_cpp(pkm_run, work):
+    torch.manual_seed(5)
+    args = CONFIGS["gated"]
+    _, mem = pair(args)
+    dense = [p for n, p in mem.named_parameters() if n != "values.weight"]
+    adam = torch.optim.Adam(dense, lr=1e-2)
+    sparse_adam = torch.optim.SparseAdam([mem.values.weight], lr=1e-2)
+    x = torch.randn(32, args["input_dim"])
+    target = torch.randn(32, args["output_dim"])
+    losses = []
+    for _ in range(5):
+        adam.zero_grad()
+        sparse_adam.zero_grad()
+        loss = torch.nn.functional.mse_loss(mem(x), target)
+        loss.backward()
+        adam.step()
+        sparse_adam.step()
+        losses.append(loss.item())
+    check(losses[-1] < losses[0], "training with Adam + SparseAdam lowers the loss (%.4f -> %.4f)" % (losses[0], losses[-1]))
+    os.makedirs(work, exist_ok=True)
+    ckpt, inp, out = (os.path.join(work, f) for f in ("trained.safetensors", "in.safetensors", "out.safetensors"))
+    pkm_export.export_memory(mem, ckpt, knn=args["knn"])
+    pkm_export.write_input(inp, x)
+    subprocess.run([pkm_run, "--checkpoint", ckpt, "--input", inp, "--output", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    got, _ = pkm_export.read_safetensors(out)
+    with torch.no_grad():
+        y = mem(x)
+    check(rel(got["y"], y) < 1e-5, "the saved layer loads in pkm's C++ side (pkm_run) with the same output (%.2g)" %
+          rel(got["y"], y))
+
+
 def main():
     pkm_torch.load_library(sys.argv[1] if len(sys.argv) > 1 else None)
     torch.set_num_threads(2)
     for t in (test_against_reference, test_btc_and_bf16, test_gradcheck, test_sparse_adam_and_fused,
               test_shared_values, test_bad_input):
         t()
+    if len(sys.argv) > 3:
+        test_train_then_load_in_cpp(sys.argv[2], sys.argv[3])
     print("%d failed" % len(FAILS))
     return 1 if FAILS else 0
 

@@ -11,9 +11,7 @@ Usage: /usr/bin/python3 bench/compare_torch_module.py [--reps N] [--library buil
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 import types
 
 import torch
@@ -22,7 +20,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
 sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import make_golden  # noqa: E402
+from compare_pytorch import median_time  # noqa: E402
 import pkm_torch  # noqa: E402
 
 D, B, T = 1024, 4, 512
@@ -63,16 +63,6 @@ class Block(torch.nn.Module):
         h = self.ln1(x)
         x = x + self.attn(h, h, h, need_weights=False)[0]
         return x + self.ffn(self.ln2(x))
-
-
-def median_time(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(model, x, reps):

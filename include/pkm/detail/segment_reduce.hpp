@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "pkm/detail/aligned_buffer.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/types.hpp"
 
@@ -92,7 +93,10 @@ inline constexpr Index kSegmentBlock = 16;
 template <class S, class SourceFn>
 void reduce_segments(const std::vector<RowContribution<S>>& items, const RowSegments& seg, Index dim,
                      SourceFn&& source, RowMatrix<S>& out_values) {
+  const bool fresh = out_values.rows() != seg.size() || out_values.cols() != dim;
   out_values.resize(seg.size(), dim);
+  // A new gradient of hundreds of MiB is written once: huge pages spare most page faults.
+  if (fresh) advise_huge_pages(out_values.data(), static_cast<std::size_t>(out_values.size()) * sizeof(S));
   parallel_blocks(seg.size(), kSegmentBlock, [&](Index begin, Index end) {
     for (Index u = begin; u < end; ++u) reduce_segment(items, seg, u, dim, source, out_values.row(u).data());
   });

@@ -371,3 +371,22 @@ TEST_CASE("mpi: processes that disagree fail together, with a clear message", "[
     CHECK_THROWS_WITH(layer.backward(x, cache, dout, g), Catch::Contains("cache was not filled"));
   }
 }
+
+TEST_CASE("mpi: a group on a sub-communicator of the caller's", "[mpi]") {
+  // Processes 0 and 1 form one group, the others a second one: each shards its own table.
+  MPI_Comm sub = MPI_COMM_NULL;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() < 2 ? 0 : 1, world_rank(), &sub);
+  {
+    const pkm::MemoryConfig c = config();
+    dist::Group group(sub);
+    CHECK(group.size() == (world_rank() < 2 ? std::min(2, world_size()) : world_size() - 2));
+    const auto shards = dist::ColumnShards::even(c.v_dim, group.size());
+    dist::MemoryParallelLayer<float> layer(group, c, shards, 21);
+    const pkm::MemoryLayer<float> whole(c, 21);
+    const Mat x = input_of(world_rank(), false);
+    dist::ParallelForwardCache<float> cache;
+    pkm::ForwardCache<float> ref_cache;
+    CHECK(same_bits(layer.forward(x, cache), whole.forward(x, ref_cache)));
+  }
+  MPI_Comm_free(&sub);
+}

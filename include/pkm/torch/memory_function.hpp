@@ -39,7 +39,29 @@ struct LayerOptions {
 class ValueOptimizer : public torch::CustomClassHolder {
  public:
   ValueOptimizer(const std::string& kind, std::int64_t rows, std::int64_t dim, double lr, double max_grad_norm,
-                 double weight_decay, double beta1, double beta2, double eps) {
+                 double weight_decay, double beta1, double beta2, double eps)
+      : opt_(make(kind, rows, dim, lr, max_grad_norm, weight_decay, beta1, beta2, eps)) {}
+
+  std::int64_t steps() const {
+    return std::visit([](const auto& o) { return o.steps(); }, opt_);
+  }
+  void set_lr(double lr) {
+    std::visit([&](auto& o) { o.set_lr(lr); }, opt_);
+  }
+  /// The value gradient's norm (before clipping) of the last fused backward.
+  double last_norm() const { return last_norm_; }
+
+  /// last_norm = fn(the optimizer), fn being a fused backward that steps it.
+  template <class F>
+  double apply(F&& fn) {
+    last_norm_ = std::visit([&](auto& o) -> double { return fn(o); }, opt_);
+    return last_norm_;
+  }
+
+ private:
+  using Variant = std::variant<optim::LazyAdam<float>, optim::RowWiseAdagrad<float>>;
+  static Variant make(const std::string& kind, std::int64_t rows, std::int64_t dim, double lr, double max_grad_norm,
+                      double weight_decay, double beta1, double beta2, double eps) {
     if (kind == "adam") {
       optim::AdamOptions o;
       o.lr = lr;
@@ -48,46 +70,20 @@ class ValueOptimizer : public torch::CustomClassHolder {
       o.beta1 = beta1;
       o.beta2 = beta2;
       o.eps = eps;
-      opt_.emplace<optim::LazyAdam<float>>(rows, dim, o);
-    } else if (kind == "adagrad") {
+      return optim::LazyAdam<float>(rows, dim, o);
+    }
+    if (kind == "adagrad") {
       optim::RowWiseAdagradOptions o;
       o.lr = lr;
       o.max_grad_norm = max_grad_norm;
       o.weight_decay = weight_decay;
       o.eps = eps;
-      opt_.emplace<optim::RowWiseAdagrad<float>>(rows, dim, o);
-    } else {
-      throw std::invalid_argument("pkm ValueOptimizer: kind = '" + kind + "', expected 'adam' or 'adagrad'");
+      return optim::RowWiseAdagrad<float>(rows, dim, o);
     }
-  }
-  std::int64_t steps() const {
-    return std::visit([](const auto& o) -> std::int64_t {
-      if constexpr (std::is_same_v<std::decay_t<decltype(o)>, std::monostate>) return 0;
-      else return o.steps();
-    }, opt_);
-  }
-  void set_lr(double lr) {
-    std::visit([&](auto& o) {
-      if constexpr (!std::is_same_v<std::decay_t<decltype(o)>, std::monostate>) o.set_lr(lr);
-    }, opt_);
-  }
-  /// The value gradient's norm (before clipping) of the last fused backward.
-  double last_norm() const { return last_norm_; }
-
-  template <class F>
-  double apply(F&& fn) {
-    last_norm_ = std::visit([&](auto& o) -> double {
-      if constexpr (std::is_same_v<std::decay_t<decltype(o)>, std::monostate>) {
-        throw std::logic_error("pkm ValueOptimizer: not initialised");
-      } else {
-        return fn(o);
-      }
-    }, opt_);
-    return last_norm_;
+    throw std::invalid_argument("pkm ValueOptimizer: kind = '" + kind + "', expected 'adam' or 'adagrad'");
   }
 
- private:
-  std::variant<std::monostate, optim::LazyAdam<float>, optim::RowWiseAdagrad<float>> opt_;
+  Variant opt_;
   double last_norm_ = 0.0;
 };
 
@@ -96,7 +92,7 @@ namespace detail {
 /// The parameter tensors in pkm::Tensor order (undefined where the config has none).
 using ParamTensors = std::array<torch::Tensor, kNumTensors>;
 
-inline void fail(const std::string& what) { throw std::invalid_argument("pkm.memory: " + what); }
+[[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument("pkm.memory: " + what); }
 
 inline std::string shape_of(const torch::Tensor& t) {
   std::string s = "(";
@@ -199,7 +195,6 @@ auto dispatch(const torch::Tensor& x, const torch::Tensor& values, F&& fn) {
   if (xs == torch::kDouble && vs == torch::kDouble) return fn(double{}, double{});
   fail(std::string("x is ") + c10::toString(xs) + " and values " + c10::toString(vs) +
        "; expected float32 with a float32 or bfloat16 table, or float64 with float64 (for gradcheck)");
-  return fn(float{}, float{});  // not reached
 }
 
 /// ctx->saved_data keys.

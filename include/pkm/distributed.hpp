@@ -7,3 +7,4 @@
 #include "pkm/distributed/group.hpp"
 #include "pkm/distributed/memory_parallel_layer.hpp"
 #include "pkm/distributed/sharded_read.hpp"
+#include "pkm/distributed/slot_statistics.hpp"

@@ -23,6 +23,10 @@
 #include "pkm/optim/sparse_optimizer.hpp"
 #include "pkm/optim/lazy_adam.hpp"
 #include "pkm/optim/rowwise_adagrad.hpp"
+#include "pkm/optim/sparse_sgd.hpp"
+#include "pkm/row_mask.hpp"
+#include "pkm/slot_statistics.hpp"
+#include "pkm/slot_selection.hpp"
 #if defined(PKM_PRECOMPILED)
 #include "pkm/precompiled.hpp"  // linked with pkm::precompiled: the common instantiations are there
 #endif

@@ -390,3 +390,32 @@ TEST_CASE("mpi: a group on a sub-communicator of the caller's", "[mpi]") {
   }
   MPI_Comm_free(&sub);
 }
+
+TEST_CASE("mpi: slot statistics summed over the group equal one process counting every batch", "[mpi]") {
+  const pkm::MemoryConfig c = config();
+  const pkm::MemoryLayer<float> layer(c, 31);
+  dist::Group group(MPI_COMM_WORLD);
+  auto stats_of = [&](int q) {  // process q's batches: two of its own
+    pkm::SlotStatistics s(c.slots(), true);
+    for (int b = 0; b < 2; ++b) {
+      pkm::ForwardCache<float> cache;
+      layer.forward(random_matrix(20 + 3 * q, c.input_dim, 300 + 10 * q + b), cache);
+      s.add(cache);
+    }
+    return s;
+  };
+  pkm::SlotStatistics mine = stats_of(group.rank());
+  dist::sum_slot_statistics(group, mine);
+  pkm::SlotStatistics ref = stats_of(0);
+  for (int q = 1; q < group.size(); ++q) ref.merge(stats_of(q));
+  CHECK(mine.documents() == 2 * group.size());
+  CHECK(mine.counts() == ref.counts());
+  CHECK(mine.document_counts() == ref.document_counts());
+  CHECK(mine.total_reads() == ref.total_reads());
+  CHECK(mine.mass() == ref.mass());  // both add in process order
+  // Statistics of another size on one process: every process throws, nothing changes.
+  pkm::SlotStatistics odd(group.rank() == 0 && group.size() > 1 ? c.slots() + 1 : c.slots());
+  const auto before = odd.counts();
+  if (group.size() > 1) CHECK_THROWS_AS(dist::sum_slot_statistics(group, odd), std::invalid_argument);
+  CHECK(odd.counts() == before);
+}

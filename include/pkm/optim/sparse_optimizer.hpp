@@ -22,6 +22,7 @@
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/optim/grad_clip.hpp"
 #include "pkm/optim/state.hpp"
+#include "pkm/row_mask.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_table.hpp"
@@ -53,6 +54,25 @@ class SparseRowOptimizer {
   const Options& options() const { return options_; }
   /// Changes the learning rate (for schedules); validated like the options.
   void set_lr(double lr) { options_ = detail::with_lr(options_, lr, who_); }
+
+  /// From now on, step and step_segments (and so a layer's backward_fused) update only the
+  /// gradient rows `mask` allows: the other rows get no update at all — value, moments, row
+  /// step count and weight decay all unchanged — and the gradient norm (for clipping, and the
+  /// value returned) is that of the allowed rows. Throws std::invalid_argument for a mask made
+  /// for a table of another size. Sparse memory finetuning sets one per batch
+  /// (pkm/slot_selection.hpp).
+  void set_row_mask(RowMask mask) {
+    mask.check_table(who_, rows_);
+    mask_ = std::move(mask);
+    masked_ = true;
+  }
+  /// Every gradient row is updated again.
+  void clear_row_mask() {
+    mask_ = RowMask();
+    masked_ = false;
+  }
+  /// The mask in force, or nullptr.
+  const RowMask* row_mask() const { return masked_ ? &mask_ : nullptr; }
 
   /// Throws std::invalid_argument unless `table` has the shape this optimizer was made for.
   template <class T>
@@ -140,9 +160,20 @@ class SparseRowOptimizer {
   /// gathered during the update. Either way it is the in-order sum of the per-row sums
   /// (summed over the group after that, with `shards`).
   template <class T, class RowGrad>
-  double apply(ValueTable<T>& table, const std::vector<std::int64_t>& rows, bool norm_first, RowGrad&& row_grad,
-               const ShardReduction* shards) {
+  double apply(ValueTable<T>& table, const std::vector<std::int64_t>& all_rows, bool norm_first,
+               RowGrad&& all_row_grad, const ShardReduction* shards) {
     using Scratch = std::vector<S>;
+    // With a row mask, the step sees only the allowed rows: position i is all_rows[at(i)].
+    std::vector<Index> allowed;
+    if (masked_) allowed = mask_.allowed_positions(all_rows);
+    auto at = [&](Index i) { return masked_ ? allowed[static_cast<std::size_t>(i)] : i; };
+    std::vector<std::int64_t> masked_rows;
+    if (masked_) {
+      masked_rows.reserve(allowed.size());
+      for (Index u : allowed) masked_rows.push_back(all_rows[static_cast<std::size_t>(u)]);
+    }
+    const std::vector<std::int64_t>& rows = masked_ ? masked_rows : all_rows;
+    auto row_grad = [&](Index i, S* scratch) { return all_row_grad(at(i), scratch); };
     const Index n = static_cast<Index>(rows.size());
     std::vector<double> sq(static_cast<std::size_t>(n));
     auto total_sq = [&] {
@@ -211,6 +242,8 @@ class SparseRowOptimizer {
   Index rows_ = 0, dim_ = 0;
   Options options_;
   std::int64_t step_ = 0;
+  RowMask mask_;
+  bool masked_ = false;
 };
 
 }  // namespace pkm::optim

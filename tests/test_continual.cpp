@@ -1,0 +1,472 @@
+// Continual learning: slot statistics against a brute-force count, slot ranking against a
+// plain reference, row masks honoured by every sparse optimizer and the fused backward
+// (masked rows bitwise unchanged, state included), statistics save/load, and bad input.
+#include <catch2/catch.hpp>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include <pkm/io/safetensors.hpp>
+#include <pkm/io/slot_statistics.hpp>
+#include <pkm/pkm.hpp>
+
+#include "support.hpp"
+
+namespace {
+
+using pkm::Index;
+using MatF = pkm::RowMatrix<float>;
+using pkmtest::same_bits;
+
+/// A cache as a forward of a layer with n_keys^2 slots leaves it, with the given reads (one
+/// row of slot ids per token) and weights 1/(k+1) for the k-th read of a token.
+pkm::ForwardCache<float> crafted_cache(Index n_keys, const std::vector<std::vector<std::int64_t>>& reads) {
+  pkm::ForwardCache<float> c;
+  c.config = pkmtest::small_config();
+  c.config.n_keys = n_keys;
+  c.batch = Index(reads.size());
+  const Index bag = reads.empty() ? 1 : Index(reads[0].size());
+  c.indices.resize(c.batch, bag);
+  c.weights.resize(c.batch, bag);
+  for (Index b = 0; b < c.batch; ++b) {
+    for (Index k = 0; k < bag; ++k) {
+      c.indices(b, k) = reads[std::size_t(b)][std::size_t(k)];
+      c.weights(b, k) = 1.0f / float(k + 1);
+    }
+  }
+  return c;
+}
+
+struct Brute {
+  std::vector<std::int64_t> count, docs;
+  std::vector<double> mass;
+  std::int64_t documents = 0;
+  explicit Brute(Index slots) : count(std::size_t(slots)), docs(std::size_t(slots)), mass(std::size_t(slots)) {}
+  void add(const std::vector<const pkm::ForwardCache<float>*>& caches) {
+    std::vector<char> seen(count.size(), 0);
+    for (const auto* c : caches) {
+      for (Index b = 0; b < c->indices.rows(); ++b) {
+        for (Index k = 0; k < c->indices.cols(); ++k) {
+          const auto s = std::size_t(c->indices(b, k));
+          ++count[s];
+          mass[s] += double(c->weights(b, k));
+          seen[s] = 1;
+        }
+      }
+    }
+    for (std::size_t s = 0; s < seen.size(); ++s) docs[s] += seen[s];
+    ++documents;
+  }
+};
+
+void check_equal(const pkm::SlotStatistics& st, const Brute& ref) {
+  CHECK(st.documents() == ref.documents);
+  CHECK(st.counts() == ref.count);
+  CHECK(st.document_counts() == ref.docs);
+  REQUIRE(st.mass().size() == ref.mass.size());
+  for (std::size_t s = 0; s < ref.mass.size(); ++s) CHECK(st.mass()[s] == ref.mass[s]);
+}
+
+/// Every state tensor of an optimizer (or statistics), copied out.
+template <class Opt>
+std::vector<std::vector<double>> state_of(Opt& opt) {
+  std::vector<std::vector<double>> out;
+  opt.for_each_state([&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    out.emplace_back(data, data + n);
+  });
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("slot statistics equal a brute-force count over the caches, across layers, threads and merges",
+          "[continual][stats]") {
+  const auto c = pkmtest::medium_config();
+  pkm::MemoryLayer<float> a(c, 3), b(c, 4);  // two layers reading tables of the same slots
+  pkm::SlotStatistics st(c.slots(), true), first(c.slots(), true), second(c.slots(), true);
+  Brute ref(c.slots());
+  const int saved = omp_get_max_threads();
+  for (int batch = 0; batch < 6; ++batch) {
+    omp_set_num_threads(1 + batch % 2);
+    const MatF x = pkmtest::random_matrix(37 + 11 * batch, c.input_dim, 50 + batch).cast<float>();
+    pkm::ForwardCache<float> ca, cb;
+    a.forward(x, ca);
+    b.forward(x, cb);
+    if (batch % 3 == 0) {  // one batch through one layer
+      st.add(ca);
+      ref.add({&ca});
+      (batch < 3 ? first : second).add(ca);
+    } else {  // one batch through two layers sharing the table: one document
+      st.add(std::vector<const pkm::ForwardCache<float>*>{&ca, &cb});
+      ref.add({&ca, &cb});
+      (batch < 3 ? first : second).add(std::vector<const pkm::ForwardCache<float>*>{&ca, &cb});
+    }
+  }
+  omp_set_num_threads(saved);
+  check_equal(st, ref);
+  std::int64_t total = 0;
+  for (auto n : ref.count) total += n;
+  CHECK(st.total_reads() == total);
+
+  // Statistics gathered apart (two threads, two processes) and merged: the same counts, the
+  // same mass up to the order of the additions.
+  first.merge(second);
+  CHECK(first.counts() == st.counts());
+  CHECK(first.document_counts() == st.document_counts());
+  CHECK(first.documents() == st.documents());
+  CHECK(first.total_reads() == st.total_reads());
+  for (std::size_t s = 0; s < ref.mass.size(); ++s) CHECK(first.mass()[s] == Approx(ref.mass[s]).epsilon(1e-12));
+
+  // The summaries against direct computations.
+  Index used = 0;
+  double h = 0, hm = 0, mass_total = 0;
+  for (double m : ref.mass) mass_total += m;
+  for (std::size_t s = 0; s < ref.count.size(); ++s) {
+    used += ref.count[s] > 0;
+    if (ref.count[s] > 0) {
+      const double p = double(ref.count[s]) / double(total), pm = ref.mass[s] / mass_total;
+      h -= p * std::log(p);
+      hm -= pm * std::log(pm);
+    }
+  }
+  CHECK(st.used_fraction() == Approx(double(used) / double(c.slots())));
+  CHECK(st.entropy() == Approx(h).epsilon(1e-12));
+  CHECK(st.kl_to_uniform() == Approx(std::log(double(c.slots())) - h).epsilon(1e-12));
+  CHECK(st.entropy(pkm::SlotMeasure::mass) == Approx(hm).epsilon(1e-12));
+  std::vector<std::int64_t> order(ref.count.size());
+  for (std::size_t s = 0; s < order.size(); ++s) order[s] = std::int64_t(s);
+  std::stable_sort(order.begin(), order.end(), [&](auto x, auto y) { return ref.count[x] > ref.count[y]; });
+  const auto top = st.top(10);
+  REQUIRE(top.size() == 10);
+  for (std::size_t i = 0; i < top.size(); ++i) {
+    CHECK(top[i].first == order[i]);
+    CHECK(top[i].second == double(ref.count[std::size_t(order[i])]));
+  }
+  std::map<std::size_t, std::int64_t> hist;
+  for (auto n : ref.count) hist[n == 0 ? 0 : std::size_t(std::floor(std::log2(double(n)))) + 1]++;
+  const auto hs = st.histogram();
+  std::int64_t in_hist = 0;
+  for (std::size_t bkt = 0; bkt < hs.size(); ++bkt) {
+    CHECK(hs[bkt] == hist[bkt]);
+    in_hist += hs[bkt];
+  }
+  CHECK(in_hist == c.slots());
+  CHECK(hs.back() > 0);
+}
+
+TEST_CASE("slot statistics summaries at the extremes", "[continual][stats]") {
+  pkm::SlotStatistics none(9);
+  CHECK(none.used_fraction() == 0.0);
+  CHECK(none.entropy() == 0.0);
+  CHECK(none.kl_to_uniform() == 0.0);
+  CHECK(none.histogram() == std::vector<std::int64_t>{9});
+  // One slot takes every read: KL to uniform is log(slots).
+  pkm::SlotStatistics one(9);
+  one.add(crafted_cache(3, {{4}, {4}, {4}}));
+  CHECK(one.kl_to_uniform() == Approx(std::log(9.0)));
+  CHECK(one.histogram() == std::vector<std::int64_t>{8, 0, 1});  // 3 reads: bucket [2, 4)
+  // Every slot read equally: KL 0.
+  pkm::SlotStatistics flat(9);
+  flat.add(crafted_cache(3, {{0, 1, 2}, {3, 4, 5}, {6, 7, 8}}));
+  CHECK(flat.kl_to_uniform() == Approx(0.0).margin(1e-12));
+  CHECK(flat.used_fraction() == 1.0);
+  CHECK_THROWS_AS(flat.top(-1), std::invalid_argument);
+  CHECK_THROWS_WITH(flat.entropy(pkm::SlotMeasure::mass), Catch::Contains("track_mass"));
+}
+
+TEST_CASE("TF-IDF, count and KL slot rankings equal a plain reference", "[continual][select]") {
+  // 9 slots. Background: 4 batches; slot 0 is read by all of them, slot 1 by one, 2 by two.
+  pkm::SlotStatistics bg(9);
+  bg.add(crafted_cache(3, {{0, 1}, {0, 2}}));
+  bg.add(crafted_cache(3, {{0, 2}}));
+  bg.add(crafted_cache(3, {{0, 5}}));
+  bg.add(crafted_cache(3, {{0, 0}}));
+  // The batch reads slot 0 four times, slot 1 twice, slot 3 once, slot 2 once.
+  const auto batch_cache = crafted_cache(3, {{0, 1}, {0, 3}, {0, 1}, {0, 2}});
+  const pkm::SlotCounts batch = pkm::count_slots(batch_cache, 9);
+  CHECK(batch.slots == std::vector<std::int64_t>{0, 1, 2, 3});
+  CHECK(batch.counts == std::vector<std::int64_t>{4, 2, 1, 1});
+
+  // The plain reference of each score.
+  const double C = 8, D = 4;
+  const std::map<std::int64_t, double> df = {{0, 4}, {1, 1}, {2, 2}, {3, 0}};
+  const std::map<std::int64_t, double> cbg = {{0, 6}, {1, 1}, {2, 2}, {3, 0}};
+  const double Cbg = 10 + 1.0 * 9;  // 10 background reads, smoothing 1 over 9 slots
+  std::map<std::int64_t, double> tfidf, kl;
+  for (std::size_t i = 0; i < batch.slots.size(); ++i) {
+    const auto s = batch.slots[i];
+    const double p = double(batch.counts[i]) / C;
+    tfidf[s] = p * std::log((1 + D) / (1 + df.at(s)));
+    kl[s] = p * std::log(p / ((cbg.at(s) + 1.0) / Cbg));
+  }
+  auto ranked = [](const std::map<std::int64_t, double>& score) {
+    std::vector<std::int64_t> ids;
+    for (auto& kv : score) ids.push_back(kv.first);
+    std::stable_sort(ids.begin(), ids.end(), [&](auto a, auto b) { return score.at(a) > score.at(b); });
+    return ids;
+  };
+  pkm::SlotSelectionOptions o;
+  o.top = 4;
+  for (auto score : {pkm::SlotScore::tf_idf, pkm::SlotScore::kl}) {
+    o.score = score;
+    const auto& ref = score == pkm::SlotScore::tf_idf ? tfidf : kl;
+    const pkm::SlotSelection sel = pkm::select_slots(batch, bg, o);
+    CHECK(sel.slots == ranked(ref));
+    for (std::size_t i = 0; i < sel.slots.size(); ++i) CHECK(sel.scores[i] == Approx(ref.at(sel.slots[i])).epsilon(1e-14));
+  }
+  // TF-IDF: slot 0, read most but by every background batch, ranks last (idf 0); slot 1
+  // (twice here, in one background batch) first, then slot 3 (once here, never before).
+  o.score = pkm::SlotScore::tf_idf;
+  CHECK(pkm::select_slots(batch, bg, o).slots == std::vector<std::int64_t>{1, 3, 2, 0});
+  // Count: 0 (4), 1 (2), then the tie 2, 3 to the lower id.
+  o.score = pkm::SlotScore::count;
+  CHECK(pkm::select_slots(batch, bg, o).slots == std::vector<std::int64_t>{0, 1, 2, 3});
+  // top 2 and fraction 0.5 (2 of 4 slots) keep the same two; the mask allows exactly them.
+  o.score = pkm::SlotScore::tf_idf;
+  o.top = 2;
+  const auto by_top = pkm::select_slots(batch, bg, o);
+  o.top = 0;
+  o.fraction = 0.5;
+  const auto by_fraction = pkm::select_slots(batch, bg, o);
+  CHECK(by_top.slots == by_fraction.slots);
+  CHECK(by_top.mask.size() == 2);
+  CHECK(by_top.mask.table_rows() == 9);
+  for (std::int64_t s = 0; s < 9; ++s) {
+    CHECK(by_top.mask.allows(s) == (std::find(by_top.slots.begin(), by_top.slots.end(), s) != by_top.slots.end()));
+  }
+  o.fraction = 0.3;  // 1.2 slots, rounded up to 2
+  CHECK(pkm::select_slots(batch, bg, o).slots.size() == 2);
+}
+
+TEST_CASE("slot selection and statistics refuse bad input with clear errors", "[continual][errors]") {
+  pkm::SlotStatistics bg(9);
+  bg.add(crafted_cache(3, {{0, 1}}));
+  const pkm::SlotCounts batch = pkm::count_slots(crafted_cache(3, {{0, 1}, {2, 1}}), 9);
+  pkm::SlotSelectionOptions o;
+  o.top = 4;  // the batch read 3 distinct slots
+  CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o), Catch::Contains("read only 3 distinct slots"));
+  o.top = 0;
+  CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o), Catch::Contains("exactly one of top"));
+  o.top = 1;
+  o.fraction = 0.5;
+  CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o), Catch::Contains("exactly one of top"));
+  o.top = 0;
+  o.fraction = 1.5;
+  CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o), Catch::Contains("fraction = 1.5"));
+  o.fraction = std::nan("");
+  CHECK_THROWS_AS(pkm::select_slots(batch, bg, o), std::invalid_argument);
+  o.fraction = 0;
+  o.top = 1;
+  // An empty batch; a batch of another table; a background with no batch.
+  const pkm::SlotCounts empty = pkm::count_slots(crafted_cache(3, {}), 9);
+  CHECK_THROWS_WITH(pkm::select_slots(empty, bg, o), Catch::Contains("read no slot"));
+  const pkm::SlotCounts other = pkm::count_slots(crafted_cache(4, {{0, 15}}), 16);
+  CHECK_THROWS_WITH(pkm::select_slots(other, bg, o), Catch::Contains("table of 16 rows"));
+  CHECK_THROWS_WITH(pkm::select_slots(batch, pkm::SlotStatistics(9), o), Catch::Contains("hold no batch"));
+  o.score = pkm::SlotScore::count;  // needs no background batch
+  CHECK(pkm::select_slots(batch, pkm::SlotStatistics(9), o).slots == std::vector<std::int64_t>{1});
+  o.score = pkm::SlotScore::kl;
+  o.kl_smoothing = 0;
+  CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o), Catch::Contains("kl_smoothing"));
+
+  // Caches from a layer of another size, unfilled, or reading outside the table: refused,
+  // the statistics unchanged.
+  pkm::SlotStatistics st(9, true);
+  st.add(crafted_cache(3, {{0, 1}}));
+  const auto counts = st.counts();
+  CHECK_THROWS_WITH(st.add(crafted_cache(4, {{0, 1}})), Catch::Contains("layer of 16 slots"));
+  auto unfilled = crafted_cache(3, {{0, 1}});
+  unfilled.batch = -1;
+  CHECK_THROWS_WITH(st.add(unfilled), Catch::Contains("not filled"));
+  auto hostile = crafted_cache(3, {{0, 1}, {2, 3}});
+  hostile.indices(1, 1) = 9;
+  const pkm::ForwardCache<float> good = crafted_cache(3, {{5, 6}});
+  CHECK_THROWS_AS(st.add(std::vector<const pkm::ForwardCache<float>*>{&good, &hostile}), std::out_of_range);
+  CHECK_THROWS_AS(pkm::count_slots(hostile, 9), std::out_of_range);
+  CHECK(st.counts() == counts);
+  CHECK(st.documents() == 1);
+  CHECK_THROWS_WITH(st.merge(pkm::SlotStatistics(9, false)), Catch::Contains("without mass"));
+  CHECK_THROWS_WITH(st.merge(pkm::SlotStatistics(16, true)), Catch::Contains("16 slots"));
+  CHECK_THROWS_AS(pkm::SlotStatistics(0), std::invalid_argument);
+  pkm::SlotStatistics made_default;
+  CHECK_THROWS_WITH(made_default.add(good), Catch::Contains("default-constructed"));
+
+  // Masks: rows outside the table, a mask for another table.
+  CHECK_THROWS_AS(pkm::RowMask(9, {3, 9}), std::out_of_range);
+  CHECK_THROWS_AS(pkm::RowMask(0, {}), std::invalid_argument);
+  pkm::optim::SparseSgd<float> sgd(9, 2);
+  CHECK_THROWS_WITH(sgd.set_row_mask(pkm::RowMask(16, {1})), Catch::Contains("table of 16 rows"));
+  CHECK(sgd.row_mask() == nullptr);
+  pkm::SparseRowGrad<float> g;
+  g.dim = 2;
+  g.rows = {1, 4};
+  g.values = MatF::Ones(2, 2);
+  CHECK_THROWS_WITH(pkm::mask_gradient(g, pkm::RowMask(16, {1}), 9), Catch::Contains("table of 16 rows"));
+  CHECK(g.rows.size() == 2);
+  pkm::mask_gradient(g, pkm::RowMask(9, {4, 7}), 9);
+  CHECK(g.rows == std::vector<std::int64_t>{4});
+  CHECK(g.values.rows() == 1);
+}
+
+TEST_CASE("plain SGD for values follows its rule, clipping and decay on the updated rows only", "[continual][optim]") {
+  pkm::ValueTable<float> t(5, 3);
+  for (Index i = 0; i < 15; ++i) t.matrix().data()[i] = 0.1f * float(i);
+  const MatF before = t.matrix();
+  pkm::optim::SgdOptions o;
+  o.lr = 0.5;
+  o.weight_decay = 0.1;
+  o.max_grad_norm = 1.0;
+  pkm::optim::SparseSgd<float> sgd(t, o);
+  pkm::SparseRowGrad<float> g;
+  g.dim = 3;
+  g.rows = {1, 3};
+  g.values.resize(2, 3);
+  g.values << 3, 0, 0, 0, 4, 0;  // norm 5: clipped by 1/5
+  const double norm = sgd.step(t, g);
+  CHECK(norm == Approx(5.0));
+  for (Index r = 0; r < 5; ++r) {
+    for (Index d = 0; d < 3; ++d) {
+      float expect = before(r, d);
+      if (r == 1 || r == 3) {
+        const float gd = float(1.0 / 5.0) * g.values(r == 1 ? 0 : 1, d);
+        expect = before(r, d) - 0.5f * (gd + 0.1f * before(r, d));
+      }
+      CHECK(t.matrix()(r, d) == Approx(expect).margin(1e-6));
+    }
+  }
+  CHECK(sgd.steps() == 1);
+  CHECK_THROWS_AS(pkm::optim::SparseSgd<float>(t, pkm::optim::SgdOptions{-1.0}), std::invalid_argument);
+}
+
+TEMPLATE_TEST_CASE("a row mask leaves masked rows bitwise unchanged in every optimizer, fused or not",
+                   "[continual][optim][fused]", pkm::optim::LazyAdam<float>, pkm::optim::RowWiseAdagrad<float>,
+                   pkm::optim::SparseSgd<float>) {
+  using Opt = TestType;
+  typename Opt::options_type o;
+  o.lr = 0.05;
+  o.weight_decay = 0.01;   // decay would move a masked row if the mask were not honoured
+  o.max_grad_norm = 0.3;   // clipping active: the norm must be that of the allowed rows
+  auto c = pkmtest::medium_config();
+  pkm::MemoryLayer<float> base(c, 31);
+  // A: masked optimizer, backward then step. B: masked optimizer, fused. R: the reference,
+  // an unmasked optimizer stepping the gradient with the masked rows dropped.
+  pkm::MemoryLayer<float> a = base, b = base, r = base;
+  Opt oa(a.values(), o), ob(b.values(), o), orf(r.values(), o);
+  pkm::SlotStatistics background(c.slots());
+  for (int step = 0; step < 4; ++step) {
+    const MatF x = pkmtest::random_matrix(90, c.input_dim, 40 + step).cast<float>();
+    const MatF dout = pkmtest::random_matrix(90, c.output_dim, 60 + step).cast<float>();
+    pkm::ForwardCache<float> ca, cb, cr;
+    a.forward(x, ca);
+    b.forward(x, cb);
+    r.forward(x, cr);
+    if (step == 0) {  // the first batch is the background
+      background.add(ca);
+      continue;
+    }
+    pkm::SlotSelectionOptions so;
+    so.fraction = 0.25;
+    const pkm::SlotSelection sel = pkm::select_slots(pkm::count_slots(ca, c.slots()), background, so);
+    oa.set_row_mask(sel.mask);
+    ob.set_row_mask(sel.mask);
+    const MatF values_before = a.values().matrix();
+    const auto state_before = state_of(oa);
+
+    pkm::LayerGradients<float> ga(c), gr(c);
+    pkm::LayerParameters<float> gb(c);
+    ga.zero();
+    gr.zero();
+    gb.set_zero();
+    a.backward(x, ca, dout, ga);
+    const double na = oa.step(a.values(), ga.values);
+    const double nb = b.backward_fused(x, cb, dout, gb, ob);
+    r.backward(x, cr, dout, gr);
+    pkm::mask_gradient(gr.values, sel.mask, c.slots());
+    const double nr = orf.step(r.values(), gr.values);
+    CHECK(na == nr);
+    CHECK(nb == nr);
+    CHECK(same_bits(a.values().matrix(), r.values().matrix()));
+    CHECK(same_bits(b.values().matrix(), r.values().matrix()));
+    CHECK(state_of(oa) == state_of(orf));
+    CHECK(state_of(ob) == state_of(orf));
+
+    // Rows outside the mask: value and every per-row state unchanged; inside: changed.
+    std::vector<char> allowed(std::size_t(c.slots()), 0);
+    for (auto s : sel.slots) allowed[std::size_t(s)] = 1;
+    Index changed = 0;
+    for (Index row = 0; row < c.slots(); ++row) {
+      const bool same = same_bits(a.values().matrix().row(row), values_before.row(row));
+      if (!allowed[std::size_t(row)]) {
+        CHECK(same);
+      } else {
+        changed += !same;
+      }
+    }
+    CHECK(changed == Index(sel.slots.size()));
+    const auto state_after = state_of(oa);
+    for (std::size_t k = 0; k < state_after.size(); ++k) {
+      const std::size_t per_row = state_after[k].size() / std::size_t(c.slots());
+      if (per_row == 0) continue;  // the step counter
+      for (Index row = 0; row < c.slots(); ++row) {
+        if (allowed[std::size_t(row)]) continue;
+        for (std::size_t e = 0; e < per_row; ++e) {
+          const std::size_t i = std::size_t(row) * per_row + e;
+          if (state_after[k][i] != state_before[k][i]) FAIL("state tensor " << k << " of masked row " << row << " changed");
+        }
+      }
+    }
+  }
+  oa.clear_row_mask();
+  CHECK(oa.row_mask() == nullptr);
+}
+
+TEST_CASE("slot statistics save and load bit for bit, and a hostile file changes nothing", "[continual][io]") {
+  pkm::SlotStatistics st(9, true);
+  st.add(crafted_cache(3, {{0, 1}, {0, 4}}));
+  st.add(crafted_cache(3, {{8, 1}}));
+  pkm::io::SafetensorsWriter w;
+  pkm::io::add_slot_statistics(w, st, "stats.");
+  const auto bytes = w.to_bytes();
+  const auto f = pkm::io::SafetensorsFile::from_bytes(bytes, "stats.safetensors");
+  pkm::SlotStatistics back(9, true);
+  pkm::io::load_slot_statistics(f, back, "stats.");
+  CHECK(back.counts() == st.counts());
+  CHECK(back.document_counts() == st.document_counts());
+  CHECK(back.mass() == st.mass());
+  CHECK(back.documents() == 2);
+  CHECK(back.total_reads() == st.total_reads());
+  // Loaded statistics keep counting: documents continue from the file's.
+  back.add(crafted_cache(3, {{1, 1}}));
+  CHECK(back.document_counts()[1] == 3);
+  CHECK(back.counts()[1] == 4);
+
+  // A file whose counters disagree (a slot in more documents than there are): refused.
+  pkm::SlotStatistics bad = st;
+  auto tamper = [&](pkm::SlotStatistics& s) {
+    s.for_each_state([](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
+      if (name == "document_count") data[0] = 7;
+    });
+  };
+  tamper(bad);
+  pkm::io::SafetensorsWriter wb;
+  pkm::io::add_slot_statistics(wb, bad, "stats.");
+  const auto fb = pkm::io::SafetensorsFile::from_bytes(wb.to_bytes(), "bad.safetensors");
+  pkm::SlotStatistics target = st;
+  CHECK_THROWS_WITH(pkm::io::load_slot_statistics(fb, target, "stats."), Catch::Contains("slot 0"));
+  CHECK(target.counts() == st.counts());
+  CHECK(target.document_counts() == st.document_counts());
+  // Statistics of another size, or without the mass asked for: refused.
+  pkm::SlotStatistics other(16, true);
+  CHECK_THROWS_WITH(pkm::io::load_slot_statistics(f, other, "stats."), Catch::Contains("shape"));
+  pkm::SlotStatistics no_mass(9, false);
+  pkm::io::SafetensorsWriter wn;
+  pkm::io::add_slot_statistics(wn, no_mass, "stats.");
+  const auto fn = pkm::io::SafetensorsFile::from_bytes(wn.to_bytes(), "nomass.safetensors");
+  CHECK_THROWS_WITH(pkm::io::load_slot_statistics(fn, target, "stats."), Catch::Contains("mass"));
+  CHECK(target.mass() == st.mass());
+}

@@ -357,6 +357,26 @@ void BM_LayerForwardBackward(benchmark::State& state) { layer_bench<true>(state)
 BENCHMARK(BM_LayerForward)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LayerForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime();
 
+/// Slot statistics left on in training: one add() of BM_LayerForward's cache (2048 tokens x
+/// 128 reads into 512^2 slots), counts only (0) or with the softmax mass (1). Compare its
+/// time with BM_LayerForward's.
+void BM_SlotStatisticsAdd(benchmark::State& state) {
+  const auto c = paper_scaled();
+  const Index batch = 2048;
+  pkm::MemoryLayer<float> layer(c, 7);
+  MatF x(batch, c.input_dim), y(batch, c.output_dim);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = float(std::sin(0.37 * double(i)));
+  pkm::ForwardCache<float> cache;
+  layer.forward(x, y, cache);
+  pkm::SlotStatistics stats(c.slots(), state.range(0) != 0);
+  for (auto _ : state) {
+    stats.add(cache);
+    benchmark::DoNotOptimize(stats.counts().data());
+  }
+  state.SetItemsProcessed(std::int64_t(state.iterations()) * batch);
+}
+BENCHMARK(BM_SlotStatisticsAdd)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 }  // namespace
 
 int main(int argc, char** argv) {

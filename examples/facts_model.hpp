@@ -1,0 +1,415 @@
+// facts_model.hpp — the model and the fact data of the fact-recall examples (train_facts,
+// continual_facts): a synthetic fact set (a, b, r) -> object, and a model that embeds the
+// three words, applies one residual block (a dense SwiGLU FFN or a pkm Memory+ layer) and
+// reads out the object. Shared by the examples, not part of pkm.
+#pragma once
+
+#include <pkm/pkm.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace facts {
+
+using Mat = pkm::RowMatrix<float>;
+using pkm::Index;
+
+// ---- the fact set ------------------------------------------------------------------------
+
+struct Facts {
+  std::vector<std::int32_t> a, b, r, object;
+  Index size() const { return Index(a.size()); }
+};
+
+/// The model's sizes and its dense gradient clip.
+struct Shape {
+  Index vocab = 100;  // words per subject vocabulary (subjects = vocab^2)
+  Index relations = 10;
+  Index objects = 1000;
+  Index dim = 128;
+  double clip = 1.0;  // dense gradient norm clip
+};
+
+/// Every (a, b, r) with a random object; the same seed gives the same facts everywhere.
+inline Facts make_facts(const Shape& s, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  Facts f;
+  for (Index a = 0; a < s.vocab; ++a) {
+    for (Index b = 0; b < s.vocab; ++b) {
+      for (Index r = 0; r < s.relations; ++r) {
+        f.a.push_back(std::int32_t(a));
+        f.b.push_back(std::int32_t(b));
+        f.r.push_back(std::int32_t(r));
+        f.object.push_back(std::int32_t(rng() % std::uint64_t(s.objects)));
+      }
+    }
+  }
+  return f;
+}
+
+/// The facts f[ids[0]], f[ids[1]], ...
+inline Facts subset(const Facts& f, const std::vector<std::int64_t>& ids) {
+  Facts out;
+  for (auto i : ids) {
+    out.a.push_back(f.a[std::size_t(i)]);
+    out.b.push_back(f.b[std::size_t(i)]);
+    out.r.push_back(f.r[std::size_t(i)]);
+    out.object.push_back(f.object[std::size_t(i)]);
+  }
+  return out;
+}
+
+inline Mat normal_matrix(Index rows, Index cols, double stddev, std::mt19937_64& rng) {
+  std::normal_distribution<float> n(0.0f, float(stddev));
+  Mat m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = n(rng);
+  return m;
+}
+
+// ---- the two blocks ----------------------------------------------------------------------
+
+/// The examples' Memory+ layer: d -> d, values of width d.
+inline pkm::MemoryConfig memory_config(Index dim, Index heads, Index n_keys, Index k_dim, Index knn) {
+  pkm::MemoryConfig mc;
+  mc.input_dim = dim;
+  mc.heads = heads;
+  mc.n_keys = n_keys;
+  mc.k_dim = k_dim;
+  mc.knn = knn;
+  mc.v_dim = dim;
+  mc.output_dim = dim;
+  mc.memory_plus = true;
+  mc.validate();
+  return mc;
+}
+
+/// The number a command-line flag was given, or usage(message) (which exits) when `text` is
+/// not a finite number >= lo.
+template <class Usage>
+double flag_number(const std::string& flag, const std::string& text, double lo, Usage&& usage) {
+  char* end = nullptr;
+  const double d = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || *end != '\0' || !std::isfinite(d) || d < lo) {
+    usage(flag + " = '" + text + "', expected a number >= " + std::to_string(lo));
+  }
+  return d;
+}
+
+/// Multiply-adds per token of a Memory+ layer (the top-k's comparisons not counted).
+inline double memory_macs_per_token(const pkm::MemoryConfig& c) {
+  return double(c.input_dim * c.heads * c.k_dim)  // query
+         + double(c.heads * c.n_keys * c.k_dim)   // half scores, both halves
+         + double(c.heads * c.knn * c.v_dim)      // weighted read
+         + double(c.input_dim * c.v_dim)          // SiLU gate projection
+         + double(c.v_dim * c.output_dim);        // output projection
+}
+
+/// f(x) for a batch, its backward (dx written, parameter gradients added) and its update.
+struct Block {
+  virtual ~Block() = default;
+  virtual const char* name() const = 0;
+  virtual double macs_per_token() const = 0;
+  virtual Index active_params() const = 0;
+  virtual Index total_params() const = 0;
+  virtual void forward(const Mat& x, Mat& out) = 0;
+  virtual void backward(const Mat& x, const Mat& dout, Mat& dx) = 0;
+  virtual void register_dense(pkm::optim::AdamW<float>& opt) = 0;
+  /// Copies another block's parameters (of the same kind and shape) into this one's buffers.
+  virtual void copy_weights_from(const Block& other) = 0;
+};
+
+/// SwiGLU FFN: out = W2 (silu(W1 x) * (W3 x)).
+class DenseFfn final : public Block {
+ public:
+  DenseFfn(Index dim, Index hidden, std::mt19937_64& rng)
+      : dim_(dim), hidden_(hidden),
+        w1_(normal_matrix(hidden, dim, 1.0 / std::sqrt(double(dim)), rng)),
+        w3_(normal_matrix(hidden, dim, 1.0 / std::sqrt(double(dim)), rng)),
+        w2_(normal_matrix(dim, hidden, 1.0 / std::sqrt(double(hidden)), rng)),
+        g1_(Mat::Zero(hidden, dim)), g3_(Mat::Zero(hidden, dim)), g2_(Mat::Zero(dim, hidden)) {}
+
+  const char* name() const override { return "dense SwiGLU FFN"; }
+  double macs_per_token() const override { return 3.0 * double(dim_ * hidden_); }
+  Index active_params() const override { return 3 * dim_ * hidden_; }
+  Index total_params() const override { return 3 * dim_ * hidden_; }
+
+  void forward(const Mat& x, Mat& out) override {
+    const Index B = x.rows();
+    pre1_.resize(B, hidden_);
+    pre3_.resize(B, hidden_);
+    u_.resize(B, hidden_);
+    pkm::linear_forward<float>(x, w1_, nullptr, pre1_);
+    pkm::linear_forward<float>(x, w3_, nullptr, pre3_);
+    u_ = pre1_.unaryExpr([](float v) { return pkm::silu(v); }).cwiseProduct(pre3_);
+    pkm::linear_forward<float>(u_, w2_, nullptr, out);
+  }
+  void backward(const Mat& x, const Mat& dout, Mat& dx) override {
+    const Index B = x.rows();
+    pkm::linear_backward_weights<float>(u_, dout, g2_, nullptr);
+    Mat du(B, hidden_), d1(B, hidden_), d3(B, hidden_);
+    pkm::linear_backward_input<float>(dout, w2_, du, false);
+    for (Index i = 0; i < du.size(); ++i) {
+      const float p1 = pre1_.data()[i];
+      d1.data()[i] = du.data()[i] * pre3_.data()[i] * pkm::silu_grad(p1);
+      d3.data()[i] = du.data()[i] * pkm::silu(p1);
+    }
+    pkm::linear_backward_weights<float>(x, d1, g1_, nullptr);
+    pkm::linear_backward_weights<float>(x, d3, g3_, nullptr);
+    pkm::linear_backward_input<float>(d1, w1_, dx, false);
+    pkm::linear_backward_input<float>(d3, w3_, dx, true);
+  }
+  void register_dense(pkm::optim::AdamW<float>& opt) override {
+    opt.add("ffn.w1", w1_, g1_);
+    opt.add("ffn.w3", w3_, g3_);
+    opt.add("ffn.w2", w2_, g2_);
+  }
+  void copy_weights_from(const Block& other) override {
+    const auto& o = dynamic_cast<const DenseFfn&>(other);
+    w1_ = o.w1_;  // same sizes: assigned in place, the optimizer's pointers stay valid
+    w3_ = o.w3_;
+    w2_ = o.w2_;
+  }
+
+ private:
+  Index dim_, hidden_;
+  Mat w1_, w3_, w2_, g1_, g3_, g2_;
+  Mat pre1_, pre3_, u_;
+};
+
+/// A pkm Memory+ layer; its value table is updated by its own sparse optimizer (any of
+/// pkm::optim's, set with set_value_optimizer), fused with the backward or after it.
+class MemoryBlock final : public Block {
+ public:
+  MemoryBlock(const pkm::MemoryConfig& c, std::uint64_t seed) : layer_(c, seed), grads_(c) {}
+
+  const char* name() const override { return "Memory+ layer"; }
+  double macs_per_token() const override { return memory_macs_per_token(layer_.config()); }
+  Index active_params() const override {
+    const auto& c = layer_.config();
+    return dense_params() + c.heads * c.knn * c.v_dim;
+  }
+  Index total_params() const override {
+    const auto& c = layer_.config();
+    return dense_params() + c.slots() * c.v_dim;
+  }
+
+  /// The value table's optimizer from now on (replacing the previous one and its state).
+  template <class Optimizer>
+  Optimizer& set_value_optimizer(const typename Optimizer::options_type& options, bool fused) {
+    auto u = std::make_unique<Update<Optimizer>>(Optimizer(layer_.values(), options), fused);
+    Optimizer& opt = u->opt;
+    update_ = std::move(u);
+    return opt;
+  }
+
+  pkm::MemoryLayer<float>& layer() { return layer_; }
+  /// What the last forward read (for slot statistics and selection).
+  const pkm::ForwardCache<float>& cache() const { return cache_; }
+
+  void forward(const Mat& x, Mat& out) override { layer_.forward(x, out, cache_); }
+  void backward(const Mat& x, const Mat& dout, Mat& dx) override {
+    if (!update_) throw std::logic_error("MemoryBlock: no value optimizer set");
+    update_->backward(layer_, x, cache_, dout, grads_, dx);
+  }
+  void register_dense(pkm::optim::AdamW<float>& opt) override { opt.add("mem.", layer_.params(), grads_.params); }
+  void copy_weights_from(const Block& other) override {
+    const auto& o = dynamic_cast<const MemoryBlock&>(other);
+    for (int t = 0; t < pkm::kNumTensors; ++t) {
+      if (layer_.params().has(pkm::Tensor(t))) layer_.params().matrix(pkm::Tensor(t)) = o.layer_.params().matrix(pkm::Tensor(t));
+    }
+    layer_.values().matrix() = o.layer_.values().matrix();
+  }
+
+ private:
+  struct UpdateBase {
+    virtual ~UpdateBase() = default;
+    virtual void backward(pkm::MemoryLayer<float>& layer, const Mat& x, const pkm::ForwardCache<float>& cache,
+                          const Mat& dout, pkm::LayerGradients<float>& grads, Mat& dx) = 0;
+  };
+  template <class Optimizer>
+  struct Update final : UpdateBase {
+    Update(Optimizer o, bool f) : opt(std::move(o)), fused(f) {}
+    void backward(pkm::MemoryLayer<float>& layer, const Mat& x, const pkm::ForwardCache<float>& cache, const Mat& dout,
+                  pkm::LayerGradients<float>& grads, Mat& dx) override {
+      if (fused) {
+        layer.backward_fused(x, cache, dout, grads.params, opt, dx);
+      } else {
+        grads.values.clear();
+        layer.backward(x, cache, dout, grads, dx);
+        opt.step(layer.values(), grads.values);
+      }
+    }
+    Optimizer opt;
+    bool fused;
+  };
+
+  Index dense_params() const {
+    Index n = 0;
+    layer_.params().for_each([&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { n += m.size(); });
+    return n;
+  }
+
+  pkm::MemoryLayer<float> layer_;
+  pkm::LayerGradients<float> grads_;
+  std::unique_ptr<UpdateBase> update_;
+  pkm::ForwardCache<float> cache_;
+};
+
+// ---- the model around the block ---------------------------------------------------------
+
+struct Step {
+  double loss_sum = 0;
+  Index correct = 0;
+};
+
+class Model {
+ public:
+  Model(const Shape& o, double lr, std::unique_ptr<Block> block, std::mt19937_64& rng)
+      : block_(std::move(block)),
+        ea_(normal_matrix(o.vocab, o.dim, 1.0 / std::sqrt(3.0), rng)),
+        eb_(normal_matrix(o.vocab, o.dim, 1.0 / std::sqrt(3.0), rng)),
+        er_(normal_matrix(o.relations, o.dim, 1.0 / std::sqrt(3.0), rng)),
+        wo_(normal_matrix(o.objects, o.dim, 1.0 / std::sqrt(double(o.dim)), rng)),
+        bo_(Mat::Zero(1, o.objects)),
+        gea_(Mat::Zero(o.vocab, o.dim)), geb_(Mat::Zero(o.vocab, o.dim)), ger_(Mat::Zero(o.relations, o.dim)),
+        gwo_(Mat::Zero(o.objects, o.dim)), gbo_(Mat::Zero(1, o.objects)), opt_(adam_options(lr, o.clip)) {
+    opt_.add("embed.a", ea_, gea_);
+    opt_.add("embed.b", eb_, geb_);
+    opt_.add("embed.r", er_, ger_);
+    opt_.add("out.weight", wo_, gwo_);
+    opt_.add("out.bias", bo_, gbo_);
+    block_->register_dense(opt_);
+  }
+
+  Block& block() { return *block_; }
+  /// false: a training step leaves every dense parameter (embeddings, read-out, the block's
+  /// dense tensors) as it is; only what the block's backward updates itself (a memory
+  /// block's value table) learns.
+  void set_update_dense(bool on) { update_dense_ = on; }
+  /// Copies every parameter of `other` (a model of the same shape and block) into this one.
+  void copy_weights_from(const Model& other) {
+    ea_ = other.ea_;
+    eb_ = other.eb_;
+    er_ = other.er_;
+    wo_ = other.wo_;
+    bo_ = other.bo_;
+    block_->copy_weights_from(*other.block_);
+  }
+  Index embedding_params() const { return ea_.size() + eb_.size() + er_.size(); }
+  Index head_params() const { return wo_.size() + bo_.size(); }
+
+  /// Forward over facts[ids], and (train) backward and one optimizer step; before_backward,
+  /// if set, runs between the forward and the backward (to look at what the forward read).
+  Step run(const Facts& f, const std::int64_t* ids, Index B, bool train,
+           const std::function<void()>& before_backward = {}) {
+    const Index d = ea_.cols(), O = wo_.rows();
+    x_.resize(B, d);
+    for (Index i = 0; i < B; ++i) {
+      const auto t = ids[i];
+      x_.row(i) = ea_.row(f.a[t]) + eb_.row(f.b[t]) + er_.row(f.r[t]);
+    }
+    fx_.resize(B, d);
+    block_->forward(x_, fx_);
+    h_ = x_ + fx_;
+    logits_.resize(B, O);
+    pkm::linear_forward<float>(h_, wo_, bo_.data(), logits_);
+    // Softmax cross-entropy; dlogits = (softmax - onehot) / B.
+    std::vector<double> loss(B);
+    std::vector<char> hit(B);
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < B; ++i) {
+      auto z = logits_.row(i).array();
+      const Index target = f.object[ids[i]];
+      Index best = 0;
+      const float mx = z.maxCoeff(&best);
+      hit[i] = best == target;
+      const double zt = double(z(target) - mx);
+      z = (z - mx).exp();  // Eigen's vectorised exp
+      const double sum = double(z.sum());
+      loss[i] = std::log(sum) - zt;
+      if (train) {
+        z *= float(1.0 / sum) / float(B);
+        z(target) -= 1.0f / float(B);
+      }
+    }
+    Step s;
+    for (Index i = 0; i < B; ++i) {
+      s.loss_sum += loss[i];
+      s.correct += hit[i];
+    }
+    if (!train) return s;
+
+    if (before_backward) before_backward();
+    opt_.zero_grad();  // every dense gradient, the block's included (register_dense)
+    const Mat& dlogits = logits_;
+    pkm::linear_backward_weights<float>(h_, dlogits, gwo_, gbo_.data());
+    dh_.resize(B, d);
+    pkm::linear_backward_input<float>(dlogits, wo_, dh_, false);
+    dx_.resize(B, d);
+    block_->backward(x_, dh_, dx_);  // the memory block also updates its values here
+    dx_ += dh_;                      // the residual path
+    for (Index i = 0; i < B; ++i) {
+      const auto t = ids[i];
+      gea_.row(f.a[t]) += dx_.row(i);
+      geb_.row(f.b[t]) += dx_.row(i);
+      ger_.row(f.r[t]) += dx_.row(i);
+    }
+    if (update_dense_) opt_.step();
+    return s;
+  }
+
+ private:
+  static pkm::optim::AdamOptions adam_options(double lr, double clip) {
+    pkm::optim::AdamOptions ao;
+    ao.lr = lr;
+    ao.max_grad_norm = clip;
+    return ao;
+  }
+
+  std::unique_ptr<Block> block_;
+  Mat ea_, eb_, er_, wo_, bo_;
+  Mat gea_, geb_, ger_, gwo_, gbo_;
+  pkm::optim::AdamW<float> opt_;
+  bool update_dense_ = true;
+  Mat x_, fx_, h_, logits_, dh_, dx_;
+};
+
+// ---- progress and evaluation ---------------------------------------------------------------
+
+inline double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+inline void progress(const char* label, int epoch, int epochs, double frac, double loss, double acc, double secs) {
+  const int width = 30, fill = int(frac * width + 0.5);
+  std::string bar(std::size_t(fill), '#');
+  bar.resize(std::size_t(width), '.');
+  std::fprintf(stderr, "\r%-7s epoch %2d/%d [%s] loss %.3f  acc %5.1f%%  %5.1f s ", label, epoch, epochs,
+               bar.c_str(), loss, 100.0 * acc, secs);
+  std::fflush(stderr);
+}
+
+/// Accuracy over every fact, in batches, without training.
+inline double evaluate(Model& m, const Facts& f, Index batch) {
+  std::vector<std::int64_t> ids(std::size_t(f.size()));
+  for (Index i = 0; i < f.size(); ++i) ids[std::size_t(i)] = i;
+  Index correct = 0;
+  for (Index s = 0; s < f.size(); s += batch) {
+    correct += m.run(f, ids.data() + s, std::min(batch, f.size() - s), false).correct;
+  }
+  return double(correct) / double(f.size());
+}
+
+}  // namespace facts

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPKM_FUZZ=ON \
   -DPKM_BUILD_TESTS=OFF -DPKM_BUILD_BENCH=OFF -DPKM_BUILD_EXAMPLES=OFF -DPKM_INSTALL=OFF \
-  -DCMAKE_DISABLE_FIND_PACKAGE_Torch=ON -DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON >/dev/null
+  -DCMAKE_DISABLE_FIND_PACKAGE_Torch=ON -DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON -DPKM_CUDA=OFF >/dev/null
 cmake --build build-fuzz -j2 --target fuzz_loaders
 mkdir -p build-fuzz/corpus
 cd build-fuzz

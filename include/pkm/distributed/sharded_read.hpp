@@ -232,6 +232,19 @@ void check_step_args(const char* who, const Optimizer& opt, const ValueTable<T>&
   opt.check_table(who, shard);
   optim::detail::check_step_counter(who, opt.steps());
 }
+
+/// Collective: every process's optimizer must hold the same row mask (or none), since the
+/// processes update their columns of the same rows. A process's own mask from its own
+/// tokens would update different rows in different columns (select from counts summed over
+/// the group instead). Throws std::invalid_argument on every process otherwise.
+template <class Optimizer>
+void require_same_mask(const char* who, const Group& group, const Optimizer& opt) {
+  Fingerprint f;
+  const RowMask* mask = opt.row_mask();
+  f.add(mask != nullptr ? mask->size() : std::int64_t(-1));
+  if (mask != nullptr && mask->size() > 0) f.add_bytes(mask->rows().data(), mask->rows().size() * sizeof(std::int64_t));
+  group.require_same(who, "the value optimizer's row mask (every process must set the same mask, or none)", f.value());
+}
 }  // namespace detail
 
 /// The backward fused with a sparse optimizer made for this process's shard: dweights as
@@ -254,6 +267,7 @@ double sharded_embedding_bag_backward_update(const Group& group, const ColumnSha
     detail::check_backward_args<S>(who, group, shards, cache, dy, dweights);
     detail::check_step_args(who, optimizer, shard);
   });
+  detail::require_same_mask(who, group, optimizer);
   detail::exchange_dy<S>(who, group, shards, dy, cache);
   cache.dweights.resize(cache.part.rows(), cache.indices.cols());
   pkm::detail::bag_backward_begin<T, S>(who, shard, cache.indices, cache.weights, cache.part, cache.dweights, cache.bag);
@@ -291,6 +305,7 @@ double sharded_step(const Group& group, const ColumnShards& shards, Optimizer& o
   rows.add(grad.rows.size());
   if (!grad.rows.empty()) rows.add_bytes(grad.rows.data(), grad.rows.size() * sizeof(std::int64_t));
   group.require_same(who, "the gradient's row ids (each process's gradient must cover the same rows)", rows.value());
+  detail::require_same_mask(who, group, optimizer);
   const optim::ShardReduction reduction = shard_reduction(group, shards.v_dim());
   return optimizer.step(shard, grad, &reduction);
 }

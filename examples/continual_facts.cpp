@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -36,15 +37,7 @@ namespace {
 
 using namespace facts;  // the model and data code, shared with train_facts
 
-struct Options {
-  Index vocab = 60;
-  Index relations = 10;
-  Index objects = 1000;
-  Index dim = 128;
-  Index heads = 4;
-  Index n_keys = 256;
-  Index k_dim = 64;
-  Index knn = 16;
+struct Options : ModelOptions {  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads
   Index new_facts = 1000;    // B
   Index batch = 512;         // pretraining batch
   Index finetune_batch = 64;
@@ -59,25 +52,23 @@ struct Options {
   std::vector<Index> tops = {64, 256, 1024};
   std::string score = "tf_idf";
   std::string csv = "continual_facts.csv";
-  std::uint64_t seed = 1;
-  int threads = 0;
 
-  Shape shape() const { return Shape{vocab, relations, objects, dim, 1.0}; }
+  Options() { vocab = 60; }  // 36,000 facts: pretraining in about half a minute on 2 cores
 };
 
 [[noreturn]] void usage(const std::string& error) {
   std::FILE* out = error.empty() ? stdout : stderr;
   if (!error.empty()) std::fprintf(out, "error: %s\n", error.c_str());
   std::fprintf(out,
-               "usage: continual_facts [--vocab N] [--relations N] [--objects N] [--dim N] [--n-keys N]\n"
-               "         [--heads N] [--knn N] [--k-dim N] [--new-facts N] [--batch N] [--finetune-batch N]\n"
-               "         [--epochs N] [--finetune-epochs N] [--eval-every N] [--memory-lr X] [--value-lr X]\n"
-               "         [--full-lr X] [--full-value-lr X] [--sgd-lr X] [--tops T1,T2,...]\n"
-               "         [--score tf_idf|count|kl] [--csv FILE] [--seed N] [--threads N] [--help]\n"
+               "usage: continual_facts %s\n"
+               "         [--new-facts N] [--batch N] [--finetune-batch N] [--epochs N] [--finetune-epochs N]\n"
+               "         [--eval-every N] [--memory-lr X] [--value-lr X] [--full-lr X] [--full-value-lr X]\n"
+               "         [--sgd-lr X] [--tops T1,T2,...] [--score tf_idf|count|kl] [--csv FILE] [--help]\n"
                "Pretrains a Memory+ model on fact set A, then learns a new fact set B by full, value-only\n"
                "and sparse memory finetuning (top t slots per batch), and prints how much of B each\n"
                "learns and how much of A it keeps. --csv FILE (default continual_facts.csv in the current\n"
-               "folder) gets one line per method and evaluation.\n");
+               "folder) gets one line per method and evaluation.\n",
+               ModelOptions::flags());
   std::exit(error.empty() ? 0 : 2);
 }
 
@@ -88,7 +79,8 @@ Options parse(int argc, char** argv) {
     if (a == "-h" || a == "--help") usage("");
     if (i + 1 >= argc) usage("flag " + a + " needs a value");
     const std::string v = argv[++i];
-    auto num = [&](const std::string& text, double lo) { return flag_number(a, text, lo, usage); };
+    auto num = [&](double lo) { return flag_number(a, v, lo, usage); };
+    if (o.take(a, num)) continue;
     if (a == "--csv") o.csv = v;
     else if (a == "--score") {
       if (v != "tf_idf" && v != "count" && v != "kl") usage("--score = '" + v + "', expected tf_idf, count or kl");
@@ -97,29 +89,20 @@ Options parse(int argc, char** argv) {
       o.tops.clear();
       std::stringstream ss(v);
       std::string item;
-      while (std::getline(ss, item, ',')) o.tops.push_back(Index(num(item, 1)));
+      while (std::getline(ss, item, ',')) o.tops.push_back(Index(flag_number(a, item, 1, usage)));
       if (o.tops.empty()) usage("--tops = '" + v + "', expected a comma-separated list of slot counts");
-    } else if (a == "--vocab") o.vocab = Index(num(v, 2));
-    else if (a == "--relations") o.relations = Index(num(v, 1));
-    else if (a == "--objects") o.objects = Index(num(v, 2));
-    else if (a == "--dim") o.dim = Index(num(v, 2));
-    else if (a == "--n-keys") o.n_keys = Index(num(v, 1));
-    else if (a == "--heads") o.heads = Index(num(v, 1));
-    else if (a == "--knn") o.knn = Index(num(v, 1));
-    else if (a == "--k-dim") o.k_dim = Index(num(v, 2));
-    else if (a == "--new-facts") o.new_facts = Index(num(v, 1));
-    else if (a == "--batch") o.batch = Index(num(v, 1));
-    else if (a == "--finetune-batch") o.finetune_batch = Index(num(v, 1));
-    else if (a == "--epochs") o.epochs = int(num(v, 1));
-    else if (a == "--finetune-epochs") o.finetune_epochs = int(num(v, 1));
-    else if (a == "--eval-every") o.eval_every = int(num(v, 1));
-    else if (a == "--memory-lr") o.memory_lr = num(v, 0);
-    else if (a == "--value-lr") o.value_lr = num(v, 0);
-    else if (a == "--full-lr") o.full_lr = num(v, 0);
-    else if (a == "--full-value-lr") o.full_value_lr = num(v, 0);
-    else if (a == "--sgd-lr") o.sgd_lr = num(v, 0);
-    else if (a == "--seed") o.seed = std::uint64_t(num(v, 0));
-    else if (a == "--threads") o.threads = int(num(v, 1));
+    } else if (a == "--vocab") o.vocab = Index(num(2));
+    else if (a == "--new-facts") o.new_facts = Index(num(1));
+    else if (a == "--batch") o.batch = Index(num(1));
+    else if (a == "--finetune-batch") o.finetune_batch = Index(num(1));
+    else if (a == "--epochs") o.epochs = int(num(1));
+    else if (a == "--finetune-epochs") o.finetune_epochs = int(num(1));
+    else if (a == "--eval-every") o.eval_every = int(num(1));
+    else if (a == "--memory-lr") o.memory_lr = num(0);
+    else if (a == "--value-lr") o.value_lr = num(0);
+    else if (a == "--full-lr") o.full_lr = num(0);
+    else if (a == "--full-value-lr") o.full_value_lr = num(0);
+    else if (a == "--sgd-lr") o.sgd_lr = num(0);
     else usage("unknown flag " + a);
   }
   if (o.new_facts >= o.vocab * o.vocab * o.relations) {
@@ -129,12 +112,10 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-pkm::MemoryConfig memory_config(const Options& o) { return facts::memory_config(o.dim, o.heads, o.n_keys, o.k_dim, o.knn); }
-
 /// The memory model as pretraining and every method start it (the same seeds).
 std::unique_ptr<Model> make_model(const Options& o, double dense_lr) {
   std::mt19937_64 rng(o.seed + 7);
-  return std::make_unique<Model>(o.shape(), dense_lr, std::make_unique<MemoryBlock>(memory_config(o), o.seed + 5), rng);
+  return std::make_unique<Model>(o, dense_lr, std::make_unique<MemoryBlock>(o.memory_config(), o.seed + 5), rng);
 }
 
 MemoryBlock& memory(Model& m) { return static_cast<MemoryBlock&>(m.block()); }
@@ -145,14 +126,16 @@ std::vector<std::int64_t> iota(Index n) {
   return v;
 }
 
-/// One epoch of training over f in shuffled batches; after_step(step, tokens) after each.
+/// One epoch of training over f in shuffled batches: before_backward (if set) runs between
+/// each step's forward and backward, after_step(step, tokens) after each step.
 template <class Hook>
-void run_epoch(Model& m, const Facts& f, Index batch, std::mt19937_64& rng, Hook&& after_step) {
+void run_epoch(Model& m, const Facts& f, Index batch, std::mt19937_64& rng,
+               const std::function<void()>& before_backward, Hook&& after_step) {
   std::vector<std::int64_t> order = iota(f.size());
   for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
   for (Index s = 0; s < f.size(); s += batch) {
     const Index B = std::min(batch, f.size() - s);
-    after_step(m.run(f, order.data() + s, B, true), B);
+    after_step(m.run(f, order.data() + s, B, true, before_backward), B);
   }
 }
 
@@ -170,8 +153,8 @@ int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   if (o.threads > 0) omp_set_num_threads(o.threads);
   try {
-    const pkm::MemoryConfig mc = memory_config(o);
-    const Facts all = make_facts(o.shape(), o.seed);
+    const pkm::MemoryConfig mc = o.memory_config();
+    const Facts all = make_facts(o);
     // B: new_facts facts drawn at random; A: the rest.
     std::vector<std::int64_t> ids = iota(all.size());
     std::mt19937_64 split_rng(o.seed + 11);
@@ -205,7 +188,7 @@ int main(int argc, char** argv) {
     for (int e = 1; e <= o.epochs; ++e) {
       double loss = 0;
       Index seen = 0, correct = 0;
-      run_epoch(*pre, A, o.batch, rng, [&](const Step& s, Index n) {
+      run_epoch(*pre, A, o.batch, rng, {}, [&](const Step& s, Index n) {
         loss += s.loss_sum;
         correct += s.correct;
         seen += n;
@@ -253,30 +236,27 @@ int main(int argc, char** argv) {
       for (int e = 1; e <= o.finetune_epochs; ++e) {
         double loss = 0;
         Index seen = 0, correct = 0;
-        std::vector<std::int64_t> order = iota(B.size());
-        for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[frng() % (i + 1)]);
-        for (Index s = 0; s < B.size(); s += o.finetune_batch) {
-          const Index n = std::min(o.finetune_batch, B.size() - s);
-          // Between the step's forward and its backward: the slots this batch read, and (sparse)
-          // the mask of its top t, which the fused backward's SGD step then honours.
-          const Step st = m->run(B, order.data() + s, n, true, [&] {
-            const pkm::SlotCounts read = pkm::count_slots(mem.cache(), mc.slots());
-            if (top > 0) {
-              sel.top = std::min<Index>(top, Index(read.slots.size()));
-              const pkm::SlotSelection picked = pkm::select_slots(read, background, sel);
-              sgd->set_row_mask(picked.mask);
-              changed += double(picked.slots.size());
-            } else {
-              changed += double(read.slots.size());
-            }
-          });
+        // Between each step's forward and its backward: the slots the batch read, and (sparse)
+        // the mask of its top t, which the fused backward's SGD step then honours.
+        const auto pick = [&] {
+          const pkm::SlotCounts read = pkm::count_slots(mem.cache(), mc.slots());
+          if (top > 0) {
+            sel.top = std::min<Index>(top, Index(read.slots.size()));
+            const pkm::SlotSelection picked = pkm::select_slots(read, background, sel);
+            sgd->set_row_mask(picked.mask);
+            changed += double(picked.slots.size());
+          } else {
+            changed += double(read.slots.size());
+          }
+        };
+        run_epoch(*m, B, o.finetune_batch, frng, pick, [&](const Step& st, Index n) {
           loss += st.loss_sum;
           correct += st.correct;
           seen += n;
           ++steps;
           if (tty) progress(label.c_str(), e, o.finetune_epochs, double(seen) / double(B.size()), loss / double(seen),
                             double(correct) / double(seen), now() - ts);
-        }
+        });
         const bool eval = e % o.eval_every == 0 || e == o.finetune_epochs;
         if (!tty && eval) progress(label.c_str(), e, o.finetune_epochs, 1.0, loss / double(seen), double(correct) / double(seen), now() - ts);
         if (eval) {

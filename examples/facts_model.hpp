@@ -33,18 +33,63 @@ struct Facts {
   Index size() const { return Index(a.size()); }
 };
 
-/// The model's sizes and its dense gradient clip.
-struct Shape {
+/// What both examples take with the same flags: the fact set's and the model's sizes, the
+/// dense gradient clip, the seed and the thread count. Each example's Options derives from it.
+struct ModelOptions {
   Index vocab = 100;  // words per subject vocabulary (subjects = vocab^2)
   Index relations = 10;
   Index objects = 1000;
   Index dim = 128;
+  Index heads = 4;
+  Index n_keys = 256;
+  Index k_dim = 64;
+  Index knn = 16;
   double clip = 1.0;  // dense gradient norm clip
+  std::uint64_t seed = 1;
+  int threads = 0;
+
+  /// The flags, for a usage text.
+  static const char* flags() {
+    return "[--vocab N] [--relations N] [--objects N] [--dim N] [--n-keys N] [--heads N] [--knn N]\n"
+           "         [--k-dim N] [--clip X] [--seed N] [--threads N]";
+  }
+  /// Takes `flag` if it is one of these (num(lo) parses its value as a number >= lo).
+  template <class Num>
+  bool take(const std::string& flag, Num&& num) {
+    if (flag == "--vocab") vocab = Index(num(1));
+    else if (flag == "--relations") relations = Index(num(1));
+    else if (flag == "--objects") objects = Index(num(2));
+    else if (flag == "--dim") dim = Index(num(2));
+    else if (flag == "--n-keys") n_keys = Index(num(1));
+    else if (flag == "--heads") heads = Index(num(1));
+    else if (flag == "--knn") knn = Index(num(1));
+    else if (flag == "--k-dim") k_dim = Index(num(2));
+    else if (flag == "--clip") clip = num(0);
+    else if (flag == "--seed") seed = std::uint64_t(num(0));
+    else if (flag == "--threads") threads = int(num(1));
+    else return false;
+    return true;
+  }
+
+  /// The examples' Memory+ layer: d -> d, values of width d.
+  pkm::MemoryConfig memory_config() const {
+    pkm::MemoryConfig mc;
+    mc.input_dim = dim;
+    mc.heads = heads;
+    mc.n_keys = n_keys;
+    mc.k_dim = k_dim;
+    mc.knn = knn;
+    mc.v_dim = dim;
+    mc.output_dim = dim;
+    mc.memory_plus = true;
+    mc.validate();
+    return mc;
+  }
 };
 
 /// Every (a, b, r) with a random object; the same seed gives the same facts everywhere.
-inline Facts make_facts(const Shape& s, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
+inline Facts make_facts(const ModelOptions& s) {
+  std::mt19937_64 rng(s.seed);
   Facts f;
   for (Index a = 0; a < s.vocab; ++a) {
     for (Index b = 0; b < s.vocab; ++b) {
@@ -79,21 +124,6 @@ inline Mat normal_matrix(Index rows, Index cols, double stddev, std::mt19937_64&
 }
 
 // ---- the two blocks ----------------------------------------------------------------------
-
-/// The examples' Memory+ layer: d -> d, values of width d.
-inline pkm::MemoryConfig memory_config(Index dim, Index heads, Index n_keys, Index k_dim, Index knn) {
-  pkm::MemoryConfig mc;
-  mc.input_dim = dim;
-  mc.heads = heads;
-  mc.n_keys = n_keys;
-  mc.k_dim = k_dim;
-  mc.knn = knn;
-  mc.v_dim = dim;
-  mc.output_dim = dim;
-  mc.memory_plus = true;
-  mc.validate();
-  return mc;
-}
 
 /// The number a command-line flag was given, or usage(message) (which exits) when `text` is
 /// not a finite number >= lo.
@@ -276,7 +306,7 @@ struct Step {
 
 class Model {
  public:
-  Model(const Shape& o, double lr, std::unique_ptr<Block> block, std::mt19937_64& rng)
+  Model(const ModelOptions& o, double lr, std::unique_ptr<Block> block, std::mt19937_64& rng)
       : block_(std::move(block)),
         ea_(normal_matrix(o.vocab, o.dim, 1.0 / std::sqrt(3.0), rng)),
         eb_(normal_matrix(o.vocab, o.dim, 1.0 / std::sqrt(3.0), rng)),

@@ -40,44 +40,31 @@ using namespace facts;  // the model and data code, shared with continual_facts
 
 // ---- options -------------------------------------------------------------------------------
 
-struct Options {
-  Index vocab = 100;       // words per subject vocabulary (subjects = vocab^2)
-  Index relations = 10;
-  Index objects = 1000;
-  Index dim = 128;
-  Index heads = 4;
-  Index n_keys = 256;
-  Index k_dim = 64;
-  Index knn = 16;
+struct Options : ModelOptions {  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads
   Index batch = 512;
   int epochs = 20;
   int eval_every = 5;
   double dense_lr = 3e-3;   // AdamW, every parameter of the dense model
   double memory_lr = 1e-3;  // AdamW, the memory model's dense parameters (query, keys, W1, W2, ...)
   double value_lr = 0.1;    // the value table's own rate (lazy Adam or row-wise Adagrad)
-  double clip = 1.0;       // dense gradient norm clip
   double value_clip = 1.0; // value gradient norm clip (its own)
   std::string value_optimizer = "adam";  // adam | adagrad
   bool fused = true;
   std::string model = "both";            // dense | memory | both
   std::string csv = "train_facts.csv";
-  std::uint64_t seed = 1;
-  int threads = 0;
-
-  Shape shape() const { return Shape{vocab, relations, objects, dim, clip}; }
 };
 
 [[noreturn]] void usage(const std::string& error) {
   std::FILE* out = error.empty() ? stdout : stderr;
   if (!error.empty()) std::fprintf(out, "error: %s\n", error.c_str());
   std::fprintf(out,
-               "usage: train_facts [--model dense|memory|both] [--epochs N] [--batch N] [--dim N]\n"
-               "         [--vocab N] [--relations N] [--objects N] [--n-keys N] [--heads N] [--knn N]\n"
-               "         [--k-dim N] [--dense-lr X] [--memory-lr X] [--value-lr X] [--clip X] [--value-clip X]\n"
-               "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N]\n"
-               "         [--csv FILE] [--seed N] [--threads N] [--help]\n"
+               "usage: train_facts [--model dense|memory|both] [--epochs N] [--batch N]\n"
+               "         %s\n"
+               "         [--dense-lr X] [--memory-lr X] [--value-lr X] [--value-clip X]\n"
+               "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N] [--csv FILE] [--help]\n"
                "Trains a model to recall facts and prints its progress; --csv FILE (default\n"
-               "train_facts.csv in the current folder) gets one line per model and epoch.\n");
+               "train_facts.csv in the current folder) gets one line per model and epoch.\n",
+               ModelOptions::flags());
   std::exit(error.empty() ? 0 : 2);
 }
 
@@ -93,6 +80,7 @@ Options parse(int argc, char** argv) {
     if (i + 1 >= argc) usage("flag " + a + " needs a value");
     const std::string v = argv[++i];
     auto num = [&](double lo) { return flag_number(a, v, lo, usage); };
+    if (o.take(a, num)) continue;
     if (a == "--model") {
       if (v != "dense" && v != "memory" && v != "both") usage("--model = '" + v + "', expected dense, memory or both");
       o.model = v;
@@ -104,21 +92,10 @@ Options parse(int argc, char** argv) {
     } else if (a == "--epochs") o.epochs = int(num(1));
     else if (a == "--eval-every") o.eval_every = int(num(1));
     else if (a == "--batch") o.batch = Index(num(1));
-    else if (a == "--dim") o.dim = Index(num(2));
-    else if (a == "--vocab") o.vocab = Index(num(1));
-    else if (a == "--relations") o.relations = Index(num(1));
-    else if (a == "--objects") o.objects = Index(num(2));
-    else if (a == "--n-keys") o.n_keys = Index(num(1));
-    else if (a == "--heads") o.heads = Index(num(1));
-    else if (a == "--knn") o.knn = Index(num(1));
-    else if (a == "--k-dim") o.k_dim = Index(num(2));
     else if (a == "--dense-lr") o.dense_lr = num(0);
     else if (a == "--memory-lr") o.memory_lr = num(0);
     else if (a == "--value-lr") o.value_lr = num(0);
-    else if (a == "--clip") o.clip = num(0);
     else if (a == "--value-clip") o.value_clip = num(0);
-    else if (a == "--seed") o.seed = std::uint64_t(num(0));
-    else if (a == "--threads") o.threads = int(num(1));
     else usage("unknown flag " + a);
   }
   return o;
@@ -181,8 +158,8 @@ int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   if (o.threads > 0) omp_set_num_threads(o.threads);
   try {
-    const Facts facts = make_facts(o.shape(), o.seed);
-    const pkm::MemoryConfig mc = memory_config(o.dim, o.heads, o.n_keys, o.k_dim, o.knn);
+    const Facts facts = make_facts(o);
+    const pkm::MemoryConfig mc = o.memory_config();
     // The dense FFN's hidden width: the same multiply-adds per token as the memory layer.
     const Index hidden = Index(std::llround(memory_macs_per_token(mc) / (3.0 * double(o.dim))));
 
@@ -200,7 +177,7 @@ int main(int argc, char** argv) {
     std::vector<Result> results;
     auto run_model = [&](const std::string& label, double lr, std::unique_ptr<Block> block) {
       std::mt19937_64 rng(o.seed + 7);
-      Model m(o.shape(), lr, std::move(block), rng);
+      Model m(o, lr, std::move(block), rng);
       Result r = train(label, m, facts, o, csv);
       r.macs = m.block().macs_per_token();
       r.active = m.block().active_params();

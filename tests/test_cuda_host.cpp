@@ -38,6 +38,19 @@ void check_row_coverage(const pcd::RowLayout& l) {
   }
 }
 
+pc::Status check_args(const pc::ForwardArgs& a, std::string* why) { return pc::check_forward(a, why); }
+pc::Status check_args(const pc::BackwardArgs& a, std::string* why) { return pc::check_backward(a, why); }
+
+/// The host check refuses `args` with status s, in a message that starts with the status and
+/// names `field` (with its value, where given).
+template <class Args>
+void expect_refused(const Args& args, pc::Status s, const std::string& field) {
+  std::string why;
+  CHECK(check_args(args, &why) == s);
+  CHECK(why.find(field) != std::string::npos);
+  CHECK(why.find(pc::status_name(s)) == 0);
+}
+
 }  // namespace
 
 TEST_CASE("cuda layout: every column of a row is read exactly once, in whole vectors", "[cuda]") {
@@ -186,49 +199,43 @@ TEST_CASE("cuda arguments: every bad argument gets its status and a message nami
   std::string why;
   REQUIRE(pc::check_forward(f, &why) == pc::Status::ok);
 
-  auto expect = [&](pc::ForwardArgs a, pc::Status s, const std::string& field) {
-    std::string w;
-    CHECK(pc::check_forward(a, &w) == s);
-    CHECK(w.find(field) != std::string::npos);
-    CHECK(w.find(pc::status_name(s)) == 0);
-  };
   auto a = f;
   a.table.data = nullptr;
-  expect(a, pc::Status::null_pointer, "table.data");
+  expect_refused(a, pc::Status::null_pointer, "table.data");
   a = f, a.table.rows = 0;
-  expect(a, pc::Status::bad_size, "table.rows = 0");
+  expect_refused(a, pc::Status::bad_size, "table.rows = 0");
   a = f, a.table.rows = std::int64_t(INT_MAX) + 1;
-  expect(a, pc::Status::bad_size, "table.rows");
+  expect_refused(a, pc::Status::bad_size, "table.rows");
   a = f, a.table.dim = -3;
-  expect(a, pc::Status::bad_size, "table.dim = -3");
+  expect_refused(a, pc::Status::bad_size, "table.dim = -3");
   a = f, a.table.stride = 3;
-  expect(a, pc::Status::bad_stride, "table.stride = 3");
+  expect_refused(a, pc::Status::bad_stride, "table.stride = 3");
   a = f, a.table.data = reinterpret_cast<const char*>(buf) + 2;
-  expect(a, pc::Status::misaligned, "table.data");
+  expect_refused(a, pc::Status::misaligned, "table.data");
   a = f, a.table.dtype = pc::DType::bf16, a.table.data = reinterpret_cast<const char*>(buf) + 1;
-  expect(a, pc::Status::misaligned, "2-byte");
+  expect_refused(a, pc::Status::misaligned, "2-byte");
   a = f, a.table.rows = INT_MAX, a.table.stride = std::int64_t(1) << 40;
-  expect(a, pc::Status::bad_size, "too large");
+  expect_refused(a, pc::Status::bad_size, "too large");
   a = f, a.bag.tokens = -1;
-  expect(a, pc::Status::bad_size, "bag.tokens = -1");
+  expect_refused(a, pc::Status::bad_size, "bag.tokens = -1");
   a = f, a.bag.knn = 0;
-  expect(a, pc::Status::bad_size, "bag.knn = 0");
+  expect_refused(a, pc::Status::bad_size, "bag.knn = 0");
   a = f, a.bag.heads = 0;
-  expect(a, pc::Status::bad_size, "bag.heads = 0");
+  expect_refused(a, pc::Status::bad_size, "bag.heads = 0");
   a = f, a.bag.tokens = std::int64_t(1) << 30;
-  expect(a, pc::Status::bad_size, "2^31 - 1");
+  expect_refused(a, pc::Status::bad_size, "2^31 - 1");
   a = f, a.bag.indices = nullptr;
-  expect(a, pc::Status::null_pointer, "bag.indices");
+  expect_refused(a, pc::Status::null_pointer, "bag.indices");
   a = f, a.weights = nullptr;
-  expect(a, pc::Status::null_pointer, "weights");
+  expect_refused(a, pc::Status::null_pointer, "weights");
   a = f, a.fused_softmax = true;
-  expect(a, pc::Status::null_pointer, "weights_out");
+  expect_refused(a, pc::Status::null_pointer, "weights_out");
   a = f, a.out = nullptr;
-  expect(a, pc::Status::null_pointer, "out");
+  expect_refused(a, pc::Status::null_pointer, "out");
   a = f, a.out_stride = 2;
-  expect(a, pc::Status::bad_stride, "out_stride = 2");
+  expect_refused(a, pc::Status::bad_stride, "out_stride = 2");
   a = f, a.out = reinterpret_cast<float*>(reinterpret_cast<char*>(buf) + 1);
-  expect(a, pc::Status::misaligned, "out");
+  expect_refused(a, pc::Status::misaligned, "out");
   // An empty batch is valid and needs no other pointer.
   a = f, a.bag.tokens = 0, a.bag.indices = nullptr, a.weights = nullptr, a.out = nullptr;
   CHECK(pc::check_forward(a) == pc::Status::ok);
@@ -243,34 +250,29 @@ TEST_CASE("cuda arguments: every bad argument gets its status and a message nami
   b.grad_rows = buf;
   b.num_unique = idx;
   REQUIRE(pc::check_backward(b, &why) == pc::Status::ok);
-  auto expect_b = [&](pc::BackwardArgs x, pc::Status s, const std::string& field) {
-    std::string w;
-    CHECK(pc::check_backward(x, &w) == s);
-    CHECK(w.find(field) != std::string::npos);
-  };
   auto c = b;
   c.reduction = pc::Reduction::atomic;  // atomics only into a dense gradient
-  expect_b(c, pc::Status::bad_mode, "atomic");
+  expect_refused(c, pc::Status::bad_mode, "atomic");
   c = b, c.num_unique = nullptr;
-  expect_b(c, pc::Status::null_pointer, "num_unique");
+  expect_refused(c, pc::Status::null_pointer, "num_unique");
   c = b, c.unique_slots = nullptr;
-  expect_b(c, pc::Status::null_pointer, "unique_slots");
+  expect_refused(c, pc::Status::null_pointer, "unique_slots");
   c = b, c.grad_rows = nullptr;
-  expect_b(c, pc::Status::null_pointer, "grad_rows");
+  expect_refused(c, pc::Status::null_pointer, "grad_rows");
   c = b, c.dy_stride = 1;
-  expect_b(c, pc::Status::bad_stride, "dy_stride = 1");
+  expect_refused(c, pc::Status::bad_stride, "dy_stride = 1");
   c = b, c.dy = nullptr;
-  expect_b(c, pc::Status::null_pointer, "dy");
+  expect_refused(c, pc::Status::null_pointer, "dy");
   c = b, c.output = pc::GradOutput::dense_add;
-  expect_b(c, pc::Status::null_pointer, "dense");
+  expect_refused(c, pc::Status::null_pointer, "dense");
   c.dense = buf, c.dense_stride = 3;
-  expect_b(c, pc::Status::bad_stride, "dense_stride = 3");
+  expect_refused(c, pc::Status::bad_stride, "dense_stride = 3");
   c.dense_stride = 4, c.reduction = pc::Reduction::atomic;
   CHECK(pc::check_backward(c) == pc::Status::ok);
   c = b, c.output = static_cast<pc::GradOutput>(7);
-  expect_b(c, pc::Status::bad_mode, "output = 7");
+  expect_refused(c, pc::Status::bad_mode, "output = 7");
   c = b, c.table.dim = 0;
-  expect_b(c, pc::Status::bad_size, "table.dim = 0");
+  expect_refused(c, pc::Status::bad_size, "table.dim = 0");
   c = b, c.dweights = reinterpret_cast<float*>(reinterpret_cast<char*>(buf) + 2);
-  expect_b(c, pc::Status::misaligned, "dweights");
+  expect_refused(c, pc::Status::misaligned, "dweights");
 }

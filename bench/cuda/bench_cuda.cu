@@ -62,6 +62,25 @@ float median_ms(int reps, Fn&& fn) {
   return ms[ms.size() / 2];
 }
 
+/// fn(args, workspace, &bytes, stream, &why), pkm::cuda's calling convention; exits with the
+/// message on any status but ok.
+template <class Fn, class Args>
+void call_or_exit(Fn fn, const Args& a, void* workspace, std::size_t* bytes) {
+  std::string why;
+  if (fn(a, workspace, bytes, nullptr, &why) != pkm::cuda::Status::ok) {
+    std::fprintf(stderr, "bench_cuda: %s\n", why.c_str());
+    std::exit(1);
+  }
+}
+/// The workspace the call needs (its size query), allocated once.
+template <class Fn, class Args>
+void* workspace_for(Fn fn, const Args& a, std::size_t* bytes) {
+  call_or_exit(fn, a, nullptr, bytes);
+  void* p = nullptr;
+  CUDA_OK(cudaMalloc(&p, *bytes));
+  return p;
+}
+
 struct Row {
   std::string dtype;
   std::int64_t dim = 0, rows = 0, tokens = 0;
@@ -136,19 +155,8 @@ int main(int argc, char** argv) {
       f.out = d_out;
       f.out_stride = dim;
       std::size_t ws = 0;
-      std::string why;
-      if (pkm::cuda::embedding_bag_forward(f, nullptr, &ws, nullptr, &why) != pkm::cuda::Status::ok) {
-        std::fprintf(stderr, "bench_cuda: %s\n", why.c_str());
-        return 1;
-      }
-      void* d_fws = nullptr;
-      CUDA_OK(cudaMalloc(&d_fws, ws));
-      const float pkm_ms = median_ms(10, [&] {
-        if (pkm::cuda::embedding_bag_forward(f, d_fws, &ws, nullptr, &why) != pkm::cuda::Status::ok) {
-          std::fprintf(stderr, "bench_cuda: %s\n", why.c_str());
-          std::exit(1);
-        }
-      });
+      void* d_fws = workspace_for(pkm::cuda::embedding_bag_forward, f, &ws);
+      const float pkm_ms = median_ms(10, [&] { call_or_exit(pkm::cuda::embedding_bag_forward, f, d_fws, &ws); });
       // The deterministic backward, sparse output, with the weights' gradient.
       pkm::cuda::BackwardArgs b;
       b.table = f.table;
@@ -161,18 +169,8 @@ int main(int argc, char** argv) {
       b.grad_rows = d_rows;
       b.num_unique = d_count;
       std::size_t bws = 0;
-      if (pkm::cuda::embedding_bag_backward(b, nullptr, &bws, nullptr, &why) != pkm::cuda::Status::ok) {
-        std::fprintf(stderr, "bench_cuda: %s\n", why.c_str());
-        return 1;
-      }
-      void* d_ws = nullptr;
-      CUDA_OK(cudaMalloc(&d_ws, bws));
-      const float back_ms = median_ms(5, [&] {
-        if (pkm::cuda::embedding_bag_backward(b, d_ws, &bws, nullptr, &why) != pkm::cuda::Status::ok) {
-          std::fprintf(stderr, "bench_cuda: %s\n", why.c_str());
-          std::exit(1);
-        }
-      });
+      void* d_ws = workspace_for(pkm::cuda::embedding_bag_backward, b, &bws);
+      const float back_ms = median_ms(5, [&] { call_or_exit(pkm::cuda::embedding_bag_backward, b, d_ws, &bws); });
       std::int64_t unique = 0;
       CUDA_OK(cudaMemcpy(&unique, d_count, 8, cudaMemcpyDeviceToHost));
       // Backward traffic: the table rows the weights' gradient reads, dy read once per pair

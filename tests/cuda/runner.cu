@@ -33,6 +33,19 @@ void download(std::vector<T>& h, const void* d, std::size_t n) {
   if (n > 0) cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
 }
 
+/// A pkm::cuda call the way a caller makes it: the workspace query (null workspace), a buffer
+/// of that size, the call, and a synchronisation (a kernel fault shows as cuda_error).
+template <class Fn, class Args>
+pkm::cuda::Status call_with_workspace(Fn fn, const Args& a, std::string* why) {
+  std::size_t bytes = 0;
+  pkm::cuda::Status s = fn(a, nullptr, &bytes, nullptr, why);
+  if (s != pkm::cuda::Status::ok) return s;
+  DeviceBuffer ws(bytes);
+  s = fn(a, ws.p, &bytes, nullptr, why);
+  if (cudaDeviceSynchronize() != cudaSuccess && s == pkm::cuda::Status::ok) s = pkm::cuda::Status::cuda_error;
+  return s;
+}
+
 }  // namespace
 
 bool device_available(std::string* why) {
@@ -61,13 +74,8 @@ ForwardResult run_forward(const HostTable& table, const ForwardCall& call) {
   a.out = out.as<float>();
   a.out_stride = call.out_stride;
   a.check_indices = call.check;
-  std::size_t bytes = 0;
-  r.status = pkm::cuda::embedding_bag_forward(a, nullptr, &bytes, nullptr, &r.why);
-  if (r.status != pkm::cuda::Status::ok) return r;
-  DeviceBuffer ws(bytes);
   if (call.tokens > 0) cudaMemset(out.p, 0xff, std::size_t(call.tokens * call.out_stride) * 4);  // NaN: unwritten shows
-  r.status = pkm::cuda::embedding_bag_forward(a, ws.p, &bytes, nullptr, &r.why);
-  if (cudaDeviceSynchronize() != cudaSuccess && r.status == pkm::cuda::Status::ok) r.status = pkm::cuda::Status::cuda_error;
+  r.status = call_with_workspace(pkm::cuda::embedding_bag_forward, a, &r.why);
   download(r.out, out.p, std::size_t(call.tokens * call.out_stride));
   if (call.softmax) download(r.weights, wo.p, call.weights.size());
   return r;
@@ -99,12 +107,7 @@ BackwardResult run_backward(const HostTable& table, const BackwardCall& call) {
   a.dense = dense.as<float>();
   a.dense_stride = table.dim;
   a.check_indices = call.check;
-  std::size_t bytes = 0;
-  r.status = pkm::cuda::embedding_bag_backward(a, nullptr, &bytes, nullptr, &r.why);
-  if (r.status != pkm::cuda::Status::ok) return r;
-  DeviceBuffer ws(bytes);
-  r.status = pkm::cuda::embedding_bag_backward(a, ws.p, &bytes, nullptr, &r.why);
-  if (cudaDeviceSynchronize() != cudaSuccess && r.status == pkm::cuda::Status::ok) r.status = pkm::cuda::Status::cuda_error;
+  r.status = call_with_workspace(pkm::cuda::embedding_bag_backward, a, &r.why);
   if (r.status != pkm::cuda::Status::ok) return r;
   if (call.output == pkm::cuda::GradOutput::sparse) {
     std::int64_t u = 0;

@@ -10,9 +10,9 @@ apt-get install gnuplot-nox).
 """
 import csv
 import os
-import subprocess
 import sys
-import tempfile
+
+from plot_training import data_file, run_gnuplot  # the same folder
 
 
 def main():
@@ -33,12 +33,9 @@ def main():
         sys.exit("no pretrained row or no method rows in " + src)
     files = []
     for label, rows in runs.items():
-        d = tempfile.NamedTemporaryFile("w", suffix=".dat", delete=False)
-        d.write("%.3f %.3f\n" % (float(start["learned"]) * 100, float(start["retained"]) * 100))
-        for r in rows:
-            d.write("%.3f %.3f\n" % (float(r["learned"]) * 100, float(r["retained"]) * 100))
-        d.close()
-        files.append((label, d.name))
+        points = [start] + rows
+        files.append((label, data_file(["%.3f %.3f" % (float(r["learned"]) * 100, float(r["retained"]) * 100)
+                                        for r in points])))
     colors = ["#d95f02", "#7570b3", "#1b9e77", "#66a61e", "#e6ab02", "#a6761d", "#e7298a"]
     plots = ", \\\n     ".join(
         "'%s' using 1:2 with linespoints pt 7 ps 1.1 lw 2 lc rgb '%s' title '%s'"
@@ -55,10 +52,7 @@ set grid
 set key left bottom box opaque
 plot %s
 """ % (out, plots)
-    subprocess.run(["gnuplot"], input=script, text=True, check=True)
-    for _, path in files:
-        os.unlink(path)
-    print("wrote", out)
+    run_gnuplot(script, out, [path for _, path in files])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,23 @@ import sys
 import tempfile
 
 
+def data_file(lines):
+    """A temporary gnuplot data file holding `lines`; returns its path."""
+    with tempfile.NamedTemporaryFile("w", suffix=".dat", delete=False) as d:
+        d.write("".join(line + "\n" for line in lines))
+    return d.name
+
+
+def run_gnuplot(script, out, data_files):
+    """Runs gnuplot on `script` (which writes `out`), then removes the data files."""
+    try:
+        subprocess.run(["gnuplot"], input=script, text=True, check=True)
+    finally:
+        for path in data_files:
+            os.unlink(path)
+    print("wrote", out)
+
+
 def main():
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
@@ -27,14 +44,13 @@ def main():
         sys.exit("no rows in " + src)
     files = []
     for model, rows in runs.items():
-        d = tempfile.NamedTemporaryFile("w", suffix=".dat", delete=False)
         # columns: epoch, seconds, loss, running train accuracy %, recalled % (or NaN)
+        lines = []
         for r in rows:
             rec = float(r["recalled"]) * 100 if r["recalled"] else float("nan")
-            d.write("%s %s %s %.3f %.3f\n" % (r["epoch"], r["seconds"], r["train_loss"],
-                                               float(r["train_accuracy"]) * 100, rec))
-        d.close()
-        files.append((model, d.name))
+            lines.append("%s %s %s %.3f %.3f" % (r["epoch"], r["seconds"], r["train_loss"],
+                                                 float(r["train_accuracy"]) * 100, rec))
+        files.append((model, data_file(lines)))
     colors = ["#d95f02", "#1b9e77", "#7570b3", "#e7298a"]
     acc = ", \\\n     ".join(
         "'%s' using 1:4 with lines lw 2 lc rgb '%s' title '%s: accuracy during the epoch', "
@@ -60,10 +76,7 @@ set key right top
 plot %s
 unset multiplot
 """ % (out, acc, loss)
-    subprocess.run(["gnuplot"], input=script, text=True, check=True)
-    for _, path in files:
-        os.unlink(path)
-    print("wrote", out)
+    run_gnuplot(script, out, [path for _, path in files])
 
 
 if __name__ == "__main__":

@@ -64,15 +64,11 @@ class SparseRowOptimizer {
   void set_row_mask(RowMask mask) {
     mask.check_table(who_, rows_);
     mask_ = std::move(mask);
-    masked_ = true;
   }
   /// Every gradient row is updated again.
-  void clear_row_mask() {
-    mask_ = RowMask();
-    masked_ = false;
-  }
-  /// The mask in force, or nullptr.
-  const RowMask* row_mask() const { return masked_ ? &mask_ : nullptr; }
+  void clear_row_mask() { mask_ = RowMask(); }
+  /// The mask in force, or nullptr (a default RowMask, for no table, means none).
+  const RowMask* row_mask() const { return mask_.table_rows() > 0 ? &mask_ : nullptr; }
 
   /// Throws std::invalid_argument unless `table` has the shape this optimizer was made for.
   template <class T>
@@ -154,7 +150,8 @@ class SparseRowOptimizer {
   }
 
   /// The one update loop behind step and step_segments. row_grad(u, scratch) returns the
-  /// gradient of rows[u] (in storage of its own, or computed into `scratch`, dim values).
+  /// gradient of all_rows[u] (in storage of its own, or computed into `scratch`, dim values);
+  /// with a row mask, only the allowed ones are read.
   /// With norm_first, every row's gradient is formed once for the norm (throwing on a
   /// non-finite one before anything changes) and again for the update; otherwise the norm is
   /// gathered during the update. Either way it is the in-order sum of the per-row sums
@@ -163,18 +160,14 @@ class SparseRowOptimizer {
   double apply(ValueTable<T>& table, const std::vector<std::int64_t>& all_rows, bool norm_first,
                RowGrad&& all_row_grad, const ShardReduction* shards) {
     using Scratch = std::vector<S>;
-    // With a row mask, the step sees only the allowed rows: position i is all_rows[at(i)].
+    // With a row mask, the step sees only the allowed rows: its position i is all_rows[at(i)].
+    const bool masked = row_mask() != nullptr;
     std::vector<Index> allowed;
-    if (masked_) allowed = mask_.allowed_positions(all_rows);
-    auto at = [&](Index i) { return masked_ ? allowed[static_cast<std::size_t>(i)] : i; };
-    std::vector<std::int64_t> masked_rows;
-    if (masked_) {
-      masked_rows.reserve(allowed.size());
-      for (Index u : allowed) masked_rows.push_back(all_rows[static_cast<std::size_t>(u)]);
-    }
-    const std::vector<std::int64_t>& rows = masked_ ? masked_rows : all_rows;
+    if (masked) allowed = mask_.allowed_positions(all_rows);
+    auto at = [&](Index i) { return masked ? allowed[static_cast<std::size_t>(i)] : i; };
+    auto row = [&](Index i) { return all_rows[static_cast<std::size_t>(at(i))]; };
     auto row_grad = [&](Index i, S* scratch) { return all_row_grad(at(i), scratch); };
-    const Index n = static_cast<Index>(rows.size());
+    const Index n = masked ? static_cast<Index>(allowed.size()) : static_cast<Index>(all_rows.size());
     std::vector<double> sq(static_cast<std::size_t>(n));
     auto total_sq = [&] {
       double total = 0.0;
@@ -190,7 +183,7 @@ class SparseRowOptimizer {
         for (Index u = b; u < e; ++u) sq[u] = detail::sum_of_squares_serial(row_grad(u, g.data()), dim_);
       });
       norm = std::sqrt(total_sq());
-      if (!std::isfinite(norm)) throw_non_finite(sq, rows, shards != nullptr);
+      if (!std::isfinite(norm)) throw_non_finite(sq, row, shards != nullptr);
       scale = static_cast<S>(clip_coefficient(norm, options_.max_grad_norm));
     }
     Derived& self = static_cast<Derived&>(*this);
@@ -200,7 +193,7 @@ class SparseRowOptimizer {
         stat.resize(static_cast<std::size_t>(n));
         pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
           g.resize(static_cast<std::size_t>(dim_));
-          for (Index u = b; u < e; ++u) stat[u] = static_cast<double>(self.row_statistic(table.row(rows[u]), row_grad(u, g.data()), scale));
+          for (Index u = b; u < e; ++u) stat[u] = static_cast<double>(self.row_statistic(table.row(row(u)), row_grad(u, g.data()), scale));
         });
         shards->sum(stat.data(), n);
       }
@@ -212,22 +205,23 @@ class SparseRowOptimizer {
         if (!norm_first) sq[u] = detail::sum_of_squares_serial(grad, dim_);
         if constexpr (Derived::kRowStatistic) {
           if (shards != nullptr) {
-            self.update_row(rows[u], table.row(rows[u]), grad, scale, static_cast<S>(stat[u]), shards->full_dim);
+            self.update_row(row(u), table.row(row(u)), grad, scale, static_cast<S>(stat[u]), shards->full_dim);
             continue;
           }
         }
-        self.update_row(rows[u], table.row(rows[u]), grad, scale);
+        self.update_row(row(u), table.row(row(u)), grad, scale);
       }
     });
     ++step_;
     return norm_first ? norm : std::sqrt(total_sq());
   }
 
-  [[noreturn]] void throw_non_finite(const std::vector<double>& sq, const std::vector<std::int64_t>& rows,
-                                     bool sharded) const {
+  /// row(u): the table row of the step's u-th gradient row.
+  template <class RowOf>
+  [[noreturn]] void throw_non_finite(const std::vector<double>& sq, RowOf&& row, bool sharded) const {
     for (std::size_t u = 0; u < sq.size(); ++u) {
       if (!std::isfinite(sq[u])) {
-        throw std::runtime_error(std::string(who_) + ": the gradient of table row " + std::to_string(rows[u]) +
+        throw std::runtime_error(std::string(who_) + ": the gradient of table row " + std::to_string(row(Index(u))) +
                                  (sharded ? " (in this process's columns)" : "") +
                                  " is not finite; expected finite gradients (nothing was updated)");
       }
@@ -242,8 +236,7 @@ class SparseRowOptimizer {
   Index rows_ = 0, dim_ = 0;
   Options options_;
   std::int64_t step_ = 0;
-  RowMask mask_;
-  bool masked_ = false;
+  RowMask mask_;  // none while default-constructed (table_rows 0)
 };
 
 }  // namespace pkm::optim

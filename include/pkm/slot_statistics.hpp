@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "pkm/detail/checks.hpp"
 #include "pkm/layer_cache.hpp"
 #include "pkm/optim/state.hpp"
 #include "pkm/types.hpp"
@@ -56,14 +57,7 @@ void for_each_read(const char* who, const std::vector<const ForwardCache<S>*>& c
                                   std::to_string(cache->weights.rows()) + " x " + std::to_string(cache->weights.cols()) +
                                   " for a batch of " + std::to_string(cache->batch) + "; expected a forward's cache");
     }
-    for (Index i = 0; i < idx.size(); ++i) {
-      const std::int64_t s = idx.data()[i];
-      if (s < 0 || s >= slots) {
-        throw std::out_of_range(std::string(who) + ": " + name + " reads slot " + std::to_string(s) + " (token " +
-                                std::to_string(i / std::max<Index>(idx.cols(), 1)) + "), outside the table of " +
-                                std::to_string(slots) + " slots");
-      }
-    }
+    check_indices((std::string(who) + ": " + name).c_str(), idx, slots);
   }
   for (const ForwardCache<S>* cache : caches) {
     const std::int64_t* idx = cache->indices.data();

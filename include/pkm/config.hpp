@@ -6,6 +6,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "pkm/detail/checked.hpp"
 
@@ -43,6 +44,13 @@ struct MemoryConfig {
   /// The scale applied to normalised scores (qk_norm only).
   double effective_qk_norm_scale() const {
     return qk_norm_scale ? *qk_norm_scale : std::sqrt(static_cast<double>(half()));
+  }
+
+  /// Every field, in declaration order: the one list that equality and the memory-parallel
+  /// group's fingerprint (pkm/distributed) are made from. A new field goes here too.
+  auto fields() const {
+    return std::tie(input_dim, heads, n_keys, k_dim, knn, v_dim, output_dim, memory_plus, value_projection, gating,
+                    query_bias, qk_norm, qk_norm_scale);
   }
 
   /// Throws std::invalid_argument naming the first field out of range.
@@ -106,14 +114,7 @@ inline void MemoryConfig::validate() const {
   }
 }
 
-inline bool operator==(const MemoryConfig& a, const MemoryConfig& b) {
-  return a.input_dim == b.input_dim && a.heads == b.heads && a.n_keys == b.n_keys &&
-         a.k_dim == b.k_dim && a.knn == b.knn && a.v_dim == b.v_dim &&
-         a.output_dim == b.output_dim && a.memory_plus == b.memory_plus &&
-         a.value_projection == b.value_projection && a.gating == b.gating &&
-         a.query_bias == b.query_bias && a.qk_norm == b.qk_norm &&
-         a.qk_norm_scale == b.qk_norm_scale;
-}
+inline bool operator==(const MemoryConfig& a, const MemoryConfig& b) { return a.fields() == b.fields(); }
 inline bool operator!=(const MemoryConfig& a, const MemoryConfig& b) { return !(a == b); }
 
 }  // namespace pkm

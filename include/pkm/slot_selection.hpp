@@ -30,9 +30,10 @@ struct SlotCounts {
   Index table_rows = 0;
   std::vector<std::int64_t> slots;
   std::vector<std::int64_t> counts;
+  /// The sum of the counts; std::runtime_error where it would overflow a 64-bit counter.
   std::int64_t total() const {
     std::int64_t t = 0;
-    for (std::int64_t c : counts) t += c;
+    for (std::int64_t c : counts) t = detail::counter_add("pkm::SlotCounts::total", "the batch's read count", t, c);
     return t;
   }
 };

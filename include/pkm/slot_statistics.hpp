@@ -33,6 +33,18 @@ enum class SlotMeasure { count, mass };
 
 namespace detail {
 
+/// a + b for two non-negative 64-bit counters (reads, documents), or std::runtime_error
+/// "who: <what> would overflow a 64-bit counter (a + b); nothing was changed": the one check
+/// and message of every counter sum (adding a batch, merging, summing over processes,
+/// scoring a batch's counts).
+inline std::int64_t counter_add(const char* who, const char* what, std::int64_t a, std::int64_t b) {
+  if (a < 0 || b < 0 || b > std::numeric_limits<std::int64_t>::max() - a) {
+    throw std::runtime_error(std::string(who) + ": " + what + " would overflow a 64-bit counter (" + std::to_string(a) +
+                             " + " + std::to_string(b) + "); nothing was changed");
+  }
+  return a + b;
+}
+
 /// Checks that every cache was filled by a completed forward of a layer whose table has
 /// `slots` rows, with slot ids inside it (std::invalid_argument / std::out_of_range naming the
 /// cache), then calls fn(slot, weight) for every read, cache by cache, in token order.
@@ -103,15 +115,17 @@ class SlotStatistics {
   /// a slot read by any of them counts once in its document_count. Every cache is checked
   /// first (filled, from a layer of this many slots, slot ids in range); on error nothing
   /// changes.
+  /// With mass tracking, every weight must be finite and >= 0 (what a forward writes):
+  /// std::invalid_argument otherwise, so that nothing unloadable is ever counted.
   template <class S>
   void add(const std::vector<const ForwardCache<S>*>& caches) {
     const char* who = "pkm::SlotStatistics::add";
     check_made(who);
     Index reads = 0;
-    for (const auto* c : caches) reads += c != nullptr ? c->indices.size() : 0;
-    if (total_ > std::numeric_limits<std::int64_t>::max() - reads || documents_ == std::numeric_limits<std::int64_t>::max()) {
-      throw std::runtime_error(std::string(who) + ": the read counter would overflow; nothing was added");
-    }
+    for (const auto* c : caches) reads = detail::counter_add(who, "the read count", reads, c != nullptr ? c->indices.size() : 0);
+    const std::int64_t total = detail::counter_add(who, "the read count", total_, reads);
+    const std::int64_t documents = detail::counter_add(who, "the document count", documents_, 1);
+    if (track_mass_) check_weights(who, caches);
     // Validate everything before the first increment: for_each_read throws before calling fn.
     const std::int64_t doc = documents_;
     detail::for_each_read<S>(who, caches, slots_, [&](std::int64_t s, S w) {
@@ -123,8 +137,8 @@ class SlotStatistics {
       }
       if (track_mass_) mass_[u] += static_cast<double>(w);
     });
-    total_ += reads;
-    ++documents_;
+    total_ = total;
+    documents_ = documents;
   }
 
   /// Adds `other` (statistics of the same table, from another thread, process or file).
@@ -138,17 +152,15 @@ class SlotStatistics {
                                   (other.track_mass_ ? " with" : " without") + " mass, expected " +
                                   std::to_string(slots_) + (track_mass_ ? " with" : " without") + " mass");
     }
-    constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
-    if (other.total_ > kMax - total_ || other.documents_ > kMax - documents_) {
-      throw std::runtime_error(std::string(who) + ": a counter would overflow; nothing was merged");
-    }
+    const std::int64_t total = detail::counter_add(who, "the read count", total_, other.total_);
+    const std::int64_t documents = detail::counter_add(who, "the document count", documents_, other.documents_);
     for (std::size_t u = 0; u < count_.size(); ++u) {
       count_[u] += other.count_[u];
       document_count_[u] += other.document_count_[u];
       if (track_mass_) mass_[u] += other.mass_[u];
     }
-    total_ += other.total_;
-    documents_ += other.documents_;
+    total_ = total;
+    documents_ = documents;
   }
 
   /// Back to no batches (the slot count and mass setting stay).
@@ -237,7 +249,8 @@ class SlotStatistics {
                                     " that was never read; expected 0");
       }
       if (count_[u] > std::numeric_limits<std::int64_t>::max() - total) {
-        throw std::invalid_argument(std::string(who) + ": the counts' sum overflows at slot " + std::to_string(u));
+        throw std::invalid_argument(std::string(who) + ": the read count would overflow a 64-bit counter at slot " +
+                                    std::to_string(u) + "; expected counts whose sum is representable");
       }
       total += count_[u];
     }
@@ -246,6 +259,22 @@ class SlotStatistics {
   }
 
  private:
+  template <class S>
+  static void check_weights(const char* who, const std::vector<const ForwardCache<S>*>& caches) {
+    for (std::size_t c = 0; c < caches.size(); ++c) {
+      if (caches[c] == nullptr) continue;  // for_each_read names it
+      const auto& w = caches[c]->weights;
+      for (Index i = 0; i < w.size(); ++i) {
+        const double v = static_cast<double>(w.data()[i]);
+        if (!(std::isfinite(v) && v >= 0.0)) {
+          throw std::invalid_argument(std::string(who) + ": cache " + std::to_string(c) + " holds weight " +
+                                      std::to_string(v) + " (token " + std::to_string(i / std::max<Index>(1, w.cols())) +
+                                      ", read " + std::to_string(i % std::max<Index>(1, w.cols())) +
+                                      "); expected a forward's softmax weights (finite, >= 0) for the mass");
+        }
+      }
+    }
+  }
   void check_made(const char* who) const {
     if (slots_ < 1) throw std::invalid_argument(std::string(who) + ": the statistics were default-constructed; expected SlotStatistics(slots)");
   }

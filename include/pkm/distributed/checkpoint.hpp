@@ -3,8 +3,13 @@
 // such files), or each process its columns out of one whole checkpoint. Needs pkm::io.
 #pragma once
 
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "pkm/distributed/memory_parallel_layer.hpp"
 #include "pkm/io/checkpoint.hpp"
@@ -17,15 +22,59 @@ inline std::string shard_path(const std::string& prefix, int rank, int ranks) {
   return prefix + "-shard" + std::to_string(rank) + "-of-" + std::to_string(ranks) + ".safetensors";
 }
 
-/// Writes this process's part of the layer to `path` (each process its own path, e.g.
-/// shard_path(prefix, rank, size)): the dense tensors, its columns as values.weight and the
-/// shard metadata, plus `extra_metadata`. Atomic per file. Collective: a failure on any
-/// process throws on every process.
+namespace detail {
+/// How a process names the file it will write, for telling whether two processes would write
+/// the same file: its absolute path with the symbolic links of the existing part resolved,
+/// and, where the file exists, its host, device and inode (hard links, other spellings).
+struct FileIdentity {
+  std::string path, inode;
+};
+inline FileIdentity file_identity(const std::string& path) {
+  FileIdentity id;
+  id.path = std::filesystem::weakly_canonical(std::filesystem::absolute(path)).string();
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    char host[256] = {};
+    ::gethostname(host, sizeof host - 1);
+    id.inode = std::string(host) + ":" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+  }
+  return id;
+}
+}  // namespace detail
+
+/// Writes this process's part of the layer to `path`: the dense tensors, its columns as
+/// values.weight and the shard metadata, plus `extra_metadata`. Atomic per file. Collective:
+/// a failure on any process throws on every process.
+///
+/// Every process must name a file of its own (shard_path(prefix, rank, size) makes one): two
+/// processes naming the same file — the same path, or the same file through a link — are
+/// refused on every process before any file is written, since one would overwrite the
+/// other's columns. This holds on node-local disks too, where the same path on two hosts
+/// would be two files: pkm cannot tell a local disk from a shared one, so give each process
+/// its own name there as well (and copy the shards to one place to gather them).
 template <class Scalar, class TableT>
 void save_shard(const std::string& path, const MemoryParallelLayer<Scalar, TableT>& layer,
                 const std::map<std::string, std::string>& extra_metadata = {}) {
   const char* who = "pkm::distributed::save_shard";
-  layer.group().collectively(who, Op::checkpoint, [&] {
+  const Group& group = layer.group();
+  detail::FileIdentity mine;
+  group.collectively(who, Op::checkpoint, [&] {
+    if (path.empty()) throw std::invalid_argument(std::string(who) + ": path is empty");
+    mine = detail::file_identity(path);
+  });
+  const std::vector<std::string> paths = group.allgather_string(who, mine.path);
+  const std::vector<std::string> inodes = group.allgather_string(who, mine.inode);
+  group.collectively(who, Op::verify, [&] {
+    for (int q = 0; q < group.size(); ++q) {
+      const auto u = static_cast<std::size_t>(q);
+      if (q == group.rank() || (paths[u] != mine.path && (mine.inode.empty() || inodes[u] != mine.inode))) continue;
+      throw std::invalid_argument(std::string(who) + ": processes " + std::to_string(std::min(q, group.rank())) + " and " +
+                                  std::to_string(std::max(q, group.rank())) + " would both write '" + mine.path +
+                                  "'; expected a file of its own for every process (shard_path(prefix, rank, size)); "
+                                  "nothing was written");
+    }
+  });
+  group.collectively(who, Op::checkpoint_write, [&] {
     io::SafetensorsWriter w;
     for (const auto& [k, v] : extra_metadata) w.set_metadata(k, v);
     io::detail::add_parts(w, layer.params(), layer.values(), "");

@@ -8,15 +8,19 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "pkm/detail/checked.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm::distributed {
@@ -32,6 +36,8 @@ MPI_Datatype mpi_type() {
     return MPI_INT64_T;
   } else if constexpr (std::is_same_v<T, std::uint64_t>) {
     return MPI_UINT64_T;
+  } else if constexpr (std::is_same_v<T, char>) {
+    return MPI_CHAR;
   } else {
     static_assert(sizeof(T) == 0, "pkm::distributed: no MPI type for this element type");
   }
@@ -46,6 +52,15 @@ inline int mpi_count(const char* who, const char* what, Index n) {
   }
   return static_cast<int>(n);
 }
+
+/// a + b for element counts, or std::invalid_argument naming what is too large.
+inline Index checked_sum(const char* who, const char* what, Index a, Index b) {
+  return pkm::detail::checked_add(who, what, a, b);
+}
+
+/// floor(n q / parts) without forming n q: where an even split of n items over `parts`
+/// ends part q - 1.
+inline Index split_point(Index n, int q, int parts) { return n / parts * q + n % parts * q / parts; }
 
 /// FNV-1a over bytes: what the group compares to find processes that disagree.
 class Fingerprint {
@@ -64,6 +79,17 @@ class Fingerprint {
     add(s.size());
     return add_bytes(s.data(), s.size());
   }
+  template <class T>
+  Fingerprint& add(const std::optional<T>& v) {
+    add(v.has_value());
+    return v ? add(*v) : *this;
+  }
+  /// Every element of a tuple (a config's or options' fields()).
+  template <class... T>
+  Fingerprint& add_fields(const std::tuple<T...>& fields) {
+    std::apply([&](const auto&... f) { (add(f), ...); }, fields);
+    return *this;
+  }
   std::uint64_t value() const { return h_; }
 
  private:
@@ -71,9 +97,10 @@ class Fingerprint {
 };
 }  // namespace detail
 
-/// The operation codes each collective pkm call agrees on first: processes that are not in
-/// the same call (one in forward, another in backward) are told so instead of mixing up
-/// their messages.
+/// The phases of a collective pkm call. A call is identified by its name (the `who` every
+/// pkm function passes: "pkm::distributed::MemoryParallelLayer::sum_gradients") together with
+/// the phase, so two processes in different calls are told so even where both calls open with
+/// the same phase (sum_gradients and sum_slot_statistics both open with `sum`).
 enum class Op : std::uint64_t {
   construct = 1,
   read = 2,
@@ -86,16 +113,61 @@ enum class Op : std::uint64_t {
   step = 9,
   sum = 10,
   checkpoint = 11,
+  checkpoint_write = 12,
+  same = 13,
+  result = 14,
+  verify = 15,
+};
+
+inline const char* op_name(Op op) {
+  switch (op) {
+    case Op::construct: return "construct";
+    case Op::read: return "read";
+    case Op::read_check: return "read_check";
+    case Op::read_backward: return "read_backward";
+    case Op::read_backward_update: return "read_backward_update";
+    case Op::layer_forward: return "layer_forward";
+    case Op::layer_forward_end: return "layer_forward_end";
+    case Op::layer_backward: return "layer_backward";
+    case Op::step: return "step";
+    case Op::sum: return "sum";
+    case Op::checkpoint: return "checkpoint";
+    case Op::checkpoint_write: return "checkpoint_write";
+    case Op::same: return "same";
+    case Op::result: return "result";
+    case Op::verify: return "verify";
+  }
+  return "?";
+}
+
+/// One thing the processes of a group must agree on (Group::require_same): what it is, for
+/// the message, and a fingerprint of this process's value.
+struct Agreed {
+  std::string what;
+  std::uint64_t fingerprint = 0;
 };
 
 /// A group of processes: a duplicate of the caller's communicator (so pkm's messages never
 /// mix with the caller's), made and freed collectively. MPI must be initialised first and
 /// finalised after the group is destroyed. Not copyable; layers keep a pointer to it, so it
 /// must outlive them. One thread at a time per group (MPI_THREAD_FUNNELED is enough).
+///
+/// Every pkm call on a group opens with an agreement: one small all-reduce of the same fixed
+/// size for every call, carrying which call this process is in (its name and phase), its
+/// position in the group's sequence of calls, whether its local checks failed, and the
+/// fingerprints it must share with the others. Processes in different calls are detected
+/// there and told which process is in which call; nothing else is exchanged first. The data
+/// that follows (all-gathers, all-to-alls) moves in MPI messages of at most
+/// `max_message_elements` elements each (MPI counts are ints: larger transfers are split).
 class Group {
  public:
-  /// Collective over `comm`.
-  explicit Group(MPI_Comm comm) {
+  /// The largest MPI message the group sends by default: MPI's int counts.
+  static constexpr Index kMaxMessageElements = INT_MAX;
+
+  /// Collective over `comm`. max_message_elements (1 .. INT_MAX, the same on every process)
+  /// bounds the elements of one MPI message; transfers above it are split into several (the
+  /// default is what MPI allows; smaller values exist to test the split).
+  explicit Group(MPI_Comm comm, Index max_message_elements = kMaxMessageElements) {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) {
@@ -106,6 +178,21 @@ class Group {
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
+    const char* who = "pkm::distributed::Group";
+    try {
+      collectively(who, Op::construct, [&] {
+        if (max_message_elements < 1 || max_message_elements > kMaxMessageElements) {
+          throw std::invalid_argument(std::string(who) + ": max_message_elements = " +
+                                      std::to_string(max_message_elements) + ", expected 1 .. " +
+                                      std::to_string(kMaxMessageElements));
+        }
+      });
+      message_limit_ = max_message_elements;
+      require_same(who, {{"max_message_elements", static_cast<std::uint64_t>(max_message_elements)}});
+    } catch (...) {
+      MPI_Comm_free(&comm_);
+      throw;
+    }
   }
   ~Group() {
     int finalized = 0;
@@ -118,6 +205,14 @@ class Group {
   int rank() const { return rank_; }
   int size() const { return size_; }
   MPI_Comm comm() const { return comm_; }
+  /// The most elements one MPI message of the group carries.
+  Index max_message_elements() const { return message_limit_; }
+  /// Agreements (collective pkm calls and their phases) this group has made.
+  std::uint64_t calls() const { return sequence_; }
+
+  /// Point-to-point messages this process has posted (sends and receives of the split path,
+  /// all-to-alls); with a small max_message_elements, more.
+  std::uint64_t messages() const { return messages_; }
 
   /// Bytes of payload this process has sent to other processes through the group's data
   /// collectives (all-gathers, all-to-alls, reductions; not the small agreement messages),
@@ -126,10 +221,12 @@ class Group {
   std::uint64_t bytes_sent() const { return bytes_sent_; }
 
   /// Runs local() (which may throw), then agrees with every process of the group: all must
-  /// be in the same operation `op` (else every process throws std::runtime_error), and if any
-  /// process's local() threw, every process throws — the first failing process its own
-  /// exception, the others one of the same type (std::invalid_argument, std::out_of_range or
-  /// std::runtime_error) that names the failing process and carries its message.
+  /// be in the same call — the same `who` and `op`, at the same position in the group's
+  /// sequence of calls — else every process throws std::runtime_error naming which process is
+  /// in which call. If local() threw on any process, every process throws: each failing
+  /// process its own exception, the others one of the same type as the first failing
+  /// process's (std::invalid_argument, std::out_of_range or std::runtime_error) that names it
+  /// and carries its message.
   template <class F>
   void collectively(const char* who, Op op, F&& local) const {
     std::exception_ptr error;
@@ -146,38 +243,42 @@ class Group {
     } catch (...) {
       error = std::current_exception(), kind = 3, message = "an exception that is not a std::exception";
     }
-    const auto code = static_cast<std::uint64_t>(op);
-    std::uint64_t v[3] = {error ? static_cast<std::uint64_t>(rank_) : UINT64_MAX, code, ~code};
-    check(who, "MPI_Allreduce", MPI_Allreduce(MPI_IN_PLACE, v, 3, MPI_UINT64_T, MPI_MIN, comm_));
-    if (v[1] != ~v[2]) {  // min(op) != max(op)
-      throw std::runtime_error(std::string(who) + ": the processes of the group are not in the same call (operation " +
-                               std::to_string(code) + " here, " + std::to_string(v[1]) + " to " +
-                               std::to_string(~v[2]) + " across the group); every process must make the same "
-                               "pkm calls in the same order");
-    }
-    if (v[0] == UINT64_MAX) return;
-    const int failed = static_cast<int>(v[0]);
+    const Outcome o = agree(who, op, "", error != nullptr, {});
+    if (o.first_failed < 0) return;
     std::int64_t head[2] = {kind, static_cast<std::int64_t>(message.size())};
-    check(who, "MPI_Bcast", MPI_Bcast(head, 2, MPI_INT64_T, failed, comm_));
+    check(who, "MPI_Bcast", MPI_Bcast(head, 2, MPI_INT64_T, o.first_failed, comm_));
     message.resize(static_cast<std::size_t>(head[1]));
-    check(who, "MPI_Bcast", MPI_Bcast(message.data(), mpi_count_of(who, head[1]), MPI_CHAR, failed, comm_));
-    if (rank_ == failed) std::rethrow_exception(error);
-    const std::string text = std::string(who) + ": process " + std::to_string(failed) + " of the group failed (" +
-                             "every process throws): " + message;
+    check(who, "MPI_Bcast",
+          MPI_Bcast(message.data(), detail::mpi_count(who, "a message", head[1]), MPI_CHAR, o.first_failed, comm_));
+    if (error) std::rethrow_exception(error);  // each failing process reports its own error
+    std::string text = std::string(who) + ": process " + std::to_string(o.first_failed) + " of the group failed";
+    if (o.last_failed != o.first_failed) {
+      text += " (processes " + std::to_string(o.first_failed) + " to " + std::to_string(o.last_failed) +
+              " failed, each reports its own error)";
+    }
+    text += " (every process throws): " + message;
     if (head[0] == 1) throw std::invalid_argument(text);
     if (head[0] == 2) throw std::out_of_range(text);
     throw std::runtime_error(text);
   }
 
-  /// Throws std::invalid_argument on every process unless `fingerprint` is the same on all
-  /// (`what` says what it describes, for the message).
-  void require_same(const char* who, const std::string& what, std::uint64_t fingerprint) const {
-    std::uint64_t v[2] = {fingerprint, ~fingerprint};
-    check(who, "MPI_Allreduce", MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_UINT64_T, MPI_MIN, comm_));
-    if (v[0] != ~v[1]) {
-      throw std::invalid_argument(std::string(who) + ": the processes of the group disagree on " + what +
+  /// Throws std::invalid_argument on every process unless every item's fingerprint is the
+  /// same on all processes; the message names each item that differs. Up to kMaxAgreed
+  /// items. An agreement of its own in the group's sequence of calls (see collectively).
+  static constexpr std::size_t kMaxAgreed = 6;
+  void require_same(const char* who, const std::vector<Agreed>& items) const {
+    const Outcome o = agree(who, Op::same, items.empty() ? "" : items.front().what, false, items);
+    std::string differ;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (!o.same[i]) differ += (differ.empty() ? "" : ", ") + items[i].what;
+    }
+    if (!differ.empty()) {
+      throw std::invalid_argument(std::string(who) + ": the processes of the group disagree on " + differ +
                                   "; expected the same on every process");
     }
+  }
+  void require_same(const char* who, const std::string& what, std::uint64_t fingerprint) const {
+    require_same(who, {{what, fingerprint}});
   }
 
   /// counts[q] = n on process q, on every process.
@@ -188,52 +289,91 @@ class Group {
     return counts;
   }
 
+  /// Every process's string, in process order, on every process.
+  std::vector<std::string> allgather_string(const char* who, const std::string& s) const {
+    const std::vector<Index> lengths = allgather_count(who, static_cast<Index>(s.size()));
+    Index total = 0;
+    for (Index n : lengths) total = detail::checked_sum(who, "the strings' lengths", total, n);
+    std::string all(static_cast<std::size_t>(total), '\0');
+    allgatherv(who, s.data(), lengths, all.data());
+    std::vector<std::string> out;
+    std::size_t at = 0;
+    for (Index n : lengths) {
+      out.push_back(all.substr(at, static_cast<std::size_t>(n)));
+      at += static_cast<std::size_t>(n);
+    }
+    return out;
+  }
+
   /// Concatenates every process's `counts[q]` values in process order into `recv`
-  /// (sum(counts) values), `send` holding this process's.
+  /// (sum(counts) values), `send` holding this process's. `counts` must be the same on every
+  /// process (allgather_count makes it so).
   template <class T>
   void allgatherv(const char* who, const T* send, const std::vector<Index>& counts, T* recv) const {
-    std::vector<int> n(counts.size()), at(counts.size());
+    std::vector<Index> at(counts.size());
     Index total = 0;
+    bool fits = true;
     for (std::size_t q = 0; q < counts.size(); ++q) {
-      n[q] = detail::mpi_count(who, "an all-gather", counts[q]);
-      at[q] = detail::mpi_count(who, "an all-gather", total);
-      total += counts[q];
+      at[q] = total;
+      total = detail::checked_sum(who, "an all-gather's elements", total, counts[q]);
+      fits = fits && counts[q] <= message_limit_ && at[q] <= message_limit_;
     }
-    detail::mpi_count(who, "an all-gather", total);
-    bytes_sent_ += static_cast<std::uint64_t>(counts[static_cast<std::size_t>(rank_)]) * sizeof(T) *
-                   static_cast<std::uint64_t>(size_ - 1);
-    check(who, "MPI_Allgatherv",
-          MPI_Allgatherv(send, n[static_cast<std::size_t>(rank_)], detail::mpi_type<T>(), recv, n.data(), at.data(),
-                         detail::mpi_type<T>(), comm_));
+    const auto me = static_cast<std::size_t>(rank_);
+    bytes_sent_ += static_cast<std::uint64_t>(counts[me]) * sizeof(T) * static_cast<std::uint64_t>(size_ - 1);
+    if (fits) {  // one MPI call; the same decision on every process (the counts are the same)
+      std::vector<int> n(counts.size()), displ(counts.size());
+      for (std::size_t q = 0; q < counts.size(); ++q) n[q] = static_cast<int>(counts[q]), displ[q] = static_cast<int>(at[q]);
+      check(who, "MPI_Allgatherv",
+            MPI_Allgatherv(send, n[me], detail::mpi_type<T>(), recv, n.data(), displ.data(), detail::mpi_type<T>(), comm_));
+      return;
+    }
+    // Above MPI's counts: point to point, each block in messages of at most the limit.
+    std::copy(send, send + counts[me], recv + at[me]);
+    Exchange x(*this, who);
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      x.receive(q, recv + at[static_cast<std::size_t>(q)], counts[static_cast<std::size_t>(q)]);
+      x.send(q, send, counts[me]);
+    }
+    x.wait();
   }
 
   /// Sends send_counts[q] values to each process q (consecutive in `send`, in process order)
-  /// and receives recv_counts[q] values from each (consecutive in `recv`).
+  /// and receives recv_counts[q] values from each (consecutive in `recv`). Point to point, in
+  /// messages of at most max_message_elements() elements: no int count or offset limits.
   template <class T>
   void alltoallv(const char* who, const T* send, const std::vector<Index>& send_counts, T* recv,
                  const std::vector<Index>& recv_counts) const {
-    std::vector<int> sn(send_counts.size()), sat(send_counts.size()), rn(recv_counts.size()), rat(recv_counts.size());
+    std::vector<Index> sat(send_counts.size()), rat(recv_counts.size());
     Index s = 0, r = 0;
     for (std::size_t q = 0; q < send_counts.size(); ++q) {
-      sn[q] = detail::mpi_count(who, "an all-to-all", send_counts[q]);
-      sat[q] = detail::mpi_count(who, "an all-to-all", s);
-      rn[q] = detail::mpi_count(who, "an all-to-all", recv_counts[q]);
-      rat[q] = detail::mpi_count(who, "an all-to-all", r);
-      s += send_counts[q];
-      r += recv_counts[q];
+      sat[q] = s;
+      rat[q] = r;
+      s = detail::checked_sum(who, "an all-to-all's elements", s, send_counts[q]);
+      r = detail::checked_sum(who, "an all-to-all's elements", r, recv_counts[q]);
     }
-    detail::mpi_count(who, "an all-to-all", s);
-    detail::mpi_count(who, "an all-to-all", r);
-    bytes_sent_ += static_cast<std::uint64_t>(s - send_counts[static_cast<std::size_t>(rank_)]) * sizeof(T);
-    check(who, "MPI_Alltoallv",
-          MPI_Alltoallv(send, sn.data(), sat.data(), detail::mpi_type<T>(), recv, rn.data(), rat.data(),
-                        detail::mpi_type<T>(), comm_));
+    const auto me = static_cast<std::size_t>(rank_);
+    bytes_sent_ += static_cast<std::uint64_t>(s - send_counts[me]) * sizeof(T);
+    if (recv_counts[me] != send_counts[me]) {
+      throw std::logic_error(std::string(who) + ": an all-to-all sends " + std::to_string(send_counts[me]) +
+                             " values to this process and receives " + std::to_string(recv_counts[me]));
+    }
+    std::copy(send + sat[me], send + sat[me] + send_counts[me], recv + rat[me]);
+    Exchange x(*this, who);
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      const auto u = static_cast<std::size_t>(q);
+      x.receive(q, recv + rat[u], recv_counts[u]);
+      x.send(q, send + sat[u], send_counts[u]);
+    }
+    x.wait();
   }
 
   /// Reduce-scatter with a fixed order: `send` holds this process's contribution to every
   /// process's part (counts[q] values for process q, in process order); `recv` (counts[rank]
   /// values) gets the sum of all processes' contributions to this process's part, added in
-  /// process order 0, 1, ..., P-1: the same bits on every run. `scratch` is reused.
+  /// process order 0, 1, ..., P-1: the same bits on every run. `scratch` is reused. Integer
+  /// sums wrap instead of overflowing (callers that sum counters check their totals first).
   template <class T>
   void reduce_scatter_ordered(const char* who, const T* send, const std::vector<Index>& counts, T* recv,
                               std::vector<T>& scratch) const {
@@ -244,7 +384,14 @@ class Group {
     for (Index i = 0; i < mine; ++i) recv[i] = scratch[static_cast<std::size_t>(i)];
     for (int q = 1; q < size_; ++q) {
       const T* part = scratch.data() + static_cast<std::size_t>(q) * static_cast<std::size_t>(mine);
-      for (Index i = 0; i < mine; ++i) recv[i] += part[i];
+      for (Index i = 0; i < mine; ++i) {
+        if constexpr (std::is_integral_v<T>) {
+          using U = std::make_unsigned_t<T>;
+          recv[i] = static_cast<T>(static_cast<U>(recv[i]) + static_cast<U>(part[i]));
+        } else {
+          recv[i] += part[i];
+        }
+      }
     }
   }
 
@@ -255,7 +402,7 @@ class Group {
   void sum_ordered(const char* who, T* data, Index n) const {
     if (size_ == 1) return;
     std::vector<Index> counts(static_cast<std::size_t>(size_));
-    for (int q = 0; q < size_; ++q) counts[q] = (n * (q + 1)) / size_ - (n * q) / size_;
+    for (int q = 0; q < size_; ++q) counts[q] = detail::split_point(n, q + 1, size_) - detail::split_point(n, q, size_);
     std::vector<T> part(static_cast<std::size_t>(counts[static_cast<std::size_t>(rank_)])), scratch;
     reduce_scatter_ordered(who, data, counts, part.data(), scratch);
     allgatherv(who, part.data(), counts, data);
@@ -272,10 +419,130 @@ class Group {
   }
 
  private:
-  static int mpi_count_of(const char* who, Index n) { return detail::mpi_count(who, "a message", n); }
+  /// What an agreement found: the lowest and highest failing process (-1: none), and for each
+  /// fingerprint whether every process had the same.
+  struct Outcome {
+    int first_failed = -1, last_failed = -1;
+    std::vector<bool> same;
+  };
+
+  /// The agreement every collective call opens with (see the class comment): one MPI_Allreduce
+  /// (MIN) of a fixed number of words, whatever the call, so that processes in different
+  /// calls meet in the same MPI operation and find out.
+  Outcome agree(const char* who, Op op, const std::string& detail_name, bool failed,
+                const std::vector<Agreed>& items) const {
+    if (items.size() > kMaxAgreed) {
+      throw std::logic_error(std::string(who) + ": more than " + std::to_string(kMaxAgreed) + " items to agree on");
+    }
+    const std::uint64_t call =
+        detail::Fingerprint().add(std::string(who)).add(static_cast<std::uint64_t>(op)).add(detail_name).value();
+    const std::uint64_t seq = sequence_++;
+    constexpr std::size_t kWords = 6 + 2 * kMaxAgreed;
+    std::uint64_t v[kWords] = {};
+    const auto r = static_cast<std::uint64_t>(rank_);
+    v[0] = failed ? r : UINT64_MAX;   // min: the first failing process
+    v[1] = failed ? ~r : UINT64_MAX;  // min of ~r: ~(the last failing process)
+    v[2] = call, v[3] = ~call;        // min(x) == ~min(~x) = max(x): every process the same
+    v[4] = seq, v[5] = ~seq;
+    for (std::size_t i = 0; i < items.size(); ++i) v[6 + 2 * i] = items[i].fingerprint, v[7 + 2 * i] = ~items[i].fingerprint;
+    check(who, "MPI_Allreduce", MPI_Allreduce(MPI_IN_PLACE, v, static_cast<int>(kWords), MPI_UINT64_T, MPI_MIN, comm_));
+    if (v[2] != ~v[3] || v[4] != ~v[5]) {
+      throw_not_in_the_same_call(who, std::string(who) + " (" + op_name(op) + (detail_name.empty() ? "" : ": " + detail_name) +
+                                          ", call " + std::to_string(seq) + " of the group)");
+    }
+    Outcome o;
+    if (v[0] != UINT64_MAX) {
+      o.first_failed = static_cast<int>(v[0]);
+      o.last_failed = static_cast<int>(~v[1]);
+    }
+    for (std::size_t i = 0; i < items.size(); ++i) o.same.push_back(v[6 + 2 * i] == ~v[7 + 2 * i]);
+    return o;
+  }
+
+  /// After an agreement found processes in different calls (every process found it: the
+  /// reduced words are the same everywhere): every process learns which process is in which
+  /// call, and throws.
+  [[noreturn]] void throw_not_in_the_same_call(const char* who, const std::string& mine) const {
+    constexpr int kName = 256;
+    std::vector<char> names(static_cast<std::size_t>(kName) * static_cast<std::size_t>(size_), '\0');
+    char own[kName] = {};
+    std::memcpy(own, mine.data(), std::min<std::size_t>(mine.size(), kName - 1));
+    check(who, "MPI_Allgather", MPI_Allgather(own, kName, MPI_CHAR, names.data(), kName, MPI_CHAR, comm_));
+    std::string text = std::string(who) + ": the processes of the group are not in the same call:";
+    // Processes in the same call are listed together ("processes 1, 2: ..."), at most 8 calls.
+    std::vector<std::string> seen;
+    for (int q = 0; q < size_; ++q) {
+      const std::string name(names.data() + static_cast<std::size_t>(q) * kName);
+      if (std::find(seen.begin(), seen.end(), name) != seen.end()) continue;
+      seen.push_back(name);
+      if (seen.size() > 8) {
+        text += " ...";
+        break;
+      }
+      std::string who_is = "";
+      int n = 0;
+      for (int p = q; p < size_; ++p) {
+        if (name == std::string(names.data() + static_cast<std::size_t>(p) * kName)) {
+          who_is += (n++ ? ", " : "") + std::to_string(p);
+        }
+      }
+      text += (seen.size() > 1 ? "; " : " ") + std::string(n > 1 ? "processes " : "process ") + who_is + " in " + name;
+    }
+    throw std::runtime_error(text + ". Every process must make the same pkm calls in the same order");
+  }
+
+  /// Point-to-point transfers of one collective, each split into messages of at most the
+  /// group's limit, completed together by wait(). Messages between two processes arrive in
+  /// the order they were posted (MPI's non-overtaking rule), so chunks need no tags of their own.
+  class Exchange {
+   public:
+    Exchange(const Group& g, const char* who) : g_(g), who_(who) {}
+    Exchange(const Exchange&) = delete;
+    Exchange& operator=(const Exchange&) = delete;
+    ~Exchange() {
+      if (!requests_.empty()) MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE);
+    }
+    template <class T>
+    void send(int to, const T* data, Index n) {
+      post(to, n, [&](Index at, int count, MPI_Request* r) {
+        return MPI_Isend(data + at, count, detail::mpi_type<T>(), to, kTag, g_.comm_, r);
+      });
+    }
+    template <class T>
+    void receive(int from, T* data, Index n) {
+      post(from, n, [&](Index at, int count, MPI_Request* r) {
+        return MPI_Irecv(data + at, count, detail::mpi_type<T>(), from, kTag, g_.comm_, r);
+      });
+    }
+    void wait() {
+      std::vector<MPI_Request> r;
+      r.swap(requests_);
+      if (!r.empty()) {
+        check(who_, "MPI_Waitall", MPI_Waitall(static_cast<int>(r.size()), r.data(), MPI_STATUSES_IGNORE));
+      }
+    }
+
+   private:
+    static constexpr int kTag = 0x706b6d;  // "pkm"
+    template <class Post>
+    void post(int, Index n, Post&& p) {
+      for (Index at = 0; at < n; at += g_.message_limit_) {
+        const int count = static_cast<int>(std::min(g_.message_limit_, n - at));
+        requests_.emplace_back();
+        ++g_.messages_;
+        check(who_, "MPI_Isend / MPI_Irecv", p(at, count, &requests_.back()));
+      }
+    }
+    const Group& g_;
+    const char* who_;
+    std::vector<MPI_Request> requests_;
+  };
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
+  Index message_limit_ = kMaxMessageElements;
+  mutable std::uint64_t sequence_ = 0;
+  mutable std::uint64_t messages_ = 0;
   mutable std::uint64_t bytes_sent_ = 0;
 };
 

@@ -198,17 +198,17 @@ class MemoryParallelLayer {
 
   /// Every process must hold the same layer: config, split, types and dense parameters.
   void require_same_layer() const {
-    const MemoryConfig& c = config();
-    detail::Fingerprint f;
-    f.add(c.input_dim).add(c.heads).add(c.n_keys).add(c.k_dim).add(c.knn).add(c.v_dim).add(c.output_dim);
-    f.add(c.memory_plus).add(c.value_projection).add(c.gating).add(c.query_bias).add(c.qk_norm);
-    f.add(c.effective_qk_norm_scale()).add(shards_.to_string());
-    f.add(detail::type_code<Scalar>()).add(detail::type_code<TableT>());
+    detail::Fingerprint config, split, types, values;
+    config.add_fields(this->config().fields());
+    split.add(shards_.to_string());
+    types.add(detail::type_code<Scalar>()).add(detail::type_code<TableT>());
     params_.for_each([&](Tensor, ConstMatrixMap<Scalar> m) {
-      f.add_bytes(m.data(), static_cast<std::size_t>(m.size()) * sizeof(Scalar));
+      values.add_bytes(m.data(), static_cast<std::size_t>(m.size()) * sizeof(Scalar));
     });
-    group_->require_same(kWho, "the layer (its config, column split, parameter and table types, or dense parameter values)",
-                         f.value());
+    group_->require_same(kWho, {{"the layer's config", config.value()},
+                                {"the layer's column split", split.value()},
+                                {"the layer's parameter and table types", types.value()},
+                                {"the layer's dense parameter values", values.value()}});
   }
 
   void backward_impl(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,

@@ -233,17 +233,28 @@ void check_step_args(const char* who, const Optimizer& opt, const ValueTable<T>&
   optim::detail::check_step_counter(who, opt.steps());
 }
 
-/// Collective: every process's optimizer must hold the same row mask (or none), since the
-/// processes update their columns of the same rows. A process's own mask from its own
-/// tokens would update different rows in different columns (select from counts summed over
-/// the group instead). Throws std::invalid_argument on every process otherwise.
+/// Collective: the processes step their columns of the same rows together, so their value
+/// optimizers must be the same optimizer in the same state: the same kind and scalar type,
+/// the same options (learning rate, betas, eps, weight decay, clipping), the same step count
+/// (one process stepping on its own leaves the others behind), the same table rows and the
+/// same row mask (or none; a process's own mask from its own tokens would update different
+/// rows in different columns: select from counts summed over the group instead). Throws
+/// std::invalid_argument on every process, naming what differs, before anything changes.
 template <class Optimizer>
-void require_same_mask(const char* who, const Group& group, const Optimizer& opt) {
-  Fingerprint f;
-  const RowMask* mask = opt.row_mask();
-  f.add(mask != nullptr ? mask->size() : std::int64_t(-1));
-  if (mask != nullptr && mask->size() > 0) f.add_bytes(mask->rows().data(), mask->rows().size() * sizeof(std::int64_t));
-  group.require_same(who, "the value optimizer's row mask (every process must set the same mask, or none)", f.value());
+void require_same_optimizer(const char* who, const Group& group, const Optimizer& opt) {
+  Fingerprint kind, options, steps, rows, mask;
+  kind.add(std::string(opt.name())).add(sizeof(typename Optimizer::scalar_type));
+  options.add_fields(opt.options().fields());
+  steps.add(opt.steps());
+  rows.add(opt.rows());
+  const RowMask* m = opt.row_mask();
+  mask.add(m != nullptr ? m->size() : std::int64_t(-1));
+  if (m != nullptr && m->size() > 0) mask.add_bytes(m->rows().data(), m->rows().size() * sizeof(std::int64_t));
+  group.require_same(who, {{"the value optimizer's kind", kind.value()},
+                           {"the value optimizer's options (lr, betas, eps, weight decay, max_grad_norm)", options.value()},
+                           {"the value optimizer's step count", steps.value()},
+                           {"the value optimizer's table rows", rows.value()},
+                           {"the value optimizer's row mask (every process must set the same mask, or none)", mask.value()}});
 }
 }  // namespace detail
 
@@ -267,7 +278,7 @@ double sharded_embedding_bag_backward_update(const Group& group, const ColumnSha
     detail::check_backward_args<S>(who, group, shards, cache, dy, dweights);
     detail::check_step_args(who, optimizer, shard);
   });
-  detail::require_same_mask(who, group, optimizer);
+  detail::require_same_optimizer(who, group, optimizer);
   detail::exchange_dy<S>(who, group, shards, dy, cache);
   cache.dweights.resize(cache.part.rows(), cache.indices.cols());
   pkm::detail::bag_backward_begin<T, S>(who, shard, cache.indices, cache.weights, cache.part, cache.dweights, cache.bag);
@@ -305,7 +316,7 @@ double sharded_step(const Group& group, const ColumnShards& shards, Optimizer& o
   rows.add(grad.rows.size());
   if (!grad.rows.empty()) rows.add_bytes(grad.rows.data(), grad.rows.size() * sizeof(std::int64_t));
   group.require_same(who, "the gradient's row ids (each process's gradient must cover the same rows)", rows.value());
-  detail::require_same_mask(who, group, optimizer);
+  detail::require_same_optimizer(who, group, optimizer);
   const optim::ShardReduction reduction = shard_reduction(group, shards.v_dim());
   return optimizer.step(shard, grad, &reduction);
 }

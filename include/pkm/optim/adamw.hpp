@@ -14,6 +14,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -36,6 +37,10 @@ struct AdamOptions {
   double max_grad_norm = 0.0;  ///< clip the gradient's global norm to this; 0: no clipping
 
   /// Throws std::invalid_argument naming the first bad field.
+  /// Every field, in declaration order (compared between the processes of a memory-parallel
+  /// group before each step).
+  auto fields() const { return std::tie(lr, beta1, beta2, eps, weight_decay, max_grad_norm); }
+
   void validate(const char* who) const {
     detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");
     detail::check_option(who, "beta1", beta1, 0.0, 1.0, true, "0 <= beta1 < 1");

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "pkm/optim/grad_clip.hpp"
@@ -21,6 +22,10 @@ struct RowWiseAdagradOptions {
   double initial_accumulator = 0.0;  ///< h[r] before the first update
   double weight_decay = 0.0;         ///< L2: g <- g + weight_decay * w (FBGEMM's L2 mode)
   double max_grad_norm = 0.0;        ///< clip the gradient's global norm to this; 0: off
+
+  /// Every field, in declaration order (compared between the processes of a memory-parallel
+  /// group before each step).
+  auto fields() const { return std::tie(lr, eps, initial_accumulator, weight_decay, max_grad_norm); }
 
   void validate(const char* who) const {
     detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");

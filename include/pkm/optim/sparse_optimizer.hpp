@@ -46,6 +46,8 @@ class SparseRowOptimizer {
   using scalar_type = S;
   using options_type = Options;
 
+  /// The optimizer's name ("pkm::optim::LazyAdam"), as its messages give it.
+  const char* name() const { return who_; }
   /// Rows and width of the table this optimizer was made for.
   Index rows() const { return rows_; }
   Index dim() const { return dim_; }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "pkm/optim/grad_clip.hpp"
@@ -18,6 +19,10 @@ struct SgdOptions {
   double lr = 1.0;
   double weight_decay = 0.0;   ///< L2 on the updated rows only: g <- g + weight_decay * w
   double max_grad_norm = 0.0;  ///< clip the gradient's global norm to this; 0: off
+
+  /// Every field, in declaration order (compared between the processes of a memory-parallel
+  /// group before each step).
+  auto fields() const { return std::tie(lr, weight_decay, max_grad_norm); }
 
   void validate(const char* who) const {
     detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");

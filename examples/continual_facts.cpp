@@ -79,7 +79,7 @@ Options parse(int argc, char** argv) {
     if (a == "-h" || a == "--help") usage("");
     if (i + 1 >= argc) usage("flag " + a + " needs a value");
     const std::string v = argv[++i];
-    auto num = [&](double lo) { return flag_number(a, v, lo, usage); };
+    auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
     if (o.take(a, num)) continue;
     if (a == "--csv") o.csv = v;
     else if (a == "--score") {

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "cli.hpp"
+
 namespace facts {
 
 using Mat = pkm::RowMatrix<float>;
@@ -66,7 +68,7 @@ struct ModelOptions {
     else if (flag == "--k-dim") k_dim = Index(num(2));
     else if (flag == "--clip") clip = num(0);
     else if (flag == "--seed") seed = std::uint64_t(num(0));
-    else if (flag == "--threads") threads = int(num(1));
+    else if (flag == "--threads") threads = int(num(1, pkmcli::max_threads()));
     else return false;
     return true;
   }
@@ -128,11 +130,12 @@ inline Mat normal_matrix(Index rows, Index cols, double stddev, std::mt19937_64&
 /// The number a command-line flag was given, or usage(message) (which exits) when `text` is
 /// not a finite number >= lo.
 template <class Usage>
-double flag_number(const std::string& flag, const std::string& text, double lo, Usage&& usage) {
+double flag_number(const std::string& flag, const std::string& text, double lo, Usage&& usage, double hi = HUGE_VAL) {
   char* end = nullptr;
   const double d = std::strtod(text.c_str(), &end);
-  if (end == text.c_str() || *end != '\0' || !std::isfinite(d) || d < lo) {
-    usage(flag + " = '" + text + "', expected a number >= " + std::to_string(lo));
+  if (end == text.c_str() || *end != '\0' || !std::isfinite(d) || d < lo || d > hi) {
+    usage(flag + " = '" + text + "', expected a number >= " + std::to_string(lo) +
+          (hi < HUGE_VAL ? " and <= " + std::to_string(hi) : std::string()));
   }
   return d;
 }

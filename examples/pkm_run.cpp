@@ -5,6 +5,7 @@
 //   pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors
 //           [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--prefix P] [--threads N]
 #include <pkm/io/parity.hpp>
+#include <pkm/io/paths.hpp>
 
 #include <omp.h>
 
@@ -12,6 +13,8 @@
 #include <cstdlib>
 #include <exception>
 #include <string>
+
+#include "cli.hpp"
 
 namespace {
 const char* kUsage =
@@ -57,7 +60,11 @@ int main(int argc, char** argv) {
       const double s = std::strtod(v.c_str(), &end);
       if (v.empty() || *end != '\0') die("--qk-norm-scale " + v + ": expected a number");
       options.qk_norm_scale = s;
-    } else if (a == "--threads") omp_set_num_threads(int(to_int(a, value(), 1)));
+    } else if (a == "--threads") {
+      const long long n = to_int(a, value(), 1);
+      if (const std::string e = pkmcli::threads_error(n); !e.empty()) die(e);
+      omp_set_num_threads(int(n));
+    }
     else if (a == "--prefix") options.prefix = value();
     else if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
@@ -68,6 +75,11 @@ int main(int argc, char** argv) {
   }
   if (checkpoint.empty() || input.empty() || output.empty()) {
     die("--checkpoint, --input and --output are required (see --help)");
+  }
+  try {
+    pkm::io::check_outputs("pkm_run", {{"--output", output}}, {{"--checkpoint", checkpoint}, {"--input", input}});
+  } catch (const std::exception& e) {
+    die(e.what());
   }
   try {
     const pkm::io::SafetensorsFile ckpt(checkpoint), in(input);

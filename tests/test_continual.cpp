@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
+#include <type_traits>
 #include <vector>
 
 #include <pkm/io/safetensors.hpp>
@@ -469,4 +471,83 @@ TEST_CASE("slot statistics save and load bit for bit, and a hostile file changes
   const auto fn = pkm::io::SafetensorsFile::from_bytes(wn.to_bytes(), "nomass.safetensors");
   CHECK_THROWS_WITH(pkm::io::load_slot_statistics(fn, target, "stats."), Catch::Contains("mass"));
   CHECK(target.mass() == st.mass());
+}
+
+TEST_CASE("hostile weights and counts: refused where they enter, never saved unloadable", "[continual][errors]") {
+  // NaN or negative softmax weights with mass tracking: refused at add (the mass used to become
+  // NaN, the summaries 0, and the saved file unloadable).
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), -0.5f, std::numeric_limits<float>::infinity()}) {
+    INFO("weight " << bad);
+    pkm::SlotStatistics st(9, true);
+    st.add(crafted_cache(3, {{0, 1}}));
+    const auto before = st.mass();
+    auto cache = crafted_cache(3, {{2, 3}, {4, 5}});
+    cache.weights(1, 0) = bad;
+    CHECK_THROWS_WITH(st.add(cache), Catch::Contains("holds weight") && Catch::Contains("token 1, read 0"));
+    CHECK(st.mass() == before);
+    CHECK(st.documents() == 1);
+    // Without mass the weights are not used: the counts are added.
+    pkm::SlotStatistics counts_only(9, false);
+    CHECK_NOTHROW(counts_only.add(cache));
+  }
+  // A batch whose counts overflow int64 (signed overflow, and a TF-IDF score of 1e17 where
+  // log(1 + D) is the most): refused with the counters' one message.
+  pkm::SlotStatistics bg(9);
+  bg.add(crafted_cache(3, {{0, 1}}));
+  pkm::SlotCounts batch;
+  batch.table_rows = 9;
+  batch.slots = {1, 2};
+  batch.counts = {std::numeric_limits<std::int64_t>::max(), 5};
+  pkm::SlotSelectionOptions o;
+  o.top = 1;
+  for (auto score : {pkm::SlotScore::tf_idf, pkm::SlotScore::kl, pkm::SlotScore::count}) {
+    o.score = score;
+    CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o), Catch::Contains("would overflow a 64-bit counter"));
+  }
+  // merge() and add() give the same message.
+  pkm::SlotStatistics big(9);
+  big.for_each_state([&](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
+    using T = std::remove_pointer_t<decltype(data)>;
+    if constexpr (std::is_same_v<T, std::int64_t>) {
+      if (name == "documents") data[0] = 1;
+      if (name == "count") data[4] = std::numeric_limits<std::int64_t>::max() - 1;
+      if (name == "document_count") data[4] = 1;
+    }
+  });
+  big.check_consistent("test");
+  pkm::SlotStatistics one(9);
+  one.add(crafted_cache(3, {{0, 1}}));
+  CHECK_THROWS_WITH(big.merge(one), Catch::Contains("would overflow a 64-bit counter"));
+  CHECK_THROWS_WITH(big.add(crafted_cache(3, {{0, 1}})), Catch::Contains("would overflow a 64-bit counter"));
+  CHECK(big.counts()[0] == 0);
+}
+
+TEST_CASE("KL scores stay finite and exact for any finite smoothing > 0", "[continual][select]") {
+  // 1e308 and 5e-324 passed the check and gave +inf scores, so the ranking fell back to slot
+  // ids. Against the same formula in long double (whose range holds every intermediate).
+  pkm::SlotStatistics bg(9);
+  bg.add(crafted_cache(3, {{0, 1}, {0, 2}, {0, 2}}));
+  bg.add(crafted_cache(3, {{5, 5}}));
+  const pkm::SlotCounts batch = pkm::count_slots(crafted_cache(3, {{0, 1}, {0, 3}, {0, 1}, {8, 2}, {8, 8}}), 9);
+  for (double a : {1e308, std::numeric_limits<double>::max(), 1.0, 1e-300, 5e-324}) {
+    INFO("kl_smoothing " << a);
+    const std::vector<double> got = pkm::score_slots(batch, bg, pkm::SlotScore::kl, a);
+    const long double C = batch.total(), Cbg = (long double)bg.total_reads() + (long double)a * 9.0L;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      const long double p = batch.counts[i] / C;
+      const long double q = ((long double)bg.counts()[std::size_t(batch.slots[i])] + (long double)a) / Cbg;
+      const long double want = p * std::log(p / q);
+      CHECK(std::isfinite(got[i]));
+      CHECK(got[i] == Approx(double(want)).epsilon(1e-12).margin(1e-15));
+    }
+    // The ranking is that of the scores (not slot-id order): with huge smoothing q is uniform
+    // and KL ranks like count.
+    pkm::SlotSelectionOptions o;
+    o.score = pkm::SlotScore::kl;
+    o.kl_smoothing = a;
+    o.top = 1;
+    const auto best = pkm::select_slots(batch, bg, o).slots.front();
+    const auto it = std::max_element(got.begin(), got.end());
+    CHECK(best == batch.slots[std::size_t(it - got.begin())]);
+  }
 }

@@ -214,3 +214,80 @@ TEMPLATE_TEST_CASE("a layer gives the same bits with 1 and 2 threads at sizes th
   CHECK(same_bits(one.dx, two.dx));
   CHECK(pkmtest::first_gradient_difference(one.g, two.g) == "");
 }
+
+TEST_CASE("gemm: C overlapping A or B is refused, interleaved blocks of one buffer are not", "[gemm][errors]") {
+  // C aliasing A gave errors of ~1 at 600 x 600.
+  const Index n = 64;
+  std::vector<float> buf(std::size_t(3 * n * n), 1.0f);
+  float* a = buf.data();
+  using Catch::Contains;
+  for (auto backend : backends()) {
+    INFO(pkm::gemm_backend_name(backend));
+    CHECK_THROWS_WITH(pkm::gemm<float>(false, false, n, n, n, 1.f, a, n, a + n * n, n, 0.f, a, n, backend),
+                      Contains("C overlaps A"));
+    CHECK_THROWS_WITH(pkm::gemm<float>(false, true, n, n, n, 1.f, a, n, a + n * n, n, 0.f, a + n * n + 5, n, backend),
+                      Contains("C overlaps B"));
+    // Shifted by one row, partly overlapping.
+    CHECK_THROWS_WITH(pkm::gemm<float>(false, false, n, n, n, 1.f, a, n, a + 2 * n * n, n, 1.f, a + n, n, backend),
+                      Contains("C overlaps A"));
+    // One buffer of 3n columns: A = columns [0, n), B = [n, 2n), C = [2n, 3n) share no element.
+    std::vector<float> wide(std::size_t(n * 3 * n));
+    const auto ra = pkmtest::random_matrix(n, 3 * n, 9);
+    for (std::size_t i = 0; i < wide.size(); ++i) wide[i] = float(ra.data()[i]);
+    const std::vector<float> before = wide;
+    CHECK_NOTHROW(pkm::gemm<float>(false, false, n, n, n, 1.f, wide.data(), 3 * n, wide.data() + n, 3 * n, 0.f,
+                                   wide.data() + 2 * n, 3 * n, backend));
+    // ... and the product is right (A and B untouched).
+    double err = 0;
+    for (Index i = 0; i < n; ++i)
+      for (Index j = 0; j < n; ++j) {
+        double s = 0;
+        for (Index p = 0; p < n; ++p) s += double(before[std::size_t(i * 3 * n + p)]) * before[std::size_t(p * 3 * n + n + j)];
+        err = std::max(err, std::abs(s - wide[std::size_t(i * 3 * n + 2 * n + j)]));
+      }
+    CHECK(err < 1e-4);
+    // The last column of C's block one column into A's next row: [n, 2n) against [2n - 1, ...)
+    // with C starting inside A's span wraps onto A's next row.
+    CHECK_THROWS_WITH(pkm::gemm<float>(false, false, n - 1, n, n, 1.f, wide.data(), 3 * n, wide.data() + n, 3 * n, 0.f,
+                                       wide.data() + 3 * n - 1, 3 * n, backend),
+                      Contains("overlaps"));
+    // A and B may share elements (A^T A).
+    std::vector<float> out(std::size_t(n * n));
+    CHECK_NOTHROW(pkm::gemm<float>(true, false, n, n, n, 1.f, a, n, a, n, 0.f, out.data(), n, backend));
+  }
+}
+
+TEST_CASE("gemm: alpha = 0 reads neither A nor B, the same on every backend", "[gemm]") {
+  // NaN in A with alpha = 0 and beta = 1 gave NaN on the eigen backend and none on blis.
+  const Index m = 9, n = 7, k = 5;
+  std::vector<double> a(std::size_t(m * k), std::numeric_limits<double>::quiet_NaN()), b(std::size_t(k * n), 1.0);
+  for (auto backend : backends()) {
+    INFO(pkm::gemm_backend_name(backend));
+    for (double beta : {1.0, 0.5, 0.0}) {
+      std::vector<double> c(std::size_t(m * n), 3.0);
+      pkm::gemm<double>(false, false, m, n, k, 0.0, a.data(), k, b.data(), n, beta, c.data(), n, backend);
+      CHECK(c == std::vector<double>(std::size_t(m * n), 3.0 * beta));
+    }
+    // alpha = 0 may even alias (nothing is read): C = beta C.
+    std::vector<double> c(std::size_t(m * n), 2.0);
+    pkm::gemm<double>(false, false, m, n, n, 0.0, c.data(), n, c.data(), n, 0.5, c.data(), n, backend);
+    CHECK(c == std::vector<double>(std::size_t(m * n), 1.0));
+  }
+}
+
+TEST_CASE("gemm: leading dimensions whose extent wraps are refused", "[gemm][errors]") {
+  std::vector<float> a(16, 1.0f), b(16, 1.0f), c(16, 0.0f);
+  using Catch::Contains;
+  const Index huge = Index(1) << 62;
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, a.data(), huge, b.data(), 2, 0.f, c.data(), 2),
+                    Contains("A's extent"));
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, a.data(), 2, b.data(), huge, 0.f, c.data(), 2),
+                    Contains("B's extent"));
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, a.data(), 2, b.data(), 2, 0.f, c.data(), huge),
+                    Contains("C's extent"));
+  // An extent that fits 2^62 bytes but runs past the end of the address space.
+  const auto* top = reinterpret_cast<const float*>(std::uintptr_t(0) - 64);
+  CHECK_THROWS_WITH(pkm::gemm<float>(false, false, 2, 2, 2, 1.f, top, 1 << 20, b.data(), 2, 0.f, c.data(), 2),
+                    Contains("wraps around the address space"));
+  CHECK(c == std::vector<float>(16, 0.0f));
+}

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
@@ -30,6 +31,7 @@
 
 #include <Eigen/Core>
 
+#include "pkm/detail/checked.hpp"
 #include "pkm/detail/parallel.hpp"
 
 #if defined(PKM_WITH_BLIS)
@@ -98,10 +100,50 @@ namespace detail {
 inline constexpr std::int64_t kGemmTileRows = 512;
 inline constexpr std::int64_t kGemmTileCols = 256;
 
+/// A stored matrix: `rows` rows of `cols` elements, `ld` elements apart, from `p`.
+template <class S>
+struct StoredMatrix {
+  const S* p;
+  std::int64_t rows, cols, ld;
+  bool empty() const { return rows == 0 || cols == 0; }
+  /// Elements from the first to one past the last (checked: at most 2^62 bytes).
+  std::int64_t extent(const char* name) const {
+    const std::string what = std::string(name) + "'s extent ((rows - 1) x ld + cols)";
+    const std::int64_t span = checked_mul("pkm::gemm", what.c_str(), rows - 1, ld, kMaxBytes / sizeof(S));
+    return checked_add("pkm::gemm", what.c_str(), span, cols, kMaxBytes / sizeof(S));
+  }
+};
+
+/// True when stored matrices x and y (same element type, neither empty) share an element.
+/// Exact where their leading dimensions are equal (interleaved column blocks of one buffer
+/// do not overlap); where they differ, overlapping address ranges count as sharing.
+template <class S>
+bool share_elements(const StoredMatrix<S>& x, const StoredMatrix<S>& y) {
+  const auto xa = reinterpret_cast<std::uintptr_t>(x.p), ya = reinterpret_cast<std::uintptr_t>(y.p);
+  const auto xe = xa + static_cast<std::uintptr_t>(x.extent("A")) * sizeof(S);
+  const auto ye = ya + static_cast<std::uintptr_t>(y.extent("B")) * sizeof(S);
+  if (xe <= ya || ye <= xa) return false;  // disjoint address ranges
+  if (x.ld != y.ld || (ya > xa ? ya - xa : xa - ya) % sizeof(S) != 0) return true;
+  // Same ld: y's element (p, q) is x's element (p + r, q + s) where y.p - x.p = r ld + s.
+  const std::int64_t ld = x.ld;
+  const bool y_after = ya >= xa;
+  const auto d = static_cast<std::int64_t>((y_after ? ya - xa : xa - ya) / sizeof(S));
+  const StoredMatrix<S>& lo = y_after ? x : y;  // the one starting first
+  const StoredMatrix<S>& hi = y_after ? y : x;
+  const std::int64_t r = d / ld, s = d % ld;  // hi(p, q) = lo(p + r, q + s), 0 <= s < ld
+  auto rows_meet = [&](std::int64_t shift) {  // some p < hi.rows with 0 <= p + shift < lo.rows
+    return shift < lo.rows && hi.rows + shift > 0;
+  };
+  // hi column q lands on lo column q + s (same row offset r) or q + s - ld (row offset r + 1).
+  const bool same_row = s < lo.cols && rows_meet(r);
+  const bool next_row = hi.cols > ld - s && s > 0 && rows_meet(r + 1);
+  return same_row || next_row;
+}
+
 template <class S>
 void check_gemm_args(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                      const S* a, std::int64_t lda, const S* b, std::int64_t ldb, const S* c,
-                     std::int64_t ldc) {
+                     std::int64_t ldc, bool reads_ab) {
   auto fail = [](const std::string& what) {
     throw std::invalid_argument("pkm::gemm: " + what);
   };
@@ -115,6 +157,21 @@ void check_gemm_args(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
   if (ldc < std::max<std::int64_t>(1, n)) fail("ldc = " + std::to_string(ldc) + " < n = " + std::to_string(n));
   if ((m > 0 && n > 0 && c == nullptr) || (m > 0 && n > 0 && k > 0 && (a == nullptr || b == nullptr))) {
     fail("null matrix pointer for a non-empty product");
+  }
+  const StoredMatrix<S> A{a, trans_a ? k : m, a_cols, lda}, B{b, trans_b ? n : k, b_cols, ldb}, C{c, m, n, ldc};
+  // Every extent within 2^62 bytes and the address space: rows never alias by wrapping.
+  for (const auto& [x, name] : {std::pair{&A, "A"}, std::pair{&B, "B"}, std::pair{&C, "C"}}) {
+    if (x->empty()) continue;
+    const auto bytes = static_cast<std::uintptr_t>(x->extent(name)) * sizeof(S);
+    if (reinterpret_cast<std::uintptr_t>(x->p) > UINTPTR_MAX - bytes) {
+      fail(std::string(name) + " at " + std::to_string(reinterpret_cast<std::uintptr_t>(x->p)) + " with an extent of " +
+           std::to_string(bytes) + " bytes wraps around the address space");
+    }
+  }
+  // C is written while A and B are read: they must not share an element.
+  if (reads_ab && !C.empty()) {
+    if (!A.empty() && share_elements(A, C)) fail("C overlaps A; expected an output that shares no element with A or B");
+    if (!B.empty() && share_elements(B, C)) fail("C overlaps B; expected an output that shares no element with A or B");
   }
 }
 
@@ -213,21 +270,34 @@ void openblas_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, s
 
 /// C (m x n) = alpha op(A) op(B) + beta C, row-major: op(A) is m x k (A stored k x m when
 /// trans_a), op(B) is k x n (B stored n x k when trans_b); lda / ldb / ldc are the distances
-/// between consecutive stored rows. With beta == 0, C is not read (it may hold NaN).
+/// between consecutive stored rows. With beta == 0, C is not read (it may hold NaN). With
+/// alpha == 0 (or k == 0), A and B are not read at all — NaN there does not reach C — and
+/// C = beta C, on every backend (BLAS's rule). C must share no element with A or B (where A
+/// and B are read); A and B may share elements with each other.
 /// Runs on `backend` (default: gemm_backend()); throws std::invalid_argument for negative
-/// sizes, too-small leading dimensions, null pointers, or a backend not compiled in.
+/// sizes, too-small leading dimensions, null pointers, an extent above 2^62 bytes or one that
+/// wraps the address space, C overlapping A or B, or a backend not compiled in.
 template <class S>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, S alpha,
           const S* a, std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c,
           std::int64_t ldc, GemmBackend backend = gemm_backend()) {
   static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>,
                 "pkm::gemm: float or double");
-  detail::check_gemm_args(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
-  if (m == 0 || n == 0) return;
+  const bool reads_ab = k > 0 && alpha != S(0);
+  detail::check_gemm_args(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, reads_ab);
   if (!gemm_backend_available(backend)) {
     throw std::invalid_argument(std::string("pkm::gemm: backend ") + gemm_backend_name(backend) +
                                 " was not compiled in (configure with PKM_BLAS=" +
                                 gemm_backend_name(backend) + ")");
+  }
+  if (m == 0 || n == 0) return;
+  if (!reads_ab) {  // BLAS's rule on every backend: A and B are not read; C = beta C (0: not read)
+    for (std::int64_t i = 0; i < m; ++i) {
+      S* row = c + i * ldc;
+      if (beta == S(0)) std::fill(row, row + n, S(0));
+      else if (beta != S(1)) for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
+    }
+    return;
   }
   if (backend == GemmBackend::openblas && std::max({m, n, k, lda, ldb, ldc}) > std::int64_t(INT32_MAX)) {
     throw std::invalid_argument("pkm::gemm: sizes or leading dimensions above 2^31 - 1 need the eigen or "

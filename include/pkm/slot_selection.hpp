@@ -78,7 +78,7 @@ struct SlotSelectionOptions {
   SlotScore score = SlotScore::tf_idf;
   Index top = 0;          ///< keep this many slots (> 0), or
   double fraction = 0.0;  ///< this fraction of the batch's slots, rounded up (0 < fraction <= 1)
-  double kl_smoothing = 1.0;  ///< a of the kl score (> 0)
+  double kl_smoothing = 1.0;  ///< a of the kl score (finite, > 0; scores stay finite for any such a)
 };
 
 /// The kept slots, best first, with their scores, and the mask allowing them.
@@ -121,7 +121,10 @@ inline std::vector<double> score_slots(const SlotCounts& batch, const SlotStatis
   }
   const double C = double(batch.total());
   const double D = double(background.documents());
-  const double Cbg = double(background.total_reads()) + kl_smoothing * double(background.slots());
+  // log(C_bg + a slots), formed without overflow for any finite a > 0: a slots may exceed the
+  // largest double (a = 1e308), and log q must stay finite for the smallest a (5e-324).
+  const double a = kl_smoothing, S = double(background.slots()), Cbg = double(background.total_reads());
+  const double log_norm = a >= 1.0 ? std::log(a) + std::log(S + Cbg / a) : std::log(Cbg + a * S);
   std::vector<double> out(batch.slots.size());
   for (std::size_t i = 0; i < out.size(); ++i) {
     const auto u = static_cast<std::size_t>(batch.slots[i]);
@@ -130,8 +133,8 @@ inline std::vector<double> score_slots(const SlotCounts& batch, const SlotStatis
       case SlotScore::count: out[i] = c; break;
       case SlotScore::tf_idf: out[i] = c / C * std::log((1.0 + D) / (1.0 + double(background.document_counts()[u]))); break;
       case SlotScore::kl: {
-        const double p = c / C, q = (double(background.counts()[u]) + kl_smoothing) / Cbg;
-        out[i] = p * std::log(p / q);
+        const double p = c / C, log_q = std::log(double(background.counts()[u]) + a) - log_norm;
+        out[i] = p * (std::log(p) - log_q);
         break;
       }
     }

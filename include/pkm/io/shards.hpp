@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "pkm/io/checkpoint.hpp"
+#include "pkm/io/paths.hpp"
 #include "pkm/io/safetensors.hpp"
 
 namespace pkm::io {
@@ -80,6 +81,9 @@ inline void copy_metadata(SafetensorsWriter& w, const SafetensorsFile& f) {
 inline void gather_shards(const std::vector<std::string>& paths, const std::string& out) {
   const char* who = "pkm::io::gather_shards";
   if (paths.empty()) throw std::invalid_argument(std::string(who) + ": no shard files given");
+  std::vector<NamedPath> inputs;
+  for (std::size_t i = 0; i < paths.size(); ++i) inputs.push_back({"shard " + std::to_string(i), paths[i]});
+  check_outputs(who, {{"the output", out}}, inputs);
   std::vector<SafetensorsFile> files;
   files.reserve(paths.size());
   for (const auto& p : paths) files.emplace_back(p);
@@ -152,6 +156,9 @@ inline void gather_shards(const std::vector<std::string>& paths, const std::stri
 inline void split_checkpoint(const std::string& path, const std::vector<Index>& offsets,
                              const std::vector<std::string>& out_paths) {
   const char* who = "pkm::io::split_checkpoint";
+  std::vector<NamedPath> outputs;
+  for (std::size_t i = 0; i < out_paths.size(); ++i) outputs.push_back({"output " + std::to_string(i), out_paths[i]});
+  check_outputs(who, outputs, {{"the checkpoint", path}});
   const SafetensorsFile f(path);
   detail::refuse_shard(f);
   const MemoryConfig config = infer_config(f);

@@ -16,6 +16,7 @@ A dependency-free (PyTorch only; no `safetensors` package needed) companion to p
 
 `python3 pkm_export.py compare EXPECTED.safetensors ACTUAL.safetensors` prints the same report
 as pkm's golden_compare. Relative error of a tensor = max |actual - expected| / max |expected|.
+Exit codes: 0 match, 1 mismatch (or nothing to compare), 2 usage, 3 a malformed file.
 """
 import json
 import os
@@ -60,23 +61,77 @@ def write_safetensors(path, tensors, metadata=None):
     os.replace(tmp, path)
 
 
+class MalformedFile(ValueError):
+    """A file that is not a well-formed safetensors file, by the rules of pkm's C++ reader
+    (pkm/io/safetensors.hpp): the message names the file and what is wrong."""
+
+
+MAX_HEADER_BYTES = 100 << 20  # the C++ reader's limit
+ITEMSIZE = {"F32": 4, "F64": 8, "BF16": 2, "F16": 2, "I64": 8, "I32": 4}
+
+
+def _is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_safetensors(path):
-    """Returns ({name: tensor}, metadata) of a safetensors file (F32, F64, BF16, F16, I64, I32)."""
+    """Returns ({name: tensor}, metadata) of a safetensors file (F32, F64, BF16, F16, I64, I32).
+    Raises MalformedFile for what pkm's C++ reader refuses: a header that is not a JSON object
+    or runs past the file, an unknown dtype, a shape that is not a list of counts, data_offsets
+    that are not [begin, end] inside the data section, that span other than the shape needs, or
+    that overlap another tensor's."""
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
+        raw = f.read()
+    def bad(what):
+        raise MalformedFile(f"{path}: {what}")
+    if len(raw) < 8:
+        bad(f"truncated: {len(raw)} bytes, the header length alone needs 8")
+    n = struct.unpack("<Q", raw[:8])[0]
+    if n > MAX_HEADER_BYTES:
+        bad(f"header length {n} is over the limit of {MAX_HEADER_BYTES} bytes")
+    if n > len(raw) - 8:
+        bad(f"header length {n} runs past the end of the file ({len(raw)} bytes)")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (ValueError, RecursionError) as e:
+        bad(f"header is not valid JSON: {e}")
+    if not isinstance(header, dict):
+        bad("header is not a JSON object")
+    data = memoryview(raw)[8 + n:]
     meta = header.pop("__metadata__", {})
-    out = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        bad("__metadata__ is not an object of strings")
+    out, spans = {}, []
     for name, e in header.items():
-        begin, end = e["data_offsets"]
-        raw = bytearray(data[begin:end])
-        if e["dtype"] == "BF16":
-            t = torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16) if raw else torch.empty(0, dtype=torch.bfloat16)
+        if not isinstance(e, dict):
+            bad(f"tensor '{name}': entry is not an object")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if dtype not in ITEMSIZE:
+            bad(f"tensor '{name}': unknown dtype {dtype!r}; expected F32, F64, BF16, F16, I64 or I32")
+        if not isinstance(shape, list) or len(shape) > 64 or not all(_is_count(d) for d in shape):
+            bad(f"tensor '{name}': shape {shape!r} is not a list of at most 64 non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            bad(f"tensor '{name}': data_offsets must be [begin, end] of non-negative integers")
+        begin, end = offsets
+        if begin > end or end > len(data):
+            bad(f"tensor '{name}': data_offsets [{begin}, {end}] are outside the data section of {len(data)} bytes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * ITEMSIZE[dtype] != end - begin:
+            bad(f"tensor '{name}': shape {shape} of {dtype} needs {numel * ITEMSIZE[dtype]} bytes, "
+                f"but data_offsets span {end - begin}")
+        spans.append((begin, end, name))
+        buf = bytearray(data[begin:end])
+        if dtype == "BF16":
+            t = torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16) if buf else torch.empty(0, dtype=torch.bfloat16)
         else:
-            dt = FROM_NAME[e["dtype"]]
-            t = torch.frombuffer(raw, dtype=dt) if raw else torch.empty(0, dtype=dt)
-        out[name] = t.reshape(e["shape"])
+            t = torch.frombuffer(buf, dtype=FROM_NAME[dtype]) if buf else torch.empty(0, dtype=FROM_NAME[dtype])
+        out[name] = t.reshape(shape)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            bad(f"tensors '{n0}' and '{n1}' share bytes (data_offsets [{b0}, {e0}] and [{b1}, {e1}])")
     return out, meta
 
 
@@ -93,7 +148,10 @@ def export_memory(module_or_state_dict, path, knn, qk_norm=False, qk_norm_scale=
     if qk_norm_scale is not None:
         meta[META_QK_NORM_SCALE] = repr(float(qk_norm_scale))
     meta.update(extra_metadata or {})
-    write_safetensors(path, {k: v for k, v in sd.items() if torch.is_tensor(v)}, meta)
+    # pkm_torch's fused optimizer state (prefix + "fused_optimizer.*") is training state, not the
+    # layer: it stays out of the exported layer.
+    write_safetensors(path, {k: v for k, v in sd.items() if torch.is_tensor(v) and ".fused_optimizer." not in "." + k},
+                      meta)
 
 
 def write_input(path, x, dy=None):
@@ -129,22 +187,33 @@ def compare(expected, actual, rtol=1e-5):
                 failures.append(f"'{name}': max relative error {rel:.3g} > {rtol:g}")
         elif not torch.equal(e.long(), a.long()):
             failures.append(f"'{name}': {int((e.long() != a.long()).sum())} elements differ")
+    if compared == 0 and not failures:
+        failures.append("no tensor was compared (the expected file holds none)")
     return {"worst": worst, "failures": failures, "compared": compared}
 
 
+EXIT_MATCH, EXIT_MISMATCH, EXIT_USAGE, EXIT_MALFORMED = 0, 1, 2, 3
+
+
 def main(argv):
+    """Exit codes: 0 the files match, 1 they differ, 2 a usage error, 3 a file is malformed or
+    unreadable (its own message, no traceback)."""
     if len(argv) != 4 or argv[1] != "compare":
         print(__doc__.strip().splitlines()[0])
         print("usage: pkm_export.py compare EXPECTED.safetensors ACTUAL.safetensors")
-        return 2
-    expected, _ = read_safetensors(argv[2])
-    actual, _ = read_safetensors(argv[3])
+        return EXIT_USAGE
+    try:
+        expected, _ = read_safetensors(argv[2])
+        actual, _ = read_safetensors(argv[3])
+    except (MalformedFile, OSError) as e:
+        print(f"pkm_export.py: {e}", file=sys.stderr)
+        return EXIT_MALFORMED
     r = compare(expected, actual)
     for f in r["failures"]:
         print(f, file=sys.stderr)
     print(f"{r['compared']} tensors compared, worst relative error {r['worst'][0]:.3g} ({r['worst'][1]}): "
           f"{'match' if not r['failures'] else 'MISMATCH'}")
-    return 0 if not r["failures"] else 1
+    return EXIT_MATCH if not r["failures"] else EXIT_MISMATCH
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ autograd's through pkm_export.compare.
 
 Usage: test_pkm_export.py PKM_RUN WORK_DIR   (exit 77, CTest's "skipped", without PyTorch)
 """
+import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -64,7 +66,74 @@ def main(pkm_run, work):
     pe.write_safetensors(os.path.join(work, "expected.safetensors"), expected)
     cli = subprocess.run([sys.executable, os.path.join(HERE, "..", "..", "python", "pkm_export.py"), "compare",
                           os.path.join(work, "expected.safetensors"), out])
-    return 0 if ok and cli.returncode == 0 else 1
+    return 0 if ok and cli.returncode == 0 and hostile_files(work) else 1
+
+
+def raw_file(path, header, data=b"", length=None):
+    h = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h) if length is None else length))
+        f.write(h)
+        f.write(data)
+
+
+def hostile_files(work):
+    """Files pkm's C++ reader refuses are refused here too (MalformedFile, exit 3 from the
+    command line with a message and no traceback); a file of no tensors compares as a failure."""
+    ok = True
+    good = os.path.join(work, "good.safetensors")
+    pe.write_safetensors(good, {"a": torch.ones(2, 2)})
+    cases = {
+        "negative offsets": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, bytes(16)),
+        "reversed offsets": ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, bytes(16)),
+        "aliasing tensors": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+        "overlapping tensors": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
+        "past the end": ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
+        "span unlike the shape": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+        "unknown dtype": ({"a": {"dtype": "Q8", "shape": [1], "data_offsets": [0, 1]}}, bytes(1)),
+        "boolean shape": ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4)),
+        "not JSON": (b"{nope", b""),
+        "not an object": ([1, 2], b""),
+        "metadata not strings": ({"__metadata__": {"k": 1}}, b""),
+    }
+    for what, (header, data) in cases.items():
+        path = os.path.join(work, "hostile.safetensors")
+        raw_file(path, header, data)
+        try:
+            pe.read_safetensors(path)
+            print(f"FAIL {what}: read", file=sys.stderr)
+            ok = False
+        except pe.MalformedFile as e:
+            print(f"ok   {what}: {e}")
+        if what not in ("negative offsets", "not JSON"):  # the command line on two (each run imports torch)
+            continue
+        cli = subprocess.run([sys.executable, os.path.join(HERE, "..", "..", "python", "pkm_export.py"), "compare",
+                              good, path], capture_output=True, text=True)
+        if cli.returncode != 3 or "Traceback" in cli.stderr or "pkm_export.py:" not in cli.stderr:
+            print(f"FAIL {what}: compare exited {cli.returncode}: {cli.stderr}", file=sys.stderr)
+            ok = False
+    path = os.path.join(work, "truncated.safetensors")
+    raw_file(path, {"a": 1}, length=1 << 40)
+    try:
+        pe.read_safetensors(path)
+        ok = False
+    except pe.MalformedFile as e:
+        print(f"ok   header past the end: {e}")
+    empty = os.path.join(work, "empty.safetensors")
+    pe.write_safetensors(empty, {})
+    cli = subprocess.run([sys.executable, os.path.join(HERE, "..", "..", "python", "pkm_export.py"), "compare",
+                          empty, good], capture_output=True, text=True)
+    if cli.returncode != 1 or "no tensor was compared" not in cli.stderr:
+        print(f"FAIL nothing to compare: exit {cli.returncode}: {cli.stdout} {cli.stderr}", file=sys.stderr)
+        ok = False
+    missing = subprocess.run([sys.executable, os.path.join(HERE, "..", "..", "python", "pkm_export.py"), "compare",
+                              os.path.join(work, "no-such-file"), good], capture_output=True, text=True)
+    if missing.returncode != 3 or "Traceback" in missing.stderr:
+        print(f"FAIL a missing file: exit {missing.returncode}", file=sys.stderr)
+        ok = False
+    return ok
 
 
 if __name__ == "__main__":

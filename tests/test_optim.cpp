@@ -687,3 +687,55 @@ TEST_CASE("AdamW takes any Eigen storage order and std::vector, and refuses a bu
   std::vector<float> short_grad(3);
   CHECK_THROWS_WITH(a.add("v", pv, short_grad), Contains("has 3 elements"));
 }
+
+TEST_CASE("RowAccumulator sums backwards' rows as merging their sparse gradients does", "[optim][accumulate]") {
+  // Three gradients with overlapping rows, added in order, against SparseRowGrad::merge (the
+  // plain reference: union of sorted rows, sums in the same order).
+  const Index rows = 300, dim = 37;
+  std::mt19937_64 rng(5);
+  pkm::SparseRowGrad<float> merged;
+  pkm::RowAccumulator<float> acc(rows, dim);
+  CHECK(acc.empty());
+  for (int k = 0; k < 3; ++k) {
+    pkm::SparseRowGrad<float> g;
+    g.dim = dim;
+    for (std::int64_t r = k; r < rows; r += 2 + k) g.rows.push_back(r);
+    g.values = pkmtest::random_matrix(Index(g.rows.size()), dim, 40 + k).cast<float>();
+    merged.merge(g);
+    acc.add(g);
+  }
+  const pkm::SparseRowGrad<float> got = acc.gradient();
+  CHECK(got.rows == merged.rows);
+  CHECK(acc.touched() == merged.size());
+  CHECK(pkmtest::same_bits(got.values, merged.values));
+  // The same bits with 1 and 2 threads.
+  omp_set_num_threads(1);
+  pkm::RowAccumulator<float> one(rows, dim);
+  for (int k = 0; k < 3; ++k) {
+    pkm::SparseRowGrad<float> g;
+    g.dim = dim;
+    for (std::int64_t r = k; r < rows; r += 2 + k) g.rows.push_back(r);
+    g.values = pkmtest::random_matrix(Index(g.rows.size()), dim, 40 + k).cast<float>();
+    one.add(g);
+  }
+  omp_set_num_threads(2);
+  CHECK(pkmtest::same_bits(one.gradient().values, got.values));
+  // A step from the accumulator equals a step from the merged gradient, bit for bit.
+  {
+    pkm::ValueTable<float> a(rows, dim), b(rows, dim);
+    pkm::optim::RowWiseAdagradOptions o;
+    o.max_grad_norm = 0.5;
+    pkm::optim::RowWiseAdagrad<float> oa(rows, dim, o), ob(rows, dim, o);
+    const double na = acc.step(oa, a), nb = ob.step(b, merged);
+    CHECK(na == nb);
+    CHECK(pkmtest::same_bits(a.matrix(), b.matrix()));
+  }
+  // Bad rows change nothing; clear forgets everything.
+  CHECK_THROWS_AS(acc.add_rows({3, rows}, [](Index, float*) {}), std::out_of_range);
+  CHECK_THROWS_WITH(acc.add_rows({3, 3}, [](Index, float*) {}), Catch::Contains("appears twice"));
+  CHECK(pkmtest::same_bits(acc.gradient().values, merged.values));
+  acc.clear();
+  CHECK(acc.empty());
+  CHECK(acc.gradient().size() == 0);
+  CHECK_THROWS_AS(pkm::RowAccumulator<float>(0, 3), std::invalid_argument);
+}

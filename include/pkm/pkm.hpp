@@ -9,6 +9,7 @@
 #include "pkm/parameters.hpp"
 #include "pkm/value_table.hpp"
 #include "pkm/sparse_grad.hpp"
+#include "pkm/row_accumulator.hpp"
 #include "pkm/init.hpp"
 #include "pkm/activations.hpp"
 #include "pkm/gemm.hpp"

@@ -116,7 +116,7 @@ def test_gradcheck():
 
     def f(x, *p):
         return torch.ops.pkm.memory(x, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], 2, 2, False,
-                                    0.0, False, None)
+                                    None, False, None)
     ok = torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
     check(ok, "gradcheck in double: x and every parameter")
 
@@ -230,12 +230,204 @@ def test_train_then_load_in_cpp(pkm_run, work):
           rel(got["y"], y))
 
 
+def expect_error(kind, msg, fn, what):
+    try:
+        fn()
+        check(False, "%s raises" % what)
+    except kind as e:
+        check(msg in str(e), "%s: %s with pkm's message (%s)" % (what, kind.__name__, str(e)[:150]))
+
+
+def test_full_shapes():
+    """Optional tensors are checked by their whole shape: a transposed weight of the right
+    element count used to be read in the wrong layout."""
+    args = CONFIGS["memplus"]  # input_dim 16, v_dim 12
+    _, mem = pair(args)
+    q = mem.query_proj.query_mlps[0]
+    base = [mem.keys, q.weight, q.bias, mem.swilu_projection.weight, mem.swilu_projection.bias,
+            mem.value_proj.weight, mem.value_proj.bias, None, None, mem.values.weight]
+    x = torch.randn(3, 16)
+
+    def call(i, t):
+        p = list(base)
+        p[i] = t
+        return torch.ops.pkm.memory(x, *p, 4, 4, False, None, False, None)
+    expect_error(ValueError, "swilu_projection.weight has shape (16, 12), expected (12, 16)",
+                 lambda: call(3, mem.swilu_projection.weight.detach().t().contiguous()), "a transposed Memory+ weight")
+    expect_error(ValueError, "swilu_projection.bias has shape (3, 4), expected (12)",
+                 lambda: call(4, torch.zeros(3, 4)), "a (3, 4) bias for (12,)")
+    expect_error(ValueError, "value_proj.weight has shape (16, 12, 1), expected (output_dim, 12)",
+                 lambda: call(5, torch.zeros(16, 12, 1)), "a 3-d weight")
+    expect_error(ValueError, "x is on meta", lambda: mem(torch.empty(3, 16, device="meta")), "x on the meta device")
+
+
+def test_fused_twice_in_one_loss():
+    """One HashingMemory called twice in a loss, fused: dx and every dense gradient are taken
+    against the table as the forwards saw it (they equal the unfused module's), and the table
+    takes one step from the two uses' summed gradient."""
+    torch.manual_seed(6)
+    args = CONFIGS["memplus"]
+    ref, _ = pair(args, sparse=False)
+    _, plain = pair(args, sparse=False)
+    _, fused = pair(args)
+    plain.load_state_dict(ref.state_dict())
+    fused.load_state_dict(ref.state_dict())
+    w0 = fused.values.weight.detach().clone()
+    opt = fused.fused_optimizer("adagrad", lr=0.05)
+    x = torch.randn(8, 16)
+    dy = torch.randn(8, 16)
+
+    def loss(m, xx):
+        return (m(m(xx)) * dy).sum() + (m(xx) * dy).sum()  # three uses in one loss
+    xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss(plain, xp).backward()
+    loss(fused, xf).backward()
+    check(rel(xf.grad, xp.grad) < 1e-6, "fused, three uses: dx against the unchanged table (%.2g)" % rel(xf.grad, xp.grad))
+    fp = dict(fused.named_parameters())
+    worst = max(rel(p.grad, fp[n].grad) for n, p in plain.named_parameters() if n != "values.weight")
+    check(worst < 1e-6, "fused, three uses: every dense gradient against the unchanged table (%.2g)" % worst)
+    check(opt.steps() == 1, "fused, three uses: one step (%d)" % opt.steps())
+    g = plain.values.weight.grad
+    rows = g.abs().sum(1).nonzero().flatten()
+    gr = g[rows]
+    want = w0.clone()
+    want[rows] -= 0.05 * gr / ((gr * gr).mean(1, keepdim=True).sqrt() + 1e-8)
+    check(rel(fused.values.weight.detach(), want) < 1e-6, "fused, three uses: the table takes one Adagrad step of the "
+          "summed gradient (%.2g)" % rel(fused.values.weight.detach(), want))
+    # A use whose output is dropped without a backward does not hold the update back for ever:
+    # the next forward applies it before reading the table.
+    _, lone = pair(args)
+    lone.load_state_dict(ref.state_dict())
+    opt2 = lone.fused_optimizer("adagrad", lr=0.05)
+    kept = lone(x)  # never backwarded, kept alive
+    (lone(x) * dy).sum().backward()
+    check(opt2.pending_rows() > 0 and opt2.steps() == 0, "a graph alive without backward: the step waits")
+    with torch.no_grad():
+        lone(x)
+    check(opt2.pending_rows() == 0 and opt2.steps() == 1, "the next forward applies the waiting step")
+    del kept
+
+
+def test_gradient_accumulation():
+    """accumulate=True: micro-batch backwards add their rows, step() applies their sum once; the
+    same table as one fused step over the whole batch."""
+    torch.manual_seed(7)
+    args = CONFIGS["gated"]
+    ref, _ = pair(args)
+    x, dy = torch.randn(12, 16), torch.randn(12, 16)
+    _, whole = pair(args)
+    _, micro = pair(args)
+    whole.load_state_dict(ref.state_dict())
+    micro.load_state_dict(ref.state_dict())
+    ow = whole.fused_optimizer("adam", lr=0.01)
+    om = micro.fused_optimizer("adam", lr=0.01, accumulate=True)
+    (whole(x) * dy).sum().backward()
+    for i in range(3):
+        (micro(x[4 * i:4 * i + 4]) * dy[4 * i:4 * i + 4]).sum().backward()
+    check(om.steps() == 0 and om.pending_rows() > 0, "accumulate: nothing applied before step()")
+    norm = om.step()
+    check(om.steps() == 1 and om.pending_rows() == 0, "accumulate: step() applies once")
+    check(abs(norm - ow.step()) <= 1e-5 * norm, "accumulate: the same gradient norm as one step over the batch")
+    d = rel(micro.values.weight.detach(), whole.values.weight.detach())
+    check(d < 1e-6, "accumulate: the same table as one step over the whole batch (%.2g)" % d)
+    om.zero_grad()
+    (micro(x[:4]) * dy[:4]).sum().backward()
+    om.zero_grad()
+    check(om.pending_rows() == 0, "accumulate: zero_grad drops the accumulated rows")
+
+
+def test_state_pickle_and_names(work):
+    """The fused optimizer's state is in state_dict and pickles; torch.save / deepcopy work;
+    a model pickled here loads and runs in a fresh process without load_library(); the
+    reference's argument names are accepted, its unsupported options refused."""
+    import copy
+    torch.manual_seed(8)
+    args = CONFIGS["memplus"]
+    ref, mem = pair(args)
+    opt = mem.fused_optimizer("adam", lr=0.01)
+    x, dy = torch.randn(6, 16), torch.randn(6, 16)
+    (mem(x) * dy).sum().backward()
+    sd = mem.state_dict()
+    check(all(k in sd for k in ("fused_optimizer.step", "fused_optimizer.exp_avg", "fused_optimizer.config")),
+          "state_dict holds the fused optimizer's state")
+    _, back = pair(args)
+    back.fused_optimizer("adam", lr=0.5)
+    back.load_state_dict(sd, strict=True)
+    check(back._fused.steps() == 1 and back._fused.lr == 0.01, "load_state_dict restores the optimizer's state and lr")
+    for m in (mem, back):
+        (m(x) * dy).sum().backward()
+    check(torch.equal(mem.values.weight, back.values.weight), "after a restore the next step is bit for bit the same")
+    _, plain = pair(args)
+    r = plain.load_state_dict(sd, strict=False)
+    check("fused_optimizer.step" in r.unexpected_keys and not r.missing_keys,
+          "strict=False into a module without a fused optimizer: its keys are unexpected")
+    try:
+        plain.load_state_dict(sd, strict=True)
+        check(False, "optimizer state into a module without a fused optimizer is refused")
+    except RuntimeError as e:
+        check("fused_optimizer.step" in str(e), "optimizer state into a module without one: refused, naming the keys")
+    bad = dict(sd)
+    bad["fused_optimizer.exp_avg_sq"] = -bad["fused_optimizer.exp_avg_sq"] - 1
+    try:
+        back.load_state_dict(bad)
+        check(False, "a negative second moment is refused")
+    except RuntimeError as e:
+        check("finite values >= 0" in str(e), "a negative second moment: refused with the rule")
+    twin = copy.deepcopy(mem)
+    check(twin._fused.steps() == mem._fused.steps() and twin._fused.table is twin.values.weight,
+          "deepcopy copies the optimizer and points it at the copy's table")
+    path = os.path.join(work, "fused_module.pt")
+    os.makedirs(work, exist_ok=True)
+    torch.save(mem, path)
+    torch.save(x, path + ".x")
+    with torch.no_grad():
+        torch.save(mem(x), path + ".y")
+    code = ("import sys, torch; sys.path.insert(0, %r); import pkm_torch; m = torch.load(%r); x = torch.load(%r); "
+            "y = torch.load(%r); assert torch.equal(m(x), y), 'different output'; print('steps', m._fused.steps())" %
+            (os.path.join(HERE, "..", "..", "python"), path, path + ".x", path + ".y"))
+    env = dict(os.environ, PKM_TORCH_LIBRARY=pkm_torch._loaded)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    check(run.returncode == 0 and "steps 2" in run.stdout,
+          "torch.save(module) loads and runs in a fresh process (%s)" % (run.stdout + run.stderr).strip()[-200:])
+
+    # The reference's names: a drop-in constructor call, reset_parameters, AdamW on everything.
+    m = pkm_torch.HashingMemory(16, 16, mem_n_keys=8, mem_heads=2, mem_knn=4, mem_k_dim=8, mem_v_dim=-1,
+                                mem_gated=True, mem_query_bias=False, mem_share_values=False, value_fixed_lr=0.002,
+                                mem_input_dropout=0.1, mem_value_dropout=0.1, swilu_projection=True)
+    check(m.gating is not None and m.query_proj.query_mlps[0].bias is None, "mem_gated and mem_query_bias take effect")
+    check(m.values.weight.fixed_lr == 0.002 and m.values.weight.pk_value_param, "value_fixed_lr as the reference sets it")
+    m.reset_parameters()
+    adamw = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    (m(torch.randn(5, 16)) ** 2).sum().backward()
+    adamw.step()
+    check(True, "torch.optim.AdamW(model.parameters()) steps the default (dense) module")
+    scripted = torch.jit.script(m.eval())
+    xs = torch.randn(4, 16)
+    check(torch.equal(scripted(xs), m(xs)), "torch.jit.script runs the module, same output")
+    a = pkm_torch.HashingMemory(16, 16, mem_n_keys=8, mem_heads=2, mem_knn=4, mem_k_dim=8, mem_share_values=True)
+    b = pkm_torch.HashingMemory(16, 16, mem_n_keys=8, mem_heads=2, mem_knn=4, mem_k_dim=8, mem_share_values=True)
+    check(a.values is b.values, "mem_share_values=True shares one table, as the reference")
+    pkm_torch.HashingMemory.reset_shared_state()
+    for kwargs, kind, msg in ((dict(mem_query_dropout=0.1), ValueError, "mem_query_dropout = 0.1 is not supported"),
+                              (dict(peer_variant=True), ValueError, "peer_variant"),
+                              (dict(mem_bogus=1), TypeError, "unknown argument 'mem_bogus'"),
+                              (dict(gating=True, mem_gated=True), TypeError, "both set gating"),
+                              (dict(qk_norm=True, qk_norm_scale=float("nan")), ValueError, "qk_norm_scale = nan"),
+                              (dict(qk_norm=True, qk_norm_scale=-3.0), ValueError, "qk_norm_scale = -3"),
+                              (dict(mem_knn=9), ValueError, "knn = 9 is out of range")):
+        expect_error(kind, msg, lambda: pkm_torch.HashingMemory(16, 16, mem_n_keys=8, mem_heads=2, mem_k_dim=8,
+                                                                **{"mem_knn": 4, **kwargs}),
+                     "HashingMemory(%s)" % kwargs)
+
+
 def main():
     pkm_torch.load_library(sys.argv[1] if len(sys.argv) > 1 else None)
     torch.set_num_threads(2)
     for t in (test_against_reference, test_btc_and_bf16, test_gradcheck, test_sparse_adam_and_fused,
-              test_shared_values, test_bad_input):
+              test_shared_values, test_bad_input, test_full_shapes, test_fused_twice_in_one_loss,
+              test_gradient_accumulation):
         t()
+    test_state_pickle_and_names(sys.argv[3] if len(sys.argv) > 3 else "/tmp/pkm_torch_test")
     if len(sys.argv) > 3:
         test_train_then_load_in_cpp(sys.argv[2], sys.argv[3])
     print("%d failed" % len(FAILS))

@@ -62,13 +62,7 @@ void load_optimizer_state(const SafetensorsFile& f, Optimizer& optimizer, const 
     ((kind = kind_arg), ...);
     f.visit<T>(full, [&](const T* v, std::size_t first, std::size_t n) {
       for (std::size_t i = 0; i < n; ++i) {
-        bool ok = true;
-        if constexpr (std::is_floating_point_v<T>) {
-          ok = std::isfinite(v[i]) && !(kind == optim::StateKind::non_negative && v[i] < T(0));
-        } else {
-          ok = v[i] >= 0 && !(kind == optim::StateKind::row_count && loaded_step >= 0 && v[i] > loaded_step);
-        }
-        if (!ok) {
+        if (!optim::state_value_ok(kind, v[i], loaded_step)) {
           throw std::invalid_argument(std::string(who) + ": tensor '" + full + "' holds " + std::to_string(v[i]) +
                                       " at element " + std::to_string(first + i) + "; expected " +
                                       optim::state_kind_rule(kind) + " (the optimizer is unchanged)");

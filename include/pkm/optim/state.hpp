@@ -4,10 +4,12 @@
 // changes anything, so a state file can never turn the next step into NaN.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace pkm::optim {
 
@@ -26,6 +28,19 @@ inline const char* state_kind_rule(StateKind k) {
     case StateKind::non_negative: return "finite values >= 0";
   }
   return "?";
+}
+
+/// Whether a loaded state value v may be held by a tensor of this kind (`step`: the
+/// optimizer's step count, for row counts; < 0 when not known yet). The one rule every loader
+/// of optimizer state applies (pkm::io::load_optimizer_state, the PyTorch operator's
+/// ValueOptimizer).
+template <class T>
+bool state_value_ok(StateKind kind, T v, std::int64_t step) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return std::isfinite(v) && !(kind == StateKind::non_negative && v < T(0));
+  } else {
+    return v >= 0 && !(kind == StateKind::row_count && step >= 0 && static_cast<std::int64_t>(v) > step);
+  }
 }
 
 namespace detail {

@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <optional>
 
 #include "pkm/torch/memory_function.hpp"
 
@@ -18,7 +19,7 @@ struct MemoryModuleOptions {
   std::int64_t v_dim = -1;  ///< -1: output_dim
   bool swilu_projection = true, value_projection = true, gating = false, query_bias = true;
   bool qk_norm = false;
-  double qk_norm_scale = 0.0;  ///< <= 0: sqrt(k_dim / 2)
+  std::optional<double> qk_norm_scale;  ///< unset: sqrt(k_dim / 2); set: > 0 and finite (checked)
   bool sparse_grad = true;     ///< the table's gradient as a sparse COO tensor
 };
 
@@ -56,10 +57,13 @@ class MemoryModuleImpl : public torch::nn::Module {
   }
 
   /// pkm's optimizer for this module's table, for the fused mode ("adam" or "adagrad").
+  /// With `accumulate`, backwards only add their gradient rows and the optimizer's
+  /// step(table) applies them (gradient accumulation).
   c10::intrusive_ptr<ValueOptimizer> make_value_optimizer(const std::string& kind, double lr,
-                                                          double max_grad_norm = 0.0, double weight_decay = 0.0) {
+                                                          double max_grad_norm = 0.0, double weight_decay = 0.0,
+                                                          bool accumulate = false) {
     return c10::make_intrusive<ValueOptimizer>(kind, values->weight.size(0), values->weight.size(1), lr, max_grad_norm,
-                                               weight_decay, 0.9, 0.999, 1e-8);
+                                               weight_decay, 0.9, 0.999, 1e-8, accumulate);
   }
 
   torch::Tensor keys;

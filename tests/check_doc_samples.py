@@ -7,8 +7,15 @@ and equal, line for line, the region of that file between `// [NAME]` and `// [/
 (indentation of the region removed). A block without a marker, a marker without a block, a
 missing file or region, or any difference fails, naming the document and line.
 
-Usage: check_doc_samples.py REPO_ROOT
+A CUDA sample (a .cu file) must also have been compiled by this build where nvcc is present:
+CMake passes `--compiled FILE=BINARY` for each CUDA sample it builds, and the check fails if
+nvcc is installed but a .cu sample was not built, or its binary is older than the source
+(--no-cuda-build: the build leaves CUDA or the samples out on purpose).
+
+Usage: check_doc_samples.py REPO_ROOT [--compiled FILE=BINARY ...] [--no-cuda-build]
 """
+import os
+import shutil
 import pathlib
 import re
 import sys
@@ -27,8 +34,13 @@ def region(path, name):
     return textwrap.dedent("\n".join(lines[begin + 1:end])).splitlines()
 
 
-def main(root):
+def find_nvcc():
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+def main(root, compiled, cuda_build=True):
     root = pathlib.Path(root)
+    cuda_samples = set()
     docs = [root / "README.md"] + sorted((root / "docs").glob("*.md"))
     errors, checked = [], 0
     for doc in docs:
@@ -50,6 +62,8 @@ def main(root):
                         errors.append(f"{where}: a C++ sample without a <!-- sample: FILE#NAME --> marker")
                     else:
                         file, name, _ = pending
+                        if file.endswith(".cu"):
+                            cuda_samples.add(file)
                         want = region(root / file, name) if (root / file).exists() else None
                         got = lines[i + 1:j]
                         if want is None:
@@ -68,6 +82,19 @@ def main(root):
             i += 1
         if pending is not None:
             errors.append(f"{doc.relative_to(root)}:{pending[2]}: marker not followed by a ```cpp block")
+    nvcc = find_nvcc()
+    for file in sorted(cuda_samples):
+        if nvcc is None or not cuda_build:
+            print(f"{file}: a CUDA sample, not compiled by this build ({'no nvcc' if nvcc is None else 'CUDA or the samples off'})")
+            continue
+        binary = compiled.get(file)
+        if binary is None:
+            errors.append(f"{file}: a CUDA sample, and nvcc is at {nvcc}, but the build did not compile it "
+                          "(configure with PKM_CUDA=ON and PKM_BUILD_DOC_SAMPLES=ON)")
+        elif not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(root / file):
+            errors.append(f"{file}: its build {binary} is missing or older than the source")
+        else:
+            print(f"{file}: compiled with nvcc ({binary})")
     for e in errors:
         print(e)
     print(f"{checked} C++ samples checked, {len(errors)} problems")
@@ -75,4 +102,11 @@ def main(root):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "."))
+    args = sys.argv[1:]
+    root = args[0] if args and not args[0].startswith("--") else "."
+    built = {}
+    for i, a in enumerate(args):
+        if a == "--compiled" and i + 1 < len(args):
+            f, _, b = args[i + 1].partition("=")
+            built[f] = b
+    sys.exit(main(root, built, "--no-cuda-build" not in args))

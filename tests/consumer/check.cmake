@@ -7,9 +7,17 @@ function(run)
     message(FATAL_ERROR "failed (${rc}): ${ARGV}")
   endif()
 endfunction()
-run(${CMAKE_COMMAND} -S ${PKM_SOURCE} -B ${WORK}/pkm-build -G ${GENERATOR}
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${PKM_SOURCE} -B ${WORK}/pkm-build -G ${GENERATOR}
     -DPKM_BUILD_TESTS=OFF -DPKM_BUILD_BENCH=OFF -DPKM_BUILD_EXAMPLES=OFF
-    -DCMAKE_INSTALL_PREFIX=${WORK}/prefix)
+    -DCMAKE_INSTALL_PREFIX=${WORK}/prefix RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "the install configure failed (${rc}):\n${out}\n${err}")
+endif()
+# An install-only configure builds nothing of pkm's own: it must not look for Torch or CUDA
+# (slow, and it used to announce tests and benchmarks that do not exist).
+if(out MATCHES "pkm: (Torch|CUDA|no CUDA)" OR out MATCHES "tests and benchmark are on")
+  message(FATAL_ERROR "the install configure probed Torch or CUDA:\n${out}")
+endif()
 run(${CMAKE_COMMAND} --install ${WORK}/pkm-build)
 run(${CMAKE_COMMAND} -S ${PKM_SOURCE}/tests/consumer -B ${WORK}/consumer-build -G ${GENERATOR}
     -DCMAKE_PREFIX_PATH=${WORK}/prefix -DCMAKE_BUILD_TYPE=Release)

@@ -58,7 +58,7 @@ def recalls(csv_path):
 
 def regions(rows, curve, when):
     d, m = rows["dense"], rows["memory"]
-    ratio = m[3] / d[3]
+    ratio = m[4] / d[4]  # from the counts, as train_facts prints it
     per_epoch = (m[5] / d[5])
     readme = (
         "| block | MACs/token | total params | facts recalled | train time |\n"

@@ -693,16 +693,19 @@ TEST_CASE("RowAccumulator sums backwards' rows as merging their sparse gradients
   // plain reference: union of sorted rows, sums in the same order).
   const Index rows = 300, dim = 37;
   std::mt19937_64 rng(5);
-  pkm::SparseRowGrad<float> merged;
-  pkm::RowAccumulator<float> acc(rows, dim);
-  CHECK(acc.empty());
-  for (int k = 0; k < 3; ++k) {
+  auto gradient = [&](int k) {  // rows k, k + 2 + k, ...: overlapping between the three
     pkm::SparseRowGrad<float> g;
     g.dim = dim;
     for (std::int64_t r = k; r < rows; r += 2 + k) g.rows.push_back(r);
     g.values = pkmtest::random_matrix(Index(g.rows.size()), dim, 40 + k).cast<float>();
-    merged.merge(g);
-    acc.add(g);
+    return g;
+  };
+  pkm::SparseRowGrad<float> merged;
+  pkm::RowAccumulator<float> acc(rows, dim);
+  CHECK(acc.empty());
+  for (int k = 0; k < 3; ++k) {
+    merged.merge(gradient(k));
+    acc.add(gradient(k));
   }
   const pkm::SparseRowGrad<float> got = acc.gradient();
   CHECK(got.rows == merged.rows);
@@ -711,13 +714,7 @@ TEST_CASE("RowAccumulator sums backwards' rows as merging their sparse gradients
   // The same bits with 1 and 2 threads.
   omp_set_num_threads(1);
   pkm::RowAccumulator<float> one(rows, dim);
-  for (int k = 0; k < 3; ++k) {
-    pkm::SparseRowGrad<float> g;
-    g.dim = dim;
-    for (std::int64_t r = k; r < rows; r += 2 + k) g.rows.push_back(r);
-    g.values = pkmtest::random_matrix(Index(g.rows.size()), dim, 40 + k).cast<float>();
-    one.add(g);
-  }
+  for (int k = 0; k < 3; ++k) one.add(gradient(k));
   omp_set_num_threads(2);
   CHECK(pkmtest::same_bits(one.gradient().values, got.values));
   // A step from the accumulator equals a step from the merged gradient, bit for bit.

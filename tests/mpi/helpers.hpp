@@ -4,7 +4,12 @@
 
 #include <mpi.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -80,5 +85,23 @@ inline dist::ColumnShards split(bool uneven) {
 
 /// columns [c0, c0 + w) of a sparse gradient's rows, as a dense matrix over its row ids.
 inline Mat columns(const pkm::SparseRowGrad<float>& g, Index c0, Index w) { return g.values.middleCols(c0, w); }
+
+/// One folder for the whole group (process 0 makes it), removed with everything in it.
+struct GroupDir {
+  std::string path;
+  GroupDir() {
+    char dir[256] = {0};
+    if (world_rank() == 0) {
+      std::snprintf(dir, sizeof dir, "%s", "/tmp/pkm-mpi-faults-XXXXXX");
+      if (mkdtemp(dir) == nullptr) dir[0] = '\0';
+    }
+    MPI_Bcast(dir, sizeof dir, MPI_CHAR, 0, MPI_COMM_WORLD);
+    path = dir;
+  }
+  ~GroupDir() {
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (world_rank() == 0 && !path.empty()) std::filesystem::remove_all(path);
+  }
+};
 
 }  // namespace mpitest

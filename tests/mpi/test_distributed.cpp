@@ -196,18 +196,13 @@ TEST_CASE("mpi: save shards, gather, load: the same layer", "[mpi]") {
   dist::MemoryParallelLayer<float, pkm::bf16> layer(group, c, shards, 3);
   const pkm::MemoryLayer<float, pkm::bf16> whole(c, 3);
   const int me = group.rank(), P = group.size();
-  // One folder for the group: process 0 makes it and tells the others.
-  char dir[256] = {0};
-  if (me == 0) {
-    std::snprintf(dir, sizeof dir, "%s", "/tmp/pkm-mpi-XXXXXX");
-    REQUIRE(mkdtemp(dir) != nullptr);
-  }
-  MPI_Bcast(dir, sizeof dir, MPI_CHAR, 0, MPI_COMM_WORLD);
-  const std::string prefix = std::string(dir) + "/layer";
+  const GroupDir dir;  // one folder for the group, removed at the end
+  REQUIRE(!dir.path.empty());
+  const std::string prefix = dir.path + "/layer";
   dist::save_shard(dist::shard_path(prefix, me, P), layer);
   std::vector<std::string> paths;
   for (int q = P - 1; q >= 0; --q) paths.push_back(dist::shard_path(prefix, q, P));  // any order
-  const std::string gathered = std::string(dir) + "/whole-" + std::to_string(me) + ".safetensors";
+  const std::string gathered = dir.path + "/whole-" + std::to_string(me) + ".safetensors";
   pkm::io::gather_shards(paths, gathered);
   // The gathered file is the single-process layer, bit for bit.
   const auto loaded = pkm::io::load_layer<float, pkm::bf16>(pkm::io::SafetensorsFile(gathered));
@@ -231,14 +226,6 @@ TEST_CASE("mpi: save shards, gather, load: the same layer", "[mpi]") {
   if (P > 1) {
     CHECK_THROWS_AS((dist::load_shard<float, pkm::bf16>(group, dist::shard_path(prefix, (me + 1) % P, P), shards)),
                     std::invalid_argument);
-  }
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (me == 0) {
-    for (int q = 0; q < P; ++q) {
-      std::remove(dist::shard_path(prefix, q, P).c_str());
-      std::remove((std::string(dir) + "/whole-" + std::to_string(q) + ".safetensors").c_str());
-    }
-    rmdir(dir);
   }
 }
 

@@ -22,24 +22,6 @@ namespace {
 
 using namespace mpitest;
 
-/// One folder for the whole group (process 0 makes it), removed with everything in it.
-struct GroupDir {
-  std::string path;
-  GroupDir() {
-    char dir[256] = {0};
-    if (world_rank() == 0) {
-      std::snprintf(dir, sizeof dir, "%s", "/tmp/pkm-mpi-faults-XXXXXX");
-      if (mkdtemp(dir) == nullptr) dir[0] = '\0';
-    }
-    MPI_Bcast(dir, sizeof dir, MPI_CHAR, 0, MPI_COMM_WORLD);
-    path = dir;
-  }
-  ~GroupDir() {
-    MPI_Barrier(MPI_COMM_WORLD);
-    if (world_rank() == 0 && !path.empty()) std::filesystem::remove_all(path);
-  }
-};
-
 /// A layer after one forward, ready for a backward or a step.
 struct Stepped {
   dist::Group& group;

@@ -1,14 +1,16 @@
-// The MPI tests' main: MPI around a Catch2 session. Every process runs every test case (they
-// are collective); mpirun fails when any process fails.
-#define CATCH_CONFIG_RUNNER
+// The MPI tests' main: MPI around a Catch2 session (its implementation is
+// tests/catch_session.cpp). Every process runs every test case (they are collective); mpirun
+// fails when any process fails.
 #include <mpi.h>
 
-#include <catch2/catch.hpp>
+namespace pkmtest {
+int run_catch(int argc, char** argv);
+}
 
 int main(int argc, char** argv) {
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
-  const int failed = Catch::Session().run(argc, argv);
+  const int failed = pkmtest::run_catch(argc, argv);
   MPI_Finalize();
   return failed;
 }

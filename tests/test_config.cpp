@@ -77,3 +77,23 @@ TEST_CASE("layers and parameter sets refuse an invalid config", "[config][errors
   CHECK_THROWS_AS(pkm::LayerParameters<float>(c), std::invalid_argument);
   CHECK_THROWS_AS(pkm::LayerGradients<float>(c), std::invalid_argument);
 }
+
+TEST_CASE("one vocabulary of element types and one version", "[config][dtype]") {
+  for (pkm::Dtype d : pkm::kDtypes) {
+    INFO(pkm::dtype_name(d));
+    CHECK(pkm::parse_dtype(pkm::dtype_name(d)) == d);
+    CHECK(pkm::dtype_size(d) > 0);
+  }
+  CHECK(!pkm::parse_dtype("Q8"));
+  CHECK(pkm::dtype_of<float>() == pkm::Dtype::f32);
+  CHECK(pkm::dtype_of<pkm::bf16>() == pkm::Dtype::bf16);
+  CHECK(pkm::dtype_of<pkm::fp16>() == pkm::Dtype::f16);
+  CHECK(pkm::dtype_of<double>() == pkm::Dtype::f64);
+  CHECK(pkm::dtype_of<std::int64_t>() == pkm::Dtype::i64);
+  CHECK(pkm::dtype_size(pkm::dtype_of<pkm::bf16>()) == sizeof(pkm::bf16));
+  CHECK(pkm::is_float(pkm::Dtype::bf16));
+  CHECK(!pkm::is_float(pkm::Dtype::i32));
+  CHECK(std::string(PKM_VERSION_STRING) == std::to_string(PKM_VERSION_MAJOR) + "." +
+                                               std::to_string(PKM_VERSION_MINOR) + "." +
+                                               std::to_string(PKM_VERSION_PATCH));
+}

@@ -55,7 +55,7 @@ void expect_refused(const Args& args, pc::Status s, const std::string& field) {
 
 TEST_CASE("cuda layout: every column of a row is read exactly once, in whole vectors", "[cuda]") {
   for (std::int64_t dim : {1, 2, 7, 8, 100, 255, 256, 1000, 1024, 4096, 4097}) {
-    for (pc::DType t : {pc::DType::f32, pc::DType::bf16, pc::DType::f16}) {
+    for (pkm::Dtype t : {pkm::Dtype::f32, pkm::Dtype::bf16, pkm::Dtype::f16}) {
       for (std::int64_t pad : {0, 1, 8}) {
         for (std::uintptr_t base : {std::uintptr_t(0x1000), std::uintptr_t(0x1008)}) {
           const std::int64_t stride = dim + pad;
@@ -77,8 +77,8 @@ TEST_CASE("cuda layout: every column of a row is read exactly once, in whole vec
   CHECK(pcd::lanes_for(1, 1) == 4);
   CHECK(pcd::lanes_for(100, 4) == 32);
   CHECK(pcd::lanes_for(64, 8) == 8);
-  CHECK(pcd::row_layout(pc::DType::bf16, 0x1000, 4096, 4096).vec == 8);
-  CHECK(pcd::row_layout(pc::DType::f32, 0x1000, 4097, 4097).vec == 1);  // any v_dim: scalars
+  CHECK(pcd::row_layout(pkm::Dtype::bf16, 0x1000, 4096, 4096).vec == 8);
+  CHECK(pcd::row_layout(pkm::Dtype::f32, 0x1000, 4097, 4097).vec == 1);  // any v_dim: scalars
 }
 
 TEST_CASE("cuda layout: every token gets one whole sub-warp, and threads past the batch none", "[cuda]") {
@@ -191,7 +191,7 @@ TEST_CASE("cuda arguments: every bad argument gets its status and a message nami
   alignas(16) static float buf[64];
   static std::int64_t idx[64];
   pc::ForwardArgs f;
-  f.table = {buf, pc::DType::f32, 10, 4, 4};
+  f.table = {buf, pkm::Dtype::f32, 10, 4, 4};
   f.bag = {idx, 3, 2, 2};
   f.weights = buf;
   f.out = buf;
@@ -212,7 +212,7 @@ TEST_CASE("cuda arguments: every bad argument gets its status and a message nami
   expect_refused(a, pc::Status::bad_stride, "table.stride = 3");
   a = f, a.table.data = reinterpret_cast<const char*>(buf) + 2;
   expect_refused(a, pc::Status::misaligned, "table.data");
-  a = f, a.table.dtype = pc::DType::bf16, a.table.data = reinterpret_cast<const char*>(buf) + 1;
+  a = f, a.table.dtype = pkm::Dtype::bf16, a.table.data = reinterpret_cast<const char*>(buf) + 1;
   expect_refused(a, pc::Status::misaligned, "2-byte");
   a = f, a.table.rows = INT_MAX, a.table.stride = std::int64_t(1) << 40;
   expect_refused(a, pc::Status::bad_size, "too large");

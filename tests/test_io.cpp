@@ -57,7 +57,7 @@ TEST_CASE("pkm matches PyTorch autograd on every golden case", "[io][golden]") {
 TEST_CASE("a BF16 value table loads as BF16 or converts to float", "[io][golden]") {
   const SafetensorsFile ckpt(data("bf16_values.checkpoint.safetensors")), in(data("bf16_values.input.safetensors")),
       expected(data("bf16_values.expected.safetensors"));
-  REQUIRE(ckpt.info("values.weight").dtype == pkm::io::Dtype::BF16);
+  REQUIRE(ckpt.info("values.weight").dtype == pkm::io::Dtype::bf16);
   auto as_bf16 = pkm::io::load_layer<float, pkm::bf16>(ckpt);
   auto as_f32 = pkm::io::load_layer<float, float>(ckpt);
   const pkm::RowMatrix<float> x = [&] {
@@ -75,7 +75,7 @@ TEST_CASE("a BF16 value table loads as BF16 or converts to float", "[io][golden]
   // Saving the BF16 layer writes BF16 values, bit for bit.
   pkm::io::save_layer(temp_path("bf16"), as_bf16);
   const SafetensorsFile back(temp_path("bf16"));
-  CHECK(back.info("values.weight").dtype == pkm::io::Dtype::BF16);
+  CHECK(back.info("values.weight").dtype == pkm::io::Dtype::bf16);
   const auto a = ckpt.read<pkm::bf16>("values.weight"), b = back.read<pkm::bf16>("values.weight");
   CHECK(std::memcmp(a.data(), b.data(), a.size() * 2) == 0);
   std::remove(temp_path("bf16").c_str());
@@ -92,7 +92,7 @@ TEST_CASE("save then load gives back the same layer, bit for bit", "[io]") {
   CHECK(f.metadata().at("mem_knn") == "3");
   CHECK(f.metadata().at("qk_norm") == "true");
   CHECK(f.metadata().at("note") == "from pkm");
-  CHECK(f.info("values.weight").dtype == pkm::io::Dtype::F64);
+  CHECK(f.info("values.weight").dtype == pkm::io::Dtype::f64);
   CHECK(f.info("query_proj.query_mlps.0.bias").shape == std::vector<std::int64_t>{c.heads * c.k_dim});
   auto back = pkm::io::load_layer<double>(f);
   CHECK(back.config() == c);

@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
   std::vector<Row> rows_out;
   std::printf("| table | v_dim | rows | tokens | naive GB/s | pkm GB/s | pkm / copy | pkm / naive | backward GB/s | backward / copy |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-  for (pkm::cuda::DType dtype : {pkm::cuda::DType::f32, pkm::cuda::DType::bf16}) {
+  for (pkm::Dtype dtype : {pkm::Dtype::f32, pkm::Dtype::bf16}) {
     for (std::int64_t dim : {256, 1024, 4096}) {
       const int esize = pkm::cuda::dtype_bytes(dtype);
       const std::int64_t rows = std::int64_t(table_bytes / std::size_t(dim * esize));
@@ -141,7 +141,7 @@ int main(int argc, char** argv) {
       const auto threads = tokens * dim;
       const unsigned blocks = unsigned((threads + 255) / 256);
       const float naive_ms = median_ms(5, [&] {
-        if (dtype == pkm::cuda::DType::f32) {
+        if (dtype == pkm::Dtype::f32) {
           naive_gather<<<blocks, 256>>>(static_cast<const float*>(table), dim, d_idx, d_w, tokens, bag, dim, d_out);
         } else {
           naive_gather<<<blocks, 256>>>(static_cast<const __nv_bfloat16*>(table), dim, d_idx, d_w, tokens, bag, dim, d_out);
@@ -176,7 +176,7 @@ int main(int argc, char** argv) {
       // Backward traffic: the table rows the weights' gradient reads, dy read once per pair
       // by the value gradient, and the gradient rows written.
       const double back_bytes = read_bytes + double(n) * double(dim) * 4 + double(unique) * double(dim) * 4;
-      Row r{dtype == pkm::cuda::DType::f32 ? "fp32" : "bf16", dim, rows, tokens,
+      Row r{dtype == pkm::Dtype::f32 ? "fp32" : "bf16", dim, rows, tokens,
             read_bytes / (naive_ms * 1e-3) / 1e9, read_bytes / (pkm_ms * 1e-3) / 1e9,
             back_bytes / (back_ms * 1e-3) / 1e9};
       rows_out.push_back(r);

@@ -3,6 +3,9 @@
 
 #include <Eigen/Core>
 #include <cstdint>
+#include <type_traits>
+
+#include "pkm/dtype.hpp"
 
 namespace pkm {
 
@@ -33,5 +36,19 @@ using ConstIndexRef = Eigen::Ref<const IndexMatrix>;
 /// 16-bit storage types for value tables (rows are summed in float).
 using bf16 = Eigen::bfloat16;
 using fp16 = Eigen::half;
+
+/// The Dtype a C++ element type is stored as.
+template <class T>
+constexpr Dtype dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return Dtype::f32;
+  else if constexpr (std::is_same_v<T, double>) return Dtype::f64;
+  else if constexpr (std::is_same_v<T, bf16>) return Dtype::bf16;
+  else if constexpr (std::is_same_v<T, fp16>) return Dtype::f16;
+  else if constexpr (std::is_same_v<T, std::int64_t>) return Dtype::i64;
+  else {
+    static_assert(std::is_same_v<T, std::int32_t>, "pkm::dtype_of: no Dtype for this type");
+    return Dtype::i32;
+  }
+}
 
 }  // namespace pkm

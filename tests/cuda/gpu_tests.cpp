@@ -18,7 +18,7 @@
 namespace {
 
 using pkm::Index;
-using pkm::cuda::DType;
+using pkm::Dtype;
 using pkm::cuda::GradOutput;
 using pkm::cuda::Reduction;
 using pkm::cuda::Status;
@@ -38,12 +38,12 @@ int failures = 0, checks = 0;
   } while (0)
 
 struct Shape {
-  DType dtype;
+  Dtype dtype;
   Index rows, dim, stride, tokens, heads, knn;
   bool hot = false;  // every read is the same slot
 };
 
-const char* name(DType t) { return t == DType::f32 ? "f32" : t == DType::bf16 ? "bf16" : "f16"; }
+const char* name(Dtype t) { return t == Dtype::f32 ? "f32" : t == Dtype::bf16 ? "bf16" : "f16"; }
 
 /// The table as the CPU sees it (a strided view of the bytes the GPU gets).
 struct Case {
@@ -68,9 +68,9 @@ Case make_case(const Shape& s, std::uint64_t seed) {
   c.table.rows = s.rows;
   c.table.dim = s.dim;
   c.table.stride = s.stride;
-  if (s.dtype == DType::f32) fill_table<float>(c.table, rng);
-  if (s.dtype == DType::bf16) fill_table<pkm::bf16>(c.table, rng);
-  if (s.dtype == DType::f16) fill_table<pkm::fp16>(c.table, rng);
+  if (s.dtype == Dtype::f32) fill_table<float>(c.table, rng);
+  if (s.dtype == Dtype::bf16) fill_table<pkm::bf16>(c.table, rng);
+  if (s.dtype == Dtype::f16) fill_table<pkm::fp16>(c.table, rng);
   const Index n = s.tokens * s.heads * s.knn;
   std::uniform_int_distribution<std::int64_t> slot(0, s.rows - 1);
   std::normal_distribution<float> g(0.f, 1.f);
@@ -99,9 +99,9 @@ std::vector<float> softmax(const Case& c) {
 template <class Fn>
 void with_table(Case& c, Fn&& fn) {
   auto* data = c.table.bytes.data();
-  if (c.s.dtype == DType::f32) fn(pkm::ValueTable<float>::view(reinterpret_cast<float*>(data), c.s.rows, c.s.dim, c.s.stride));
-  if (c.s.dtype == DType::bf16) fn(pkm::ValueTable<pkm::bf16>::view(reinterpret_cast<pkm::bf16*>(data), c.s.rows, c.s.dim, c.s.stride));
-  if (c.s.dtype == DType::f16) fn(pkm::ValueTable<pkm::fp16>::view(reinterpret_cast<pkm::fp16*>(data), c.s.rows, c.s.dim, c.s.stride));
+  if (c.s.dtype == Dtype::f32) fn(pkm::ValueTable<float>::view(reinterpret_cast<float*>(data), c.s.rows, c.s.dim, c.s.stride));
+  if (c.s.dtype == Dtype::bf16) fn(pkm::ValueTable<pkm::bf16>::view(reinterpret_cast<pkm::bf16*>(data), c.s.rows, c.s.dim, c.s.stride));
+  if (c.s.dtype == Dtype::f16) fn(pkm::ValueTable<pkm::fp16>::view(reinterpret_cast<pkm::fp16*>(data), c.s.rows, c.s.dim, c.s.stride));
 }
 
 double max_rel(const float* a, const float* b, std::size_t n) {
@@ -214,7 +214,7 @@ void test_backward(Case& c, bool softmax_backward) {
 }
 
 void test_index_check() {
-  Case c = make_case({DType::f32, 50, 16, 16, 9, 2, 3}, 3);
+  Case c = make_case({Dtype::f32, 50, 16, 16, 9, 2, 3}, 3);
   c.idx[17] = 50;  // one past the table
   pkm_cuda_test::ForwardCall call;
   call.indices = c.idx;
@@ -256,7 +256,7 @@ int main() {
   // the small shapes only.
   const bool quick = std::getenv("PKM_CUDA_TESTS_QUICK") != nullptr;
   std::vector<Shape> shapes;
-  for (DType t : {DType::f32, DType::bf16, DType::f16}) {
+  for (Dtype t : {Dtype::f32, Dtype::bf16, Dtype::f16}) {
     for (Index dim : {1, 7, 100, 256, 1024, 4097}) {
       if (quick && dim > 256) continue;
       shapes.push_back({t, 300, dim, dim, 37, 2, 3});

@@ -16,7 +16,7 @@ namespace pkm_cuda_test {
 bool device_available(std::string* why);
 
 struct HostTable {
-  pkm::cuda::DType dtype = pkm::cuda::DType::f32;
+  pkm::Dtype dtype = pkm::Dtype::f32;
   std::int64_t rows = 0, dim = 0, stride = 0;
   std::vector<unsigned char> bytes;  // rows * stride elements
 };

@@ -42,7 +42,7 @@ inline const char* status_name(Status s) {
 /// A value table in device memory: rows x dim elements of dtype, row r at data + r * stride.
 struct Table {
   const void* data = nullptr;
-  DType dtype = DType::f32;
+  Dtype dtype = Dtype::f32;
   std::int64_t rows = 0, dim = 0, stride = 0;
 };
 
@@ -116,7 +116,7 @@ inline Status check_table(const Table& t, std::string* why) {
   if (t.stride < t.dim) {
     return fail(why, Status::bad_stride, "table.stride = " + std::to_string(t.stride) + ", expected >= table.dim = " + std::to_string(t.dim));
   }
-  if (t.dtype != DType::f32 && t.dtype != DType::bf16 && t.dtype != DType::f16) {
+  if (t.dtype != Dtype::f32 && t.dtype != Dtype::bf16 && t.dtype != Dtype::f16) {
     return fail(why, Status::bad_mode, "table.dtype = " + std::to_string(int(t.dtype)) + ", expected f32, bf16 or f16");
   }
   if (!aligned_to(t.data, std::size_t(dtype_bytes(t.dtype)))) {

@@ -358,15 +358,16 @@ inline Status check_indices_on_device(const Bag& bag, std::int64_t rows, int* fl
 template <class Fn>
 void dispatch_table(const Table& t, int vec, Fn&& fn) {
   switch (t.dtype) {
-    case DType::f32: vec == 1 ? fn(static_cast<const float*>(t.data), std::integral_constant<int, 1>{})
+    case Dtype::f32: vec == 1 ? fn(static_cast<const float*>(t.data), std::integral_constant<int, 1>{})
                               : fn(static_cast<const float*>(t.data), std::integral_constant<int, 4>{});
       break;
-    case DType::bf16: vec == 1 ? fn(static_cast<const __nv_bfloat16*>(t.data), std::integral_constant<int, 1>{})
+    case Dtype::bf16: vec == 1 ? fn(static_cast<const __nv_bfloat16*>(t.data), std::integral_constant<int, 1>{})
                                : fn(static_cast<const __nv_bfloat16*>(t.data), std::integral_constant<int, 8>{});
       break;
-    case DType::f16: vec == 1 ? fn(static_cast<const __half*>(t.data), std::integral_constant<int, 1>{})
+    case Dtype::f16: vec == 1 ? fn(static_cast<const __half*>(t.data), std::integral_constant<int, 1>{})
                               : fn(static_cast<const __half*>(t.data), std::integral_constant<int, 8>{});
       break;
+    default: break;  // refused by the host checks (check_table) before any launch
   }
 }
 

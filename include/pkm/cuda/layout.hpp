@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "pkm/dtype.hpp"
+
 #if defined(__CUDACC__)
 #define PKM_HD __host__ __device__
 #else
@@ -15,10 +17,10 @@
 
 namespace pkm::cuda {
 
-/// Element types of a value table (accumulation is always fp32).
-enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+/// A value table's element type: pkm::Dtype f32, bf16 or f16 (accumulation is always fp32).
+using DType [[deprecated("use pkm::Dtype")]] = pkm::Dtype;
 
-PKM_HD inline int dtype_bytes(DType t) { return t == DType::f32 ? 4 : 2; }
+PKM_HD inline int dtype_bytes(Dtype t) { return t == Dtype::f32 ? 4 : 2; }
 
 namespace detail {
 
@@ -48,7 +50,7 @@ struct RowLayout {
 
 /// Elements per 16-byte load for a table of `dtype` when every row start is 16-byte aligned
 /// (pointer and stride) and the width divides into whole vectors; else 1 (scalar loads).
-PKM_HD inline int vector_width(DType dtype, std::uintptr_t data, std::int64_t stride, std::int64_t dim) {
+PKM_HD inline int vector_width(Dtype dtype, std::uintptr_t data, std::int64_t stride, std::int64_t dim) {
   const int esize = dtype_bytes(dtype);
   const int vec = 16 / esize;
   const bool aligned = data % 16 == 0 && (stride * esize) % 16 == 0 && dim % vec == 0;
@@ -64,7 +66,7 @@ PKM_HD inline int lanes_for(std::int64_t dim, int vec) {
   return lanes;
 }
 
-PKM_HD inline RowLayout row_layout(DType dtype, std::uintptr_t data, std::int64_t stride, std::int64_t dim) {
+PKM_HD inline RowLayout row_layout(Dtype dtype, std::uintptr_t data, std::int64_t stride, std::int64_t dim) {
   RowLayout l;
   l.vec = vector_width(dtype, data, stride, dim);
   l.lanes = lanes_for(dim, l.vec);

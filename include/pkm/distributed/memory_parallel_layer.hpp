@@ -39,16 +39,6 @@ struct ParallelForwardCache : ForwardCache<Scalar> {
   mutable ShardedReadCache<Scalar> shard;  ///< the backward reuses its buffers
 };
 
-namespace detail {
-template <class T>
-constexpr int type_code() {
-  if constexpr (std::is_same_v<T, float>) return 1;
-  if constexpr (std::is_same_v<T, double>) return 2;
-  if constexpr (std::is_same_v<T, bf16>) return 3;
-  if constexpr (std::is_same_v<T, fp16>) return 4;
-  return 0;
-}
-}  // namespace detail
 
 template <class Scalar, class TableT = Scalar>
 class MemoryParallelLayer {
@@ -201,7 +191,7 @@ class MemoryParallelLayer {
     detail::Fingerprint config, split, types, values;
     config.add_fields(this->config().fields());
     split.add(shards_.to_string());
-    types.add(detail::type_code<Scalar>()).add(detail::type_code<TableT>());
+    types.add(dtype_of<Scalar>()).add(dtype_of<TableT>());
     params_.for_each([&](Tensor, ConstMatrixMap<Scalar> m) {
       values.add_bytes(m.data(), static_cast<std::size_t>(m.size()) * sizeof(Scalar));
     });

@@ -14,7 +14,7 @@ namespace pkm::io {
 /// One output tensor: F32 data in `f32` or I64 data in `i64`.
 struct NamedTensor {
   std::string name;
-  Dtype dtype = Dtype::F32;
+  Dtype dtype = Dtype::f32;
   std::vector<std::int64_t> shape;
   std::vector<float> f32;
   std::vector<std::int64_t> i64;
@@ -33,7 +33,7 @@ struct ParityResult {
   SafetensorsWriter writer() const {
     SafetensorsWriter w;
     for (const auto& t : tensors) {
-      if (t.dtype == Dtype::I64) {
+      if (t.dtype == Dtype::i64) {
         w.add(t.name, t.shape, t.i64.data());
       } else {
         w.add(t.name, t.shape, t.f32.data());
@@ -68,10 +68,10 @@ inline ParityResult run_parity(const SafetensorsFile& checkpoint, const Safetens
   const RowMatrix<float> y = layer.forward(x, cache);
 
   auto add_f32 = [&](const std::string& name, std::vector<std::int64_t> shape, const float* p, Index n) {
-    r.tensors.push_back(NamedTensor{name, Dtype::F32, std::move(shape), std::vector<float>(p, p + n), {}});
+    r.tensors.push_back(NamedTensor{name, Dtype::f32, std::move(shape), std::vector<float>(p, p + n), {}});
   };
   add_f32("y", {B, c.output_dim}, y.data(), y.size());
-  r.tensors.push_back(NamedTensor{"indices", Dtype::I64, {B, c.heads, c.knn}, {},
+  r.tensors.push_back(NamedTensor{"indices", Dtype::i64, {B, c.heads, c.knn}, {},
                                   std::vector<std::int64_t>(cache.indices.data(), cache.indices.data() + cache.indices.size())});
   add_f32("scores", {B, c.heads, c.knn}, cache.weights.data(), cache.weights.size());
 

@@ -44,54 +44,14 @@
 
 namespace pkm::io {
 
-/// The element types pkm reads and writes.
-enum class Dtype { F32, F64, BF16, F16, I64, I32 };
-
-inline std::size_t dtype_size(Dtype d) {
-  switch (d) {
-    case Dtype::F32: return 4;
-    case Dtype::F64: return 8;
-    case Dtype::BF16: return 2;
-    case Dtype::F16: return 2;
-    case Dtype::I64: return 8;
-    case Dtype::I32: return 4;
-  }
-  return 0;
-}
-
-inline const char* dtype_name(Dtype d) {
-  switch (d) {
-    case Dtype::F32: return "F32";
-    case Dtype::F64: return "F64";
-    case Dtype::BF16: return "BF16";
-    case Dtype::F16: return "F16";
-    case Dtype::I64: return "I64";
-    case Dtype::I32: return "I32";
-  }
-  return "?";
-}
-
-inline std::optional<Dtype> parse_dtype(const std::string& s) {
-  for (Dtype d : {Dtype::F32, Dtype::F64, Dtype::BF16, Dtype::F16, Dtype::I64, Dtype::I32})
-    if (s == dtype_name(d)) return d;
-  return std::nullopt;
-}
-
-constexpr bool is_float(Dtype d) { return d == Dtype::F32 || d == Dtype::F64 || d == Dtype::BF16 || d == Dtype::F16; }
-
-/// The dtype a C++ element type is stored as.
-template <class T>
-constexpr Dtype dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return Dtype::F32;
-  else if constexpr (std::is_same_v<T, double>) return Dtype::F64;
-  else if constexpr (std::is_same_v<T, bf16>) return Dtype::BF16;
-  else if constexpr (std::is_same_v<T, fp16>) return Dtype::F16;
-  else if constexpr (std::is_same_v<T, std::int64_t>) return Dtype::I64;
-  else {
-    static_assert(std::is_same_v<T, std::int32_t>, "pkm::io: unsupported element type");
-    return Dtype::I32;
-  }
-}
+/// The element types pkm reads and writes: pkm::Dtype (pkm/dtype.hpp), under the names io
+/// code has always used.
+using Dtype = pkm::Dtype;
+using pkm::dtype_name;
+using pkm::dtype_of;
+using pkm::dtype_size;
+using pkm::is_float;
+using pkm::parse_dtype;
 
 /// Largest header accepted (the limit of the reference implementation).
 inline constexpr std::uint64_t kMaxHeaderBytes = std::uint64_t{100} << 20;
@@ -106,7 +66,7 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
 /// One tensor of a file: its byte range is [begin, end) of the data section.
 struct TensorInfo {
   std::string name;
-  Dtype dtype = Dtype::F32;
+  Dtype dtype = Dtype::f32;
   std::vector<std::int64_t> shape;
   std::uint64_t begin = 0, end = 0;
 
@@ -130,22 +90,22 @@ inline std::uint16_t load_u16(const std::uint8_t* p) { return std::uint16_t(p[0]
 template <class T>
 T load_element(const std::uint8_t* p, Dtype d, std::size_t i) {
   switch (d) {
-    case Dtype::F32: { float v; std::memcpy(&v, p + 4 * i, 4); return static_cast<T>(v); }
-    case Dtype::F64: { double v; std::memcpy(&v, p + 8 * i, 8); return static_cast<T>(v); }
-    case Dtype::BF16: {
+    case Dtype::f32: { float v; std::memcpy(&v, p + 4 * i, 4); return static_cast<T>(v); }
+    case Dtype::f64: { double v; std::memcpy(&v, p + 8 * i, 8); return static_cast<T>(v); }
+    case Dtype::bf16: {
       bf16 v;
       std::memcpy(&v, p + 2 * i, 2);
       if constexpr (std::is_same_v<T, bf16>) return v;
       else return static_cast<T>(static_cast<float>(v));
     }
-    case Dtype::F16: {
+    case Dtype::f16: {
       fp16 v;
       std::memcpy(&v, p + 2 * i, 2);
       if constexpr (std::is_same_v<T, fp16>) return v;
       else return static_cast<T>(static_cast<float>(v));
     }
-    case Dtype::I64: { std::int64_t v; std::memcpy(&v, p + 8 * i, 8); return static_cast<T>(v); }
-    case Dtype::I32: { std::int32_t v; std::memcpy(&v, p + 4 * i, 4); return static_cast<T>(v); }
+    case Dtype::i64: { std::int64_t v; std::memcpy(&v, p + 8 * i, 8); return static_cast<T>(v); }
+    case Dtype::i32: { std::int32_t v; std::memcpy(&v, p + 4 * i, 4); return static_cast<T>(v); }
   }
   return T{};
 }

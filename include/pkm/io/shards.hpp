@@ -25,17 +25,17 @@ namespace detail {
 template <class F>
 void with_float_type(const SafetensorsFile& f, const std::string& name, Dtype d, F&& fn) {
   switch (d) {
-    case Dtype::F32: fn(float{}); return;
-    case Dtype::F64: fn(double{}); return;
-    case Dtype::BF16: fn(bf16{}); return;
-    case Dtype::F16: fn(fp16{}); return;
+    case Dtype::f32: fn(float{}); return;
+    case Dtype::f64: fn(double{}); return;
+    case Dtype::bf16: fn(bf16{}); return;
+    case Dtype::f16: fn(fp16{}); return;
     default: bad_checkpoint(f, "tensor '" + name + "' has dtype " + dtype_name(d) + "; expected a float dtype");
   }
 }
 
 /// A tensor's bytes in its own dtype, for copying between files unchanged.
 struct RawTensor {
-  Dtype dtype = Dtype::F32;
+  Dtype dtype = Dtype::f32;
   std::vector<std::int64_t> shape;
   std::vector<std::uint8_t> bytes;
 };

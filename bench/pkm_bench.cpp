@@ -2,6 +2,7 @@
 // limit measured in the same run. Reproduce with: pkm_bench --benchmark_format=json
 #include <benchmark/benchmark.h>
 
+#include <pkm/embedding_bag_ref.hpp>
 #include <pkm/pkm.hpp>
 
 #include <dlfcn.h>

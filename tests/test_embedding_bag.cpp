@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include <pkm/embedding_bag_ref.hpp>
 #include <pkm/pkm.hpp>
 
 #include "support.hpp"

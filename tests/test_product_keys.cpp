@@ -4,6 +4,7 @@
 #include <vector>
 
 #include <pkm/pkm.hpp>
+#include <pkm/product_keys_ref.hpp>
 
 #include "support.hpp"
 

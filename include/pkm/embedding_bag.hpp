@@ -1,5 +1,6 @@
 // pkm/embedding_bag.hpp — the weighted gather-sum of value rows (the "read" of a memory layer),
-// forward and backward, and the plain reference version the tests and benchmarks compare to.
+// forward and backward (the plain reference version the tests and benchmarks compare to is
+// pkm/embedding_bag_ref.hpp, outside the umbrella header).
 //
 //   out(b, :) = sum_l weights(b, l) * table.row(indices(b, l))
 //
@@ -22,6 +23,7 @@
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/detail/vec_math.hpp"
 #include "pkm/sparse_grad.hpp"
+#include "pkm/value_gradient.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_table.hpp"
 
@@ -59,22 +61,6 @@ void check_bag_args(const char* who, const ValueTable<T>& table, const ConstInde
   check_indices(who, idx, table.rows());
 }
 }  // namespace detail
-
-/// The obviously-correct version: row by row, element by element, no threads, no prefetch.
-template <class T, class S = detail::accumulator_t<T>>
-void embedding_bag_naive(const ValueTable<T>& table, const ConstIndexRef& indices,
-                         const ConstMatrixRef<detail::no_deduce<S>>& weights, MatrixRef<detail::no_deduce<S>> out) {
-  detail::check_bag_args("pkm::embedding_bag_naive", table, indices, weights, "out", out.rows(),
-                         out.cols());
-  const Index dim = table.dim();
-  for (Index b = 0; b < indices.rows(); ++b) {
-    for (Index d = 0; d < dim; ++d) out(b, d) = S(0);
-    for (Index l = 0; l < indices.cols(); ++l) {
-      const T* row = table.row(indices(b, l));
-      for (Index d = 0; d < dim; ++d) out(b, d) += weights(b, l) * static_cast<S>(row[d]);
-    }
-  }
-}
 
 /// pkm's gather: tokens split over threads; per token, the register-blocked, prefetching
 /// kernel of detail/bag_kernels.hpp (AVX2 + FMA builds) or Eigen's vectorised loop. Each
@@ -185,30 +171,34 @@ bool gradient_known_finite(const ConstMatrixRef<S>& w, const ConstMatrixRef<S>& 
 }
 }  // namespace detail
 
-/// Backward of embedding_bag: dweights(b, l) = <dy(b, :), table.row(indices(b, l))> and the
-/// table gradient sum_{b,l: indices(b,l) = r} weights(b, l) * dy(b, :) for each touched row r,
-/// merged (added) into `dtable`. Contributions to one row are summed in (b, l) order.
-/// `scratch` holds buffers reused between calls.
+/// Backward of embedding_bag into a value-gradient sink (pkm/value_gradient.hpp): writes
+/// dweights(b, l) = <dy(b, :), table.row(indices(b, l))>, then hands the sink the table
+/// gradient sum_{b,l: indices(b,l) = r} weights(b, l) * dy(b, :) of each touched row r, its
+/// contributions summed in (b, l) order. `scratch` holds buffers reused between calls.
+template <class T, class S = detail::accumulator_t<T>, class Sink>
+void embedding_bag_backward_to(const ValueTable<T>& table, const ConstIndexRef& indices,
+                               const ConstMatrixRef<detail::no_deduce<S>>& weights,
+                               const ConstMatrixRef<detail::no_deduce<S>>& dy, MatrixRef<detail::no_deduce<S>> dweights,
+                               Sink&& sink, BagBackwardScratch<S>& scratch) {
+  const char* who = "pkm::embedding_bag_backward";
+  check_sink(sink, who, table.rows(), table.dim());
+  detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights, scratch);
+  auto source = [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); };
+  const auto& items = scratch.items;
+  const auto& seg = scratch.segments;
+  const Index dim = table.dim();
+  sink(seg.rows, dim, [&](Index u, S* out) { detail::reduce_segment(items, seg, u, dim, source, out); });
+}
+
+/// Backward of embedding_bag: dweights as above and the table gradient merged (added) into
+/// `dtable` (a SparseRowGrad: sorted unique rows, one summed row each).
 template <class T, class S = detail::accumulator_t<T>>
 void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& indices,
                             const ConstMatrixRef<detail::no_deduce<S>>& weights, const ConstMatrixRef<detail::no_deduce<S>>& dy,
                             MatrixRef<detail::no_deduce<S>> dweights,
                             SparseRowGrad<detail::no_deduce<S>>& dtable, BagBackwardScratch<S>& scratch) {
-  const char* who = "pkm::embedding_bag_backward";
-  dtable.validate(who, "dtable", table.rows());
-  if (!dtable.empty() && dtable.dim != table.dim()) {
-    throw std::invalid_argument(std::string(who) + ": dtable.dim = " +
-                                std::to_string(dtable.dim) + ", expected table dim " +
-                                std::to_string(table.dim()));
-  }
-  detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights, scratch);
-  // Table gradient: each row's contributions reduced once, in order.
-  auto source = [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); };
-  SparseRowGrad<S>& target = dtable.empty() ? dtable : scratch.local;
-  target.dim = table.dim();
-  target.rows.assign(scratch.segments.rows.begin(), scratch.segments.rows.end());
-  detail::reduce_segments(scratch.items, scratch.segments, table.dim(), source, target.values);
-  if (&target != &dtable) dtable.merge(scratch.local);
+  embedding_bag_backward_to<T, S>(table, indices, weights, dy, dweights, SparseRowGradSink<S>(dtable, scratch.local, "dtable"),
+                                  scratch);
 }
 
 /// As above, with buffers of its own (allocated for this call).

@@ -19,22 +19,26 @@
 #define PKM_EXTERN extern
 #endif
 
-#define PKM_FUSED_BACKWARD(S, T, Opt)                                                            \
-  PKM_EXTERN template double pkm::MemoryLayer<S, T>::backward_fused<Opt>(                        \
-      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&, \
-      pkm::LayerParameters<S>&, Opt&, pkm::MatrixRef<S>);                                        \
-  PKM_EXTERN template double pkm::MemoryLayer<S, T>::backward_fused<Opt>(                        \
-      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&, \
-      pkm::LayerParameters<S>&, Opt&);
+#define PKM_FUSED_BACKWARD(S, T, Opt)                                                                   \
+  PKM_EXTERN template double pkm::MemoryLayer<S, T>::backward_fused_core<Opt>(                          \
+      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&,        \
+      pkm::LayerParameters<S>&, Opt&, pkm::MatrixRef<S>*);
+#define PKM_SPARSE_BACKWARD(S, T)                                                                       \
+  PKM_EXTERN template void pkm::MemoryLayer<S, T>::backward_core<pkm::SparseRowGradSink<S>>(            \
+      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&,        \
+      pkm::LayerParameters<S>&, pkm::SparseRowGradSink<S>&, pkm::MatrixRef<S>*) const;
 
 PKM_EXTERN template class pkm::MemoryLayer<float, float>;
 PKM_EXTERN template class pkm::MemoryLayer<float, pkm::bf16>;
 PKM_EXTERN template class pkm::optim::AdamW<float>;
 PKM_EXTERN template class pkm::optim::LazyAdam<float>;
 PKM_EXTERN template class pkm::optim::RowWiseAdagrad<float>;
+PKM_SPARSE_BACKWARD(float, float)
+PKM_SPARSE_BACKWARD(float, pkm::bf16)
 PKM_FUSED_BACKWARD(float, float, pkm::optim::LazyAdam<float>)
 PKM_FUSED_BACKWARD(float, float, pkm::optim::RowWiseAdagrad<float>)
 PKM_FUSED_BACKWARD(float, pkm::bf16, pkm::optim::LazyAdam<float>)
 PKM_FUSED_BACKWARD(float, pkm::bf16, pkm::optim::RowWiseAdagrad<float>)
 
 #undef PKM_FUSED_BACKWARD
+#undef PKM_SPARSE_BACKWARD

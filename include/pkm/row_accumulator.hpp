@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "pkm/detail/aligned_buffer.hpp"
+#include "pkm/page_buffer.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/sparse_grad.hpp"
@@ -61,7 +61,7 @@ class RowAccumulator {
     }
     if (ids.empty()) return;
     if (!sum_) {
-      sum_ = std::make_unique<detail::PageBuffer<S>>(static_cast<std::size_t>(rows_) * static_cast<std::size_t>(dim_));
+      sum_ = std::make_unique<PageBuffer<S>>(static_cast<std::size_t>(rows_) * static_cast<std::size_t>(dim_));
       touched_.assign(static_cast<std::size_t>(rows_), 0);
     }
     S* sum = sum_->data();
@@ -84,6 +84,20 @@ class RowAccumulator {
       if (!t) ++count_;
       t = 1;
     }
+  }
+
+  /// As a value-gradient sink (pkm/value_gradient.hpp): a backward's rows are added.
+  void check(const char* who, Index table_rows, Index dim) const {
+    if (table_rows != rows_ || dim != dim_) {
+      throw std::invalid_argument(std::string(who) + ": the accumulator is for a table of " + std::to_string(rows_) +
+                                  " x " + std::to_string(dim_) + ", this backward's is " + std::to_string(table_rows) +
+                                  " x " + std::to_string(dim));
+    }
+  }
+  template <class Reduce>
+  void operator()(const std::vector<std::int64_t>& ids, Index dim, Reduce&& reduce) {
+    check("pkm::RowAccumulator", rows_, dim);
+    add_rows(ids, reduce);
   }
 
   /// Adds a sparse gradient (validated first).
@@ -156,7 +170,7 @@ class RowAccumulator {
   }
 
   Index rows_ = 0, dim_ = 0;
-  std::unique_ptr<detail::PageBuffer<S>> sum_;
+  std::unique_ptr<PageBuffer<S>> sum_;
   std::vector<std::uint8_t> touched_;
   std::size_t count_ = 0;
 };

@@ -20,82 +20,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "pkm/detail/checked.hpp"
+#include "pkm/distributed/detail/wire.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm::distributed {
 
-namespace detail {
-template <class T>
-MPI_Datatype mpi_type() {
-  if constexpr (std::is_same_v<T, float>) {
-    return MPI_FLOAT;
-  } else if constexpr (std::is_same_v<T, double>) {
-    return MPI_DOUBLE;
-  } else if constexpr (std::is_same_v<T, std::int64_t>) {
-    return MPI_INT64_T;
-  } else if constexpr (std::is_same_v<T, std::uint64_t>) {
-    return MPI_UINT64_T;
-  } else if constexpr (std::is_same_v<T, char>) {
-    return MPI_CHAR;
-  } else {
-    static_assert(sizeof(T) == 0, "pkm::distributed: no MPI type for this element type");
-  }
-}
-
-/// n as an MPI count (an int), or std::runtime_error naming what is too large.
-inline int mpi_count(const char* who, const char* what, Index n) {
-  if (n < 0 || n > INT_MAX) {
-    throw std::runtime_error(std::string(who) + ": " + what + " needs " + std::to_string(n) +
-                             " elements in one MPI call, more than MPI's int counts allow (" +
-                             std::to_string(INT_MAX) + "); split the batch");
-  }
-  return static_cast<int>(n);
-}
-
-/// a + b for element counts, or std::invalid_argument naming what is too large.
-inline Index checked_sum(const char* who, const char* what, Index a, Index b) {
-  return pkm::detail::checked_add(who, what, a, b);
-}
-
-/// floor(n q / parts) without forming n q: where an even split of n items over `parts`
-/// ends part q - 1.
-inline Index split_point(Index n, int q, int parts) { return n / parts * q + n % parts * q / parts; }
-
-/// FNV-1a over bytes: what the group compares to find processes that disagree.
-class Fingerprint {
- public:
-  Fingerprint& add_bytes(const void* p, std::size_t n) {
-    const auto* b = static_cast<const unsigned char*>(p);
-    for (std::size_t i = 0; i < n; ++i) h_ = (h_ ^ b[i]) * 0x100000001b3ull;
-    return *this;
-  }
-  template <class T>
-  Fingerprint& add(const T& v) {
-    static_assert(std::is_trivially_copyable_v<T>, "fingerprint of a trivially copyable value");
-    return add_bytes(&v, sizeof v);
-  }
-  Fingerprint& add(const std::string& s) {
-    add(s.size());
-    return add_bytes(s.data(), s.size());
-  }
-  template <class T>
-  Fingerprint& add(const std::optional<T>& v) {
-    add(v.has_value());
-    return v ? add(*v) : *this;
-  }
-  /// Every element of a tuple (a config's or options' fields()).
-  template <class... T>
-  Fingerprint& add_fields(const std::tuple<T...>& fields) {
-    std::apply([&](const auto&... f) { (add(f), ...); }, fields);
-    return *this;
-  }
-  std::uint64_t value() const { return h_; }
-
- private:
-  std::uint64_t h_ = 0xcbf29ce484222325ull;
-};
-}  // namespace detail
 
 /// The phases of a collective pkm call. A call is identified by its name (the `who` every
 /// pkm function passes: "pkm::distributed::MemoryParallelLayer::sum_gradients") together with
@@ -329,7 +258,7 @@ class Group {
     }
     // Above MPI's counts: point to point, each block in messages of at most the limit.
     std::copy(send, send + counts[me], recv + at[me]);
-    Exchange x(*this, who);
+    detail::Exchange x(comm_, message_limit_, messages_, who);
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
       x.receive(q, recv + at[static_cast<std::size_t>(q)], counts[static_cast<std::size_t>(q)]);
@@ -359,7 +288,7 @@ class Group {
                              " values to this process and receives " + std::to_string(recv_counts[me]));
     }
     std::copy(send + sat[me], send + sat[me] + send_counts[me], recv + rat[me]);
-    Exchange x(*this, who);
+    detail::Exchange x(comm_, message_limit_, messages_, who);
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
       const auto u = static_cast<std::size_t>(q);
@@ -410,13 +339,7 @@ class Group {
 
   /// Throws std::runtime_error for an MPI error code (the group's communicator returns
   /// errors instead of aborting).
-  static void check(const char* who, const char* call, int code) {
-    if (code == MPI_SUCCESS) return;
-    char text[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(code, text, &len);
-    throw std::runtime_error(std::string(who) + ": " + call + " failed: " + std::string(text, static_cast<std::size_t>(len)));
-  }
+  static void check(const char* who, const char* call, int code) { detail::mpi_check(who, call, code); }
 
  private:
   /// What an agreement found: the lowest and highest failing process (-1: none), and for each
@@ -490,53 +413,6 @@ class Group {
     }
     throw std::runtime_error(text + ". Every process must make the same pkm calls in the same order");
   }
-
-  /// Point-to-point transfers of one collective, each split into messages of at most the
-  /// group's limit, completed together by wait(). Messages between two processes arrive in
-  /// the order they were posted (MPI's non-overtaking rule), so chunks need no tags of their own.
-  class Exchange {
-   public:
-    Exchange(const Group& g, const char* who) : g_(g), who_(who) {}
-    Exchange(const Exchange&) = delete;
-    Exchange& operator=(const Exchange&) = delete;
-    ~Exchange() {
-      if (!requests_.empty()) MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE);
-    }
-    template <class T>
-    void send(int to, const T* data, Index n) {
-      post(to, n, [&](Index at, int count, MPI_Request* r) {
-        return MPI_Isend(data + at, count, detail::mpi_type<T>(), to, kTag, g_.comm_, r);
-      });
-    }
-    template <class T>
-    void receive(int from, T* data, Index n) {
-      post(from, n, [&](Index at, int count, MPI_Request* r) {
-        return MPI_Irecv(data + at, count, detail::mpi_type<T>(), from, kTag, g_.comm_, r);
-      });
-    }
-    void wait() {
-      std::vector<MPI_Request> r;
-      r.swap(requests_);
-      if (!r.empty()) {
-        check(who_, "MPI_Waitall", MPI_Waitall(static_cast<int>(r.size()), r.data(), MPI_STATUSES_IGNORE));
-      }
-    }
-
-   private:
-    static constexpr int kTag = 0x706b6d;  // "pkm"
-    template <class Post>
-    void post(int, Index n, Post&& p) {
-      for (Index at = 0; at < n; at += g_.message_limit_) {
-        const int count = static_cast<int>(std::min(g_.message_limit_, n - at));
-        requests_.emplace_back();
-        ++g_.messages_;
-        check(who_, "MPI_Isend / MPI_Irecv", p(at, count, &requests_.back()));
-      }
-    }
-    const Group& g_;
-    const char* who_;
-    std::vector<MPI_Request> requests_;
-  };
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;

@@ -5,8 +5,8 @@
 // mirrors pkm::MemoryLayer; every call is collective (all processes of the group make it, in
 // the same order, each with its own tokens — any number, 0 included).
 //
-// The composition is the single-process layer's (pkm/detail/layer_core.hpp); only the read
-// differs (pkm/distributed/sharded_read.hpp). The forward's output is bitwise the
+// The composition is the single-process layer's (pkm/layer_composition.hpp) and so is its API
+// (pkm::LayerApi, pkm/layer_api.hpp); only the read differs (pkm/distributed/sharded_read.hpp). The forward's output is bitwise the
 // single-process layer's on the same tokens; the backward equals it up to rounding (the
 // dot products <dy, V[idx]> are summed shard by shard) and is bitwise the same from run to
 // run for a given split. The dense parameter gradients are each process's own tokens'
@@ -19,12 +19,13 @@
 #include <type_traits>
 
 #include "pkm/config.hpp"
-#include "pkm/detail/layer_core.hpp"
 #include "pkm/distributed/column_shards.hpp"
 #include "pkm/distributed/group.hpp"
 #include "pkm/distributed/sharded_read.hpp"
 #include "pkm/init.hpp"
+#include "pkm/layer_api.hpp"
 #include "pkm/layer_cache.hpp"
+#include "pkm/layer_composition.hpp"
 #include "pkm/parameters.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
@@ -41,8 +42,10 @@ struct ParallelForwardCache : ForwardCache<Scalar> {
 
 
 template <class Scalar, class TableT = Scalar>
-class MemoryParallelLayer {
+class MemoryParallelLayer
+    : public LayerApi<MemoryParallelLayer<Scalar, TableT>, Scalar, ParallelForwardCache<Scalar>> {
   static_assert(std::is_floating_point_v<Scalar>, "pkm::distributed::MemoryParallelLayer: Scalar must be float or double");
+  friend class LayerApi<MemoryParallelLayer<Scalar, TableT>, Scalar, ParallelForwardCache<Scalar>>;
 
  public:
   using scalar_type = Scalar;
@@ -103,58 +106,15 @@ class MemoryParallelLayer {
     return g;
   }
 
-  /// out = layer(x) for this process's B tokens, as MemoryLayer::forward (same checks; an
-  /// error on any process throws on every process). Collective.
-  void forward(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out, ParallelForwardCache<Scalar>& cache) const {
-    const char* who = "pkm::distributed::MemoryParallelLayer::forward";
-    group_->collectively(who, Op::layer_forward, [&] { pkm::detail::forward_begin(who, params_, x, out, cache); });
-    sharded_embedding_bag<TableT, Scalar>(*group_, shards_, values_, cache.indices, cache.weights, cache.read,
-                                          cache.shard);
-    group_->collectively(who, Op::layer_forward_end, [&] { pkm::detail::forward_end(who, params_, x, out, cache); });
-  }
-  RowMatrix<Scalar> forward(const ConstMatrixRef<Scalar>& x, ParallelForwardCache<Scalar>& cache) const {
-    RowMatrix<Scalar> out(x.rows(), config().output_dim);
-    forward(x, out, cache);
-    return out;
-  }
+  /// The table's rows and this process's width (LayerApi's value gradients are of this shape).
+  Index value_rows() const { return values_.rows(); }
+  Index value_width() const { return values_.dim(); }
 
-  /// Backward of the forward that filled `cache`, as MemoryLayer::backward: adds this
-  /// process's tokens' dense gradients to dparams, merges the gradient of this process's
-  /// columns (from every token of the group) into dshard, writes dx. Collective.
-  void backward(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams, SparseRowGrad<Scalar>& dshard,
-                MatrixRef<Scalar> dx) const {
-    backward_impl(x, cache, dout, dparams, dshard, &dx);
-  }
-  void backward(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                SparseRowGrad<Scalar>& dshard) const {
-    backward_impl(x, cache, dout, dparams, dshard, nullptr);
-  }
-  void backward(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                const ConstMatrixRef<Scalar>& dout, LayerGradients<Scalar>& grads, MatrixRef<Scalar> dx) const {
-    backward_impl(x, cache, dout, grads.params, grads.values, &dx);
-  }
-  void backward(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                const ConstMatrixRef<Scalar>& dout, LayerGradients<Scalar>& grads) const {
-    backward_impl(x, cache, dout, grads.params, grads.values, nullptr);
-  }
-
-  /// Backward with this process's columns updated in place by `value_optimizer` (made for
-  /// values()), as MemoryLayer::backward_fused: together the processes take one optimizer
-  /// step of the whole table. Returns the whole value gradient's norm. Collective.
-  template <class Optimizer>
-  double backward_fused(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                        Optimizer& value_optimizer, MatrixRef<Scalar> dx) {
-    return backward_fused_impl(x, cache, dout, dparams, value_optimizer, &dx);
-  }
-  template <class Optimizer>
-  double backward_fused(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                        Optimizer& value_optimizer) {
-    return backward_fused_impl(x, cache, dout, dparams, value_optimizer, nullptr);
-  }
+  // forward, backward, backward_to and backward_fused are LayerApi's (pkm/layer_api.hpp), as
+  // MemoryLayer's, each collective: every process of the group calls it with its own tokens
+  // (any number, 0 included). The dense gradients are this process's tokens'; the value
+  // gradient (or the fused step) is of this process's columns, from every token of the group;
+  // backward_fused returns the whole table gradient's norm.
 
   /// One step of `value_optimizer` (made for values()) from dshard, as backward() makes it;
   /// the group's step of the whole table (see pkm::distributed::sharded_step). Collective.
@@ -201,30 +161,40 @@ class MemoryParallelLayer {
                                 {"the layer's dense parameter values", values.value()}});
   }
 
-  void backward_impl(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                     const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                     SparseRowGrad<Scalar>& dshard, MatrixRef<Scalar>* dx) const {
+  void forward_core(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out, ParallelForwardCache<Scalar>& cache) const {
+    const char* who = "pkm::distributed::MemoryParallelLayer::forward";
+    group_->collectively(who, Op::layer_forward, [&] { composition::forward_begin(who, params_, x, out, cache); });
+    sharded_embedding_bag<TableT, Scalar>(*group_, shards_, values_, cache.indices, cache.weights, cache.read,
+                                          cache.shard);
+    group_->collectively(who, Op::layer_forward_end, [&] { composition::forward_end(who, params_, x, out, cache); });
+  }
+
+  template <class Sink>
+  void backward_core(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
+                     const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams, Sink& sink,
+                     MatrixRef<Scalar>* dx) const {
     const char* who = "pkm::distributed::MemoryParallelLayer::backward";
     group_->collectively(who, Op::layer_backward, [&] {
-      pkm::detail::check_backward(who, params_, x, cache, dout, dparams, dx);
+      composition::check_backward(who, params_, x, cache, dout, dparams, dx);
+      check_sink(sink, who, values_.rows(), values_.dim());
     });
-    LayerWorkspace<Scalar>& ws = pkm::detail::backward_begin(params_, cache, dout);
-    sharded_embedding_bag_backward<TableT, Scalar>(*group_, shards_, values_, ws.dy, ws.dscore, dshard, cache.shard);
-    pkm::detail::backward_end(params_, x, cache, dout, dparams, dx);
+    LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
+    sharded_embedding_bag_backward_to<TableT, Scalar>(*group_, shards_, values_, ws.dy, ws.dscore, sink, cache.shard);
+    composition::backward_end(params_, x, cache, dout, dparams, dx);
   }
 
   template <class Optimizer>
-  double backward_fused_impl(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                             const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                             Optimizer& opt, MatrixRef<Scalar>* dx) {
+  double backward_fused_core(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
+                             const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams, Optimizer& opt,
+                             MatrixRef<Scalar>* dx) {
     const char* who = "pkm::distributed::MemoryParallelLayer::backward_fused";
     group_->collectively(who, Op::layer_backward, [&] {
-      pkm::detail::check_backward(who, params_, x, cache, dout, dparams, dx);
+      composition::check_backward(who, params_, x, cache, dout, dparams, dx);
     });
-    LayerWorkspace<Scalar>& ws = pkm::detail::backward_begin(params_, cache, dout);
+    LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
     const double norm = sharded_embedding_bag_backward_update<TableT, Scalar>(*group_, shards_, values_, ws.dy,
                                                                               ws.dscore, opt, cache.shard);
-    pkm::detail::backward_end(params_, x, cache, dout, dparams, dx);
+    composition::backward_end(params_, x, cache, dout, dparams, dx);
     return norm;
   }
 

@@ -27,6 +27,7 @@
 #include "pkm/optim/sparse_optimizer.hpp"
 #include "pkm/optim/state.hpp"
 #include "pkm/sparse_grad.hpp"
+#include "pkm/value_gradient.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_table.hpp"
 
@@ -193,30 +194,38 @@ void sharded_embedding_bag(const Group& group, const ColumnShards& shards, const
   cache.filled = true;
 }
 
-/// Backward of sharded_embedding_bag: dweights (B x bag) of this process's tokens, and the
-/// gradient of this process's columns from every token of the group, merged into `dshard`
-/// (a SparseRowGrad of rows of shards.width(rank)). The row ids are the same on every
+/// Backward of sharded_embedding_bag into a value-gradient sink (pkm/value_gradient.hpp):
+/// dweights (B x bag) of this process's tokens, and the gradient of this process's columns
+/// from every token of the group handed to `sink` (rows of shards.width(rank) values; the row
+/// ids are the same on every process). The sink's check runs with the other checks, on every
 /// process. Collective.
+template <class T, class S = pkm::detail::accumulator_t<T>, class Sink>
+void sharded_embedding_bag_backward_to(const Group& group, const ColumnShards& shards, const ValueTable<T>& shard,
+                                       const ConstMatrixRef<pkm::detail::no_deduce<S>>& dy,
+                                       MatrixRef<pkm::detail::no_deduce<S>> dweights, Sink&& sink,
+                                       ShardedReadCache<S>& cache) {
+  const char* who = "pkm::distributed::sharded_embedding_bag_backward";
+  group.collectively(who, Op::read_backward, [&] {
+    detail::check_shard(who, group, shards, shard);
+    detail::check_backward_args<S>(who, group, shards, cache, dy, dweights);
+    check_sink(sink, who, shard.rows(), shard.dim());
+  });
+  detail::exchange_dy<S>(who, group, shards, dy, cache);
+  cache.dweights.resize(cache.part.rows(), cache.indices.cols());
+  embedding_bag_backward_to<T, S>(shard, cache.indices, cache.weights, cache.part, cache.dweights, sink, cache.bag);
+  detail::reduce_dweights<S>(who, group, cache, dweights);
+}
+
+/// As above, the gradient of this process's columns merged into `dshard` (a SparseRowGrad of
+/// rows of shards.width(rank)).
 template <class T, class S = pkm::detail::accumulator_t<T>>
 void sharded_embedding_bag_backward(const Group& group, const ColumnShards& shards, const ValueTable<T>& shard,
                                     const ConstMatrixRef<pkm::detail::no_deduce<S>>& dy,
                                     MatrixRef<pkm::detail::no_deduce<S>> dweights,
                                     SparseRowGrad<pkm::detail::no_deduce<S>>& dshard, ShardedReadCache<S>& cache) {
-  const char* who = "pkm::distributed::sharded_embedding_bag_backward";
-  group.collectively(who, Op::read_backward, [&] {
-    detail::check_shard(who, group, shards, shard);
-    detail::check_backward_args<S>(who, group, shards, cache, dy, dweights);
-    dshard.validate(who, "dshard", shard.rows());
-    if (!dshard.empty() && dshard.dim != shard.dim()) {
-      throw std::invalid_argument(std::string(who) + ": dshard.dim = " + std::to_string(dshard.dim) +
-                                  ", expected this process's " + std::to_string(shard.dim()) + " columns");
-    }
-  });
-  detail::exchange_dy<S>(who, group, shards, dy, cache);
-  cache.dweights.resize(cache.part.rows(), cache.indices.cols());
+  sharded_embedding_bag_backward_to<T, S>(group, shards, shard, dy, dweights,
+                                          SparseRowGradSink<S>(dshard, cache.bag.local, "dshard"), cache);
   if (dshard.empty()) dshard.dim = shard.dim();
-  embedding_bag_backward<T, S>(shard, cache.indices, cache.weights, cache.part, cache.dweights, dshard, cache.bag);
-  detail::reduce_dweights<S>(who, group, cache, dweights);
 }
 
 /// How a sparse optimizer's step over `group` sums what it computes over whole rows (the

@@ -42,14 +42,10 @@ struct AdamOptions {
   auto fields() const { return std::tie(lr, beta1, beta2, eps, weight_decay, max_grad_norm); }
 
   void validate(const char* who) const {
-    detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");
+    detail::check_step_options(who, lr, weight_decay, max_grad_norm);
     detail::check_option(who, "beta1", beta1, 0.0, 1.0, true, "0 <= beta1 < 1");
     detail::check_option(who, "beta2", beta2, 0.0, 1.0, true, "0 <= beta2 < 1");
-    detail::check_option(who, "eps", eps, 1e-300, HUGE_VAL, false, "a finite eps > 0");
-    detail::check_option(who, "weight_decay", weight_decay, 0.0, HUGE_VAL, false,
-                         "a finite weight_decay >= 0");
-    detail::check_option(who, "max_grad_norm", max_grad_norm, 0.0, HUGE_VAL, false,
-                         "a finite max_grad_norm >= 0 (0 turns clipping off)");
+    detail::check_eps(who, eps);
   }
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "pkm/detail/parallel.hpp"
+#include "pkm/optim/options.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm::optim {
@@ -45,24 +46,6 @@ double sum_of_squares(const S* x, Index n) {
   double total = 0.0;
   for (double p : partial) total += p;
   return total;
-}
-
-/// Checks an optimizer option: finite and within [lo, hi] (or [lo, hi) when hi_open).
-inline void check_option(const char* who, const char* field, double value, double lo, double hi,
-                         bool hi_open, const char* expected) {
-  const bool ok = std::isfinite(value) && value >= lo && (hi_open ? value < hi : value <= hi);
-  if (!ok) {
-    throw std::invalid_argument(std::string(who) + ": " + field + " = " + std::to_string(value) +
-                                ", expected " + expected);
-  }
-}
-
-/// `options` with lr replaced, validated (for the optimizers' set_lr).
-template <class Options>
-Options with_lr(Options options, double lr, const char* who) {
-  options.lr = lr;
-  options.validate(who);
-  return options;
 }
 
 }  // namespace detail

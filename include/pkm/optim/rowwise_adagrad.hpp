@@ -28,14 +28,10 @@ struct RowWiseAdagradOptions {
   auto fields() const { return std::tie(lr, eps, initial_accumulator, weight_decay, max_grad_norm); }
 
   void validate(const char* who) const {
-    detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");
-    detail::check_option(who, "eps", eps, 1e-300, HUGE_VAL, false, "a finite eps > 0");
+    detail::check_step_options(who, lr, weight_decay, max_grad_norm);
+    detail::check_eps(who, eps);
     detail::check_option(who, "initial_accumulator", initial_accumulator, 0.0, HUGE_VAL, false,
                          "a finite initial_accumulator >= 0");
-    detail::check_option(who, "weight_decay", weight_decay, 0.0, HUGE_VAL, false,
-                         "a finite weight_decay >= 0");
-    detail::check_option(who, "max_grad_norm", max_grad_norm, 0.0, HUGE_VAL, false,
-                         "a finite max_grad_norm >= 0 (0 turns clipping off)");
   }
 };
 

@@ -25,10 +25,7 @@ struct SgdOptions {
   auto fields() const { return std::tie(lr, weight_decay, max_grad_norm); }
 
   void validate(const char* who) const {
-    detail::check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");
-    detail::check_option(who, "weight_decay", weight_decay, 0.0, HUGE_VAL, false, "a finite weight_decay >= 0");
-    detail::check_option(who, "max_grad_norm", max_grad_norm, 0.0, HUGE_VAL, false,
-                         "a finite max_grad_norm >= 0 (0 turns clipping off)");
+    detail::check_step_options(who, lr, weight_decay, max_grad_norm);
   }
 };
 

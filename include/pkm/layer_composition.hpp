@@ -1,11 +1,15 @@
-// pkm/detail/layer_core.hpp — the memory layer's composition of ops around its read, shared by
-// the single-process layer (pkm/memory_layer.hpp) and the memory-parallel layer
-// (pkm/distributed/memory_parallel_layer.hpp), which differ only in how the read and its
-// backward are done (one table, or column shards over a group of processes):
+// pkm/layer_composition.hpp — the memory layer's composition of ops around its read, written
+// once and shared by every layer (pkm/memory_layer.hpp, one table; the memory-parallel layer
+// of pkm/distributed, column shards over processes), which differ only in how the read and
+// its backward are done:
 //
 //   forward:  forward_begin (checks, query, search) -> read -> forward_end (output op)
 //   backward: check_backward -> backward_begin (dy, the read's gradient) -> read backward
-//             (writes dscore) -> backward_end (output op weights, search, query, dx)
+//             (writes dscore; hands the value gradient to a sink, pkm/value_gradient.hpp) ->
+//             backward_end (output op weights, search, query, dx)
+//
+// A layer of another kind (another read: a quantized table, a table on another device) is
+// these calls around its own read.
 #pragma once
 
 #include <string>
@@ -21,7 +25,15 @@
 #include "pkm/parameters.hpp"
 #include "pkm/types.hpp"
 
-namespace pkm::detail {
+namespace pkm::composition {
+
+using pkm::detail::all_finite;
+using pkm::detail::bias_or_null;
+using pkm::detail::check_finite;
+using pkm::detail::check_indices;
+using pkm::detail::check_same_shape;
+using pkm::detail::kTokenBlock;
+using pkm::detail::parallel_blocks;
 
 template <class Scalar>
 void check_layer_input(const char* who, const MemoryConfig& c, const ConstMatrixRef<Scalar>& x, bool finite) {
@@ -125,4 +137,4 @@ void backward_end(const LayerParameters<Scalar>& p, const ConstMatrixRef<Scalar>
   }
 }
 
-}  // namespace pkm::detail
+}  // namespace pkm::composition

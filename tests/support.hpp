@@ -222,4 +222,16 @@ std::string first_gradient_difference(const pkm::LayerGradients<S>& a, const pkm
   return "";
 }
 
+/// Every state tensor of an optimizer (or statistics), copied out.
+template <class Opt>
+inline std::vector<std::vector<double>> state_of(Opt& opt) {
+  std::vector<std::vector<double>> out;
+  opt.for_each_state([&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    out.emplace_back(data, data + n);
+  });
+  return out;
+}
+
 }  // namespace pkmtest

@@ -72,18 +72,6 @@ void check_equal(const pkm::SlotStatistics& st, const Brute& ref) {
   for (std::size_t s = 0; s < ref.mass.size(); ++s) CHECK(st.mass()[s] == ref.mass[s]);
 }
 
-/// Every state tensor of an optimizer (or statistics), copied out.
-template <class Opt>
-std::vector<std::vector<double>> state_of(Opt& opt) {
-  std::vector<std::vector<double>> out;
-  opt.for_each_state([&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
-    std::int64_t n = 1;
-    for (auto d : shape) n *= d;
-    out.emplace_back(data, data + n);
-  });
-  return out;
-}
-
 }  // namespace
 
 TEST_CASE("slot statistics equal a brute-force count over the caches, across layers, threads and merges",
@@ -313,118 +301,6 @@ TEST_CASE("slot selection and statistics refuse bad input with clear errors", "[
   pkm::mask_gradient(g, pkm::RowMask(9, {4, 7}), 9);
   CHECK(g.rows == std::vector<std::int64_t>{4});
   CHECK(g.values.rows() == 1);
-}
-
-TEST_CASE("plain SGD for values follows its rule, clipping and decay on the updated rows only", "[continual][optim]") {
-  pkm::ValueTable<float> t(5, 3);
-  for (Index i = 0; i < 15; ++i) t.matrix().data()[i] = 0.1f * float(i);
-  const MatF before = t.matrix();
-  pkm::optim::SgdOptions o;
-  o.lr = 0.5;
-  o.weight_decay = 0.1;
-  o.max_grad_norm = 1.0;
-  pkm::optim::SparseSgd<float> sgd(t, o);
-  pkm::SparseRowGrad<float> g;
-  g.dim = 3;
-  g.rows = {1, 3};
-  g.values.resize(2, 3);
-  g.values << 3, 0, 0, 0, 4, 0;  // norm 5: clipped by 1/5
-  const double norm = sgd.step(t, g);
-  CHECK(norm == Approx(5.0));
-  for (Index r = 0; r < 5; ++r) {
-    for (Index d = 0; d < 3; ++d) {
-      float expect = before(r, d);
-      if (r == 1 || r == 3) {
-        const float gd = float(1.0 / 5.0) * g.values(r == 1 ? 0 : 1, d);
-        expect = before(r, d) - 0.5f * (gd + 0.1f * before(r, d));
-      }
-      CHECK(t.matrix()(r, d) == Approx(expect).margin(1e-6));
-    }
-  }
-  CHECK(sgd.steps() == 1);
-  CHECK_THROWS_AS(pkm::optim::SparseSgd<float>(t, pkm::optim::SgdOptions{-1.0}), std::invalid_argument);
-}
-
-TEMPLATE_TEST_CASE("a row mask leaves masked rows bitwise unchanged in every optimizer, fused or not",
-                   "[continual][optim][fused]", pkm::optim::LazyAdam<float>, pkm::optim::RowWiseAdagrad<float>,
-                   pkm::optim::SparseSgd<float>) {
-  using Opt = TestType;
-  typename Opt::options_type o;
-  o.lr = 0.05;
-  o.weight_decay = 0.01;   // decay would move a masked row if the mask were not honoured
-  o.max_grad_norm = 0.3;   // clipping active: the norm must be that of the allowed rows
-  auto c = pkmtest::medium_config();
-  pkm::MemoryLayer<float> base(c, 31);
-  // A: masked optimizer, backward then step. B: masked optimizer, fused. R: the reference,
-  // an unmasked optimizer stepping the gradient with the masked rows dropped.
-  pkm::MemoryLayer<float> a = base, b = base, r = base;
-  Opt oa(a.values(), o), ob(b.values(), o), orf(r.values(), o);
-  pkm::SlotStatistics background(c.slots());
-  for (int step = 0; step < 4; ++step) {
-    const MatF x = pkmtest::random_matrix(90, c.input_dim, 40 + step).cast<float>();
-    const MatF dout = pkmtest::random_matrix(90, c.output_dim, 60 + step).cast<float>();
-    pkm::ForwardCache<float> ca, cb, cr;
-    a.forward(x, ca);
-    b.forward(x, cb);
-    r.forward(x, cr);
-    if (step == 0) {  // the first batch is the background
-      background.add(ca);
-      continue;
-    }
-    pkm::SlotSelectionOptions so;
-    so.fraction = 0.25;
-    const pkm::SlotSelection sel = pkm::select_slots(pkm::count_slots(ca, c.slots()), background, so);
-    oa.set_row_mask(sel.mask);
-    ob.set_row_mask(sel.mask);
-    const MatF values_before = a.values().matrix();
-    const auto state_before = state_of(oa);
-
-    pkm::LayerGradients<float> ga(c), gr(c);
-    pkm::LayerParameters<float> gb(c);
-    ga.zero();
-    gr.zero();
-    gb.set_zero();
-    a.backward(x, ca, dout, ga);
-    const double na = oa.step(a.values(), ga.values);
-    const double nb = b.backward_fused(x, cb, dout, gb, ob);
-    r.backward(x, cr, dout, gr);
-    pkm::mask_gradient(gr.values, sel.mask, c.slots());
-    const double nr = orf.step(r.values(), gr.values);
-    CHECK(na == nr);
-    CHECK(nb == nr);
-    CHECK(same_bits(a.values().matrix(), r.values().matrix()));
-    CHECK(same_bits(b.values().matrix(), r.values().matrix()));
-    CHECK(state_of(oa) == state_of(orf));
-    CHECK(state_of(ob) == state_of(orf));
-
-    // Rows outside the mask: value and every per-row state unchanged; inside: changed.
-    std::vector<char> allowed(std::size_t(c.slots()), 0);
-    for (auto s : sel.slots) allowed[std::size_t(s)] = 1;
-    Index changed = 0;
-    for (Index row = 0; row < c.slots(); ++row) {
-      const bool same = same_bits(a.values().matrix().row(row), values_before.row(row));
-      if (!allowed[std::size_t(row)]) {
-        CHECK(same);
-      } else {
-        changed += !same;
-      }
-    }
-    CHECK(changed == Index(sel.slots.size()));
-    const auto state_after = state_of(oa);
-    for (std::size_t k = 0; k < state_after.size(); ++k) {
-      const std::size_t per_row = state_after[k].size() / std::size_t(c.slots());
-      if (per_row == 0) continue;  // the step counter
-      for (Index row = 0; row < c.slots(); ++row) {
-        if (allowed[std::size_t(row)]) continue;
-        for (std::size_t e = 0; e < per_row; ++e) {
-          const std::size_t i = std::size_t(row) * per_row + e;
-          if (state_after[k][i] != state_before[k][i]) FAIL("state tensor " << k << " of masked row " << row << " changed");
-        }
-      }
-    }
-  }
-  oa.clear_row_mask();
-  CHECK(oa.row_mask() == nullptr);
 }
 
 TEST_CASE("slot statistics save and load bit for bit, and a hostile file changes nothing", "[continual][io]") {

@@ -1,0 +1,110 @@
+// pkm/key_search.hpp on its own: per head, the selection equals a brute-force search over all
+// n^2 slots of the half-score sums (with and without qk-norm), the weights are their softmax,
+// and the backward (dq and the sub-keys' gradient) matches central finite differences of
+// sum(dw * weights) where the selection does not change under the perturbation.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <pkm/key_search.hpp>
+
+#include "support.hpp"
+
+using pkm::Index;
+using pkmtest::Mat;
+using pkmtest::random_matrix;
+
+namespace {
+
+/// Head h of token b: the k best slots of all n^2 by the library's total order, their scores
+/// and softmax weights, from the formulas.
+struct Best {
+  std::vector<Index> slots;
+  std::vector<double> scores, weights;
+};
+Best brute_force(const pkm::MemoryConfig& c, const Mat& keys, const Mat& q, Index b, Index h) {
+  const Index n = c.n_keys, half = c.half();
+  const double tau = c.effective_qk_norm_scale();
+  std::vector<double> s[2];
+  for (Index t = 0; t < 2; ++t) {
+    const double* qh = q.row(b).data() + h * c.k_dim + t * half;
+    double qn = 0;
+    for (Index d = 0; d < half; ++d) qn += qh[d] * qh[d];
+    for (Index i = 0; i < n; ++i) {
+      const Index row = (2 * h + t) * n + i;
+      double dot = 0, kk = 0;
+      for (Index d = 0; d < half; ++d) dot += qh[d] * keys(row, d), kk += keys(row, d) * keys(row, d);
+      s[t].push_back(c.qk_norm ? tau * dot / (std::sqrt(qn + 1e-6) * std::sqrt(kk + 1e-6)) : dot);
+    }
+  }
+  std::vector<std::tuple<double, double, Index, double, Index>> all;
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < n; ++j) all.emplace_back(-(s[0][i] + s[1][j]), -s[0][i], i, -s[1][j], j);
+  std::sort(all.begin(), all.end());
+  Best r;
+  double z = 0;
+  for (Index m = 0; m < c.knn; ++m) z += std::exp(-std::get<0>(all[m]) + std::get<0>(all[0]));
+  for (Index m = 0; m < c.knn; ++m) {
+    r.slots.push_back(std::get<2>(all[m]) * n + std::get<4>(all[m]));
+    r.scores.push_back(-std::get<0>(all[m]));
+    r.weights.push_back(std::exp(-std::get<0>(all[m]) + std::get<0>(all[0])) / z);
+  }
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("key search: exact top-k of all slots, softmax weights, and gradients by finite differences",
+          "[key_search]") {
+  for (bool qk_norm : {false, true}) {
+    INFO("qk_norm " << qk_norm);
+    pkm::MemoryConfig c = pkmtest::small_config();
+    c.heads = 2;
+    c.n_keys = 7;
+    c.k_dim = 6;
+    c.knn = 4;
+    c.qk_norm = qk_norm;
+    const Index B = 9;
+    Mat keys = random_matrix(2 * c.heads * c.n_keys, c.half(), 11);
+    Mat q = random_matrix(B, c.heads * c.k_dim, 12);
+    pkm::KeySearchCache<double> cache;
+    pkm::KeySearchWorkspace<double> ws;
+    pkm::key_search_forward<double>(c, keys, q, cache, ws);
+    for (Index b = 0; b < B; ++b) {
+      for (Index h = 0; h < c.heads; ++h) {
+        const Best want = brute_force(c, keys, q, b, h);
+        for (Index m = 0; m < c.knn; ++m) {
+          CHECK(cache.indices(b, h * c.knn + m) == want.slots[std::size_t(m)]);
+          CHECK(cache.scores(b, h * c.knn + m) == Approx(want.scores[std::size_t(m)]).epsilon(1e-12));
+          CHECK(cache.weights(b, h * c.knn + m) == Approx(want.weights[std::size_t(m)]).epsilon(1e-12));
+        }
+      }
+    }
+    // Backward of L = sum(dw * weights).
+    const Mat dw = random_matrix(B, c.bag_size(), 13);
+    Mat dscore = dw, dq(B, c.heads * c.k_dim);
+    Mat dkeys = Mat::Zero(keys.rows(), keys.cols());
+    pkm::key_search_backward<double>(c, keys, q, cache, dscore, dq, dkeys, ws);
+    const pkm::IndexMatrix selection = cache.indices;
+    auto loss = [&](bool* same) {
+      pkm::KeySearchCache<double> k2;
+      pkm::KeySearchWorkspace<double> w2;
+      pkm::key_search_forward<double>(c, keys, q, k2, w2);
+      if (same) *same = k2.indices == selection;
+      return (k2.weights.array() * dw.array()).sum();
+    };
+    std::vector<std::string> fails;
+    const auto sq = pkmtest::check_fd(q.data(), q.size(), std::vector<double>(dq.data(), dq.data() + dq.size()), loss,
+                                      fails, "dq");
+    const auto sk = pkmtest::check_fd(keys.data(), keys.size(),
+                                      std::vector<double>(dkeys.data(), dkeys.data() + dkeys.size()), loss, fails,
+                                      "dkeys");
+    CHECK(sq.checked > 20);
+    CHECK(sk.checked > 20);
+    for (const auto& f : fails) FAIL_CHECK(f);
+  }
+}

@@ -4,6 +4,8 @@
 #pragma once
 
 #include "pkm/version.hpp"
+#include "pkm/errors.hpp"
+#include "pkm/dtype.hpp"
 #include "pkm/config.hpp"
 #include "pkm/types.hpp"
 #include "pkm/parameters.hpp"

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "pkm/distributed/detail/wire.hpp"
+#include "pkm/errors.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm::distributed {
@@ -159,22 +160,19 @@ class Group {
   template <class F>
   void collectively(const char* who, Op op, F&& local) const {
     std::exception_ptr error;
-    std::int64_t kind = 0;
     std::string message;
     try {
       local();
-    } catch (const std::out_of_range& e) {
-      error = std::current_exception(), kind = 2, message = e.what();
-    } catch (const std::invalid_argument& e) {
-      error = std::current_exception(), kind = 1, message = e.what();
     } catch (const std::exception& e) {
-      error = std::current_exception(), kind = 3, message = e.what();
+      error = std::current_exception(), message = e.what();
     } catch (...) {
-      error = std::current_exception(), kind = 3, message = "an exception that is not a std::exception";
+      error = std::current_exception(), message = "an exception that is not a std::exception";
     }
     const Outcome o = agree(who, op, "", error != nullptr, {});
     if (o.first_failed < 0) return;
-    std::int64_t head[2] = {kind, static_cast<std::int64_t>(message.size())};
+    // The first failing process's error kind (pkm/errors.hpp) and message travel to the others.
+    std::int64_t head[2] = {error ? static_cast<std::int64_t>(error_kind(error)) : 0,
+                            static_cast<std::int64_t>(message.size())};
     check(who, "MPI_Bcast", MPI_Bcast(head, 2, MPI_INT64_T, o.first_failed, comm_));
     message.resize(static_cast<std::size_t>(head[1]));
     check(who, "MPI_Bcast",
@@ -185,10 +183,7 @@ class Group {
       text += " (processes " + std::to_string(o.first_failed) + " to " + std::to_string(o.last_failed) +
               " failed, each reports its own error)";
     }
-    text += " (every process throws): " + message;
-    if (head[0] == 1) throw std::invalid_argument(text);
-    if (head[0] == 2) throw std::out_of_range(text);
-    throw std::runtime_error(text);
+    throw_error(static_cast<ErrorKind>(head[0]), text + " (every process throws): " + message);
   }
 
   /// Throws std::invalid_argument on every process unless every item's fingerprint is the

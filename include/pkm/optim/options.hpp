@@ -8,16 +8,15 @@
 #include <stdexcept>
 #include <string>
 
+#include "pkm/errors.hpp"
+
 namespace pkm::optim::detail {
 
 /// Checks an optimizer option: finite and within [lo, hi] (or [lo, hi) when hi_open).
 inline void check_option(const char* who, const char* field, double value, double lo, double hi,
                          bool hi_open, const char* expected) {
   const bool ok = std::isfinite(value) && value >= lo && (hi_open ? value < hi : value <= hi);
-  if (!ok) {
-    throw std::invalid_argument(std::string(who) + ": " + field + " = " + std::to_string(value) +
-                                ", expected " + expected);
-  }
+  if (!ok) throw_expected(who, field, std::to_string(value), expected);
 }
 
 /// `options` with lr replaced, validated (for the optimizers' set_lr).

@@ -12,7 +12,8 @@ CMake passes `--compiled FILE=BINARY` for each CUDA sample it builds, and the ch
 nvcc is installed but a .cu sample was not built, or its binary is older than the source
 (--no-cuda-build: the build leaves CUDA or the samples out on purpose).
 
-Usage: check_doc_samples.py REPO_ROOT [--compiled FILE=BINARY ...] [--no-cuda-build]
+Usage: check_doc_samples.py REPO_ROOT [--compiled FILE=BINARY ...] [--no-cuda-build] [--fix]
+(--fix first rewrites the docs' samples from their regions, e.g. after a reformat.)
 """
 import os
 import shutil
@@ -36,6 +37,38 @@ def region(path, name):
 
 def find_nvcc():
     return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+def fix(root):
+    """Rewrites every marked sample block of the docs from its region (after a reformat)."""
+    root = pathlib.Path(root)
+    for doc in [root / "README.md"] + sorted((root / "docs").glob("*.md")):
+        lines = doc.read_text().splitlines()
+        out, i, pending, changed = [], 0, None, False
+        while i < len(lines):
+            m = MARKER.search(lines[i])
+            out.append(lines[i])
+            if m:
+                pending = (m.group(1), m.group(2))
+            elif lines[i].strip() in ("```cpp", "```c++") and pending is not None:
+                j = i + 1
+                while j < len(lines) and lines[j].strip() != "```":
+                    j += 1
+                want = region(root / pending[0], pending[1])
+                if want is not None and want != lines[i + 1:j]:
+                    out.extend(want)
+                    changed = True
+                else:
+                    out.extend(lines[i + 1:j])
+                out.append(lines[j])
+                pending = None
+                i = j
+            elif lines[i].strip().startswith("```"):
+                pending = None
+            i += 1
+        if changed:
+            doc.write_text("\n".join(out) + "\n")
+            print(f"rewrote the samples of {doc.relative_to(root)}")
 
 
 def main(root, compiled, cuda_build=True):
@@ -104,6 +137,8 @@ def main(root, compiled, cuda_build=True):
 if __name__ == "__main__":
     args = sys.argv[1:]
     root = args[0] if args and not args[0].startswith("--") else "."
+    if "--fix" in args:
+        fix(root)
     built = {}
     for i, a in enumerate(args):
         if a == "--compiled" and i + 1 < len(args):

@@ -64,7 +64,8 @@ void BM_StreamRead(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(total);
   }
-  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(n * Index(sizeof(float))));
+  state.SetBytesProcessed(std::int64_t(state.iterations()) *
+                          std::int64_t(n * Index(sizeof(float))));
 }
 BENCHMARK(BM_StreamRead)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -95,13 +96,21 @@ void gather(benchmark::State& state) {
 template <class T>
 void register_gathers(const char* dtype) {
   for (Index dim : {256, 1024, 4096}) {
-    benchmark::RegisterBenchmark((std::string("BM_EmbeddingBag/") + dtype).c_str(), gather<T, false>)
-        ->Arg(dim)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("BM_EmbeddingBag/") + dtype).c_str(),
+                                 gather<T, false>)
+        ->Arg(dim)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   }
 }
 
 void BM_EmbeddingBagNaive(benchmark::State& state) { gather<float, true>(state); }
-BENCHMARK(BM_EmbeddingBagNaive)->Arg(256)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_EmbeddingBagNaive)
+    ->Arg(256)
+    ->Arg(1024)
+    ->Arg(4096)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // ---- GEMM: the best library GEMM (the limit) and pkm's products ------------------------------
 
@@ -139,19 +148,20 @@ void gemm_blis(const GemmShape& s, const float* a, const float* b, float* c) {
   rntm_t rntm = BLIS_RNTM_INITIALIZER;
   bli_rntm_set_num_threads(omp_get_max_threads(), &rntm);
   float one = 1.0f, zero = 0.0f;
-  bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_TRANSPOSE, s.m, s.n, s.k, &one, const_cast<float*>(a), s.k, 1,
-               const_cast<float*>(b), s.k, 1, &zero, c, s.n, 1, nullptr, &rntm);
+  bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_TRANSPOSE, s.m, s.n, s.k, &one, const_cast<float*>(a), s.k,
+               1, const_cast<float*>(b), s.k, 1, &zero, c, s.n, 1, nullptr, &rntm);
 }
 #endif
 
 /// OpenBLAS, loaded at run time (so it can sit beside BLIS in one process) where installed.
-using CblasSgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
-                            float, float*, int);
+using CblasSgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
+                            int, float, float*, int);
 CblasSgemm openblas_sgemm() {
   static CblasSgemm fn = [] {
     for (const char* lib : {"libopenblas.so.0", "libopenblas.so"}) {
       if (void* h = dlopen(lib, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND)) {
-        if (auto set = reinterpret_cast<void (*)(int)>(dlsym(h, "openblas_set_num_threads"))) set(omp_get_max_threads());
+        if (auto set = reinterpret_cast<void (*)(int)>(dlsym(h, "openblas_set_num_threads")))
+          set(omp_get_max_threads());
         return reinterpret_cast<CblasSgemm>(dlsym(h, "cblas_sgemm"));
       }
     }
@@ -161,8 +171,8 @@ CblasSgemm openblas_sgemm() {
 }
 void gemm_openblas(const GemmShape& s, const float* a, const float* b, float* c) {
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  openblas_sgemm()(kRowMajor, kNoTrans, kTrans, int(s.m), int(s.n), int(s.k), 1.0f, a, int(s.k), b, int(s.k),
-                   0.0f, c, int(s.n));
+  openblas_sgemm()(kRowMajor, kNoTrans, kTrans, int(s.m), int(s.n), int(s.k), 1.0f, a, int(s.k), b,
+                   int(s.k), 0.0f, c, int(s.n));
 }
 
 /// Runs `fn` over every product of `shapes` per iteration; reports FLOP/s.
@@ -180,10 +190,12 @@ void gemm_bench(benchmark::State& state, std::vector<GemmShape> shapes, GemmFn f
     flop += s.flop();
   }
   for (auto _ : state) {
-    for (std::size_t i = 0; i < shapes.size(); ++i) fn(shapes[i], a[i].data(), b[i].data(), c[i].data());
+    for (std::size_t i = 0; i < shapes.size(); ++i)
+      fn(shapes[i], a[i].data(), b[i].data(), c[i].data());
     benchmark::DoNotOptimize(c.back().data());
   }
-  state.counters["FLOP/s"] = benchmark::Counter(flop * double(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["FLOP/s"] =
+      benchmark::Counter(flop * double(state.iterations()), benchmark::Counter::kIsRate);
 }
 
 /// BM_Gemm/<library>: the limit, the layer's largest product by each library called directly;
@@ -196,17 +208,23 @@ void register_gemms() {
   libs.insert(libs.begin(), {"blis", gemm_blis});
 #endif
   for (const auto& [name, fn] : libs) {
-    benchmark::RegisterBenchmark((std::string("BM_Gemm/") + name).c_str(), gemm_bench, largest_gemm(), fn)
-        ->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("BM_Gemm/") + name).c_str(), gemm_bench,
+                                 largest_gemm(), fn)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   }
   benchmark::RegisterBenchmark("BM_Gemm/pkm", gemm_bench, largest_gemm(), gemm_pkm)
-      ->Unit(benchmark::kMillisecond)->UseRealTime();
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
   for (const auto& [name, fn] : libs) {
-    benchmark::RegisterBenchmark((std::string("BM_LayerGemm/") + name).c_str(), gemm_bench, layer_forward_gemms(), fn)
-        ->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("BM_LayerGemm/") + name).c_str(), gemm_bench,
+                                 layer_forward_gemms(), fn)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   }
   benchmark::RegisterBenchmark("BM_LayerGemm/pkm", gemm_bench, layer_forward_gemms(), gemm_pkm)
-      ->Unit(benchmark::kMillisecond)->UseRealTime();
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
 }
 
 /// Naive value backward: a dense zero-filled gradient table plus a scatter-add (what a dense
@@ -295,11 +313,26 @@ void value_update(benchmark::State& state) {
 }
 using LazyAdamF = pkm::optim::LazyAdam<float>;
 using AdagradF = pkm::optim::RowWiseAdagrad<float>;
-BENCHMARK_TEMPLATE(value_update, LazyAdamF, UpdateMode::naive)->Name("BM_ValueUpdateNaive/dense_adam")->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(value_update, LazyAdamF, UpdateMode::step)->Name("BM_ValueUpdate/lazy_adam/step")->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(value_update, LazyAdamF, UpdateMode::fused)->Name("BM_ValueUpdate/lazy_adam/fused")->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(value_update, AdagradF, UpdateMode::step)->Name("BM_ValueUpdate/rowwise_adagrad/step")->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(value_update, AdagradF, UpdateMode::fused)->Name("BM_ValueUpdate/rowwise_adagrad/fused")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(value_update, LazyAdamF, UpdateMode::naive)
+    ->Name("BM_ValueUpdateNaive/dense_adam")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(value_update, LazyAdamF, UpdateMode::step)
+    ->Name("BM_ValueUpdate/lazy_adam/step")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(value_update, LazyAdamF, UpdateMode::fused)
+    ->Name("BM_ValueUpdate/lazy_adam/fused")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(value_update, AdagradF, UpdateMode::step)
+    ->Name("BM_ValueUpdate/rowwise_adagrad/step")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(value_update, AdagradF, UpdateMode::fused)
+    ->Name("BM_ValueUpdate/rowwise_adagrad/fused")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 pkm::MemoryConfig paper_scaled() {
   pkm::MemoryConfig c;
@@ -338,7 +371,8 @@ void layer_bench(benchmark::State& state) {
   const auto c = paper_scaled();
   const Index batch = 2048;
   pkm::MemoryLayer<float> layer(c, 7);
-  MatF x(batch, c.input_dim), dout = MatF::Constant(batch, c.output_dim, 1e-3f), dx(batch, c.input_dim);
+  MatF x(batch, c.input_dim), dout = MatF::Constant(batch, c.output_dim, 1e-3f),
+                              dx(batch, c.input_dim);
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = float(std::sin(0.37 * double(i)));
   pkm::ForwardCache<float> cache;
   MatF y(batch, c.output_dim);
@@ -382,7 +416,7 @@ BENCHMARK(BM_SlotStatisticsAdd)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->
 
 int main(int argc, char** argv) {
   std::fprintf(stderr, "pkm_bench: %d OpenMP threads, GEMM backend %s\n", omp_get_max_threads(),
-              pkm::gemm_backend_name(pkm::gemm_backend()));
+               pkm::gemm_backend_name(pkm::gemm_backend()));
   register_gemms();
   register_gathers<float>("fp32");
   register_gathers<pkm::bf16>("bf16");

@@ -16,8 +16,9 @@ inline int max_threads() { return 4 * std::max(1, omp_get_num_procs()); }
 /// Empty if `threads` is an allowed --threads value, else what to tell the user.
 inline std::string threads_error(long long threads) {
   if (threads >= 1 && threads <= max_threads()) return "";
-  return "--threads " + std::to_string(threads) + ": expected 1 <= threads <= " + std::to_string(max_threads()) +
-         " (4 x the " + std::to_string(std::max(1, omp_get_num_procs())) + " processors this process may use)";
+  return "--threads " + std::to_string(threads) +
+         ": expected 1 <= threads <= " + std::to_string(max_threads()) + " (4 x the " +
+         std::to_string(std::max(1, omp_get_num_procs())) + " processors this process may use)";
 }
 
 }  // namespace pkmcli

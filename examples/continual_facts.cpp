@@ -37,18 +37,20 @@ namespace {
 
 using namespace facts;  // the model and data code, shared with train_facts
 
-struct Options : ModelOptions {  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads
-  Index new_facts = 1000;    // B
-  Index batch = 512;         // pretraining batch
+struct Options : ModelOptions {
+  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads
+  Index new_facts = 1000;  // B
+  Index batch = 512;       // pretraining batch
   Index finetune_batch = 64;
   int epochs = 16;           // pretraining on A
   int finetune_epochs = 20;  // on B
   int eval_every = 5;
-  double memory_lr = 1e-3;   // pretraining: AdamW on the dense parameters
-  double value_lr = 0.1;     // pretraining: lazy Adam on the values
-  double full_lr = 1e-3;     // full finetuning: AdamW on the dense parameters
+  double memory_lr = 1e-3;     // pretraining: AdamW on the dense parameters
+  double value_lr = 0.1;       // pretraining: lazy Adam on the values
+  double full_lr = 1e-3;       // full finetuning: AdamW on the dense parameters
   double full_value_lr = 0.1;  // full finetuning: lazy Adam on the values
-  double sgd_lr = 1000.0;    // value-only and sparse finetuning: SGD on the values (the loss is a batch mean)
+  double sgd_lr =
+      1000.0;  // value-only and sparse finetuning: SGD on the values (the loss is a batch mean)
   std::vector<Index> tops = {64, 256, 1024};
   std::string score = "tf_idf";
   std::string csv = "continual_facts.csv";
@@ -59,16 +61,18 @@ struct Options : ModelOptions {  // + vocab, relations, objects, dim, heads, n_k
 [[noreturn]] void usage(const std::string& error) {
   std::FILE* out = error.empty() ? stdout : stderr;
   if (!error.empty()) std::fprintf(out, "error: %s\n", error.c_str());
-  std::fprintf(out,
-               "usage: continual_facts %s\n"
-               "         [--new-facts N] [--batch N] [--finetune-batch N] [--epochs N] [--finetune-epochs N]\n"
-               "         [--eval-every N] [--memory-lr X] [--value-lr X] [--full-lr X] [--full-value-lr X]\n"
-               "         [--sgd-lr X] [--tops T1,T2,...] [--score tf_idf|count|kl] [--csv FILE] [--help]\n"
-               "Pretrains a Memory+ model on fact set A, then learns a new fact set B by full, value-only\n"
-               "and sparse memory finetuning (top t slots per batch), and prints how much of B each\n"
-               "learns and how much of A it keeps. --csv FILE (default continual_facts.csv in the current\n"
-               "folder) gets one line per method and evaluation.\n",
-               ModelOptions::flags());
+  std::fprintf(
+      out,
+      "usage: continual_facts %s\n"
+      "         [--new-facts N] [--batch N] [--finetune-batch N] [--epochs N] [--finetune-epochs "
+      "N]\n"
+      "         [--eval-every N] [--memory-lr X] [--value-lr X] [--full-lr X] [--full-value-lr X]\n"
+      "         [--sgd-lr X] [--tops T1,T2,...] [--score tf_idf|count|kl] [--csv FILE] [--help]\n"
+      "Pretrains a Memory+ model on fact set A, then learns a new fact set B by full, value-only\n"
+      "and sparse memory finetuning (top t slots per batch), and prints how much of B each\n"
+      "learns and how much of A it keeps. --csv FILE (default continual_facts.csv in the current\n"
+      "folder) gets one line per method and evaluation.\n",
+      ModelOptions::flags());
   std::exit(error.empty() ? 0 : 2);
 }
 
@@ -81,29 +85,45 @@ Options parse(int argc, char** argv) {
     const std::string v = argv[++i];
     auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
     if (o.take(a, num)) continue;
-    if (a == "--csv") o.csv = v;
+    if (a == "--csv")
+      o.csv = v;
     else if (a == "--score") {
-      if (v != "tf_idf" && v != "count" && v != "kl") usage("--score = '" + v + "', expected tf_idf, count or kl");
+      if (v != "tf_idf" && v != "count" && v != "kl")
+        usage("--score = '" + v + "', expected tf_idf, count or kl");
       o.score = v;
     } else if (a == "--tops") {
       o.tops.clear();
       std::stringstream ss(v);
       std::string item;
       while (std::getline(ss, item, ',')) o.tops.push_back(Index(flag_number(a, item, 1, usage)));
-      if (o.tops.empty()) usage("--tops = '" + v + "', expected a comma-separated list of slot counts");
-    } else if (a == "--vocab") o.vocab = Index(num(2));
-    else if (a == "--new-facts") o.new_facts = Index(num(1));
-    else if (a == "--batch") o.batch = Index(num(1));
-    else if (a == "--finetune-batch") o.finetune_batch = Index(num(1));
-    else if (a == "--epochs") o.epochs = int(num(1));
-    else if (a == "--finetune-epochs") o.finetune_epochs = int(num(1));
-    else if (a == "--eval-every") o.eval_every = int(num(1));
-    else if (a == "--memory-lr") o.memory_lr = num(0);
-    else if (a == "--value-lr") o.value_lr = num(0);
-    else if (a == "--full-lr") o.full_lr = num(0);
-    else if (a == "--full-value-lr") o.full_value_lr = num(0);
-    else if (a == "--sgd-lr") o.sgd_lr = num(0);
-    else usage("unknown flag " + a);
+      if (o.tops.empty())
+        usage("--tops = '" + v + "', expected a comma-separated list of slot counts");
+    } else if (a == "--vocab")
+      o.vocab = Index(num(2));
+    else if (a == "--new-facts")
+      o.new_facts = Index(num(1));
+    else if (a == "--batch")
+      o.batch = Index(num(1));
+    else if (a == "--finetune-batch")
+      o.finetune_batch = Index(num(1));
+    else if (a == "--epochs")
+      o.epochs = int(num(1));
+    else if (a == "--finetune-epochs")
+      o.finetune_epochs = int(num(1));
+    else if (a == "--eval-every")
+      o.eval_every = int(num(1));
+    else if (a == "--memory-lr")
+      o.memory_lr = num(0);
+    else if (a == "--value-lr")
+      o.value_lr = num(0);
+    else if (a == "--full-lr")
+      o.full_lr = num(0);
+    else if (a == "--full-value-lr")
+      o.full_value_lr = num(0);
+    else if (a == "--sgd-lr")
+      o.sgd_lr = num(0);
+    else
+      usage("unknown flag " + a);
   }
   if (o.new_facts >= o.vocab * o.vocab * o.relations) {
     usage("--new-facts = " + std::to_string(o.new_facts) + ", expected fewer than the " +
@@ -115,7 +135,8 @@ Options parse(int argc, char** argv) {
 /// The memory model as pretraining and every method start it (the same seeds).
 std::unique_ptr<Model> make_model(const Options& o, double dense_lr) {
   std::mt19937_64 rng(o.seed + 7);
-  return std::make_unique<Model>(o, dense_lr, std::make_unique<MemoryBlock>(o.memory_config(), o.seed + 5), rng);
+  return std::make_unique<Model>(o, dense_lr,
+                                 std::make_unique<MemoryBlock>(o.memory_config(), o.seed + 5), rng);
 }
 
 MemoryBlock& memory(Model& m) { return static_cast<MemoryBlock&>(m.block()); }
@@ -163,12 +184,16 @@ int main(int argc, char** argv) {
     const Facts A = subset(all, std::vector<std::int64_t>(ids.begin() + o.new_facts, ids.end()));
     const bool tty = isatty(fileno(stderr));
 
-    std::printf("pkm %s continual_facts: fact set A %lld facts, new fact set B %lld facts (seed %llu), %d threads\n",
-                PKM_VERSION_STRING, (long long)A.size(), (long long)B.size(), (unsigned long long)o.seed,
-                omp_get_max_threads());
-    std::printf("model: d = %lld, Memory+ %lld^2 = %lld slots, %lld heads x knn %lld = %lld reads per token\n",
-                (long long)o.dim, (long long)mc.n_keys, (long long)mc.slots(), (long long)mc.heads, (long long)mc.knn,
-                (long long)mc.bag_size());
+    std::printf(
+        "pkm %s continual_facts: fact set A %lld facts, new fact set B %lld facts (seed %llu), %d "
+        "threads\n",
+        PKM_VERSION_STRING, (long long)A.size(), (long long)B.size(), (unsigned long long)o.seed,
+        omp_get_max_threads());
+    std::printf(
+        "model: d = %lld, Memory+ %lld^2 = %lld slots, %lld heads x knn %lld = %lld reads per "
+        "token\n",
+        (long long)o.dim, (long long)mc.n_keys, (long long)mc.slots(), (long long)mc.heads,
+        (long long)mc.knn, (long long)mc.bag_size());
     std::ofstream csv(o.csv);
     if (!csv) throw std::runtime_error("cannot write --csv file '" + o.csv + "'");
     csv << "method,top,epoch,seconds,learned,retained\n";
@@ -193,22 +218,29 @@ int main(int argc, char** argv) {
         correct += s.correct;
         seen += n;
         if (e == o.epochs) background.add(memory(*pre).cache());
-        if (tty) progress("A", e, o.epochs, double(seen) / double(A.size()), loss / double(seen),
-                          double(correct) / double(seen), now() - t0);
+        if (tty)
+          progress("A", e, o.epochs, double(seen) / double(A.size()), loss / double(seen),
+                   double(correct) / double(seen), now() - t0);
       });
-      if (!tty) progress("A", e, o.epochs, 1.0, loss / double(seen), double(correct) / double(seen), now() - t0);
+      if (!tty)
+        progress("A", e, o.epochs, 1.0, loss / double(seen), double(correct) / double(seen),
+                 now() - t0);
       std::fprintf(stderr, "\n");
     }
     const double base_A = evaluate(*pre, A, 4096), base_B = evaluate(*pre, B, 4096);
     csv << "pretrained,0,0," << now() - t0 << ',' << base_B << ',' << base_A << '\n';
-    std::printf("pretrained on A: recalls %.1f%% of A, %.1f%% of B (chance: %.1f%%), %.0f s\n", 100 * base_A,
-                100 * base_B, 100.0 / double(o.objects), now() - t0);
-    std::printf("background: %lld batches, %.1f%% of the slots read, usage KL to uniform %.2f nats\n\n",
-                (long long)background.documents(), 100 * background.used_fraction(), background.kl_to_uniform());
+    std::printf("pretrained on A: recalls %.1f%% of A, %.1f%% of B (chance: %.1f%%), %.0f s\n",
+                100 * base_A, 100 * base_B, 100.0 / double(o.objects), now() - t0);
+    std::printf(
+        "background: %lld batches, %.1f%% of the slots read, usage KL to uniform %.2f nats\n\n",
+        (long long)background.documents(), 100 * background.used_fraction(),
+        background.kl_to_uniform());
 
     // ---- 2. learning B, each method from the pretrained model ----
     pkm::SlotSelectionOptions sel;
-    sel.score = o.score == "count" ? pkm::SlotScore::count : o.score == "kl" ? pkm::SlotScore::kl : pkm::SlotScore::tf_idf;
+    sel.score = o.score == "count" ? pkm::SlotScore::count
+                : o.score == "kl"  ? pkm::SlotScore::kl
+                                   : pkm::SlotScore::tf_idf;
     std::vector<Row> rows;
     auto finetune = [&](const std::string& method, Index top) {
       const bool full = method == "full";
@@ -254,15 +286,19 @@ int main(int argc, char** argv) {
           correct += st.correct;
           seen += n;
           ++steps;
-          if (tty) progress(label.c_str(), e, o.finetune_epochs, double(seen) / double(B.size()), loss / double(seen),
-                            double(correct) / double(seen), now() - ts);
+          if (tty)
+            progress(label.c_str(), e, o.finetune_epochs, double(seen) / double(B.size()),
+                     loss / double(seen), double(correct) / double(seen), now() - ts);
         });
         const bool eval = e % o.eval_every == 0 || e == o.finetune_epochs;
-        if (!tty && eval) progress(label.c_str(), e, o.finetune_epochs, 1.0, loss / double(seen), double(correct) / double(seen), now() - ts);
+        if (!tty && eval)
+          progress(label.c_str(), e, o.finetune_epochs, 1.0, loss / double(seen),
+                   double(correct) / double(seen), now() - ts);
         if (eval) {
           r.learned = evaluate(*m, B, 4096);
           r.retained = evaluate(*m, A, 4096);
-          csv << method << ',' << top << ',' << e << ',' << now() - ts << ',' << r.learned << ',' << r.retained << '\n';
+          csv << method << ',' << top << ',' << e << ',' << now() - ts << ',' << r.learned << ','
+              << r.retained << '\n';
           csv.flush();
           std::fprintf(stderr, "  B %5.1f%%  A %5.1f%%", 100 * r.learned, 100 * r.retained);
         }
@@ -277,20 +313,29 @@ int main(int argc, char** argv) {
     for (Index t : o.tops) finetune("sparse", t);
 
     // ---- 3. the table ----
-    std::printf("\n| method | slots updated per step | B learned | A retained | A forgotten (facts) | forgotten / full's |\n");
+    std::printf(
+        "\n| method | slots updated per step | B learned | A retained | A forgotten (facts) | "
+        "forgotten / full's |\n");
     std::printf("|---|---:|---:|---:|---:|---:|\n");
     const double full_forgot = base_A - rows.front().retained;
     std::printf("| pretrained | | %.1f%% | %.2f%% | | |\n", 100 * base_B, 100 * base_A);
     for (const Row& r : rows) {
       const double forgot = base_A - r.retained;
-      const std::string label = r.top > 0 ? "sparse, top " + std::to_string(r.top) + " (" + o.score + ")"
-                                          : r.method == "full" ? "full finetuning" : "values only (SGD)";
-      std::string per_step = r.method == "full" ? "all + dense" : std::to_string(std::llround(r.slots_per_step));
-      std::printf("| %s | %s | %.1f%% | %.2f%% | %.2f pp (%lld) | %s |\n", label.c_str(), per_step.c_str(),
-                  100 * r.learned, 100 * r.retained, 100 * forgot, (long long)std::llround(forgot * double(A.size())),
-                  full_forgot > 0 ? (std::to_string(std::llround(100 * forgot / full_forgot)) + "%").c_str() : "-");
+      const std::string label = r.top > 0
+                                    ? "sparse, top " + std::to_string(r.top) + " (" + o.score + ")"
+                                : r.method == "full" ? "full finetuning"
+                                                     : "values only (SGD)";
+      std::string per_step =
+          r.method == "full" ? "all + dense" : std::to_string(std::llround(r.slots_per_step));
+      std::printf("| %s | %s | %.1f%% | %.2f%% | %.2f pp (%lld) | %s |\n", label.c_str(),
+                  per_step.c_str(), 100 * r.learned, 100 * r.retained, 100 * forgot,
+                  (long long)std::llround(forgot * double(A.size())),
+                  full_forgot > 0
+                      ? (std::to_string(std::llround(100 * forgot / full_forgot)) + "%").c_str()
+                      : "-");
     }
-    std::printf("\ncurves: %s (plot: python3 examples/plot_continual.py %s)\n", o.csv.c_str(), o.csv.c_str());
+    std::printf("\ncurves: %s (plot: python3 examples/plot_continual.py %s)\n", o.csv.c_str(),
+                o.csv.c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "continual_facts: %s\n", e.what());
     return 1;

@@ -52,24 +52,37 @@ struct ModelOptions {
 
   /// The flags, for a usage text.
   static const char* flags() {
-    return "[--vocab N] [--relations N] [--objects N] [--dim N] [--n-keys N] [--heads N] [--knn N]\n"
+    return "[--vocab N] [--relations N] [--objects N] [--dim N] [--n-keys N] [--heads N] [--knn "
+           "N]\n"
            "         [--k-dim N] [--clip X] [--seed N] [--threads N]";
   }
   /// Takes `flag` if it is one of these (num(lo) parses its value as a number >= lo).
   template <class Num>
   bool take(const std::string& flag, Num&& num) {
-    if (flag == "--vocab") vocab = Index(num(1));
-    else if (flag == "--relations") relations = Index(num(1));
-    else if (flag == "--objects") objects = Index(num(2));
-    else if (flag == "--dim") dim = Index(num(2));
-    else if (flag == "--n-keys") n_keys = Index(num(1));
-    else if (flag == "--heads") heads = Index(num(1));
-    else if (flag == "--knn") knn = Index(num(1));
-    else if (flag == "--k-dim") k_dim = Index(num(2));
-    else if (flag == "--clip") clip = num(0);
-    else if (flag == "--seed") seed = std::uint64_t(num(0));
-    else if (flag == "--threads") threads = int(num(1, pkmcli::max_threads()));
-    else return false;
+    if (flag == "--vocab")
+      vocab = Index(num(1));
+    else if (flag == "--relations")
+      relations = Index(num(1));
+    else if (flag == "--objects")
+      objects = Index(num(2));
+    else if (flag == "--dim")
+      dim = Index(num(2));
+    else if (flag == "--n-keys")
+      n_keys = Index(num(1));
+    else if (flag == "--heads")
+      heads = Index(num(1));
+    else if (flag == "--knn")
+      knn = Index(num(1));
+    else if (flag == "--k-dim")
+      k_dim = Index(num(2));
+    else if (flag == "--clip")
+      clip = num(0);
+    else if (flag == "--seed")
+      seed = std::uint64_t(num(0));
+    else if (flag == "--threads")
+      threads = int(num(1, pkmcli::max_threads()));
+    else
+      return false;
     return true;
   }
 
@@ -130,7 +143,8 @@ inline Mat normal_matrix(Index rows, Index cols, double stddev, std::mt19937_64&
 /// The number a command-line flag was given, or usage(message) (which exits) when `text` is
 /// not a finite number >= lo.
 template <class Usage>
-double flag_number(const std::string& flag, const std::string& text, double lo, Usage&& usage, double hi = HUGE_VAL) {
+double flag_number(const std::string& flag, const std::string& text, double lo, Usage&& usage,
+                   double hi = HUGE_VAL) {
   char* end = nullptr;
   const double d = std::strtod(text.c_str(), &end);
   if (end == text.c_str() || *end != '\0' || !std::isfinite(d) || d < lo || d > hi) {
@@ -167,11 +181,14 @@ struct Block {
 class DenseFfn final : public Block {
  public:
   DenseFfn(Index dim, Index hidden, std::mt19937_64& rng)
-      : dim_(dim), hidden_(hidden),
+      : dim_(dim),
+        hidden_(hidden),
         w1_(normal_matrix(hidden, dim, 1.0 / std::sqrt(double(dim)), rng)),
         w3_(normal_matrix(hidden, dim, 1.0 / std::sqrt(double(dim)), rng)),
         w2_(normal_matrix(dim, hidden, 1.0 / std::sqrt(double(hidden)), rng)),
-        g1_(Mat::Zero(hidden, dim)), g3_(Mat::Zero(hidden, dim)), g2_(Mat::Zero(dim, hidden)) {}
+        g1_(Mat::Zero(hidden, dim)),
+        g3_(Mat::Zero(hidden, dim)),
+        g2_(Mat::Zero(dim, hidden)) {}
 
   const char* name() const override { return "dense SwiGLU FFN"; }
   double macs_per_token() const override { return 3.0 * double(dim_ * hidden_); }
@@ -256,11 +273,14 @@ class MemoryBlock final : public Block {
     if (!update_) throw std::logic_error("MemoryBlock: no value optimizer set");
     update_->backward(layer_, x, cache_, dout, grads_, dx);
   }
-  void register_dense(pkm::optim::AdamW<float>& opt) override { opt.add("mem.", layer_.params(), grads_.params); }
+  void register_dense(pkm::optim::AdamW<float>& opt) override {
+    opt.add("mem.", layer_.params(), grads_.params);
+  }
   void copy_weights_from(const Block& other) override {
     const auto& o = dynamic_cast<const MemoryBlock&>(other);
     for (int t = 0; t < pkm::kNumTensors; ++t) {
-      if (layer_.params().has(pkm::Tensor(t))) layer_.params().matrix(pkm::Tensor(t)) = o.layer_.params().matrix(pkm::Tensor(t));
+      if (layer_.params().has(pkm::Tensor(t)))
+        layer_.params().matrix(pkm::Tensor(t)) = o.layer_.params().matrix(pkm::Tensor(t));
     }
     layer_.values().matrix() = o.layer_.values().matrix();
   }
@@ -268,13 +288,15 @@ class MemoryBlock final : public Block {
  private:
   struct UpdateBase {
     virtual ~UpdateBase() = default;
-    virtual void backward(pkm::MemoryLayer<float>& layer, const Mat& x, const pkm::ForwardCache<float>& cache,
-                          const Mat& dout, pkm::LayerGradients<float>& grads, Mat& dx) = 0;
+    virtual void backward(pkm::MemoryLayer<float>& layer, const Mat& x,
+                          const pkm::ForwardCache<float>& cache, const Mat& dout,
+                          pkm::LayerGradients<float>& grads, Mat& dx) = 0;
   };
   template <class Optimizer>
   struct Update final : UpdateBase {
     Update(Optimizer o, bool f) : opt(std::move(o)), fused(f) {}
-    void backward(pkm::MemoryLayer<float>& layer, const Mat& x, const pkm::ForwardCache<float>& cache, const Mat& dout,
+    void backward(pkm::MemoryLayer<float>& layer, const Mat& x,
+                  const pkm::ForwardCache<float>& cache, const Mat& dout,
                   pkm::LayerGradients<float>& grads, Mat& dx) override {
       if (fused) {
         layer.backward_fused(x, cache, dout, grads.params, opt, dx);
@@ -316,8 +338,12 @@ class Model {
         er_(normal_matrix(o.relations, o.dim, 1.0 / std::sqrt(3.0), rng)),
         wo_(normal_matrix(o.objects, o.dim, 1.0 / std::sqrt(double(o.dim)), rng)),
         bo_(Mat::Zero(1, o.objects)),
-        gea_(Mat::Zero(o.vocab, o.dim)), geb_(Mat::Zero(o.vocab, o.dim)), ger_(Mat::Zero(o.relations, o.dim)),
-        gwo_(Mat::Zero(o.objects, o.dim)), gbo_(Mat::Zero(1, o.objects)), opt_(adam_options(lr, o.clip)) {
+        gea_(Mat::Zero(o.vocab, o.dim)),
+        geb_(Mat::Zero(o.vocab, o.dim)),
+        ger_(Mat::Zero(o.relations, o.dim)),
+        gwo_(Mat::Zero(o.objects, o.dim)),
+        gbo_(Mat::Zero(1, o.objects)),
+        opt_(adam_options(lr, o.clip)) {
     opt_.add("embed.a", ea_, gea_);
     opt_.add("embed.b", eb_, geb_);
     opt_.add("embed.r", er_, ger_);
@@ -425,12 +451,13 @@ inline double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-inline void progress(const char* label, int epoch, int epochs, double frac, double loss, double acc, double secs) {
+inline void progress(const char* label, int epoch, int epochs, double frac, double loss, double acc,
+                     double secs) {
   const int width = 30, fill = int(frac * width + 0.5);
   std::string bar(std::size_t(fill), '#');
   bar.resize(std::size_t(width), '.');
-  std::fprintf(stderr, "\r%-7s epoch %2d/%d [%s] loss %.3f  acc %5.1f%%  %5.1f s ", label, epoch, epochs,
-               bar.c_str(), loss, 100.0 * acc, secs);
+  std::fprintf(stderr, "\r%-7s epoch %2d/%d [%s] loss %.3f  acc %5.1f%%  %5.1f s ", label, epoch,
+               epochs, bar.c_str(), loss, 100.0 * acc, secs);
   std::fflush(stderr);
 }
 

@@ -19,7 +19,8 @@
 namespace {
 const char* kUsage =
     "usage: pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors\n"
-    "               [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--prefix P] [--threads N]\n"
+    "               [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--prefix P] "
+    "[--threads N]\n"
     "IN holds x (B, input_dim) and optionally dy (B, output_dim). OUT gets y, indices, scores\n"
     "and, with dy, dx and grad.<name> for every checkpoint tensor. --knn, --qk-norm and\n"
     "--qk-norm-scale override the checkpoint's __metadata__ (mem_knn, qk_norm, qk_norm_scale).\n"
@@ -34,7 +35,8 @@ const char* kUsage =
 long long to_int(const std::string& flag, const std::string& v, long long lo) {
   char* end = nullptr;
   const long long x = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || x < lo) die(flag + " " + v + ": expected an integer >= " + std::to_string(lo));
+  if (v.empty() || *end != '\0' || x < lo)
+    die(flag + " " + v + ": expected an integer >= " + std::to_string(lo));
   return x;
 }
 }  // namespace
@@ -48,12 +50,18 @@ int main(int argc, char** argv) {
       if (i + 1 >= argc) die(a + " needs a value");
       return argv[++i];
     };
-    if (a == "--checkpoint") checkpoint = value();
-    else if (a == "--input") input = value();
-    else if (a == "--output") output = value();
-    else if (a == "--knn") options.knn = to_int(a, value(), 1);
-    else if (a == "--qk-norm") options.qk_norm = true;
-    else if (a == "--no-qk-norm") options.qk_norm = false;
+    if (a == "--checkpoint")
+      checkpoint = value();
+    else if (a == "--input")
+      input = value();
+    else if (a == "--output")
+      output = value();
+    else if (a == "--knn")
+      options.knn = to_int(a, value(), 1);
+    else if (a == "--qk-norm")
+      options.qk_norm = true;
+    else if (a == "--no-qk-norm")
+      options.qk_norm = false;
     else if (a == "--qk-norm-scale") {
       const std::string v = value();
       char* end = nullptr;
@@ -64,8 +72,8 @@ int main(int argc, char** argv) {
       const long long n = to_int(a, value(), 1);
       if (const std::string e = pkmcli::threads_error(n); !e.empty()) die(e);
       omp_set_num_threads(int(n));
-    }
-    else if (a == "--prefix") options.prefix = value();
+    } else if (a == "--prefix")
+      options.prefix = value();
     else if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
       return 0;
@@ -77,7 +85,8 @@ int main(int argc, char** argv) {
     die("--checkpoint, --input and --output are required (see --help)");
   }
   try {
-    pkm::io::check_outputs("pkm_run", {{"--output", output}}, {{"--checkpoint", checkpoint}, {"--input", input}});
+    pkm::io::check_outputs("pkm_run", {{"--output", output}},
+                           {{"--checkpoint", checkpoint}, {"--input", input}});
   } catch (const std::exception& e) {
     die(e.what());
   }
@@ -86,7 +95,8 @@ int main(int argc, char** argv) {
     const pkm::io::ParityResult r = pkm::io::run_parity(ckpt, in, options);
     r.write(output);
     const auto& c = r.config;
-    std::fprintf(stderr, "pkm_run: %lld tokens through %lld heads x knn %lld over %lld slots -> %s\n",
+    std::fprintf(stderr,
+                 "pkm_run: %lld tokens through %lld heads x knn %lld over %lld slots -> %s\n",
                  (long long)r.get("y").shape[0], (long long)c.heads, (long long)c.knn,
                  (long long)c.slots(), output.c_str());
   } catch (const std::exception& e) {

@@ -16,9 +16,10 @@ int main(int argc, char** argv) {
   char* end = nullptr;
   const long long parsed = std::strtoll(arg.c_str(), &end, 10);
   if (arg == "-h" || arg == "--help" || *end != '\0' || parsed < 1 || parsed > (1 << 20)) {
-    std::fprintf(arg == "-h" || arg == "--help" ? stdout : stderr,
-                 "usage: quickstart [BATCH]   (tokens per batch, 1 to 1048576; default 1024)\n"
-                 "Builds a Memory+ layer with a 1 GiB table, runs forward and backward, prints times.\n");
+    std::fprintf(
+        arg == "-h" || arg == "--help" ? stdout : stderr,
+        "usage: quickstart [BATCH]   (tokens per batch, 1 to 1048576; default 1024)\n"
+        "Builds a Memory+ layer with a 1 GiB table, runs forward and backward, prints times.\n");
     return arg == "-h" || arg == "--help" ? 0 : 2;
   }
   const pkm::Index batch = parsed;
@@ -74,14 +75,17 @@ int main(int argc, char** argv) {
   const double bytes_read = double(batch * cfg.bag_size() * cfg.v_dim * sizeof(float));
   std::printf("batch %lld tokens: output norm %.4f, mean top weight %.3f\n", (long long)batch,
               double(y.norm()), double(cache.weights.col(0).mean()));
-  std::printf("forward  %.1f ms  %.0f tokens/s  (%.2f GB of value rows read, %.1f GB/s over the whole forward)\n",
-              fwd * 1e3, double(batch) / fwd, bytes_read / 1e9, bytes_read / fwd / 1e9);
+  std::printf(
+      "forward  %.1f ms  %.0f tokens/s  (%.2f GB of value rows read, %.1f GB/s over the whole "
+      "forward)\n",
+      fwd * 1e3, double(batch) / fwd, bytes_read / 1e9, bytes_read / fwd / 1e9);
   std::printf("backward %.1f ms  %.0f tokens/s\n", bwd * 1e3, double(batch) / bwd);
-  std::printf("value gradient: %lld of %lld slots touched (%.2f%%), %.1f MiB sparse vs %.1f MiB dense\n",
-              (long long)grads.values.size(), (long long)cfg.slots(),
-              100.0 * double(grads.values.size()) / double(cfg.slots()),
-              double(grads.values.values.size() * sizeof(float)) / (1 << 20),
-              double(cfg.slots() * cfg.v_dim * sizeof(float)) / (1 << 20));
+  std::printf(
+      "value gradient: %lld of %lld slots touched (%.2f%%), %.1f MiB sparse vs %.1f MiB dense\n",
+      (long long)grads.values.size(), (long long)cfg.slots(),
+      100.0 * double(grads.values.size()) / double(cfg.slots()),
+      double(grads.values.values.size() * sizeof(float)) / (1 << 20),
+      double(cfg.slots() * cfg.v_dim * sizeof(float)) / (1 << 20));
   std::printf("input gradient norm %.4e, query weight gradient norm %.4e\n", double(dx.norm()),
               double(grads.params.query_weight().norm()));
   return y.allFinite() && dx.allFinite() ? 0 : 1;

@@ -13,7 +13,9 @@
 int main(int argc, char** argv) {
   const std::string arg = argc > 1 ? argv[1] : "200";
   if (arg == "-h" || arg == "--help") {
-    std::printf("usage: torch_memory [STEPS]   (default 200)\nTrains a libtorch model with a pkm memory layer.\n");
+    std::printf(
+        "usage: torch_memory [STEPS]   (default 200)\nTrains a libtorch model with a pkm memory "
+        "layer.\n");
     return 0;
   }
   const long steps = std::strtol(arg.c_str(), nullptr, 10);
@@ -46,7 +48,8 @@ int main(int argc, char** argv) {
 
   // A fixed random target function of 16 inputs.
   const torch::Tensor x = torch::randn({512, 16});
-  const torch::Tensor y = torch::sin(3 * x.slice(1, 0, 1)) * torch::cos(2 * x.slice(1, 1, 2)) + x.slice(1, 2, 3).pow(2);
+  const torch::Tensor y =
+      torch::sin(3 * x.slice(1, 0, 1)) * torch::cos(2 * x.slice(1, 1, 2)) + x.slice(1, 2, 3).pow(2);
   double first = 0, last = 0;
   for (long step = 0; step < steps; ++step) {
     // [step]

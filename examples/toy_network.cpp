@@ -18,15 +18,20 @@ int main() {
   const int d = 64, B = 256, steps = 60;
 
   pkm::MemoryConfig cfg;
-  cfg.input_dim = d; cfg.output_dim = d;
-  cfg.heads = 2; cfg.k_dim = 32; cfg.knn = 8;
-  cfg.n_keys = 32; cfg.v_dim = d;
+  cfg.input_dim = d;
+  cfg.output_dim = d;
+  cfg.heads = 2;
+  cfg.k_dim = 32;
+  cfg.knn = 8;
+  cfg.n_keys = 32;
+  cfg.v_dim = d;
   pkm::MemoryLayer<float> memory(cfg, /*seed=*/1);
   pkm::LayerGradients<float> memory_grads(cfg);
   pkm::ForwardCache<float> cache;
 
   std::srand(3);
-  Mat w_in = Mat::Random(d, d) / std::sqrt(float(d)), w_out = Mat::Random(d, d) / std::sqrt(float(d));
+  Mat w_in = Mat::Random(d, d) / std::sqrt(float(d)),
+      w_out = Mat::Random(d, d) / std::sqrt(float(d));
   Mat dw_in = Mat::Zero(d, d), dw_out = Mat::Zero(d, d);
   const Mat x = Mat::Random(B, d);
   const Mat target = (x * Mat::Random(d, d)).array().tanh().matrix();  // a fixed function to learn
@@ -34,7 +39,7 @@ int main() {
   pkm::optim::AdamOptions dense_opts;
   dense_opts.lr = 3e-3;
   pkm::optim::AdamW<float> dense(dense_opts);
-  dense.add("w_in", w_in, dw_in);     // column-major matrices register as they are
+  dense.add("w_in", w_in, dw_in);  // column-major matrices register as they are
   dense.add("w_out", w_out, dw_out);
   dense.add("memory.", memory.params(), memory_grads.params);
   pkm::optim::AdamOptions value_opts;
@@ -45,7 +50,7 @@ int main() {
   float first = 0, last = 0;
   for (int step = 0; step < steps; ++step) {
     h.noalias() = x * w_in;
-    memory.forward(h, m, cache);        // column-major in and out
+    memory.forward(h, m, cache);  // column-major in and out
     y = h + m;
     prediction.noalias() = y * w_out;
     const Mat dpred = (prediction - target) / float(B);
@@ -58,10 +63,11 @@ int main() {
     dw_out.noalias() = y.transpose() * dpred;
     dy.noalias() = dpred * w_out.transpose();
     memory.backward_fused(h, cache, dy, memory_grads.params, values, dh);  // dh = d memory / dh
-    dh += dy;                                                             // the residual path
+    dh += dy;                                                              // the residual path
     dw_in.noalias() = x.transpose() * dh;
     dense.step();
   }
-  std::printf("loss %.5f -> %.5f (%s)\n", first, last, last < 0.5f * first ? "learned" : "NOT learned");
+  std::printf("loss %.5f -> %.5f (%s)\n", first, last,
+              last < 0.5f * first ? "learned" : "NOT learned");
   return last < 0.5f * first ? 0 : 1;
 }

@@ -40,17 +40,18 @@ using namespace facts;  // the model and data code, shared with continual_facts
 
 // ---- options -------------------------------------------------------------------------------
 
-struct Options : ModelOptions {  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads
+struct Options : ModelOptions {
+  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads
   Index batch = 512;
   int epochs = 20;
   int eval_every = 5;
   double dense_lr = 3e-3;   // AdamW, every parameter of the dense model
   double memory_lr = 1e-3;  // AdamW, the memory model's dense parameters (query, keys, W1, W2, ...)
   double value_lr = 0.1;    // the value table's own rate (lazy Adam or row-wise Adagrad)
-  double value_clip = 1.0; // value gradient norm clip (its own)
+  double value_clip = 1.0;  // value gradient norm clip (its own)
   std::string value_optimizer = "adam";  // adam | adagrad
   bool fused = true;
-  std::string model = "both";            // dense | memory | both
+  std::string model = "both";  // dense | memory | both
   std::string csv = "train_facts.csv";
 };
 
@@ -61,7 +62,8 @@ struct Options : ModelOptions {  // + vocab, relations, objects, dim, heads, n_k
                "usage: train_facts [--model dense|memory|both] [--epochs N] [--batch N]\n"
                "         %s\n"
                "         [--dense-lr X] [--memory-lr X] [--value-lr X] [--value-clip X]\n"
-               "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N] [--csv FILE] [--help]\n"
+               "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N] [--csv "
+               "FILE] [--help]\n"
                "Trains a model to recall facts and prints its progress; --csv FILE (default\n"
                "train_facts.csv in the current folder) gets one line per model and epoch.\n",
                ModelOptions::flags());
@@ -82,21 +84,31 @@ Options parse(int argc, char** argv) {
     auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
     if (o.take(a, num)) continue;
     if (a == "--model") {
-      if (v != "dense" && v != "memory" && v != "both") usage("--model = '" + v + "', expected dense, memory or both");
+      if (v != "dense" && v != "memory" && v != "both")
+        usage("--model = '" + v + "', expected dense, memory or both");
       o.model = v;
     } else if (a == "--value-optimizer") {
-      if (v != "adam" && v != "adagrad") usage("--value-optimizer = '" + v + "', expected adam or adagrad");
+      if (v != "adam" && v != "adagrad")
+        usage("--value-optimizer = '" + v + "', expected adam or adagrad");
       o.value_optimizer = v;
     } else if (a == "--csv") {
       o.csv = v;
-    } else if (a == "--epochs") o.epochs = int(num(1));
-    else if (a == "--eval-every") o.eval_every = int(num(1));
-    else if (a == "--batch") o.batch = Index(num(1));
-    else if (a == "--dense-lr") o.dense_lr = num(0);
-    else if (a == "--memory-lr") o.memory_lr = num(0);
-    else if (a == "--value-lr") o.value_lr = num(0);
-    else if (a == "--value-clip") o.value_clip = num(0);
-    else usage("unknown flag " + a);
+    } else if (a == "--epochs")
+      o.epochs = int(num(1));
+    else if (a == "--eval-every")
+      o.eval_every = int(num(1));
+    else if (a == "--batch")
+      o.batch = Index(num(1));
+    else if (a == "--dense-lr")
+      o.dense_lr = num(0);
+    else if (a == "--memory-lr")
+      o.memory_lr = num(0);
+    else if (a == "--value-lr")
+      o.value_lr = num(0);
+    else if (a == "--value-clip")
+      o.value_clip = num(0);
+    else
+      usage("unknown flag " + a);
   }
   return o;
 }
@@ -110,7 +122,8 @@ struct Result {
   Index active = 0, total = 0;
 };
 
-Result train(const std::string& label, Model& m, const Facts& f, const Options& o, std::ofstream& csv) {
+Result train(const std::string& label, Model& m, const Facts& f, const Options& o,
+             std::ofstream& csv) {
   Result r;
   r.label = label;
   std::mt19937_64 rng(o.seed + 99);
@@ -137,7 +150,9 @@ Result train(const std::string& label, Model& m, const Facts& f, const Options& 
     train_time += now() - te;
     double eval = -1;
     if (e % o.eval_every == 0 || e == o.epochs) eval = evaluate(m, f, 4096);
-    if (!tty) progress(label.c_str(), e, o.epochs, 1.0, loss / double(seen), double(correct) / double(seen), train_time);
+    if (!tty)
+      progress(label.c_str(), e, o.epochs, 1.0, loss / double(seen), double(correct) / double(seen),
+               train_time);
     if (eval >= 0) std::fprintf(stderr, " recalled %5.1f%%", 100.0 * eval);
     std::fprintf(stderr, "\n");
     csv << label << ',' << e << ',' << train_time << ',' << loss / double(seen) << ','
@@ -163,9 +178,11 @@ int main(int argc, char** argv) {
     // The dense FFN's hidden width: the same multiply-adds per token as the memory layer.
     const Index hidden = Index(std::llround(memory_macs_per_token(mc) / (3.0 * double(o.dim))));
 
-    std::printf("pkm %s train_facts: %lld facts = %lld x %lld subjects x %lld relations -> %lld objects (seed %llu)\n",
-                PKM_VERSION_STRING, (long long)facts.size(), (long long)o.vocab, (long long)o.vocab,
-                (long long)o.relations, (long long)o.objects, (unsigned long long)o.seed);
+    std::printf(
+        "pkm %s train_facts: %lld facts = %lld x %lld subjects x %lld relations -> %lld objects "
+        "(seed %llu)\n",
+        PKM_VERSION_STRING, (long long)facts.size(), (long long)o.vocab, (long long)o.vocab,
+        (long long)o.relations, (long long)o.objects, (unsigned long long)o.seed);
     std::printf("model: d = %lld, one residual block, %d epochs of batch %lld, %d OpenMP threads\n",
                 (long long)o.dim, o.epochs, (long long)o.batch, omp_get_max_threads());
 
@@ -186,15 +203,19 @@ int main(int argc, char** argv) {
     };
     if (o.model != "memory") {
       std::mt19937_64 rng(o.seed + 3);
-      std::printf("dense:  SwiGLU FFN, hidden %lld; AdamW lr %g, clip %g\n", (long long)hidden, o.dense_lr, o.clip);
+      std::printf("dense:  SwiGLU FFN, hidden %lld; AdamW lr %g, clip %g\n", (long long)hidden,
+                  o.dense_lr, o.clip);
       run_model("dense", o.dense_lr, std::make_unique<DenseFfn>(o.dim, hidden, rng));
     }
     if (o.model != "dense") {
-      std::printf("memory: Memory+ layer, %lld^2 = %lld slots, %lld heads, knn %lld, k_dim %lld; AdamW lr %g, clip %g;\n"
-                  "        values: %s, lr %g, clip %g, %s\n",
-                  (long long)mc.n_keys, (long long)mc.slots(), (long long)mc.heads, (long long)mc.knn,
-                  (long long)mc.k_dim, o.memory_lr, o.clip, o.value_optimizer == "adam" ? "lazy Adam" : "row-wise Adagrad", o.value_lr,
-                  o.value_clip, o.fused ? "fused with the backward" : "backward then step");
+      std::printf(
+          "memory: Memory+ layer, %lld^2 = %lld slots, %lld heads, knn %lld, k_dim %lld; AdamW lr "
+          "%g, clip %g;\n"
+          "        values: %s, lr %g, clip %g, %s\n",
+          (long long)mc.n_keys, (long long)mc.slots(), (long long)mc.heads, (long long)mc.knn,
+          (long long)mc.k_dim, o.memory_lr, o.clip,
+          o.value_optimizer == "adam" ? "lazy Adam" : "row-wise Adagrad", o.value_lr, o.value_clip,
+          o.fused ? "fused with the backward" : "backward then step");
       auto block = std::make_unique<MemoryBlock>(mc, o.seed + 5);
       if (o.value_optimizer == "adam") {
         pkm::optim::AdamOptions vo;
@@ -210,7 +231,8 @@ int main(int argc, char** argv) {
       run_model("memory", o.memory_lr, std::move(block));
     }
 
-    std::printf("\n| block | MACs/token | active params | total params | facts recalled | train time |\n");
+    std::printf(
+        "\n| block | MACs/token | active params | total params | facts recalled | train time |\n");
     std::printf("|---|---:|---:|---:|---:|---:|\n");
     for (const Result& r : results) {
       std::printf("| %s | %.0f | %lld | %lld | %.1f%% (%lld) | %.1f s |\n", r.label.c_str(), r.macs,
@@ -221,7 +243,8 @@ int main(int argc, char** argv) {
       std::printf("\nMemory+ recalls %.2fx the facts of the dense FFN at matched compute.\n",
                   results[1].accuracy / results[0].accuracy);
     }
-    std::printf("curves: %s (plot: python3 examples/plot_training.py %s)\n", o.csv.c_str(), o.csv.c_str());
+    std::printf("curves: %s (plot: python3 examples/plot_training.py %s)\n", o.csv.c_str(),
+                o.csv.c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_facts: %s\n", e.what());
     return 1;

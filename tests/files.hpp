@@ -21,7 +21,8 @@ inline std::vector<std::uint8_t> raw_file(const std::string& header, std::size_t
 }
 
 /// The std::runtime_error reading `bytes` gives, or "no error".
-inline std::string read_error(std::vector<std::uint8_t> bytes, const std::string& label = "bad.safetensors") {
+inline std::string read_error(std::vector<std::uint8_t> bytes,
+                              const std::string& label = "bad.safetensors") {
   try {
     pkm::io::SafetensorsFile::from_bytes(std::move(bytes), label);
   } catch (const std::runtime_error& e) {

@@ -16,7 +16,7 @@ inline constexpr double kParityRtol = 1e-5;
 
 struct ParityReport {
   std::vector<std::string> failures;
-  double worst_rel = 0;          // the largest relative error over all float tensors
+  double worst_rel = 0;  // the largest relative error over all float tensors
   std::string worst_tensor;
   long long tied_positions = 0;  // index positions skipped because their scores tie
 };
@@ -33,23 +33,27 @@ inline ParityReport compare_parity(const pkm::io::SafetensorsFile& expected,
     }
     const auto& a = actual.info(e.name);
     if (a.shape != e.shape) {
-      r.failures.push_back("'" + e.name + "': shape " + a.shape_string() + ", expected " + e.shape_string());
+      r.failures.push_back("'" + e.name + "': shape " + a.shape_string() + ", expected " +
+                           e.shape_string());
       continue;
     }
     if (e.name == "indices") {
-      const auto ei = expected.read<std::int64_t>("indices"), ai = actual.read<std::int64_t>("indices");
+      const auto ei = expected.read<std::int64_t>("indices"),
+                 ai = actual.read<std::int64_t>("indices");
       const auto es = expected.read<double>("scores");
       const std::size_t k = static_cast<std::size_t>(e.shape.back());
       for (std::size_t p = 0; p < ei.size(); ++p) {
         if (ei[p] == ai[p]) continue;
         const std::size_t m = p % k;
-        auto tied = [&](std::size_t q) { return std::abs(es[q] - es[p]) <= 1e-6 * std::abs(es[p]); };
+        auto tied = [&](std::size_t q) {
+          return std::abs(es[q] - es[p]) <= 1e-6 * std::abs(es[p]);
+        };
         if ((m > 0 && tied(p - 1)) || (m + 1 < k && tied(p + 1))) {
           ++r.tied_positions;
           continue;
         }
-        r.failures.push_back("indices[" + std::to_string(p) + "] = " + std::to_string(ai[p]) + ", expected " +
-                             std::to_string(ei[p]));
+        r.failures.push_back("indices[" + std::to_string(p) + "] = " + std::to_string(ai[p]) +
+                             ", expected " + std::to_string(ei[p]));
       }
       continue;
     }

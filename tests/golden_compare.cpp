@@ -14,9 +14,10 @@ int main(int argc, char** argv) {
     const pkm::io::SafetensorsFile expected(argv[1]), actual(argv[2]);
     const auto r = pkmtest::compare_parity(expected, actual);
     for (const auto& f : r.failures) std::fprintf(stderr, "%s\n", f.c_str());
-    std::printf("%zu tensors compared, worst relative error %.3g (%s), %lld tied index positions: %s\n",
-                expected.tensors().size(), r.worst_rel, r.worst_tensor.c_str(), r.tied_positions,
-                r.failures.empty() ? "match" : "MISMATCH");
+    std::printf(
+        "%zu tensors compared, worst relative error %.3g (%s), %lld tied index positions: %s\n",
+        expected.tensors().size(), r.worst_rel, r.worst_tensor.c_str(), r.tied_positions,
+        r.failures.empty() ? "match" : "MISMATCH");
     return r.failures.empty() ? 0 : 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "golden_compare: %s\n", e.what());

@@ -79,8 +79,7 @@ inline double ref_sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
 template <class P, class T>
 Reference reference_forward(const pkm::MemoryConfig& c, const P& p, const pkm::ValueTable<T>& V,
                             const Mat& x) {
-  const Index B = x.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(),
-              kd = c.k_dim;
+  const Index B = x.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(), kd = c.k_dim;
   const double tau = c.effective_qk_norm_scale();
   Reference r;
   r.out.resize(B, c.output_dim);
@@ -119,7 +118,8 @@ Reference reference_forward(const pkm::MemoryConfig& c, const P& p, const pkm::V
       // All n^2 candidates, ranked by (sum desc, s1 desc, i asc, s2 desc, j asc).
       std::vector<std::tuple<double, double, Index, double, Index>> all;
       for (Index i = 0; i < n; ++i)
-        for (Index j = 0; j < n; ++j) all.emplace_back(-(s[0][i] + s[1][j]), -s[0][i], i, -s[1][j], j);
+        for (Index j = 0; j < n; ++j)
+          all.emplace_back(-(s[0][i] + s[1][j]), -s[0][i], i, -s[1][j], j);
       std::sort(all.begin(), all.end());
       double mx = -std::get<0>(all[0]), z = 0;
       for (Index m = 0; m < k; ++m) z += std::exp(-std::get<0>(all[m]) - mx);
@@ -211,14 +211,16 @@ FdStats check_fd(double* target, Index count, const std::vector<double>& analyti
 /// "" when two sets of layer gradients hold the same bits, else the name of the first that
 /// differs ("values" for the sparse value gradient).
 template <class S>
-std::string first_gradient_difference(const pkm::LayerGradients<S>& a, const pkm::LayerGradients<S>& b) {
+std::string first_gradient_difference(const pkm::LayerGradients<S>& a,
+                                      const pkm::LayerGradients<S>& b) {
   for (int t = 0; t < pkm::kNumTensors; ++t) {
     if (!a.params.has(pkm::Tensor(t))) continue;
     if (!same_bits(a.params.matrix(pkm::Tensor(t)), b.params.matrix(pkm::Tensor(t)))) {
       return pkm::tensor_name(pkm::Tensor(t));
     }
   }
-  if (a.values.rows != b.values.rows || !same_bits(a.values.values, b.values.values)) return "values";
+  if (a.values.rows != b.values.rows || !same_bits(a.values.values, b.values.values))
+    return "values";
   return "";
 }
 
@@ -226,11 +228,12 @@ std::string first_gradient_difference(const pkm::LayerGradients<S>& a, const pkm
 template <class Opt>
 inline std::vector<std::vector<double>> state_of(Opt& opt) {
   std::vector<std::vector<double>> out;
-  opt.for_each_state([&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
-    std::int64_t n = 1;
-    for (auto d : shape) n *= d;
-    out.emplace_back(data, data + n);
-  });
+  opt.for_each_state(
+      [&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
+        std::int64_t n = 1;
+        for (auto d : shape) n *= d;
+        out.emplace_back(data, data + n);
+      });
   return out;
 }
 

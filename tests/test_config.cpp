@@ -56,7 +56,11 @@ TEST_CASE("every invalid config field is rejected with its name and range", "[co
   expect_invalid(with([](auto& c) { c.knn = 6; }), {"knn = 6", "knn <= 5"});
   expect_invalid(with([](auto& c) { c.v_dim = 0; }), {"v_dim", "1 <= v_dim"});
   expect_invalid(with([](auto& c) { c.output_dim = 0; }), {"output_dim", "1 <= output_dim"});
-  expect_invalid(with([](auto& c) { c.heads = 4096; c.k_dim = 1 << 14; }), {"heads * k_dim"});
+  expect_invalid(with([](auto& c) {
+                   c.heads = 4096;
+                   c.k_dim = 1 << 14;
+                 }),
+                 {"heads * k_dim"});
   expect_invalid(with([](auto& c) { c.value_projection = false; }),
                  {"memory_plus", "value_projection"});
   expect_invalid(with([](auto& c) {
@@ -98,7 +102,8 @@ TEST_CASE("one vocabulary of element types and one version", "[config][dtype]") 
                                                std::to_string(PKM_VERSION_PATCH));
 }
 
-TEST_CASE("the error rule's helpers: kinds travel and come back as the same exception type", "[config][errors]") {
+TEST_CASE("the error rule's helpers: kinds travel and come back as the same exception type",
+          "[config][errors]") {
   auto kind_of = [](auto e) { return pkm::error_kind(std::make_exception_ptr(e)); };
   CHECK(kind_of(std::invalid_argument("a")) == pkm::ErrorKind::invalid_argument);
   CHECK(kind_of(std::out_of_range("a")) == pkm::ErrorKind::out_of_range);
@@ -107,7 +112,8 @@ TEST_CASE("the error rule's helpers: kinds travel and come back as the same exce
   CHECK_THROWS_AS(pkm::throw_error(pkm::ErrorKind::out_of_range, "m"), std::out_of_range);
   CHECK_THROWS_AS(pkm::throw_error(pkm::ErrorKind::invalid_argument, "m"), std::invalid_argument);
   CHECK_THROWS_AS(pkm::throw_error(pkm::ErrorKind::runtime_error, "m"), std::runtime_error);
-  CHECK(pkm::expected_message("pkm::f", "lr", "-1", "a finite lr >= 0") == "pkm::f: lr = -1, expected a finite lr >= 0");
+  CHECK(pkm::expected_message("pkm::f", "lr", "-1", "a finite lr >= 0") ==
+        "pkm::f: lr = -1, expected a finite lr >= 0");
   CHECK_THROWS_WITH(pkm::optim::AdamOptions{-1.0}.validate("pkm::optim::AdamW"),
                     Contains("pkm::optim::AdamW: lr = -1.000000, expected a finite lr >= 0"));
 }

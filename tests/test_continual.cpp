@@ -25,7 +25,8 @@ using pkmtest::same_bits;
 
 /// A cache as a forward of a layer with n_keys^2 slots leaves it, with the given reads (one
 /// row of slot ids per token) and weights 1/(k+1) for the k-th read of a token.
-pkm::ForwardCache<float> crafted_cache(Index n_keys, const std::vector<std::vector<std::int64_t>>& reads) {
+pkm::ForwardCache<float> crafted_cache(Index n_keys,
+                                       const std::vector<std::vector<std::int64_t>>& reads) {
   pkm::ForwardCache<float> c;
   c.config = pkmtest::small_config();
   c.config.n_keys = n_keys;
@@ -46,7 +47,8 @@ struct Brute {
   std::vector<std::int64_t> count, docs;
   std::vector<double> mass;
   std::int64_t documents = 0;
-  explicit Brute(Index slots) : count(std::size_t(slots)), docs(std::size_t(slots)), mass(std::size_t(slots)) {}
+  explicit Brute(Index slots)
+      : count(std::size_t(slots)), docs(std::size_t(slots)), mass(std::size_t(slots)) {}
   void add(const std::vector<const pkm::ForwardCache<float>*>& caches) {
     std::vector<char> seen(count.size(), 0);
     for (const auto* c : caches) {
@@ -74,8 +76,9 @@ void check_equal(const pkm::SlotStatistics& st, const Brute& ref) {
 
 }  // namespace
 
-TEST_CASE("slot statistics equal a brute-force count over the caches, across layers, threads and merges",
-          "[continual][stats]") {
+TEST_CASE(
+    "slot statistics equal a brute-force count over the caches, across layers, threads and merges",
+    "[continual][stats]") {
   const auto c = pkmtest::medium_config();
   pkm::MemoryLayer<float> a(c, 3), b(c, 4);  // two layers reading tables of the same slots
   pkm::SlotStatistics st(c.slots(), true), first(c.slots(), true), second(c.slots(), true);
@@ -110,7 +113,8 @@ TEST_CASE("slot statistics equal a brute-force count over the caches, across lay
   CHECK(first.document_counts() == st.document_counts());
   CHECK(first.documents() == st.documents());
   CHECK(first.total_reads() == st.total_reads());
-  for (std::size_t s = 0; s < ref.mass.size(); ++s) CHECK(first.mass()[s] == Approx(ref.mass[s]).epsilon(1e-12));
+  for (std::size_t s = 0; s < ref.mass.size(); ++s)
+    CHECK(first.mass()[s] == Approx(ref.mass[s]).epsilon(1e-12));
 
   // The summaries against direct computations.
   Index used = 0;
@@ -130,7 +134,8 @@ TEST_CASE("slot statistics equal a brute-force count over the caches, across lay
   CHECK(st.entropy(pkm::SlotMeasure::mass) == Approx(hm).epsilon(1e-12));
   std::vector<std::int64_t> order(ref.count.size());
   for (std::size_t s = 0; s < order.size(); ++s) order[s] = std::int64_t(s);
-  std::stable_sort(order.begin(), order.end(), [&](auto x, auto y) { return ref.count[x] > ref.count[y]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](auto x, auto y) { return ref.count[x] > ref.count[y]; });
   const auto top = st.top(10);
   REQUIRE(top.size() == 10);
   for (std::size_t i = 0; i < top.size(); ++i) {
@@ -197,7 +202,8 @@ TEST_CASE("TF-IDF, count and KL slot rankings equal a plain reference", "[contin
   auto ranked = [](const std::map<std::int64_t, double>& score) {
     std::vector<std::int64_t> ids;
     for (auto& kv : score) ids.push_back(kv.first);
-    std::stable_sort(ids.begin(), ids.end(), [&](auto a, auto b) { return score.at(a) > score.at(b); });
+    std::stable_sort(ids.begin(), ids.end(),
+                     [&](auto a, auto b) { return score.at(a) > score.at(b); });
     return ids;
   };
   pkm::SlotSelectionOptions o;
@@ -207,7 +213,8 @@ TEST_CASE("TF-IDF, count and KL slot rankings equal a plain reference", "[contin
     const auto& ref = score == pkm::SlotScore::tf_idf ? tfidf : kl;
     const pkm::SlotSelection sel = pkm::select_slots(batch, bg, o);
     CHECK(sel.slots == ranked(ref));
-    for (std::size_t i = 0; i < sel.slots.size(); ++i) CHECK(sel.scores[i] == Approx(ref.at(sel.slots[i])).epsilon(1e-14));
+    for (std::size_t i = 0; i < sel.slots.size(); ++i)
+      CHECK(sel.scores[i] == Approx(ref.at(sel.slots[i])).epsilon(1e-14));
   }
   // TF-IDF: slot 0, read most but by every background batch, ranks last (idf 0); slot 1
   // (twice here, in one background batch) first, then slot 3 (once here, never before).
@@ -227,13 +234,15 @@ TEST_CASE("TF-IDF, count and KL slot rankings equal a plain reference", "[contin
   CHECK(by_top.mask.size() == 2);
   CHECK(by_top.mask.table_rows() == 9);
   for (std::int64_t s = 0; s < 9; ++s) {
-    CHECK(by_top.mask.allows(s) == (std::find(by_top.slots.begin(), by_top.slots.end(), s) != by_top.slots.end()));
+    CHECK(by_top.mask.allows(s) ==
+          (std::find(by_top.slots.begin(), by_top.slots.end(), s) != by_top.slots.end()));
   }
   o.fraction = 0.3;  // 1.2 slots, rounded up to 2
   CHECK(pkm::select_slots(batch, bg, o).slots.size() == 2);
 }
 
-TEST_CASE("slot selection and statistics refuse bad input with clear errors", "[continual][errors]") {
+TEST_CASE("slot selection and statistics refuse bad input with clear errors",
+          "[continual][errors]") {
   pkm::SlotStatistics bg(9);
   bg.add(crafted_cache(3, {{0, 1}}));
   const pkm::SlotCounts batch = pkm::count_slots(crafted_cache(3, {{0, 1}, {2, 1}}), 9);
@@ -257,7 +266,8 @@ TEST_CASE("slot selection and statistics refuse bad input with clear errors", "[
   CHECK_THROWS_WITH(pkm::select_slots(empty, bg, o), Catch::Contains("read no slot"));
   const pkm::SlotCounts other = pkm::count_slots(crafted_cache(4, {{0, 15}}), 16);
   CHECK_THROWS_WITH(pkm::select_slots(other, bg, o), Catch::Contains("table of 16 rows"));
-  CHECK_THROWS_WITH(pkm::select_slots(batch, pkm::SlotStatistics(9), o), Catch::Contains("hold no batch"));
+  CHECK_THROWS_WITH(pkm::select_slots(batch, pkm::SlotStatistics(9), o),
+                    Catch::Contains("hold no batch"));
   o.score = pkm::SlotScore::count;  // needs no background batch
   CHECK(pkm::select_slots(batch, pkm::SlotStatistics(9), o).slots == std::vector<std::int64_t>{1});
   o.score = pkm::SlotScore::kl;
@@ -276,7 +286,8 @@ TEST_CASE("slot selection and statistics refuse bad input with clear errors", "[
   auto hostile = crafted_cache(3, {{0, 1}, {2, 3}});
   hostile.indices(1, 1) = 9;
   const pkm::ForwardCache<float> good = crafted_cache(3, {{5, 6}});
-  CHECK_THROWS_AS(st.add(std::vector<const pkm::ForwardCache<float>*>{&good, &hostile}), std::out_of_range);
+  CHECK_THROWS_AS(st.add(std::vector<const pkm::ForwardCache<float>*>{&good, &hostile}),
+                  std::out_of_range);
   CHECK_THROWS_AS(pkm::count_slots(hostile, 9), std::out_of_range);
   CHECK(st.counts() == counts);
   CHECK(st.documents() == 1);
@@ -296,14 +307,16 @@ TEST_CASE("slot selection and statistics refuse bad input with clear errors", "[
   g.dim = 2;
   g.rows = {1, 4};
   g.values = MatF::Ones(2, 2);
-  CHECK_THROWS_WITH(pkm::mask_gradient(g, pkm::RowMask(16, {1}), 9), Catch::Contains("table of 16 rows"));
+  CHECK_THROWS_WITH(pkm::mask_gradient(g, pkm::RowMask(16, {1}), 9),
+                    Catch::Contains("table of 16 rows"));
   CHECK(g.rows.size() == 2);
   pkm::mask_gradient(g, pkm::RowMask(9, {4, 7}), 9);
   CHECK(g.rows == std::vector<std::int64_t>{4});
   CHECK(g.values.rows() == 1);
 }
 
-TEST_CASE("slot statistics save and load bit for bit, and a hostile file changes nothing", "[continual][io]") {
+TEST_CASE("slot statistics save and load bit for bit, and a hostile file changes nothing",
+          "[continual][io]") {
   pkm::SlotStatistics st(9, true);
   st.add(crafted_cache(3, {{0, 1}, {0, 4}}));
   st.add(crafted_cache(3, {{8, 1}}));
@@ -326,9 +339,10 @@ TEST_CASE("slot statistics save and load bit for bit, and a hostile file changes
   // A file whose counters disagree (a slot in more documents than there are): refused.
   pkm::SlotStatistics bad = st;
   auto tamper = [&](pkm::SlotStatistics& s) {
-    s.for_each_state([](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
-      if (name == "document_count") data[0] = 7;
-    });
+    s.for_each_state(
+        [](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
+          if (name == "document_count") data[0] = 7;
+        });
   };
   tamper(bad);
   pkm::io::SafetensorsWriter wb;
@@ -349,17 +363,20 @@ TEST_CASE("slot statistics save and load bit for bit, and a hostile file changes
   CHECK(target.mass() == st.mass());
 }
 
-TEST_CASE("hostile weights and counts: refused where they enter, never saved unloadable", "[continual][errors]") {
+TEST_CASE("hostile weights and counts: refused where they enter, never saved unloadable",
+          "[continual][errors]") {
   // NaN or negative softmax weights with mass tracking: refused at add (the mass used to become
   // NaN, the summaries 0, and the saved file unloadable).
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), -0.5f, std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), -0.5f, std::numeric_limits<float>::infinity()}) {
     INFO("weight " << bad);
     pkm::SlotStatistics st(9, true);
     st.add(crafted_cache(3, {{0, 1}}));
     const auto before = st.mass();
     auto cache = crafted_cache(3, {{2, 3}, {4, 5}});
     cache.weights(1, 0) = bad;
-    CHECK_THROWS_WITH(st.add(cache), Catch::Contains("holds weight") && Catch::Contains("token 1, read 0"));
+    CHECK_THROWS_WITH(st.add(cache),
+                      Catch::Contains("holds weight") && Catch::Contains("token 1, read 0"));
     CHECK(st.mass() == before);
     CHECK(st.documents() == 1);
     // Without mass the weights are not used: the counts are added.
@@ -378,23 +395,26 @@ TEST_CASE("hostile weights and counts: refused where they enter, never saved unl
   o.top = 1;
   for (auto score : {pkm::SlotScore::tf_idf, pkm::SlotScore::kl, pkm::SlotScore::count}) {
     o.score = score;
-    CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o), Catch::Contains("would overflow a 64-bit counter"));
+    CHECK_THROWS_WITH(pkm::select_slots(batch, bg, o),
+                      Catch::Contains("would overflow a 64-bit counter"));
   }
   // merge() and add() give the same message.
   pkm::SlotStatistics big(9);
-  big.for_each_state([&](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
-    using T = std::remove_pointer_t<decltype(data)>;
-    if constexpr (std::is_same_v<T, std::int64_t>) {
-      if (name == "documents") data[0] = 1;
-      if (name == "count") data[4] = std::numeric_limits<std::int64_t>::max() - 1;
-      if (name == "document_count") data[4] = 1;
-    }
-  });
+  big.for_each_state(
+      [&](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
+        using T = std::remove_pointer_t<decltype(data)>;
+        if constexpr (std::is_same_v<T, std::int64_t>) {
+          if (name == "documents") data[0] = 1;
+          if (name == "count") data[4] = std::numeric_limits<std::int64_t>::max() - 1;
+          if (name == "document_count") data[4] = 1;
+        }
+      });
   big.check_consistent("test");
   pkm::SlotStatistics one(9);
   one.add(crafted_cache(3, {{0, 1}}));
   CHECK_THROWS_WITH(big.merge(one), Catch::Contains("would overflow a 64-bit counter"));
-  CHECK_THROWS_WITH(big.add(crafted_cache(3, {{0, 1}})), Catch::Contains("would overflow a 64-bit counter"));
+  CHECK_THROWS_WITH(big.add(crafted_cache(3, {{0, 1}})),
+                    Catch::Contains("would overflow a 64-bit counter"));
   CHECK(big.counts()[0] == 0);
 }
 
@@ -404,14 +424,17 @@ TEST_CASE("KL scores stay finite and exact for any finite smoothing > 0", "[cont
   pkm::SlotStatistics bg(9);
   bg.add(crafted_cache(3, {{0, 1}, {0, 2}, {0, 2}}));
   bg.add(crafted_cache(3, {{5, 5}}));
-  const pkm::SlotCounts batch = pkm::count_slots(crafted_cache(3, {{0, 1}, {0, 3}, {0, 1}, {8, 2}, {8, 8}}), 9);
+  const pkm::SlotCounts batch =
+      pkm::count_slots(crafted_cache(3, {{0, 1}, {0, 3}, {0, 1}, {8, 2}, {8, 8}}), 9);
   for (double a : {1e308, std::numeric_limits<double>::max(), 1.0, 1e-300, 5e-324}) {
     INFO("kl_smoothing " << a);
     const std::vector<double> got = pkm::score_slots(batch, bg, pkm::SlotScore::kl, a);
-    const long double C = batch.total(), Cbg = (long double)bg.total_reads() + (long double)a * 9.0L;
+    const long double C = batch.total(),
+                      Cbg = (long double)bg.total_reads() + (long double)a * 9.0L;
     for (std::size_t i = 0; i < got.size(); ++i) {
       const long double p = batch.counts[i] / C;
-      const long double q = ((long double)bg.counts()[std::size_t(batch.slots[i])] + (long double)a) / Cbg;
+      const long double q =
+          ((long double)bg.counts()[std::size_t(batch.slots[i])] + (long double)a) / Cbg;
       const long double want = p * std::log(p / q);
       CHECK(std::isfinite(got[i]));
       CHECK(got[i] == Approx(double(want)).epsilon(1e-12).margin(1e-15));

@@ -38,8 +38,12 @@ void check_row_coverage(const pcd::RowLayout& l) {
   }
 }
 
-pc::Status check_args(const pc::ForwardArgs& a, std::string* why) { return pc::check_forward(a, why); }
-pc::Status check_args(const pc::BackwardArgs& a, std::string* why) { return pc::check_backward(a, why); }
+pc::Status check_args(const pc::ForwardArgs& a, std::string* why) {
+  return pc::check_forward(a, why);
+}
+pc::Status check_args(const pc::BackwardArgs& a, std::string* why) {
+  return pc::check_backward(a, why);
+}
 
 /// The host check refuses `args` with status s, in a message that starts with the status and
 /// names `field` (with its value, where given).
@@ -62,7 +66,8 @@ TEST_CASE("cuda layout: every column of a row is read exactly once, in whole vec
           const pcd::RowLayout l = pcd::row_layout(t, base, stride, dim);
           // Vectors only where every row start is 16-byte aligned and the width divides.
           const int esize = pc::dtype_bytes(t);
-          const bool vectorisable = base % 16 == 0 && (stride * esize) % 16 == 0 && dim % (16 / esize) == 0;
+          const bool vectorisable =
+              base % 16 == 0 && (stride * esize) % 16 == 0 && dim % (16 / esize) == 0;
           CHECK(l.vec == (vectorisable ? 16 / esize : 1));
           CHECK(l.lanes >= 4);
           CHECK(l.lanes <= 32);
@@ -81,7 +86,8 @@ TEST_CASE("cuda layout: every column of a row is read exactly once, in whole vec
   CHECK(pcd::row_layout(pkm::Dtype::f32, 0x1000, 4097, 4097).vec == 1);  // any v_dim: scalars
 }
 
-TEST_CASE("cuda layout: every token gets one whole sub-warp, and threads past the batch none", "[cuda]") {
+TEST_CASE("cuda layout: every token gets one whole sub-warp, and threads past the batch none",
+          "[cuda]") {
   for (int lanes : {4, 8, 16, 32}) {
     for (std::int64_t tokens : {1, 5, 33, 64, 1000, 4097}) {
       const std::int64_t blocks = pcd::blocks_for(tokens, lanes, 256);
@@ -107,14 +113,16 @@ TEST_CASE("cuda layout: every token gets one whole sub-warp, and threads past th
   }
 }
 
-TEST_CASE("cuda layout: the value gradient's segments cover every (slot, position) pair once", "[cuda]") {
+TEST_CASE("cuda layout: the value gradient's segments cover every (slot, position) pair once",
+          "[cuda]") {
   std::mt19937_64 rng(3);
   auto check = [](const std::vector<std::int64_t>& idx, std::int64_t rows) {
     // The device's steps, on the CPU: sort pairs by slot (stable), run-length encode,
     // exclusive scan of the run lengths, segment u = [offsets[u], offsets[u] + counts[u]).
     std::vector<int> pos(idx.size());
     for (std::size_t p = 0; p < pos.size(); ++p) pos[p] = int(p);
-    std::stable_sort(pos.begin(), pos.end(), [&](int a, int b) { return idx[std::size_t(a)] < idx[std::size_t(b)]; });
+    std::stable_sort(pos.begin(), pos.end(),
+                     [&](int a, int b) { return idx[std::size_t(a)] < idx[std::size_t(b)]; });
     std::vector<std::int64_t> unique;
     std::vector<int> counts;
     for (int p : pos) {
@@ -169,15 +177,16 @@ TEST_CASE("cuda layout: the workspace's buffers are aligned, disjoint and large 
       struct Part {
         std::size_t at, bytes;
       };
-      const std::vector<Part> parts = {{w.keys_in, un * 8}, {w.keys_out, un * 8}, {w.pos_in, un * 4},
-                                       {w.pos_out, un * 4}, {w.unique, un * 8},   {w.counts, un * 4},
-                                       {w.offsets, un * 4}, {w.num_runs, 4},      {w.flag, 4},
-                                       {w.cub, cub}};
+      const std::vector<Part> parts = {
+          {w.keys_in, un * 8}, {w.keys_out, un * 8}, {w.pos_in, un * 4},  {w.pos_out, un * 4},
+          {w.unique, un * 8},  {w.counts, un * 4},   {w.offsets, un * 4}, {w.num_runs, 4},
+          {w.flag, 4},         {w.cub, cub}};
       for (std::size_t i = 0; i < parts.size(); ++i) {
         CHECK(parts[i].at % pcd::kWorkspaceAlign == 0);
         CHECK(parts[i].at + parts[i].bytes <= w.total);
         for (std::size_t j = i + 1; j < parts.size(); ++j) {
-          const bool disjoint = parts[i].at + parts[i].bytes <= parts[j].at || parts[j].at + parts[j].bytes <= parts[i].at;
+          const bool disjoint = parts[i].at + parts[i].bytes <= parts[j].at ||
+                                parts[j].at + parts[j].bytes <= parts[i].at;
           CHECK(disjoint);
         }
       }
@@ -187,7 +196,8 @@ TEST_CASE("cuda layout: the workspace's buffers are aligned, disjoint and large 
   CHECK(pcd::backward_workspace(0, 0).total > 0);
 }
 
-TEST_CASE("cuda arguments: every bad argument gets its status and a message naming it", "[cuda][errors]") {
+TEST_CASE("cuda arguments: every bad argument gets its status and a message naming it",
+          "[cuda][errors]") {
   alignas(16) static float buf[64];
   static std::int64_t idx[64];
   pc::ForwardArgs f;

@@ -48,7 +48,8 @@ void check_gather_against_naive() {
     for (Index b = 0; b < 70; ++b)
       for (Index l = 0; l < 12; ++l) {
         float ref = 0;
-        for (Index d = 0; d < dim; ++d) ref += dy(b, d) * static_cast<float>(table.row(idx(b, l))[d]);
+        for (Index d = 0; d < dim; ++d)
+          ref += dy(b, d) * static_cast<float>(table.row(idx(b, l))[d]);
         worst = std::max(worst, std::abs(ref - dw(b, l)));
       }
     CHECK(worst <= 1e-4f);
@@ -65,7 +66,8 @@ TEST_CASE("the gather agrees with the naive loop: fp16 table", "[embedding_bag]"
   check_gather_against_naive<pkm::fp16>();
 }
 
-TEST_CASE("a layer reads a bf16 table as the float reference of the same values", "[embedding_bag][layer]") {
+TEST_CASE("a layer reads a bf16 table as the float reference of the same values",
+          "[embedding_bag][layer]") {
   auto c = pkmtest::small_config();
   c.v_dim = 70;  // blocks + remainder + tail
   pkm::MemoryLayer<float, pkm::bf16> half(c, 3);
@@ -186,7 +188,8 @@ TEST_CASE("grouping by row is a stable sort, in one pass or several", "[sparse_g
   // Row counts that take one radix pass (< 2^11), two and three; contributions keep their
   // order within a row, as std::stable_sort keeps it.
   std::mt19937_64 rng(21);
-  for (std::int64_t row_count : {std::int64_t(1), std::int64_t(1000), std::int64_t(1) << 20, std::int64_t(5) << 28}) {
+  for (std::int64_t row_count :
+       {std::int64_t(1), std::int64_t(1000), std::int64_t(1) << 20, std::int64_t(5) << 28}) {
     std::uniform_int_distribution<std::int64_t> pick(0, row_count - 1);
     std::vector<pkm::detail::RowContribution<float>> items(3000);
     for (std::size_t t = 0; t < items.size(); ++t) {
@@ -195,19 +198,22 @@ TEST_CASE("grouping by row is a stable sort, in one pass or several", "[sparse_g
                   std::int64_t(t), float(t)};
     }
     auto expected = items;
-    std::stable_sort(expected.begin(), expected.end(), [](const auto& a, const auto& b) { return a.row < b.row; });
+    std::stable_sort(expected.begin(), expected.end(),
+                     [](const auto& a, const auto& b) { return a.row < b.row; });
     pkm::detail::GroupScratch<float> scratch;
     pkm::detail::RowSegments seg;
     pkm::detail::group_by_row(items, row_count, scratch, seg);
     INFO("row_count " << row_count);
     bool same = items.size() == expected.size();
-    for (std::size_t t = 0; same && t < items.size(); ++t) same = items[t].row == expected[t].row && items[t].source == expected[t].source;
+    for (std::size_t t = 0; same && t < items.size(); ++t)
+      same = items[t].row == expected[t].row && items[t].source == expected[t].source;
     CHECK(same);
     REQUIRE(seg.starts.size() == seg.rows.size() + 1);
     bool segments_ok = seg.starts.front() == 0 && seg.starts.back() == items.size();
     for (std::size_t u = 0; u < seg.rows.size(); ++u) {
       segments_ok = segments_ok && (u == 0 || seg.rows[u - 1] < seg.rows[u]);
-      for (std::size_t t = seg.starts[u]; t < seg.starts[u + 1]; ++t) segments_ok = segments_ok && items[t].row == seg.rows[u];
+      for (std::size_t t = seg.starts[u]; t < seg.starts[u + 1]; ++t)
+        segments_ok = segments_ok && items[t].row == seg.rows[u];
     }
     CHECK(segments_ok);
   }
@@ -229,7 +235,8 @@ TEST_CASE("sqrt_array gives std::sqrt's bits at every position", "[sparse_grad]"
     for (int i = 0; i < n; ++i) {
       const float wf = std::sqrt(f[std::size_t(i)]);
       const double wd = std::sqrt(d[std::size_t(i)]);
-      same = same && std::memcmp(&wf, &fo[std::size_t(i)], 4) == 0 && std::memcmp(&wd, &dout[std::size_t(i)], 8) == 0;
+      same = same && std::memcmp(&wf, &fo[std::size_t(i)], 4) == 0 &&
+             std::memcmp(&wd, &dout[std::size_t(i)], 8) == 0;
     }
     INFO("n " << n);
     CHECK(same);

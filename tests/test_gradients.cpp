@@ -42,8 +42,8 @@ void check_layer_gradients(const pkm::MemoryConfig& c, std::uint64_t seed) {
     const auto tensor = pkm::Tensor(t);
     if (!layer.params().has(tensor)) continue;
     auto m = layer.params().matrix(tensor);
-    const auto st = pkmtest::check_fd(m.data(), m.size(), flat(g.params.matrix(tensor)),
-                                      loss_at(x), fails, pkm::tensor_name(tensor));
+    const auto st = pkmtest::check_fd(m.data(), m.size(), flat(g.params.matrix(tensor)), loss_at(x),
+                                      fails, pkm::tensor_name(tensor));
     skipped += st.skipped;
     checked += st.checked;
   }
@@ -76,8 +76,7 @@ TEST_CASE("gradients match finite differences: Memory+", "[gradients]") {
   check_layer_gradients(pkmtest::small_config(), 1);
 }
 
-TEST_CASE("gradients match finite differences: plain projection, no query bias",
-          "[gradients]") {
+TEST_CASE("gradients match finite differences: plain projection, no query bias", "[gradients]") {
   auto c = pkmtest::small_config();
   c.memory_plus = false;
   c.query_bias = false;
@@ -127,8 +126,10 @@ TEST_CASE("gradients match finite differences: two layers sharing one value tabl
   REQUIRE(a.values().data() == pool.data());
   REQUIRE(b.values().data() == pool.data());
   const Index B = 6;
-  const Mat xa = pkmtest::random_matrix(B, c.input_dim, 3), xb = pkmtest::random_matrix(B, c.input_dim, 4);
-  const Mat Ra = pkmtest::random_matrix(B, c.output_dim, 5), Rb = pkmtest::random_matrix(B, c.output_dim, 6);
+  const Mat xa = pkmtest::random_matrix(B, c.input_dim, 3),
+            xb = pkmtest::random_matrix(B, c.input_dim, 4);
+  const Mat Ra = pkmtest::random_matrix(B, c.output_dim, 5),
+            Rb = pkmtest::random_matrix(B, c.output_dim, 6);
   pkm::ForwardCache<double> ca, cb;
   a.forward(xa, ca);
   b.forward(xb, cb);
@@ -142,7 +143,8 @@ TEST_CASE("gradients match finite differences: two layers sharing one value tabl
   const pkm::IndexMatrix ia = ca.indices, ib = cb.indices;
   auto loss = [&](bool* same) {
     bool sa = true, sb = true;
-    const double l = pkmtest::probe_loss(a, xa, Ra, &ia, &sa) + pkmtest::probe_loss(b, xb, Rb, &ib, &sb);
+    const double l =
+        pkmtest::probe_loss(a, xa, Ra, &ia, &sa) + pkmtest::probe_loss(b, xb, Rb, &ib, &sb);
     *same = sa && sb;
     return l;
   };

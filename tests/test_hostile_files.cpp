@@ -47,7 +47,9 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 using pkmtest::raw_file;
 
-std::string read_error(std::vector<std::uint8_t> bytes) { return pkmtest::read_error(std::move(bytes), "hostile.safetensors"); }
+std::string read_error(std::vector<std::uint8_t> bytes) {
+  return pkmtest::read_error(std::move(bytes), "hostile.safetensors");
+}
 
 std::vector<char> file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -75,20 +77,21 @@ SafetensorsFile state_file(Optimizer& opt, Edit&& edit) {
   floats.reserve(16);
   ints.reserve(16);
   pkm::io::SafetensorsWriter w;
-  opt.for_each_state([&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
-    using T = std::remove_pointer_t<decltype(data)>;
-    std::size_t n = 1;
-    for (auto d : shape) n *= static_cast<std::size_t>(d);
-    if constexpr (std::is_floating_point_v<T>) {
-      floats.emplace_back(data, data + n);
-      edit(name, floats.back().data(), n);
-      w.add(name, shape, floats.back().data());
-    } else {
-      ints.emplace_back(data, data + n);
-      edit(name, ints.back().data(), n);
-      w.add(name, shape, ints.back().data());
-    }
-  });
+  opt.for_each_state(
+      [&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
+        using T = std::remove_pointer_t<decltype(data)>;
+        std::size_t n = 1;
+        for (auto d : shape) n *= static_cast<std::size_t>(d);
+        if constexpr (std::is_floating_point_v<T>) {
+          floats.emplace_back(data, data + n);
+          edit(name, floats.back().data(), n);
+          w.add(name, shape, floats.back().data());
+        } else {
+          ints.emplace_back(data, data + n);
+          edit(name, ints.back().data(), n);
+          w.add(name, shape, ints.back().data());
+        }
+      });
   return SafetensorsFile::from_bytes(w.to_bytes(), "state.safetensors");
 }
 
@@ -113,11 +116,13 @@ TEST_CASE("a header nested 100000 levels deep is refused before any recursive co
                              R"("},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
   CHECK_THAT(read_error(raw_file(quoted, 4)), Contains("no error"));
   // A shape entry that is itself an array is described, not printed.
-  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[[[[1]]]],"data_offsets":[0,4]}})", 4)),
-             Contains("shape entry an array of 1 entries"));
+  CHECK_THAT(
+      read_error(raw_file(R"({"a":{"dtype":"F32","shape":[[[[1]]]],"data_offsets":[0,4]}})", 4)),
+      Contains("shape entry an array of 1 entries"));
   // Values from the file are clipped in messages: a 1 MiB name and a 1 MiB dtype.
   const std::string big(1 << 20, 'n');
-  const std::string msg = read_error(raw_file("{\"" + big + "\":{\"dtype\":\"" + big + "\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4));
+  const std::string msg = read_error(raw_file(
+      "{\"" + big + "\":{\"dtype\":\"" + big + "\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4));
   CHECK_THAT(msg, Contains("unknown dtype") && Contains("(1048576 characters)"));
   CHECK(msg.size() < 600);
 }
@@ -126,15 +131,18 @@ TEST_CASE("sizes from outside input go through checked arithmetic", "[reliabilit
   // A table whose element count wraps.
   CHECK_THROWS_WITH(pkm::ValueTable<float>((Index(1) << 62) + 1, 4), Contains("out of range"));
   float dummy[4] = {};
-  CHECK_THROWS_AS(pkm::ValueTable<float>::view(dummy, Index(1) << 40, Index(1) << 30), std::invalid_argument);
+  CHECK_THROWS_AS(pkm::ValueTable<float>::view(dummy, Index(1) << 40, Index(1) << 30),
+                  std::invalid_argument);
   // numel x element size wrapping past the reader's 2^62 cap: 2^62 F32 elements over 0 bytes,
   // 2^61 F64 elements over 0 bytes.
-  const std::pair<const char*, const char*> wrapping[] = {
-      {"F32", "[4611686018427387904]"}, {"F64", "[2,1152921504606846976]"}, {"F32", "[0,18446744073709551615]"}};
+  const std::pair<const char*, const char*> wrapping[] = {{"F32", "[4611686018427387904]"},
+                                                          {"F64", "[2,1152921504606846976]"},
+                                                          {"F32", "[0,18446744073709551615]"}};
   for (const auto& [dtype, shape] : wrapping) {
     const std::string header = std::string(R"({"a":{"dtype":")") + dtype + R"(","shape":)" + shape +
                                R"(,"data_offsets":[0,0]}})";
-    CHECK_THAT(read_error(raw_file(header, 0)), Contains("needs more than 2^62 bytes") || Contains("over the limit of 2^62"));
+    CHECK_THAT(read_error(raw_file(header, 0)),
+               Contains("needs more than 2^62 bytes") || Contains("over the limit of 2^62"));
   }
   // n_keys^2 before validation.
   pkm::MemoryConfig c = pkmtest::small_config();
@@ -147,7 +155,8 @@ TEST_CASE("sizes from outside input go through checked arithmetic", "[reliabilit
   // The writer refuses the shapes its reader refuses (and writes nothing).
   pkm::io::SafetensorsWriter w;
   const float v[1] = {1};
-  CHECK_THROWS_WITH(w.add("big", {Index(1) << 31, Index(1) << 31}, v), Contains("needs more than 2^62 bytes"));
+  CHECK_THROWS_WITH(w.add("big", {Index(1) << 31, Index(1) << 31}, v),
+                    Contains("needs more than 2^62 bytes"));
   CHECK_THROWS_WITH(w.add("null", {4}, static_cast<const float*>(nullptr)), Contains("null data"));
   w.add("empty", {0, 3}, static_cast<const float*>(nullptr));
   const auto f = SafetensorsFile::from_bytes(w.to_bytes(), "empty.safetensors");
@@ -204,7 +213,8 @@ TEST_CASE("optimizer state with impossible values is refused and the optimizer i
   const auto bad_sum = state_file(ada, [&](const std::string& n, auto* d, std::size_t) {
     if (n == "sum") d[3] = -1;
   });
-  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(bad_sum, ada, ""), Contains("'sum' holds -1") && Contains("element 3"));
+  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(bad_sum, ada, ""),
+                    Contains("'sum' holds -1") && Contains("element 3"));
   CHECK(state_bytes(ada) == ada_before);
 
   Mat p = Mat::Ones(2, 2), dp = Mat::Ones(2, 2);
@@ -260,19 +270,22 @@ TEST_CASE("a failed save leaves the checkpoint it would replace intact", "[relia
   CHECK(same_bits(pkm::io::load_layer<float>(f).values().matrix(), first.values().matrix()));
 
   // A folder that does not exist.
-  CHECK_THROWS_WITH(pkm::io::save_layer("no/such/folder/x.safetensors", first), Contains("no/such/folder/x.safetensors"));
+  CHECK_THROWS_WITH(pkm::io::save_layer("no/such/folder/x.safetensors", first),
+                    Contains("no/such/folder/x.safetensors"));
 
   // And a save that succeeds replaces the file in one step, keeping its permissions.
   REQUIRE(::chmod(path.c_str(), 0600) == 0);
   pkm::io::save_layer(path, second);
-  CHECK(same_bits(pkm::io::load_layer<float>(SafetensorsFile(path)).values().matrix(), second.values().matrix()));
+  CHECK(same_bits(pkm::io::load_layer<float>(SafetensorsFile(path)).values().matrix(),
+                  second.values().matrix()));
   struct stat st {};
   REQUIRE(::stat(path.c_str(), &st) == 0);
   CHECK((st.st_mode & 0777) == 0600);
   std::remove(path.c_str());
 }
 
-TEST_CASE("a mapped file truncated under it gives an error on read, not SIGBUS", "[reliability][io]") {
+TEST_CASE("a mapped file truncated under it gives an error on read, not SIGBUS",
+          "[reliability][io]") {
   const std::string path = "pkm_reliability_truncated.safetensors";
   const pkm::MemoryLayer<float> layer(pkmtest::medium_config(), 3);
   pkm::io::save_layer(path, layer);
@@ -280,7 +293,7 @@ TEST_CASE("a mapped file truncated under it gives an error on read, not SIGBUS",
   REQUIRE(::truncate(path.c_str(), 4096) == 0);
   CHECK_THROWS_WITH(f.read<float>("values.weight"), Contains("changed while in use"));
   CHECK_THROWS_AS(pkm::io::load_layer<float>(f), std::runtime_error);
-  CHECK_THROWS_AS((pkm::io::load_layer<float, pkm::bf16>(f)), std::runtime_error);  // the converting path
+  CHECK_THROWS_AS((pkm::io::load_layer<float, pkm::bf16>(f)),
+                  std::runtime_error);  // the converting path
   std::remove(path.c_str());
 }
-

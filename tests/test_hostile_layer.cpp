@@ -56,20 +56,21 @@ SafetensorsFile state_file(Optimizer& opt, Edit&& edit) {
   floats.reserve(16);
   ints.reserve(16);
   pkm::io::SafetensorsWriter w;
-  opt.for_each_state([&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
-    using T = std::remove_pointer_t<decltype(data)>;
-    std::size_t n = 1;
-    for (auto d : shape) n *= static_cast<std::size_t>(d);
-    if constexpr (std::is_floating_point_v<T>) {
-      floats.emplace_back(data, data + n);
-      edit(name, floats.back().data(), n);
-      w.add(name, shape, floats.back().data());
-    } else {
-      ints.emplace_back(data, data + n);
-      edit(name, ints.back().data(), n);
-      w.add(name, shape, ints.back().data());
-    }
-  });
+  opt.for_each_state(
+      [&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
+        using T = std::remove_pointer_t<decltype(data)>;
+        std::size_t n = 1;
+        for (auto d : shape) n *= static_cast<std::size_t>(d);
+        if constexpr (std::is_floating_point_v<T>) {
+          floats.emplace_back(data, data + n);
+          edit(name, floats.back().data(), n);
+          w.add(name, shape, floats.back().data());
+        } else {
+          ints.emplace_back(data, data + n);
+          edit(name, ints.back().data(), n);
+          w.add(name, shape, ints.back().data());
+        }
+      });
   return SafetensorsFile::from_bytes(w.to_bytes(), "state.safetensors");
 }
 
@@ -123,15 +124,19 @@ TEST_CASE("inconsistent sparse gradients are refused where they enter", "[reliab
   const Mat out = layer.forward(x, cache);
   pkm::LayerGradients<double> grads(c);
   grads.values = sparse(c.v_dim, {7, 2}, 2);
-  CHECK_THROWS_WITH(layer.backward(x, cache, out, grads), Contains("dvalues") && Contains("not sorted"));
+  CHECK_THROWS_WITH(layer.backward(x, cache, out, grads),
+                    Contains("dvalues") && Contains("not sorted"));
   grads.values = sparse(c.v_dim, {2, c.slots()}, 2);
   CHECK_THROWS_AS(layer.backward(x, cache, out, grads), std::out_of_range);
   bool untouched = true;
-  std::as_const(grads.params).for_each([&](pkm::Tensor, pkm::ConstMatrixMap<double> m) { untouched = untouched && m.isZero(); });
+  std::as_const(grads.params).for_each([&](pkm::Tensor, pkm::ConstMatrixMap<double> m) {
+    untouched = untouched && m.isZero();
+  });
   CHECK(untouched);
 }
 
-TEST_CASE("a step counter at its maximum refuses the next step and changes nothing", "[reliability][optim]") {
+TEST_CASE("a step counter at its maximum refuses the next step and changes nothing",
+          "[reliability][optim]") {
   const Index rows = 16, dim = 4;
   pkm::ValueTable<double> table(rows, dim);
   table.matrix() = pkmtest::random_matrix(rows, dim, 5);
@@ -139,16 +144,18 @@ TEST_CASE("a step counter at its maximum refuses the next step and changes nothi
   const auto g = sparse(dim, {2, 9}, 2);
   constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
   pkm::optim::LazyAdam<double> adam(table);
-  pkm::io::load_optimizer_state(state_file(adam, [&](const std::string& n, auto* d, std::size_t) {
-                                  if (n == "step") d[0] = kMax;
-                                }),
+  pkm::io::load_optimizer_state(state_file(adam,
+                                           [&](const std::string& n, auto* d, std::size_t) {
+                                             if (n == "step") d[0] = kMax;
+                                           }),
                                 adam, "");
   CHECK(adam.steps() == kMax);
   CHECK_THROWS_WITH(adam.step(table, g), Contains("at its maximum"));
   pkm::optim::RowWiseAdagrad<double> ada(table);
-  pkm::io::load_optimizer_state(state_file(ada, [&](const std::string& n, auto* d, std::size_t) {
-                                  if (n == "step") d[0] = kMax;
-                                }),
+  pkm::io::load_optimizer_state(state_file(ada,
+                                           [&](const std::string& n, auto* d, std::size_t) {
+                                             if (n == "step") d[0] = kMax;
+                                           }),
                                 ada, "");
   CHECK_THROWS_WITH(ada.step(table, g), Contains("at its maximum"));
   CHECK(same_bits(Mat(table.matrix()), before));
@@ -157,9 +164,10 @@ TEST_CASE("a step counter at its maximum refuses the next step and changes nothi
   Mat p = Mat::Ones(2, 2), dp = Mat::Ones(2, 2);
   pkm::optim::AdamW<double> dense;
   dense.add("w", p, dp);
-  pkm::io::load_optimizer_state(state_file(dense, [&](const std::string& n, auto* d, std::size_t) {
-                                  if (n == "step") d[0] = kMax;
-                                }),
+  pkm::io::load_optimizer_state(state_file(dense,
+                                           [&](const std::string& n, auto* d, std::size_t) {
+                                             if (n == "step") d[0] = kMax;
+                                           }),
                                 dense, "");
   CHECK_THROWS_WITH(dense.step(), Contains("at its maximum"));
   CHECK(p.isOnes());
@@ -190,11 +198,13 @@ TEST_CASE("the fused backward refuses what backward + step() refuses, changing n
     pkm::optim::LazyAdam<float> opt(layer.values(), no_clip);
     pkm::LayerParameters<float> dparams(c);
     MatF dx = MatF::Constant(32, c.input_dim, 7.0f);
-    CHECK_THROWS_WITH(layer.backward_fused(x, cache, dout, dparams, opt, dx),
-                      Contains("gradient of the read") && Contains("dout") && Contains("nothing was updated"));
+    CHECK_THROWS_WITH(
+        layer.backward_fused(x, cache, dout, dparams, opt, dx),
+        Contains("gradient of the read") && Contains("dout") && Contains("nothing was updated"));
     CHECK(same_bits(MatF(layer.values().matrix()), table_before));
     bool zero = true;
-    std::as_const(dparams).for_each([&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { zero = zero && m.isZero(); });
+    std::as_const(dparams).for_each(
+        [&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { zero = zero && m.isZero(); });
     CHECK(zero);
     CHECK((dx.array() == 7.0f).all());
     CHECK(opt.steps() == 0);
@@ -228,7 +238,8 @@ TEST_CASE("the fused backward refuses what backward + step() refuses, changing n
       CHECK_THAT(error, Contains("not finite") && Contains("nothing was updated"));
       CHECK(same_bits(MatF(layer.values().matrix()), table_before));
       bool zero = true;
-      std::as_const(dparams).for_each([&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { zero = zero && m.isZero(); });
+      std::as_const(dparams).for_each(
+          [&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { zero = zero && m.isZero(); });
       CHECK(zero);
     }
   }
@@ -243,22 +254,25 @@ TEST_CASE("overflowing scores and queries are reported as overflow", "[reliabili
     pkm::MemoryLayer<float> layer(c, 12);
     layer.params().query_weight().setZero();
     layer.params().query_bias().setConstant(1e19f);
-    layer.params().keys().setConstant(1e19f);  // each half score 2e38 (finite), their sum 4e38 (inf)
-    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("sum of two finite half scores") && Contains("overflows"));
+    layer.params().keys().setConstant(
+        1e19f);  // each half score 2e38 (finite), their sum 4e38 (inf)
+    CHECK_THROWS_WITH(layer.forward(x, out, cache),
+                      Contains("sum of two finite half scores") && Contains("overflows"));
   }
   {
     pkm::MemoryLayer<float> layer(c, 12);
     layer.params().query_weight().setConstant(1e38f);  // finite weights, q = Wq x overflows
     const MatF big = MatF::Constant(3, c.input_dim, 10.0f);
-    CHECK_THROWS_WITH(layer.forward(big, out, cache), Contains("the query (q = Wq x + bq) is not finite"));
+    CHECK_THROWS_WITH(layer.forward(big, out, cache),
+                      Contains("the query (q = Wq x + bq) is not finite"));
   }
   {
     pkm::MemoryLayer<float> layer(c, 12);
     layer.params().query_weight().setZero();
     layer.params().query_bias().setConstant(1e20f);
     layer.params().keys().setConstant(1e20f);  // a half score of 2e40
-    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("a half score overflows") &&
-                                                         Contains("finite but too large"));
+    CHECK_THROWS_WITH(layer.forward(x, out, cache),
+                      Contains("a half score overflows") && Contains("finite but too large"));
   }
   pkm::MemoryConfig q = c;
   q.qk_norm = true;
@@ -295,8 +309,9 @@ TEST_CASE("a cache from a forward that threw is refused by backward", "[reliabil
   CHECK_NOTHROW(layer.backward(x, cache, out, grads));
 }
 
-TEST_CASE("NaN or infinity in the value table or the dense parameters never reaches the output silently",
-          "[reliability][layer]") {
+TEST_CASE(
+    "NaN or infinity in the value table or the dense parameters never reaches the output silently",
+    "[reliability][layer]") {
   auto c = pkmtest::medium_config();
   c.gating = true;
   const MatF x = pkmtest::random_matrix(8, c.input_dim, 15).cast<float>();
@@ -307,8 +322,9 @@ TEST_CASE("NaN or infinity in the value table or the dense parameters never reac
     layer.forward(x, out, cache);
     const Index r = cache.indices(5, 3);
     layer.values().row(r)[2] = kNaN;
-    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("value table row " + std::to_string(r)) &&
-                                                        Contains("read by token"));
+    CHECK_THROWS_WITH(
+        layer.forward(x, out, cache),
+        Contains("value table row " + std::to_string(r)) && Contains("read by token"));
     CHECK(pkm::first_non_finite_row(layer.values()) == r);
     pkm::LayerGradients<float> grads(c);
     CHECK_THROWS_WITH(layer.backward(x, cache, out, grads), Contains("completed forward"));
@@ -317,7 +333,8 @@ TEST_CASE("NaN or infinity in the value table or the dense parameters never reac
     pkm::MemoryLayer<float> layer(c, 16);
     layer.forward(x, out, cache);
     std::vector<bool> read(static_cast<std::size_t>(c.slots()), false);
-    for (Index i = 0; i < cache.indices.size(); ++i) read[static_cast<std::size_t>(cache.indices.data()[i])] = true;
+    for (Index i = 0; i < cache.indices.size(); ++i)
+      read[static_cast<std::size_t>(cache.indices.data()[i])] = true;
     Index unread = 0;
     while (read[static_cast<std::size_t>(unread)]) ++unread;
     CHECK(pkm::first_non_finite_row(layer.values()) == -1);
@@ -330,18 +347,21 @@ TEST_CASE("NaN or infinity in the value table or the dense parameters never reac
     layer.forward(x, out, cache);
     const Index r = cache.indices(0, 0);
     layer.values().row(r)[1] = pkm::bf16(kInf);
-    CHECK_THROWS_WITH(layer.forward(x, out, cache), Contains("value table row " + std::to_string(r)));
+    CHECK_THROWS_WITH(layer.forward(x, out, cache),
+                      Contains("value table row " + std::to_string(r)));
     CHECK(pkm::first_non_finite_row(layer.values()) == r);
   }
   SECTION("each dense parameter") {
-    for (pkm::Tensor t : {pkm::Tensor::swilu_weight, pkm::Tensor::swilu_bias, pkm::Tensor::value_proj_weight,
-                          pkm::Tensor::value_proj_bias, pkm::Tensor::gate_weight, pkm::Tensor::gate_bias,
-                          pkm::Tensor::query_weight, pkm::Tensor::keys}) {
+    for (pkm::Tensor t :
+         {pkm::Tensor::swilu_weight, pkm::Tensor::swilu_bias, pkm::Tensor::value_proj_weight,
+          pkm::Tensor::value_proj_bias, pkm::Tensor::gate_weight, pkm::Tensor::gate_bias,
+          pkm::Tensor::query_weight, pkm::Tensor::keys}) {
       pkm::MemoryLayer<float> layer(c, 18);
       layer.params().vector(t)[0] = kNaN;
       out.setConstant(5.0f);
-      CHECK_THROWS_WITH(layer.forward(x, out, cache),
-                        Contains(std::string("parameter '") + pkm::tensor_name(t) + "' holds nan at element 0"));
+      CHECK_THROWS_WITH(
+          layer.forward(x, out, cache),
+          Contains(std::string("parameter '") + pkm::tensor_name(t) + "' holds nan at element 0"));
       CHECK((out.array() == 5.0f).all());  // refused before anything was written
     }
   }
@@ -351,17 +371,20 @@ TEST_CASE("NaN or infinity in the value table or the dense parameters never reac
     pkm::io::SafetensorsWriter w;
     pkm::io::add_layer(w, layer);
     const auto f = SafetensorsFile::from_bytes(w.to_bytes(), "nan.safetensors");
-    CHECK_THROWS_WITH(pkm::io::load_layer<float>(f), Contains("values.weight") && Contains("row 11"));
+    CHECK_THROWS_WITH(pkm::io::load_layer<float>(f),
+                      Contains("values.weight") && Contains("row 11"));
     pkm::MemoryLayer<float> dense_nan(c, 19);
     dense_nan.params().swilu_weight()(0, 1) = kInf;
     pkm::io::SafetensorsWriter w2;
     pkm::io::add_layer(w2, dense_nan);
-    CHECK_THROWS_WITH(pkm::io::load_layer<float>(SafetensorsFile::from_bytes(w2.to_bytes(), "inf.safetensors")),
-                      Contains("swilu_projection.weight"));
+    CHECK_THROWS_WITH(
+        pkm::io::load_layer<float>(SafetensorsFile::from_bytes(w2.to_bytes(), "inf.safetensors")),
+        Contains("swilu_projection.weight"));
   }
 }
 
-TEST_CASE("the same bits when called from inside the caller's OpenMP threads", "[reliability][threads]") {
+TEST_CASE("the same bits when called from inside the caller's OpenMP threads",
+          "[reliability][threads]") {
   auto c = pkmtest::medium_config();
   c.input_dim = 300;  // products of several GEMM tiles
   c.v_dim = 280;
@@ -411,7 +434,8 @@ TEST_CASE("the same bits when called from inside the caller's OpenMP threads", "
   }
 }
 
-TEMPLATE_TEST_CASE("all_finite finds NaN and infinities at every kind of position", "[reliability]", float, double) {
+TEMPLATE_TEST_CASE("all_finite finds NaN and infinities at every kind of position", "[reliability]",
+                   float, double) {
   using L = std::numeric_limits<TestType>;
   CHECK(pkm::detail::all_finite<TestType>(nullptr, 0));
   for (std::int64_t n : {1, 7, 16, 1023, 1024, 1025, 3000}) {
@@ -429,4 +453,3 @@ TEMPLATE_TEST_CASE("all_finite finds NaN and infinities at every kind of positio
     }
   }
 }
-

@@ -24,9 +24,10 @@ using pkm::io::SafetensorsFile;
 namespace {
 std::string data(const std::string& file) { return std::string(PKM_TEST_DATA) + "/" + file; }
 
-const char* kCases[] = {"memplus", "plain", "noproj", "gated", "noqbias", "qknorm",
-                        "qknorm_scale", "heads1_knn1", "knn_all", "bf16_values",
-                        "random_0", "random_1", "random_2", "random_3", "random_4", "random_5"};
+const char* kCases[] = {"memplus",  "plain",       "noproj",       "gated",
+                        "noqbias",  "qknorm",      "qknorm_scale", "heads1_knn1",
+                        "knn_all",  "bf16_values", "random_0",     "random_1",
+                        "random_2", "random_3",    "random_4",     "random_5"};
 
 SafetensorsFile as_file(const pkm::io::ParityResult& r) {
   return SafetensorsFile::from_bytes(r.writer().to_bytes(), "pkm output");
@@ -41,8 +42,8 @@ std::string temp_path(const std::string& name) { return "pkm_test_" + name + ".s
 TEST_CASE("pkm matches PyTorch autograd on every golden case", "[io][golden]") {
   for (const char* name : kCases) {
     const std::string n = name;
-    const SafetensorsFile ckpt(data(n + ".checkpoint.safetensors")), in(data(n + ".input.safetensors")),
-        expected(data(n + ".expected.safetensors"));
+    const SafetensorsFile ckpt(data(n + ".checkpoint.safetensors")),
+        in(data(n + ".input.safetensors")), expected(data(n + ".expected.safetensors"));
     const auto result = pkm::io::run_parity(ckpt, in);
     const auto report = pkmtest::compare_parity(expected, as_file(result));
     INFO(n << ": worst relative error " << report.worst_rel << " in " << report.worst_tensor << ", "
@@ -55,8 +56,8 @@ TEST_CASE("pkm matches PyTorch autograd on every golden case", "[io][golden]") {
 }
 
 TEST_CASE("a BF16 value table loads as BF16 or converts to float", "[io][golden]") {
-  const SafetensorsFile ckpt(data("bf16_values.checkpoint.safetensors")), in(data("bf16_values.input.safetensors")),
-      expected(data("bf16_values.expected.safetensors"));
+  const SafetensorsFile ckpt(data("bf16_values.checkpoint.safetensors")),
+      in(data("bf16_values.input.safetensors")), expected(data("bf16_values.expected.safetensors"));
   REQUIRE(ckpt.info("values.weight").dtype == pkm::io::Dtype::bf16);
   auto as_bf16 = pkm::io::load_layer<float, pkm::bf16>(ckpt);
   auto as_f32 = pkm::io::load_layer<float, float>(ckpt);
@@ -68,7 +69,8 @@ TEST_CASE("a BF16 value table loads as BF16 or converts to float", "[io][golden]
   pkm::ForwardCache<float> c1, c2;
   const pkm::RowMatrix<float> y16 = as_bf16.forward(x, c1), y32 = as_f32.forward(x, c2);
   const auto ey = expected.read<float>("y");
-  const pkm::RowMatrix<float> yref = Eigen::Map<const pkm::RowMatrix<float>>(ey.data(), y16.rows(), y16.cols());
+  const pkm::RowMatrix<float> yref =
+      Eigen::Map<const pkm::RowMatrix<float>>(ey.data(), y16.rows(), y16.cols());
   CHECK(c1.indices == c2.indices);
   CHECK((y16 - yref).cwiseAbs().maxCoeff() <= 1e-5f * yref.cwiseAbs().maxCoeff());
   CHECK((y32 - yref).cwiseAbs().maxCoeff() <= 1e-5f * yref.cwiseAbs().maxCoeff());
@@ -93,7 +95,8 @@ TEST_CASE("save then load gives back the same layer, bit for bit", "[io]") {
   CHECK(f.metadata().at("qk_norm") == "true");
   CHECK(f.metadata().at("note") == "from pkm");
   CHECK(f.info("values.weight").dtype == pkm::io::Dtype::f64);
-  CHECK(f.info("query_proj.query_mlps.0.bias").shape == std::vector<std::int64_t>{c.heads * c.k_dim});
+  CHECK(f.info("query_proj.query_mlps.0.bias").shape ==
+        std::vector<std::int64_t>{c.heads * c.k_dim});
   auto back = pkm::io::load_layer<double>(f);
   CHECK(back.config() == c);
   for (int t = 0; t < pkm::kNumTensors; ++t) {
@@ -124,7 +127,8 @@ TEST_CASE("options win over metadata, and knn must come from one of them", "[io]
   CHECK(c.memory_plus);
   CHECK_FALSE(c.gating);
   o.knn = 9;  // more than n_keys
-  CHECK_THROWS_WITH(pkm::io::infer_config(f, o), Contains("knn = 9") && Contains("memplus.checkpoint"));
+  CHECK_THROWS_WITH(pkm::io::infer_config(f, o),
+                    Contains("knn = 9") && Contains("memplus.checkpoint"));
 
   // The same tensors without metadata: knn is required.
   pkm::io::SafetensorsWriter w;
@@ -134,15 +138,18 @@ TEST_CASE("options win over metadata, and knn must come from one of them", "[io]
     w.add(t.name, t.shape, keep.back().data());
   }
   const auto bare = SafetensorsFile::from_bytes(w.to_bytes(), "bare.safetensors");
-  CHECK_THROWS_WITH(pkm::io::infer_config(bare), Contains("mem_knn") && Contains("bare.safetensors"));
+  CHECK_THROWS_WITH(pkm::io::infer_config(bare),
+                    Contains("mem_knn") && Contains("bare.safetensors"));
   pkm::io::LoadOptions k3;
   k3.knn = 3;
   CHECK(pkm::io::infer_config(bare, k3).knn == 3);
   w.set_metadata("mem_knn", "four");
-  CHECK_THROWS_WITH(pkm::io::infer_config(SafetensorsFile::from_bytes(w.to_bytes(), "m")), Contains("not an integer"));
+  CHECK_THROWS_WITH(pkm::io::infer_config(SafetensorsFile::from_bytes(w.to_bytes(), "m")),
+                    Contains("not an integer"));
   w.set_metadata("mem_knn", "4");
   w.set_metadata("qk_norm", "maybe");
-  CHECK_THROWS_WITH(pkm::io::infer_config(SafetensorsFile::from_bytes(w.to_bytes(), "m")), Contains("true or false"));
+  CHECK_THROWS_WITH(pkm::io::infer_config(SafetensorsFile::from_bytes(w.to_bytes(), "m")),
+                    Contains("true or false"));
 }
 
 TEST_CASE("a layer inside a larger checkpoint loads by prefix", "[io]") {
@@ -173,15 +180,18 @@ TEST_CASE("a mapped load views the file's table without a copy", "[io]") {
   SafetensorsFile f(temp_path("map"));
   auto mapped = pkm::io::load_layer_mapped<float>(f);
   CHECK_FALSE(mapped.values().owns_storage());
-  CHECK(reinterpret_cast<const std::uint8_t*>(mapped.values().data()) == f.bytes(f.info("values.weight")));
+  CHECK(reinterpret_cast<const std::uint8_t*>(mapped.values().data()) ==
+        f.bytes(f.info("values.weight")));
   CHECK(mapped.values().matrix() == layer.values().matrix());
   mapped.values().row(0)[0] += 1.0f;  // private mapping: the file is unchanged
-  CHECK(SafetensorsFile(temp_path("map")).read<float>("values.weight")[0] == layer.values().row(0)[0]);
+  CHECK(SafetensorsFile(temp_path("map")).read<float>("values.weight")[0] ==
+        layer.values().row(0)[0]);
   CHECK_THROWS_WITH((pkm::io::load_layer_mapped<float, pkm::bf16>(f)), Contains("use load_layer"));
   std::remove(temp_path("map").c_str());
 }
 
-TEST_CASE("every kind of malformed file is rejected with the file and tensor named", "[io][errors]") {
+TEST_CASE("every kind of malformed file is rejected with the file and tensor named",
+          "[io][errors]") {
   const std::string ok = R"({"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}})";
   REQUIRE_NOTHROW(SafetensorsFile::from_bytes(raw_file(ok, 16), "ok"));
   CHECK_THAT(read_error(raw_file(ok, 16)), Contains("no error"));
@@ -200,36 +210,44 @@ TEST_CASE("every kind of malformed file is rejected with the file and tensor nam
   CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,40]}})", 16)),
              Contains("tensor 'a'") && Contains("outside the data section"));
   CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
-                                 R"("b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})", 24)),
+                                 R"("b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})",
+                                 24)),
              Contains("tensor 'b'") && Contains("overlap") && Contains("'a'"));
   CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8)),
              Contains("tensor 'a'") && Contains("needs 12 bytes"));
   CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"Q8","shape":[2],"data_offsets":[0,2]}})", 2)),
              Contains("tensor 'a'") && Contains("unknown dtype 'Q8'"));
-  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[2, 2],)", 16)), Contains("not valid JSON"));
+  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[2, 2],)", 16)),
+             Contains("not valid JSON"));
   CHECK_THAT(read_error(raw_file("[1, 2]", 0)), Contains("not a JSON object"));
   CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8)),
              Contains("not a non-negative integer"));
   CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", 8)),
              Contains("data_offsets must be"));
-  CHECK_THAT(read_error(raw_file(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8)),
-             Contains("needs more than 2^62 bytes"));
+  CHECK_THAT(
+      read_error(raw_file(
+          R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8)),
+      Contains("needs more than 2^62 bytes"));
   CHECK_THAT(read_error(raw_file(R"({"__metadata__":{"k":3}})", 0)), Contains("not a string"));
   // The same checks on a file on disk (the mapped path): a truncated one.
   {
     const auto bytes = raw_file(ok, 15);
-    std::ofstream(temp_path("trunc"), std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    CHECK_THROWS_WITH(SafetensorsFile(temp_path("trunc")), Contains(temp_path("trunc")) && Contains("tensor 'a'"));
+    std::ofstream(temp_path("trunc"), std::ios::binary)
+        .write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    CHECK_THROWS_WITH(SafetensorsFile(temp_path("trunc")),
+                      Contains(temp_path("trunc")) && Contains("tensor 'a'"));
     std::ofstream(temp_path("empty"), std::ios::binary);
     CHECK_THROWS_WITH(SafetensorsFile(temp_path("empty")), Contains("truncated"));
     std::remove(temp_path("trunc").c_str());
     std::remove(temp_path("empty").c_str());
   }
   // A file on disk that does not exist.
-  CHECK_THROWS_WITH(SafetensorsFile("no/such/file.safetensors"), Contains("no/such/file.safetensors") && Contains("cannot open"));
+  CHECK_THROWS_WITH(SafetensorsFile("no/such/file.safetensors"),
+                    Contains("no/such/file.safetensors") && Contains("cannot open"));
   // A tensor of the wrong kind for the reader.
   const auto f = SafetensorsFile::from_bytes(raw_file(ok, 16), "ok");
-  CHECK_THROWS_WITH(f.read<std::int64_t>("a"), Contains("float dtype") || Contains("integer dtype"));
+  CHECK_THROWS_WITH(f.read<std::int64_t>("a"),
+                    Contains("float dtype") || Contains("integer dtype"));
   CHECK_THROWS_AS(f.info("b"), std::out_of_range);
 }
 
@@ -254,23 +272,27 @@ TEST_CASE("checkpoints with inconsistent tensors are refused", "[io][errors]") {
   };
   CHECK_THROWS_WITH(pkm::io::infer_config(rebuilt(drop("swilu_projection.bias"))),
                     Contains("'swilu_projection.bias' is missing"));
-  CHECK_THROWS_WITH(pkm::io::infer_config(rebuilt(drop("value_proj.weight"))), Contains("value_proj"));
+  CHECK_THROWS_WITH(pkm::io::infer_config(rebuilt(drop("value_proj.weight"))),
+                    Contains("value_proj"));
   CHECK_THROWS_WITH(pkm::io::infer_config(rebuilt(drop("keys"))), Contains("'keys' is missing"));
-  CHECK_THROWS_WITH(pkm::io::infer_config(rebuilt([](const std::string& n, std::vector<std::int64_t>& s) {
-                      if (n == "values.weight") s = {s[0] / 2, s[1] * 2};  // 32 rows: not a square
-                      return true;
-                    })),
-                    Contains("n_keys^2"));
-  CHECK_THROWS_WITH(pkm::io::infer_config(rebuilt([](const std::string& n, std::vector<std::int64_t>& s) {
-                      if (n == "swilu_projection.weight") s = {s[1], s[0]};  // transposed
-                      return true;
-                    })),
-                    Contains("'swilu_projection.weight' has shape [16, 12], expected [12, 16]"));
-  CHECK_THROWS_WITH(pkm::io::infer_config(rebuilt([](const std::string& n, std::vector<std::int64_t>& s) {
-                      if (n == "keys") s = {s[0] * s[1] / 3, 3};  // 3 columns: k_dim 6 but 4 heads * 8
-                      return true;
-                    })),
-                    Contains("keys"));
+  CHECK_THROWS_WITH(
+      pkm::io::infer_config(rebuilt([](const std::string& n, std::vector<std::int64_t>& s) {
+        if (n == "values.weight") s = {s[0] / 2, s[1] * 2};  // 32 rows: not a square
+        return true;
+      })),
+      Contains("n_keys^2"));
+  CHECK_THROWS_WITH(
+      pkm::io::infer_config(rebuilt([](const std::string& n, std::vector<std::int64_t>& s) {
+        if (n == "swilu_projection.weight") s = {s[1], s[0]};  // transposed
+        return true;
+      })),
+      Contains("'swilu_projection.weight' has shape [16, 12], expected [12, 16]"));
+  CHECK_THROWS_WITH(
+      pkm::io::infer_config(rebuilt([](const std::string& n, std::vector<std::int64_t>& s) {
+        if (n == "keys") s = {s[0] * s[1] / 3, 3};  // 3 columns: k_dim 6 but 4 heads * 8
+        return true;
+      })),
+      Contains("keys"));
 }
 
 TEST_CASE("the writer and save_layer refuse what they cannot write", "[io][errors]") {

@@ -37,7 +37,8 @@ Best brute_force(const pkm::MemoryConfig& c, const Mat& keys, const Mat& q, Inde
     for (Index i = 0; i < n; ++i) {
       const Index row = (2 * h + t) * n + i;
       double dot = 0, kk = 0;
-      for (Index d = 0; d < half; ++d) dot += qh[d] * keys(row, d), kk += keys(row, d) * keys(row, d);
+      for (Index d = 0; d < half; ++d)
+        dot += qh[d] * keys(row, d), kk += keys(row, d) * keys(row, d);
       s[t].push_back(c.qk_norm ? tau * dot / (std::sqrt(qn + 1e-6) * std::sqrt(kk + 1e-6)) : dot);
     }
   }
@@ -58,8 +59,9 @@ Best brute_force(const pkm::MemoryConfig& c, const Mat& keys, const Mat& q, Inde
 
 }  // namespace
 
-TEST_CASE("key search: exact top-k of all slots, softmax weights, and gradients by finite differences",
-          "[key_search]") {
+TEST_CASE(
+    "key search: exact top-k of all slots, softmax weights, and gradients by finite differences",
+    "[key_search]") {
   for (bool qk_norm : {false, true}) {
     INFO("qk_norm " << qk_norm);
     pkm::MemoryConfig c = pkmtest::small_config();
@@ -79,8 +81,10 @@ TEST_CASE("key search: exact top-k of all slots, softmax weights, and gradients 
         const Best want = brute_force(c, keys, q, b, h);
         for (Index m = 0; m < c.knn; ++m) {
           CHECK(cache.indices(b, h * c.knn + m) == want.slots[std::size_t(m)]);
-          CHECK(cache.scores(b, h * c.knn + m) == Approx(want.scores[std::size_t(m)]).epsilon(1e-12));
-          CHECK(cache.weights(b, h * c.knn + m) == Approx(want.weights[std::size_t(m)]).epsilon(1e-12));
+          CHECK(cache.scores(b, h * c.knn + m) ==
+                Approx(want.scores[std::size_t(m)]).epsilon(1e-12));
+          CHECK(cache.weights(b, h * c.knn + m) ==
+                Approx(want.weights[std::size_t(m)]).epsilon(1e-12));
         }
       }
     }
@@ -98,11 +102,12 @@ TEST_CASE("key search: exact top-k of all slots, softmax weights, and gradients 
       return (k2.weights.array() * dw.array()).sum();
     };
     std::vector<std::string> fails;
-    const auto sq = pkmtest::check_fd(q.data(), q.size(), std::vector<double>(dq.data(), dq.data() + dq.size()), loss,
-                                      fails, "dq");
-    const auto sk = pkmtest::check_fd(keys.data(), keys.size(),
-                                      std::vector<double>(dkeys.data(), dkeys.data() + dkeys.size()), loss, fails,
-                                      "dkeys");
+    const auto sq =
+        pkmtest::check_fd(q.data(), q.size(), std::vector<double>(dq.data(), dq.data() + dq.size()),
+                          loss, fails, "dq");
+    const auto sk = pkmtest::check_fd(
+        keys.data(), keys.size(), std::vector<double>(dkeys.data(), dkeys.data() + dkeys.size()),
+        loss, fails, "dkeys");
     CHECK(sq.checked > 20);
     CHECK(sk.checked > 20);
     for (const auto& f : fails) FAIL_CHECK(f);

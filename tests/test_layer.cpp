@@ -57,8 +57,8 @@ TEST_CASE("the float layer agrees with the double reference", "[layer]") {
   const MatF out = layer.forward(xf, cache);
   const auto ref = pkmtest::reference_forward(c, layer.params(), layer.values(), xf.cast<double>());
   // Selections may differ only where two scores are within float rounding of each other.
-  const double agree = double((cache.indices.array() == ref.indices.array()).count()) /
-                       double(ref.indices.size());
+  const double agree =
+      double((cache.indices.array() == ref.indices.array()).count()) / double(ref.indices.size());
   CHECK(agree > 0.99);
   Index rows_checked = 0;
   for (Index b = 0; b < x.rows(); ++b) {
@@ -84,7 +84,8 @@ TEST_CASE("initialisation is reproducible from the seed and follows the referenc
   }
   CHECK(all_same);
   CHECK(any_diff);
-  CHECK(std::memcmp(a.values().data(), b.values().data(), sizeof(float) * c.slots() * c.v_dim) == 0);
+  CHECK(std::memcmp(a.values().data(), b.values().data(), sizeof(float) * c.slots() * c.v_dim) ==
+        0);
   // Scales: keys U(+-1/sqrt(k_dim)), values N(0, 1/sqrt(v_dim)), biases zero.
   const double kb = 1.0 / std::sqrt(double(c.k_dim));
   CHECK(a.params().keys().cwiseAbs().maxCoeff() <= kb);
@@ -97,8 +98,7 @@ TEST_CASE("initialisation is reproducible from the seed and follows the referenc
   CHECK(a.params().query_weight().cwiseAbs().maxCoeff() <= xavier);
 }
 
-TEST_CASE("parameters and tables can view the caller's buffers without copying",
-          "[layer][views]") {
+TEST_CASE("parameters and tables can view the caller's buffers without copying", "[layer][views]") {
   auto c = pkmtest::small_config();
   c.gating = true;
   pkm::LayerParameters<double> owned(c);
@@ -106,9 +106,10 @@ TEST_CASE("parameters and tables can view the caller's buffers without copying",
   // The caller's own storage, one std::vector per tensor.
   std::vector<std::vector<double>> store(pkm::kNumTensors);
   pkm::ParameterBuffers<double> buf;
-  double** slots[] = {&buf.keys, &buf.query_weight, &buf.query_bias, &buf.swilu_weight,
-                      &buf.swilu_bias, &buf.value_proj_weight, &buf.value_proj_bias,
-                      &buf.gate_weight, &buf.gate_bias};
+  double** slots[] = {
+      &buf.keys,       &buf.query_weight,      &buf.query_bias,      &buf.swilu_weight,
+      &buf.swilu_bias, &buf.value_proj_weight, &buf.value_proj_bias, &buf.gate_weight,
+      &buf.gate_bias};
   for (int t = 0; t < pkm::kNumTensors; ++t) {
     const auto m = owned.matrix(pkm::Tensor(t));
     store[t].assign(m.data(), m.data() + m.size());
@@ -174,7 +175,8 @@ TEST_CASE("bad input gives a clear error and leaves parameters unchanged", "[lay
     pkm::MemoryLayer<float> broken = layer;
     broken.params().keys()(0, 0) = std::numeric_limits<float>::quiet_NaN();
     CHECK_THROWS_AS(broken.forward(x, cache), std::runtime_error);
-    CHECK_THROWS_WITH(broken.forward(x, cache), Contains("parameter 'keys' holds nan at element 0"));
+    CHECK_THROWS_WITH(broken.forward(x, cache),
+                      Contains("parameter 'keys' holds nan at element 0"));
   }
   SECTION("wrong output shape") {
     MatF out(4, c.output_dim + 2);
@@ -198,12 +200,14 @@ TEST_CASE("bad input gives a clear error and leaves parameters unchanged", "[lay
     const MatF dout = MatF::Ones(4, c.output_dim);
     CHECK_THROWS_WITH(layer.backward(x, cache, MatF::Ones(3, c.output_dim), g, dx),
                       Contains("dout is 3 x 7"));
-    CHECK_THROWS_WITH(layer.backward(x.topRows(2), cache, dout, g, dx), Contains("forward batch of 4"));
+    CHECK_THROWS_WITH(layer.backward(x.topRows(2), cache, dout, g, dx),
+                      Contains("forward batch of 4"));
     MatF wrong_dx(4, 2);
     CHECK_THROWS_WITH(layer.backward(x, cache, dout, g, wrong_dx), Contains("dx is 4 x 2"));
     MatF nan_dout = dout;
     nan_dout(1, 1) = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_WITH(layer.backward(x, cache, nan_dout, g, dx), Contains("dout(1, 1) = nan is not finite"));
+    CHECK_THROWS_WITH(layer.backward(x, cache, nan_dout, g, dx),
+                      Contains("dout(1, 1) = nan is not finite"));
     auto c2 = c;
     c2.knn = 2;
     pkm::LayerGradients<float> g2(c2);
@@ -313,8 +317,9 @@ TEST_CASE("a cache whose backward buffers served a bigger batch gives a fresh ca
   CHECK(pkmtest::first_gradient_difference(g_reused, g_fresh) == "");
 }
 
-TEST_CASE("value initialisation: element values depend on their index alone and are standard normal",
-          "[layer][init]") {
+TEST_CASE(
+    "value initialisation: element values depend on their index alone and are standard normal",
+    "[layer][init]") {
   const pkm::detail::CounterRng rng(5, pkm::kValueStream);
   // Any window of the stream equals the same window of one long fill, odd offsets included.
   std::vector<float> whole(1001);
@@ -336,8 +341,10 @@ TEST_CASE("value initialisation: element values depend on their index alone and 
   pkm::init_values(b, 9);
   omp_set_num_threads(saved);
   CHECK(std::memcmp(a.data(), b.data(), sizeof(float) * 4099 * 33) == 0);
-  const Eigen::ArrayXd v = Eigen::Map<const Eigen::ArrayXf>(a.data(), 4099 * 33).cast<double>() * std::sqrt(33.0);
-  const double mean = v.mean(), var = (v - mean).square().mean(), kurt = (v - mean).pow(4).mean() / (var * var);
+  const Eigen::ArrayXd v =
+      Eigen::Map<const Eigen::ArrayXf>(a.data(), 4099 * 33).cast<double>() * std::sqrt(33.0);
+  const double mean = v.mean(), var = (v - mean).square().mean(),
+               kurt = (v - mean).pow(4).mean() / (var * var);
   CHECK(std::abs(mean) < 0.02);
   CHECK(var == Approx(1.0).epsilon(0.02));
   CHECK(kurt == Approx(3.0).epsilon(0.05));
@@ -349,7 +356,8 @@ TEST_CASE("value initialisation: element values depend on their index alone and 
   for (Index i = 0; i < 4099 * 33; i += 97) CHECK(h.data()[i] == pkm::bf16(a.data()[i]));
 }
 
-TEST_CASE("column-major inputs and outputs (Eigen's default) give the row-major results", "[layer]") {
+TEST_CASE("column-major inputs and outputs (Eigen's default) give the row-major results",
+          "[layer]") {
   auto c = pkmtest::medium_config();
   c.gating = true;
   const pkm::MemoryLayer<float> layer(c, 31);

@@ -31,8 +31,9 @@ TEST_CASE("linear forward equals the plain loop, with and without a bias", "[lin
   }
 }
 
-TEST_CASE("linear backward equals the plain loops: weights and bias added to, input written or added to",
-          "[linear]") {
+TEST_CASE(
+    "linear backward equals the plain loops: weights and bias added to, input written or added to",
+    "[linear]") {
   const Index B = 11;
   const Mat x = random_matrix(B, 6, 4), w = random_matrix(4, 6, 5), dy = random_matrix(B, 4, 6);
   Mat dw = random_matrix(4, 6, 7);  // gradients are added to what is there

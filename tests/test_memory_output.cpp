@@ -64,13 +64,16 @@ TEST_CASE("the output op equals its formula and its backward finite differences,
   struct Mode {
     bool memory_plus, projection, gating;
   };
-  for (const Mode m : {Mode{true, true, false}, Mode{true, true, true}, Mode{false, true, false},
-                       Mode{false, true, true}, Mode{false, false, false}, Mode{false, false, true}}) {
-    INFO("memory_plus " << m.memory_plus << " projection " << m.projection << " gating " << m.gating);
+  for (const Mode m :
+       {Mode{true, true, false}, Mode{true, true, true}, Mode{false, true, false},
+        Mode{false, true, true}, Mode{false, false, false}, Mode{false, false, true}}) {
+    INFO("memory_plus " << m.memory_plus << " projection " << m.projection << " gating "
+                        << m.gating);
     const pkm::MemoryConfig c = output_config(m.memory_plus, m.projection, m.gating);
     pkm::LayerParameters<double> p(c);
     pkm::init_parameters(p, 3);
-    p.for_each([](pkm::Tensor, pkm::MatrixMap<double> t) { t.array() += 0.1; });  // non-zero biases too
+    p.for_each(
+        [](pkm::Tensor, pkm::MatrixMap<double> t) { t.array() += 0.1; });  // non-zero biases too
     const Index B = 5;
     Mat x = random_matrix(B, c.input_dim, 1), y = random_matrix(B, c.v_dim, 2);
     const Mat dout = random_matrix(B, c.output_dim, 3);
@@ -101,8 +104,9 @@ TEST_CASE("the output op equals its formula and its backward finite differences,
     };
     fd(y.data(), y.size(), dy.data(), "dy");
     fd(x.data(), x.size(), dx.data(), "dx");
-    for (pkm::Tensor t : {pkm::Tensor::swilu_weight, pkm::Tensor::swilu_bias, pkm::Tensor::value_proj_weight,
-                          pkm::Tensor::value_proj_bias, pkm::Tensor::gate_weight, pkm::Tensor::gate_bias}) {
+    for (pkm::Tensor t :
+         {pkm::Tensor::swilu_weight, pkm::Tensor::swilu_bias, pkm::Tensor::value_proj_weight,
+          pkm::Tensor::value_proj_bias, pkm::Tensor::gate_weight, pkm::Tensor::gate_bias}) {
       if (!p.has(t)) continue;
       fd(p.data(t), p.matrix(t).size(), dp.data(t), pkm::tensor_name(t));
     }

@@ -39,8 +39,8 @@ struct RefAdamState {
 };
 
 /// One AdamW update of n elements at step t, written straight from the formula.
-void ref_adam(double* w, const double* g, double scale, RefAdamState& s, std::size_t off, std::size_t n,
-              std::int64_t t, const pkm::optim::AdamOptions& o) {
+void ref_adam(double* w, const double* g, double scale, RefAdamState& s, std::size_t off,
+              std::size_t n, std::int64_t t, const pkm::optim::AdamOptions& o) {
   for (std::size_t i = 0; i < n; ++i) {
     const double gi = scale * g[i];
     double& m = s.m[off + i];
@@ -59,11 +59,12 @@ double ref_clip_scale(double norm, double max_norm) {
 }
 
 /// A sparse gradient of `rows` random distinct rows (sorted) of a table of `table_rows`.
-pkm::SparseRowGrad<double> random_sparse_grad(Index table_rows, Index dim, Index rows, std::uint64_t seed,
-                                              double scale = 1.0) {
+pkm::SparseRowGrad<double> random_sparse_grad(Index table_rows, Index dim, Index rows,
+                                              std::uint64_t seed, double scale = 1.0) {
   std::mt19937_64 rng(seed);
   std::set<std::int64_t> picked;
-  while (static_cast<Index>(picked.size()) < rows) picked.insert(static_cast<std::int64_t>(rng() % table_rows));
+  while (static_cast<Index>(picked.size()) < rows)
+    picked.insert(static_cast<std::int64_t>(rng() % table_rows));
   pkm::SparseRowGrad<double> g;
   g.dim = dim;
   g.rows.assign(picked.begin(), picked.end());
@@ -90,7 +91,8 @@ TEST_CASE("AdamW follows the reference rule, with weight decay overrides and cli
     Mat a = pkmtest::random_matrix(7, 5, 1), b = pkmtest::random_matrix(1, 9, 2);
     Mat ga(7, 5), gb(1, 9);
     Mat ra = a, rb = b;
-    RefAdamState sa{std::vector<double>(35), std::vector<double>(35)}, sb{std::vector<double>(9), std::vector<double>(9)};
+    RefAdamState sa{std::vector<double>(35), std::vector<double>(35)},
+        sb{std::vector<double>(9), std::vector<double>(9)};
     pkm::optim::AdamW<double> opt(o);
     opt.add("a", a, ga);
     opt.add("b", b, gb, 0.0);  // no decay on b
@@ -123,10 +125,13 @@ TEST_CASE("AdamW registers a memory layer's tensors under their reference names"
   pkm::optim::AdamW<double> opt;
   opt.add("mem.", layer.params(), g.params);
   std::vector<std::string> names;
-  opt.for_each_state([&](const std::string& n, const std::vector<std::int64_t>&, auto*, auto...) { names.push_back(n); });
+  opt.for_each_state([&](const std::string& n, const std::vector<std::int64_t>&, auto*, auto...) {
+    names.push_back(n);
+  });
   CHECK(names.front() == "step");
   CHECK(std::find(names.begin(), names.end(), "mem.keys.exp_avg") != names.end());
-  CHECK(std::find(names.begin(), names.end(), "mem.query_proj.query_mlps.0.weight.exp_avg_sq") != names.end());
+  CHECK(std::find(names.begin(), names.end(), "mem.query_proj.query_mlps.0.weight.exp_avg_sq") !=
+        names.end());
   // A zero gradient with no decay leaves the parameters as they are.
   const Mat before = layer.params().keys();
   opt.step();
@@ -141,17 +146,22 @@ TEST_CASE("AdamW rejects bad options and registrations, and a non-finite gradien
     set(o);
     return o;
   };
-  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.lr = -1; })), Contains("lr = -1"));
-  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.beta1 = 1.0; })), Contains("beta1"));
-  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.beta2 = -0.1; })), Contains("beta2"));
-  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.eps = 0; })), Contains("eps"));
+  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.lr = -1; })),
+                    Contains("lr = -1"));
+  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.beta1 = 1.0; })),
+                    Contains("beta1"));
+  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.beta2 = -0.1; })),
+                    Contains("beta2"));
+  CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.eps = 0; })),
+                    Contains("eps"));
   CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.weight_decay = NAN; })),
                     Contains("weight_decay"));
   CHECK_THROWS_WITH(pkm::optim::AdamW<float>(bad([](AdamOptions& o) { o.max_grad_norm = -2; })),
                     Contains("max_grad_norm"));
   pkm::optim::AdamW<double> opt;
   CHECK_THROWS_WITH(opt.set_lr(INFINITY), Contains("lr"));
-  Mat p = pkmtest::random_matrix(3, 4, 5), g = Mat::Zero(3, 4), g2 = Mat::Zero(4, 3), wide = Mat::Zero(3, 8);
+  Mat p = pkmtest::random_matrix(3, 4, 5), g = Mat::Zero(3, 4), g2 = Mat::Zero(4, 3),
+      wide = Mat::Zero(3, 8);
   CHECK_THROWS_WITH(opt.add("p", p, g2), Contains("expected the parameter's 3 x 4"));
   CHECK_THROWS_WITH(opt.add("p", p, wide.leftCols(4)), Contains("contiguous"));
   opt.add("p", p, g);
@@ -404,7 +414,8 @@ TEST_CASE("the fused update refuses non-finite inputs and rows outside the table
   pkm::detail::GroupScratch<float> group;
   pkm::detail::RowSegments seg;
   pkm::detail::group_by_row(items, rows + 1, group, seg);
-  CHECK_THROWS_AS(opt.step_segments(table, items, seg, [&](std::int64_t t, std::int64_t) { return dy.row(t).data(); }),
+  CHECK_THROWS_AS(opt.step_segments(table, items, seg,
+                                    [&](std::int64_t t, std::int64_t) { return dy.row(t).data(); }),
                   std::out_of_range);
   CHECK(same_bits(table.matrix(), before));
   CHECK(opt.steps() == 0);
@@ -413,7 +424,8 @@ TEST_CASE("the fused update refuses non-finite inputs and rows outside the table
 // ---- fused backward + update ---------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("the fused bag backward + update equals backward then step, bit for bit",
-                   "[optim][fused]", pkm::optim::LazyAdam<float>, pkm::optim::RowWiseAdagrad<float>) {
+                   "[optim][fused]", pkm::optim::LazyAdam<float>,
+                   pkm::optim::RowWiseAdagrad<float>) {
   const Index rows = 300, dim = 24, batch = 70, bag = 12;
   for (double max_norm : {0.0, 0.05}) {
     INFO("max_grad_norm " << max_norm);
@@ -427,7 +439,8 @@ TEMPLATE_TEST_CASE("the fused bag backward + update equals backward then step, b
     std::mt19937_64 rng(13);
     for (int step = 0; step < 3; ++step) {
       pkm::IndexMatrix idx(batch, bag);
-      for (Index i = 0; i < idx.size(); ++i) idx.data()[i] = static_cast<std::int64_t>(rng() % 60);  // many repeats
+      for (Index i = 0; i < idx.size(); ++i)
+        idx.data()[i] = static_cast<std::int64_t>(rng() % 60);  // many repeats
       const MatF w = pkmtest::random_matrix(batch, bag, 14 + step).cast<float>();
       const MatF dy = pkmtest::random_matrix(batch, dim, 15 + step).cast<float>();
       MatF dw_a(batch, bag), dw_b(batch, bag);
@@ -483,9 +496,10 @@ TEMPLATE_TEST_CASE("a layer's fused backward equals backward then step, for fp32
   const MatF out = b.forward(x, cache);
   pkm::LayerParameters<float> g(c);
   g.set_zero();
-  CHECK_THROWS_WITH(b.backward_fused(x, cache, out, g, wrong),
-                    Contains("pkm::MemoryLayer::backward_fused: table is 1024 x 40, expected the 1023 x 40 "
-                             "the optimizer was made for"));
+  CHECK_THROWS_WITH(
+      b.backward_fused(x, cache, out, g, wrong),
+      Contains("pkm::MemoryLayer::backward_fused: table is 1024 x 40, expected the 1023 x 40 "
+               "the optimizer was made for"));
   for (int t = 0; t < pkm::kNumTensors; ++t) {
     if (g.has(pkm::Tensor(t))) CHECK(g.matrix(pkm::Tensor(t)).isZero(0.0));
   }
@@ -513,7 +527,11 @@ struct Trainer {
 
   template <class VOpts>
   Trainer(pkm::MemoryLayer<float> l, const VOpts& vo, bool fused_)
-      : layer(std::move(l)), grads(layer.config()), dense(dense_options()), values(layer.values(), vo), fused(fused_) {
+      : layer(std::move(l)),
+        grads(layer.config()),
+        dense(dense_options()),
+        values(layer.values(), vo),
+        fused(fused_) {
     dense.add("mem.", layer.params(), grads.params);
   }
   static pkm::optim::AdamOptions dense_options() {
@@ -553,7 +571,8 @@ TEST_CASE("training resumed from saved layer and optimizer state matches uninter
   const auto c = pkmtest::medium_config();
   const MatF x = pkmtest::random_matrix(96, c.input_dim, 50).cast<float>();
   const MatF y = pkmtest::random_matrix(96, c.output_dim, 51).cast<float>();
-  Trainer<pkm::optim::LazyAdam<float>> straight(pkm::MemoryLayer<float>(c, 52), value_adam(), false);
+  Trainer<pkm::optim::LazyAdam<float>> straight(pkm::MemoryLayer<float>(c, 52), value_adam(),
+                                                false);
   for (int i = 0; i < 5; ++i) straight.step(x, y);
 
   Trainer<pkm::optim::LazyAdam<float>> first(pkm::MemoryLayer<float>(c, 52), value_adam(), false);
@@ -564,12 +583,14 @@ TEST_CASE("training resumed from saved layer and optimizer state matches uninter
   pkm::io::add_optimizer_state(w, first.values, "optim.values.");
   const auto file = pkm::io::SafetensorsFile::from_bytes(w.to_bytes(), "resume.safetensors");
   CHECK(file.has("optim.values.row_step"));
-  CHECK(file.has("optim.dense.model.mem.keys.exp_avg") == false);  // dense names are the registered ones
+  CHECK(file.has("optim.dense.model.mem.keys.exp_avg") ==
+        false);  // dense names are the registered ones
   CHECK(file.has("optim.dense.mem.keys.exp_avg"));
 
   pkm::io::LoadOptions lo;
   lo.prefix = "model.mem.";
-  Trainer<pkm::optim::LazyAdam<float>> resumed(pkm::io::load_layer<float>(file, lo), value_adam(), false);
+  Trainer<pkm::optim::LazyAdam<float>> resumed(pkm::io::load_layer<float>(file, lo), value_adam(),
+                                               false);
   pkm::io::load_optimizer_state(file, resumed.dense, "optim.dense.");
   pkm::io::load_optimizer_state(file, resumed.values, "optim.values.");
   CHECK(resumed.dense.steps() == 3);
@@ -578,7 +599,8 @@ TEST_CASE("training resumed from saved layer and optimizer state matches uninter
   CHECK(same_bits(resumed.layer.values().matrix(), straight.layer.values().matrix()));
   for (int t = 0; t < pkm::kNumTensors; ++t) {
     if (!c.slots() || !straight.layer.params().has(pkm::Tensor(t))) continue;
-    CHECK(same_bits(resumed.layer.params().matrix(pkm::Tensor(t)), straight.layer.params().matrix(pkm::Tensor(t))));
+    CHECK(same_bits(resumed.layer.params().matrix(pkm::Tensor(t)),
+                    straight.layer.params().matrix(pkm::Tensor(t))));
   }
 
   // State for another shape is refused, naming the tensor, and nothing is loaded.
@@ -587,8 +609,10 @@ TEST_CASE("training resumed from saved layer and optimizer state matches uninter
   pkm::optim::RowWiseAdagrad<float> small(c.slots(), c.v_dim);
   pkm::io::add_optimizer_state(w2, small, "ada.");
   const auto f2 = pkm::io::SafetensorsFile::from_bytes(w2.to_bytes(), "ada.safetensors");
-  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f2, other, "ada."), Contains("'ada.sum'") && Contains("expected [1025]"));
-  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f2, other, "nope."), Contains("'nope.step' is missing"));
+  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f2, other, "ada."),
+                    Contains("'ada.sum'") && Contains("expected [1025]"));
+  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f2, other, "nope."),
+                    Contains("'nope.step' is missing"));
   // A float tensor where the step count (an integer) belongs.
   pkm::io::SafetensorsWriter w3;
   const float one = 1.0f;
@@ -596,14 +620,16 @@ TEST_CASE("training resumed from saved layer and optimizer state matches uninter
   w3.add("ada.step", {1}, &one);
   w3.add("ada.sum", {c.slots()}, sums.data());
   const auto f3 = pkm::io::SafetensorsFile::from_bytes(w3.to_bytes(), "float-step.safetensors");
-  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f3, small, "ada."), Contains("'ada.step' has dtype F32, expected an integer dtype"));
+  CHECK_THROWS_WITH(pkm::io::load_optimizer_state(f3, small, "ada."),
+                    Contains("'ada.step' has dtype F32, expected an integer dtype"));
   CHECK(small.steps() == 0);
   CHECK(other.steps() == 0);
 }
 
 // ---- training ----------------------------------------------------------------------------
 
-TEST_CASE("short training runs: the loss falls with each value optimizer, fused or not", "[optim][train]") {
+TEST_CASE("short training runs: the loss falls with each value optimizer, fused or not",
+          "[optim][train]") {
   const auto c = pkmtest::medium_config();
   const MatF x = pkmtest::random_matrix(256, c.input_dim, 60).cast<float>();
   const MatF y = pkmtest::random_matrix(256, c.output_dim, 61, 0.5).cast<float>();
@@ -620,7 +646,8 @@ TEST_CASE("short training runs: the loss falls with each value optimizer, fused 
       last2 = t2.step(x, y);
       if (i == 0) first1 = last1, first2 = last2;
     }
-    INFO("lazy Adam " << first1 << " -> " << last1 << ", row-wise Adagrad " << first2 << " -> " << last2);
+    INFO("lazy Adam " << first1 << " -> " << last1 << ", row-wise Adagrad " << first2 << " -> "
+                      << last2);
     CHECK(last1 < 0.5 * first1);
     CHECK(last2 < 0.5 * first2);
   }
@@ -637,7 +664,8 @@ TEST_CASE("training steps give the same bits with 1 and 2 threads", "[optim][thr
     omp_set_num_threads(threads);
     Trainer<pkm::optim::LazyAdam<float>> t(pkm::MemoryLayer<float>(c, 72), value_adam(), fused);
     for (int i = 0; i < 4; ++i) t.step(x, y);
-    return Result{t.layer.values().matrix(), t.layer.params().keys(), t.layer.params().query_weight()};
+    return Result{t.layer.values().matrix(), t.layer.params().keys(),
+                  t.layer.params().query_weight()};
   };
   const int saved = omp_get_max_threads();
   for (bool fused : {false, true}) {
@@ -649,13 +677,16 @@ TEST_CASE("training steps give the same bits with 1 and 2 threads", "[optim][thr
   omp_set_num_threads(saved);
 }
 
-TEST_CASE("AdamW takes any Eigen storage order and std::vector, and refuses a buffer moved after add",
-          "[optim][errors]") {
+TEST_CASE(
+    "AdamW takes any Eigen storage order and std::vector, and refuses a buffer moved after add",
+    "[optim][errors]") {
   using ColF = Eigen::MatrixXf;  // Eigen's default: column-major
-  const ColF p0 = pkmtest::random_matrix(3, 4, 90).cast<float>(), g0 = pkmtest::random_matrix(3, 4, 91).cast<float>();
+  const ColF p0 = pkmtest::random_matrix(3, 4, 90).cast<float>(),
+             g0 = pkmtest::random_matrix(3, 4, 91).cast<float>();
   ColF pc = p0, gc = g0;
   MatF pr = p0, gr = g0;
-  std::vector<float> pv(p0.data(), p0.data() + 12), gv(g0.data(), g0.data() + 12);  // column-major order
+  std::vector<float> pv(p0.data(), p0.data() + 12),
+      gv(g0.data(), g0.data() + 12);  // column-major order
   pkm::optim::AdamW<float> a, b, c;
   a.add("w", pc, gc);
   b.add("w", pr, gr);
@@ -669,7 +700,8 @@ TEST_CASE("AdamW takes any Eigen storage order and std::vector, and refuses a bu
 
   gr = MatF::Ones(3, 4);  // assigning into it keeps its buffer
   CHECK_NOTHROW(b.step());
-  gr = MatF(MatF::Ones(3, 4));  // move-assigning swaps in another buffer: the registered one is freed
+  gr = MatF(
+      MatF::Ones(3, 4));  // move-assigning swaps in another buffer: the registered one is freed
   const MatF before = pr;
   CHECK_THROWS_WITH(b.step(), Contains("'w'") && Contains("move-assigned or resized"));
   CHECK_THROWS_AS(b.zero_grad(), std::runtime_error);

@@ -72,8 +72,7 @@ TEST_CASE("product-key top-k is exact with many tied scores", "[product_keys]") 
   CHECK(slots == std::vector<std::int64_t>{0, 1, 2, 3});
 }
 
-TEST_CASE("product-key top-k is exact when rounding makes different sums equal",
-          "[product_keys]") {
+TEST_CASE("product-key top-k is exact when rounding makes different sums equal", "[product_keys]") {
   // 1 + 2^-23 > 1, yet both plus 1e8 round to the same float: equal sums, different s1.
   const float big = 1.0f + std::ldexp(1.0f, -23), one = 1.0f;
   std::vector<float> s1 = {one, big, 0.0f}, s2 = {1.0e8f, 0.0f, -1.0f};
@@ -117,7 +116,8 @@ TEST_CASE("the layer's selection is the exact top-k over all slots", "[product_k
   CHECK(configs == 4 * 5 * 2 * 3);
 }
 
-TEST_CASE("product-key top-k is exact at the paper's n_keys with ties and signed zeros", "[product_keys]") {
+TEST_CASE("product-key top-k is exact at the paper's n_keys with ties and signed zeros",
+          "[product_keys]") {
   // n = 512, k = 32: the threshold pass of the half selection is in play. Coarse levels make
   // many scores equal to the threshold itself; -0 and +0 must rank as equal.
   std::mt19937_64 rng(13);

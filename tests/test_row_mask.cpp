@@ -13,14 +13,15 @@ using MatF = pkm::RowMatrix<float>;
 using pkmtest::same_bits;
 using pkmtest::state_of;
 
-TEMPLATE_TEST_CASE("a row mask leaves masked rows bitwise unchanged in every optimizer, fused or not",
-                   "[row_mask][optim][fused]", pkm::optim::LazyAdam<float>, pkm::optim::RowWiseAdagrad<float>,
-                   pkm::optim::SparseSgd<float>) {
+TEMPLATE_TEST_CASE(
+    "a row mask leaves masked rows bitwise unchanged in every optimizer, fused or not",
+    "[row_mask][optim][fused]", pkm::optim::LazyAdam<float>, pkm::optim::RowWiseAdagrad<float>,
+    pkm::optim::SparseSgd<float>) {
   using Opt = TestType;
   typename Opt::options_type o;
   o.lr = 0.05;
-  o.weight_decay = 0.01;   // decay would move a masked row if the mask were not honoured
-  o.max_grad_norm = 0.3;   // clipping active: the norm must be that of the allowed rows
+  o.weight_decay = 0.01;  // decay would move a masked row if the mask were not honoured
+  o.max_grad_norm = 0.3;  // clipping active: the norm must be that of the allowed rows
   auto c = pkmtest::medium_config();
   pkm::MemoryLayer<float> base(c, 31);
   // A: masked optimizer, backward then step. B: masked optimizer, fused. R: the reference,
@@ -41,7 +42,8 @@ TEMPLATE_TEST_CASE("a row mask leaves masked rows bitwise unchanged in every opt
     }
     pkm::SlotSelectionOptions so;
     so.fraction = 0.25;
-    const pkm::SlotSelection sel = pkm::select_slots(pkm::count_slots(ca, c.slots()), background, so);
+    const pkm::SlotSelection sel =
+        pkm::select_slots(pkm::count_slots(ca, c.slots()), background, so);
     oa.set_row_mask(sel.mask);
     ob.set_row_mask(sel.mask);
     const MatF values_before = a.values().matrix();
@@ -86,7 +88,8 @@ TEMPLATE_TEST_CASE("a row mask leaves masked rows bitwise unchanged in every opt
         if (allowed[std::size_t(row)]) continue;
         for (std::size_t e = 0; e < per_row; ++e) {
           const std::size_t i = std::size_t(row) * per_row + e;
-          if (state_after[k][i] != state_before[k][i]) FAIL("state tensor " << k << " of masked row " << row << " changed");
+          if (state_after[k][i] != state_before[k][i])
+            FAIL("state tensor " << k << " of masked row " << row << " changed");
         }
       }
     }
@@ -94,4 +97,3 @@ TEMPLATE_TEST_CASE("a row mask leaves masked rows bitwise unchanged in every opt
   oa.clear_row_mask();
   CHECK(oa.row_mask() == nullptr);
 }
-

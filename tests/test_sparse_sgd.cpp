@@ -12,7 +12,8 @@ using MatF = pkm::RowMatrix<float>;
 using pkmtest::same_bits;
 using pkmtest::state_of;
 
-TEST_CASE("plain SGD for values follows its rule, clipping and decay on the updated rows only", "[sparse_sgd][optim]") {
+TEST_CASE("plain SGD for values follows its rule, clipping and decay on the updated rows only",
+          "[sparse_sgd][optim]") {
   pkm::ValueTable<float> t(5, 3);
   for (Index i = 0; i < 15; ++i) t.matrix().data()[i] = 0.1f * float(i);
   const MatF before = t.matrix();
@@ -39,6 +40,6 @@ TEST_CASE("plain SGD for values follows its rule, clipping and decay on the upda
     }
   }
   CHECK(sgd.steps() == 1);
-  CHECK_THROWS_AS(pkm::optim::SparseSgd<float>(t, pkm::optim::SgdOptions{-1.0}), std::invalid_argument);
+  CHECK_THROWS_AS(pkm::optim::SparseSgd<float>(t, pkm::optim::SgdOptions{-1.0}),
+                  std::invalid_argument);
 }
-

@@ -21,7 +21,9 @@ using MatF = pkm::RowMatrix<float>;
 namespace {
 /// A sink whose check refuses everything.
 struct Refusing {
-  void check(const char* who, Index, Index) const { throw std::invalid_argument(std::string(who) + ": refused"); }
+  void check(const char* who, Index, Index) const {
+    throw std::invalid_argument(std::string(who) + ": refused");
+  }
   template <class R>
   void operator()(const std::vector<std::int64_t>&, Index, R&&) {
     FAIL("a refused sink was called");
@@ -48,14 +50,20 @@ TEST_CASE("a layer's backward into a sink of the caller's equals backward into a
   dp.set_zero();
   MatF dx(70, c.input_dim);
   int calls = 0;
-  layer.backward_to(x, cache, dout, dp, [&](const std::vector<std::int64_t>& rows, Index dim, auto&& reduce) {
-    ++calls;
-    CHECK(dim == c.v_dim);
-    pkm::reduce_rows_into(rows, reduce, [&](Index u) { return dense.row(rows[std::size_t(u)]).data(); });
-  }, dx);
+  layer.backward_to(
+      x, cache, dout, dp,
+      [&](const std::vector<std::int64_t>& rows, Index dim, auto&& reduce) {
+        ++calls;
+        CHECK(dim == c.v_dim);
+        pkm::reduce_rows_into(rows, reduce,
+                              [&](Index u) { return dense.row(rows[std::size_t(u)]).data(); });
+      },
+      dx);
   CHECK(calls == 1);
   CHECK(pkmtest::same_bits(dx, dx_ref));
-  dp.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) { CHECK(pkmtest::same_bits(m, ref.params.matrix(t))); });
+  dp.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) {
+    CHECK(pkmtest::same_bits(m, ref.params.matrix(t)));
+  });
   for (std::size_t u = 0; u < ref.values.rows.size(); ++u) {
     CHECK(pkmtest::same_bits(dense.row(ref.values.rows[u]), ref.values.values.row(Index(u))));
   }
@@ -67,8 +75,10 @@ TEST_CASE("a layer's backward into a sink of the caller's equals backward into a
   pkm::LayerParameters<float> dp2(c);
   dp2.set_zero();
   MatF dx2 = MatF::Constant(70, c.input_dim, 7.0f);
-  CHECK_THROWS_WITH(layer.backward_to(x, cache, dout, dp2, Refusing{}, dx2), Catch::Contains("refused"));
-  dp2.for_each([&](pkm::Tensor, pkm::MatrixMap<float> m) { CHECK(m.cwiseAbs().maxCoeff() == 0.0f); });
+  CHECK_THROWS_WITH(layer.backward_to(x, cache, dout, dp2, Refusing{}, dx2),
+                    Catch::Contains("refused"));
+  dp2.for_each(
+      [&](pkm::Tensor, pkm::MatrixMap<float> m) { CHECK(m.cwiseAbs().maxCoeff() == 0.0f); });
   CHECK((dx2.array() == 7.0f).all());
 
   // The accumulator as a sink: two backwards, the merged gradient.
@@ -84,10 +94,12 @@ TEST_CASE("a layer's backward into a sink of the caller's equals backward into a
   CHECK(got.rows == twice.rows);
   CHECK(pkmtest::same_bits(got.values, twice.values));
   pkm::RowAccumulator<float> wrong(c.slots() + 1, c.v_dim);
-  CHECK_THROWS_WITH(layer.backward_to(x, cache, dout, dp2, wrong), Catch::Contains("accumulator is for a table of"));
+  CHECK_THROWS_WITH(layer.backward_to(x, cache, dout, dp2, wrong),
+                    Catch::Contains("accumulator is for a table of"));
 }
 
-TEST_CASE("RowAccumulator sums backwards' rows as merging their sparse gradients does", "[optim][accumulate]") {
+TEST_CASE("RowAccumulator sums backwards' rows as merging their sparse gradients does",
+          "[optim][accumulate]") {
   // Three gradients with overlapping rows, added in order, against SparseRowGrad::merge (the
   // plain reference: union of sorted rows, sums in the same order).
   const Index rows = 300, dim = 37;

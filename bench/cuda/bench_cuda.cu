@@ -18,24 +18,26 @@
 
 namespace {
 
-#define CUDA_OK(call)                                                                  \
-  do {                                                                                 \
-    const cudaError_t e_ = (call);                                                     \
-    if (e_ != cudaSuccess) {                                                           \
+#define CUDA_OK(call)                                                                     \
+  do {                                                                                    \
+    const cudaError_t e_ = (call);                                                        \
+    if (e_ != cudaSuccess) {                                                              \
       std::fprintf(stderr, "bench_cuda: %s failed: %s\n", #call, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
+      std::exit(1);                                                                       \
+    }                                                                                     \
   } while (0)
 
 /// The naive gather: thread (t, d) sums w[t, j] * table[idx[t, j], d] over the bag.
 template <class T>
-__global__ void naive_gather(const T* table, std::int64_t stride, const std::int64_t* idx, const float* w,
-                             std::int64_t tokens, int bag, std::int64_t dim, float* out) {
+__global__ void naive_gather(const T* table, std::int64_t stride, const std::int64_t* idx,
+                             const float* w, std::int64_t tokens, int bag, std::int64_t dim,
+                             float* out) {
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= tokens * dim) return;
   const std::int64_t t = i / dim, d = i % dim;
   float acc = 0.0f;
-  for (int j = 0; j < bag; ++j) acc += w[t * bag + j] * pkm::cuda::detail::to_float(table[idx[t * bag + j] * stride + d]);
+  for (int j = 0; j < bag; ++j)
+    acc += w[t * bag + j] * pkm::cuda::detail::to_float(table[idx[t * bag + j] * stride + d]);
   out[i] = acc;
 }
 
@@ -105,20 +107,24 @@ int main(int argc, char** argv) {
   const std::size_t copy_bytes = std::size_t(1) << 30;
   void* copy_dst = nullptr;
   CUDA_OK(cudaMalloc(&copy_dst, copy_bytes));
-  const float copy_ms = median_ms(20, [&] { CUDA_OK(cudaMemcpyAsync(copy_dst, table, copy_bytes, cudaMemcpyDeviceToDevice)); });
+  const float copy_ms = median_ms(
+      20, [&] { CUDA_OK(cudaMemcpyAsync(copy_dst, table, copy_bytes, cudaMemcpyDeviceToDevice)); });
   const double copy_gbs = 2.0 * double(copy_bytes) / (copy_ms * 1e-3) / 1e9;
   std::printf("device: %s, %d SMs; device-to-device copy %.0f GB/s (read + written)\n\n", prop.name,
               prop.multiProcessorCount, copy_gbs);
 
   const int heads = 4, knn = 32, bag = heads * knn;
   std::vector<Row> rows_out;
-  std::printf("| table | v_dim | rows | tokens | naive GB/s | pkm GB/s | pkm / copy | pkm / naive | backward GB/s | backward / copy |\n");
+  std::printf(
+      "| table | v_dim | rows | tokens | naive GB/s | pkm GB/s | pkm / copy | pkm / naive | "
+      "backward GB/s | backward / copy |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (pkm::Dtype dtype : {pkm::Dtype::f32, pkm::Dtype::bf16}) {
     for (std::int64_t dim : {256, 1024, 4096}) {
       const int esize = pkm::cuda::dtype_bytes(dtype);
       const std::int64_t rows = std::int64_t(table_bytes / std::size_t(dim * esize));
-      const std::int64_t tokens = std::max<std::int64_t>(1024, (std::int64_t(2) << 30) / (bag * dim * esize));  // ~2 GB of rows per call
+      const std::int64_t tokens = std::max<std::int64_t>(
+          1024, (std::int64_t(2) << 30) / (bag * dim * esize));  // ~2 GB of rows per call
       const std::int64_t n = tokens * bag;
       std::vector<std::int64_t> idx(static_cast<std::size_t>(n));
       std::vector<float> w(static_cast<std::size_t>(n), 1.0f / float(bag));
@@ -142,9 +148,11 @@ int main(int argc, char** argv) {
       const unsigned blocks = unsigned((threads + 255) / 256);
       const float naive_ms = median_ms(5, [&] {
         if (dtype == pkm::Dtype::f32) {
-          naive_gather<<<blocks, 256>>>(static_cast<const float*>(table), dim, d_idx, d_w, tokens, bag, dim, d_out);
+          naive_gather<<<blocks, 256>>>(static_cast<const float*>(table), dim, d_idx, d_w, tokens,
+                                        bag, dim, d_out);
         } else {
-          naive_gather<<<blocks, 256>>>(static_cast<const __nv_bfloat16*>(table), dim, d_idx, d_w, tokens, bag, dim, d_out);
+          naive_gather<<<blocks, 256>>>(static_cast<const __nv_bfloat16*>(table), dim, d_idx, d_w,
+                                        tokens, bag, dim, d_out);
         }
       });
       CUDA_OK(cudaGetLastError());
@@ -156,7 +164,8 @@ int main(int argc, char** argv) {
       f.out_stride = dim;
       std::size_t ws = 0;
       void* d_fws = workspace_for(pkm::cuda::embedding_bag_forward, f, &ws);
-      const float pkm_ms = median_ms(10, [&] { call_or_exit(pkm::cuda::embedding_bag_forward, f, d_fws, &ws); });
+      const float pkm_ms =
+          median_ms(10, [&] { call_or_exit(pkm::cuda::embedding_bag_forward, f, d_fws, &ws); });
       // The deterministic backward, sparse output, with the weights' gradient.
       pkm::cuda::BackwardArgs b;
       b.table = f.table;
@@ -170,21 +179,29 @@ int main(int argc, char** argv) {
       b.num_unique = d_count;
       std::size_t bws = 0;
       void* d_ws = workspace_for(pkm::cuda::embedding_bag_backward, b, &bws);
-      const float back_ms = median_ms(5, [&] { call_or_exit(pkm::cuda::embedding_bag_backward, b, d_ws, &bws); });
+      const float back_ms =
+          median_ms(5, [&] { call_or_exit(pkm::cuda::embedding_bag_backward, b, d_ws, &bws); });
       std::int64_t unique = 0;
       CUDA_OK(cudaMemcpy(&unique, d_count, 8, cudaMemcpyDeviceToHost));
       // Backward traffic: the table rows the weights' gradient reads, dy read once per pair
       // by the value gradient, and the gradient rows written.
-      const double back_bytes = read_bytes + double(n) * double(dim) * 4 + double(unique) * double(dim) * 4;
-      Row r{dtype == pkm::Dtype::f32 ? "fp32" : "bf16", dim, rows, tokens,
-            read_bytes / (naive_ms * 1e-3) / 1e9, read_bytes / (pkm_ms * 1e-3) / 1e9,
+      const double back_bytes =
+          read_bytes + double(n) * double(dim) * 4 + double(unique) * double(dim) * 4;
+      Row r{dtype == pkm::Dtype::f32 ? "fp32" : "bf16",
+            dim,
+            rows,
+            tokens,
+            read_bytes / (naive_ms * 1e-3) / 1e9,
+            read_bytes / (pkm_ms * 1e-3) / 1e9,
             back_bytes / (back_ms * 1e-3) / 1e9};
       rows_out.push_back(r);
-      std::printf("| %s | %lld | %lld | %lld | %.0f | %.0f | %.0f %% | %.1fx | %.0f | %.0f %% |\n", r.dtype.c_str(),
-                  (long long)dim, (long long)rows, (long long)tokens, r.naive_gbs, r.pkm_gbs, 100 * r.pkm_gbs / copy_gbs,
-                  r.pkm_gbs / r.naive_gbs, r.backward_gbs, 100 * r.backward_gbs / copy_gbs);
-      for (void* p : {static_cast<void*>(d_idx), static_cast<void*>(d_w), static_cast<void*>(d_dw), static_cast<void*>(d_out),
-                      static_cast<void*>(d_unique), static_cast<void*>(d_rows), static_cast<void*>(d_count), d_ws, d_fws}) {
+      std::printf("| %s | %lld | %lld | %lld | %.0f | %.0f | %.0f %% | %.1fx | %.0f | %.0f %% |\n",
+                  r.dtype.c_str(), (long long)dim, (long long)rows, (long long)tokens, r.naive_gbs,
+                  r.pkm_gbs, 100 * r.pkm_gbs / copy_gbs, r.pkm_gbs / r.naive_gbs, r.backward_gbs,
+                  100 * r.backward_gbs / copy_gbs);
+      for (void* p : {static_cast<void*>(d_idx), static_cast<void*>(d_w), static_cast<void*>(d_dw),
+                      static_cast<void*>(d_out), static_cast<void*>(d_unique),
+                      static_cast<void*>(d_rows), static_cast<void*>(d_count), d_ws, d_fws}) {
         CUDA_OK(cudaFree(p));
       }
     }
@@ -195,14 +212,17 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bench_cuda: cannot write %s\n", argv[1]);
       return 1;
     }
-    std::fprintf(j, "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"heads\": %d, \"knn\": %d, \"results\": [", prop.name, copy_gbs,
-                 heads, knn);
+    std::fprintf(
+        j, "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"heads\": %d, \"knn\": %d, \"results\": [",
+        prop.name, copy_gbs, heads, knn);
     for (std::size_t i = 0; i < rows_out.size(); ++i) {
       const Row& r = rows_out[i];
-      std::fprintf(j, "%s{\"dtype\": \"%s\", \"dim\": %lld, \"rows\": %lld, \"tokens\": %lld, \"naive_gbs\": %.1f, "
-                      "\"pkm_gbs\": %.1f, \"backward_gbs\": %.1f}",
-                   i ? ", " : "", r.dtype.c_str(), (long long)r.dim, (long long)r.rows, (long long)r.tokens, r.naive_gbs,
-                   r.pkm_gbs, r.backward_gbs);
+      std::fprintf(j,
+                   "%s{\"dtype\": \"%s\", \"dim\": %lld, \"rows\": %lld, \"tokens\": %lld, "
+                   "\"naive_gbs\": %.1f, "
+                   "\"pkm_gbs\": %.1f, \"backward_gbs\": %.1f}",
+                   i ? ", " : "", r.dtype.c_str(), (long long)r.dim, (long long)r.rows,
+                   (long long)r.tokens, r.naive_gbs, r.pkm_gbs, r.backward_gbs);
     }
     std::fprintf(j, "]}\n");
     std::fclose(j);

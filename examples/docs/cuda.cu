@@ -33,7 +33,8 @@ int main() {
   // [forward]
   pkm::cuda::ForwardArgs f;
   f.table = {d_values, pkm::Dtype::bf16, rows, v_dim, row_stride};  // fp32, bf16 or fp16
-  f.bag = {static_cast<const std::int64_t*>(d_indices), tokens, heads, knn};  // tokens x (heads knn) slot ids
+  f.bag = {static_cast<const std::int64_t*>(d_indices), tokens, heads,
+           knn};                                    // tokens x (heads knn) slot ids
   f.weights = static_cast<const float*>(d_scores);  // fp32, tokens x (heads knn)
   f.fused_softmax = true;                           // softmax per head inside the kernel...
   f.weights_out = static_cast<float*>(d_weights);   // ...written here for the backward

@@ -38,9 +38,13 @@ struct MemoryConfig {
   std::int64_t half() const { return k_dim / 2; }
   /// Number of memory slots, n_keys^2: the rows of the value table. Throws
   /// std::invalid_argument where n_keys^2 would overflow (an unvalidated config).
-  std::int64_t slots() const { return detail::checked_mul("pkm::MemoryConfig::slots", "n_keys^2", n_keys, n_keys); }
+  std::int64_t slots() const {
+    return detail::checked_mul("pkm::MemoryConfig::slots", "n_keys^2", n_keys, n_keys);
+  }
   /// H * knn: the rows each token reads (checked like slots()).
-  std::int64_t bag_size() const { return detail::checked_mul("pkm::MemoryConfig::bag_size", "heads x knn", heads, knn); }
+  std::int64_t bag_size() const {
+    return detail::checked_mul("pkm::MemoryConfig::bag_size", "heads x knn", heads, knn);
+  }
   /// The scale applied to normalised scores (qk_norm only).
   double effective_qk_norm_scale() const {
     return qk_norm_scale ? *qk_norm_scale : std::sqrt(static_cast<double>(half()));
@@ -49,8 +53,8 @@ struct MemoryConfig {
   /// Every field, in declaration order: the one list that equality and the memory-parallel
   /// group's fingerprint (pkm/distributed) are made from. A new field goes here too.
   auto fields() const {
-    return std::tie(input_dim, heads, n_keys, k_dim, knn, v_dim, output_dim, memory_plus, value_projection, gating,
-                    query_bias, qk_norm, qk_norm_scale);
+    return std::tie(input_dim, heads, n_keys, k_dim, knn, v_dim, output_dim, memory_plus,
+                    value_projection, gating, query_bias, qk_norm, qk_norm_scale);
   }
 
   /// Throws std::invalid_argument naming the first field out of range.
@@ -87,9 +91,9 @@ inline void MemoryConfig::validate() const {
   detail::check_range("v_dim", v_dim, 1, kMaxDim);
   detail::check_range("output_dim", output_dim, 1, kMaxDim);
   if (heads * k_dim > kMaxDim) {
-    throw std::invalid_argument("pkm::MemoryConfig: heads * k_dim = " +
-                                std::to_string(heads * k_dim) + " is out of range; expected <= " +
-                                std::to_string(kMaxDim));
+    throw std::invalid_argument(
+        "pkm::MemoryConfig: heads * k_dim = " + std::to_string(heads * k_dim) +
+        " is out of range; expected <= " + std::to_string(kMaxDim));
   }
   if (memory_plus && !value_projection) {
     throw std::invalid_argument(
@@ -114,7 +118,9 @@ inline void MemoryConfig::validate() const {
   }
 }
 
-inline bool operator==(const MemoryConfig& a, const MemoryConfig& b) { return a.fields() == b.fields(); }
+inline bool operator==(const MemoryConfig& a, const MemoryConfig& b) {
+  return a.fields() == b.fields();
+}
 inline bool operator!=(const MemoryConfig& a, const MemoryConfig& b) { return !(a == b); }
 
 }  // namespace pkm

@@ -28,17 +28,24 @@ enum class Dtype : int {
 };
 
 /// Every Dtype, once.
-inline constexpr Dtype kDtypes[] = {Dtype::f32, Dtype::bf16, Dtype::f16, Dtype::f64, Dtype::i64, Dtype::i32};
+inline constexpr Dtype kDtypes[] = {Dtype::f32, Dtype::bf16, Dtype::f16,
+                                    Dtype::f64, Dtype::i64,  Dtype::i32};
 
 /// Bytes of one element.
 constexpr std::size_t dtype_size(Dtype d) {
   switch (d) {
-    case Dtype::f32: return 4;
-    case Dtype::bf16: return 2;
-    case Dtype::f16: return 2;
-    case Dtype::f64: return 8;
-    case Dtype::i64: return 8;
-    case Dtype::i32: return 4;
+    case Dtype::f32:
+      return 4;
+    case Dtype::bf16:
+      return 2;
+    case Dtype::f16:
+      return 2;
+    case Dtype::f64:
+      return 8;
+    case Dtype::i64:
+      return 8;
+    case Dtype::i32:
+      return 4;
   }
   return 0;
 }
@@ -46,12 +53,18 @@ constexpr std::size_t dtype_size(Dtype d) {
 /// The name a safetensors header gives it ("F32", "BF16", ...), which pkm's messages use too.
 constexpr const char* dtype_name(Dtype d) {
   switch (d) {
-    case Dtype::f32: return "F32";
-    case Dtype::bf16: return "BF16";
-    case Dtype::f16: return "F16";
-    case Dtype::f64: return "F64";
-    case Dtype::i64: return "I64";
-    case Dtype::i32: return "I32";
+    case Dtype::f32:
+      return "F32";
+    case Dtype::bf16:
+      return "BF16";
+    case Dtype::f16:
+      return "F16";
+    case Dtype::f64:
+      return "F64";
+    case Dtype::i64:
+      return "I64";
+    case Dtype::i32:
+      return "I32";
   }
   return "?";
 }
@@ -64,6 +77,8 @@ inline std::optional<Dtype> parse_dtype(const std::string& s) {
   return std::nullopt;
 }
 
-constexpr bool is_float(Dtype d) { return d == Dtype::f32 || d == Dtype::f64 || d == Dtype::bf16 || d == Dtype::f16; }
+constexpr bool is_float(Dtype d) {
+  return d == Dtype::f32 || d == Dtype::f64 || d == Dtype::bf16 || d == Dtype::f16;
+}
 
 }  // namespace pkm

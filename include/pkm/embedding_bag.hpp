@@ -67,13 +67,15 @@ void check_bag_args(const char* who, const ValueTable<T>& table, const ConstInde
 /// token's sum runs in bag order, so results do not depend on the thread count.
 template <class T, class S = detail::accumulator_t<T>>
 void embedding_bag(const ValueTable<T>& table, const ConstIndexRef& indices,
-                   const ConstMatrixRef<detail::no_deduce<S>>& weights, MatrixRef<detail::no_deduce<S>> out) {
-  detail::check_bag_args("pkm::embedding_bag", table, indices, weights, "out", out.rows(), out.cols());
+                   const ConstMatrixRef<detail::no_deduce<S>>& weights,
+                   MatrixRef<detail::no_deduce<S>> out) {
+  detail::check_bag_args("pkm::embedding_bag", table, indices, weights, "out", out.rows(),
+                         out.cols());
   const Index dim = table.dim(), bag = indices.cols();
   detail::parallel_blocks(indices.rows(), 8, [&](Index begin, Index end) {
     for (Index b = begin; b < end; ++b) {
-      detail::bag_sum<T, S>(table.data(), table.stride(), indices.row(b).data(), weights.row(b).data(), bag, dim,
-                            out.row(b).data());
+      detail::bag_sum<T, S>(table.data(), table.stride(), indices.row(b).data(),
+                            weights.row(b).data(), bag, dim, out.row(b).data());
     }
   });
 }
@@ -91,13 +93,16 @@ void check_bag_read(const char* who, const ValueTable<T>& table, const ConstInde
       for (Index l = 0; l < indices.cols(); ++l) {
         const Index r = indices(b, l);
         if (!row_finite(table.row(r), table.dim())) {
-          throw std::runtime_error(std::string(who) + ": value table row " + std::to_string(r) + ", read by token " +
-                                   std::to_string(b) + ", holds a non-finite value; expected a finite table "
-                                   "(pkm::first_non_finite_row finds every such row)" + note);
+          throw std::runtime_error(std::string(who) + ": value table row " + std::to_string(r) +
+                                   ", read by token " + std::to_string(b) +
+                                   ", holds a non-finite value; expected a finite table "
+                                   "(pkm::first_non_finite_row finds every such row)" +
+                                   note);
         }
       }
-      throw std::runtime_error(std::string(who) + ": the read of token " + std::to_string(b) +
-                               " overflows: the value rows it reads are finite but their weighted sum is not" + note);
+      throw std::runtime_error(
+          std::string(who) + ": the read of token " + std::to_string(b) +
+          " overflows: the value rows it reads are finite but their weighted sum is not" + note);
     }
   });
 }
@@ -122,7 +127,8 @@ void bag_backward_begin(const char* who, const ValueTable<T>& table, const Const
                         const ConstMatrixRef<S>& weights, const ConstMatrixRef<S>& dy,
                         MatrixRef<S> dweights, BagBackwardScratch<S>& scratch) {
   check_bag_args(who, table, indices, weights, "dy", dy.rows(), dy.cols());
-  check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), indices.rows(), indices.cols());
+  check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), indices.rows(),
+                   indices.cols());
   const Index dim = table.dim(), bag = indices.cols(), batch = indices.rows();
   auto& items = scratch.items;
   items.resize(static_cast<std::size_t>(batch * bag));
@@ -164,7 +170,8 @@ namespace detail {
 /// True when no element of the table gradient of (weights, dy) nor the norm of a gradient of
 /// `full_dim`-wide rows bounded like it can overflow (see gradient_bound).
 template <class S>
-bool gradient_known_finite(const ConstMatrixRef<S>& w, const ConstMatrixRef<S>& dy, Index full_dim) {
+bool gradient_known_finite(const ConstMatrixRef<S>& w, const ConstMatrixRef<S>& dy,
+                           Index full_dim) {
   const double limit = std::min(0.5 * static_cast<double>(std::numeric_limits<S>::max()),
                                 1e150 / std::sqrt(static_cast<double>(full_dim)));
   return gradient_bound<S>(w, dy) <= limit;
@@ -178,8 +185,9 @@ bool gradient_known_finite(const ConstMatrixRef<S>& w, const ConstMatrixRef<S>& 
 template <class T, class S = detail::accumulator_t<T>, class Sink>
 void embedding_bag_backward_to(const ValueTable<T>& table, const ConstIndexRef& indices,
                                const ConstMatrixRef<detail::no_deduce<S>>& weights,
-                               const ConstMatrixRef<detail::no_deduce<S>>& dy, MatrixRef<detail::no_deduce<S>> dweights,
-                               Sink&& sink, BagBackwardScratch<S>& scratch) {
+                               const ConstMatrixRef<detail::no_deduce<S>>& dy,
+                               MatrixRef<detail::no_deduce<S>> dweights, Sink&& sink,
+                               BagBackwardScratch<S>& scratch) {
   const char* who = "pkm::embedding_bag_backward";
   check_sink(sink, who, table.rows(), table.dim());
   detail::bag_backward_begin<T, S>(who, table, indices, weights, dy, dweights, scratch);
@@ -187,24 +195,28 @@ void embedding_bag_backward_to(const ValueTable<T>& table, const ConstIndexRef& 
   const auto& items = scratch.items;
   const auto& seg = scratch.segments;
   const Index dim = table.dim();
-  sink(seg.rows, dim, [&](Index u, S* out) { detail::reduce_segment(items, seg, u, dim, source, out); });
+  sink(seg.rows, dim,
+       [&](Index u, S* out) { detail::reduce_segment(items, seg, u, dim, source, out); });
 }
 
 /// Backward of embedding_bag: dweights as above and the table gradient merged (added) into
 /// `dtable` (a SparseRowGrad: sorted unique rows, one summed row each).
 template <class T, class S = detail::accumulator_t<T>>
 void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& indices,
-                            const ConstMatrixRef<detail::no_deduce<S>>& weights, const ConstMatrixRef<detail::no_deduce<S>>& dy,
+                            const ConstMatrixRef<detail::no_deduce<S>>& weights,
+                            const ConstMatrixRef<detail::no_deduce<S>>& dy,
                             MatrixRef<detail::no_deduce<S>> dweights,
-                            SparseRowGrad<detail::no_deduce<S>>& dtable, BagBackwardScratch<S>& scratch) {
-  embedding_bag_backward_to<T, S>(table, indices, weights, dy, dweights, SparseRowGradSink<S>(dtable, scratch.local, "dtable"),
-                                  scratch);
+                            SparseRowGrad<detail::no_deduce<S>>& dtable,
+                            BagBackwardScratch<S>& scratch) {
+  embedding_bag_backward_to<T, S>(table, indices, weights, dy, dweights,
+                                  SparseRowGradSink<S>(dtable, scratch.local, "dtable"), scratch);
 }
 
 /// As above, with buffers of its own (allocated for this call).
 template <class T, class S = detail::accumulator_t<T>>
 void embedding_bag_backward(const ValueTable<T>& table, const ConstIndexRef& indices,
-                            const ConstMatrixRef<detail::no_deduce<S>>& weights, const ConstMatrixRef<detail::no_deduce<S>>& dy,
+                            const ConstMatrixRef<detail::no_deduce<S>>& weights,
+                            const ConstMatrixRef<detail::no_deduce<S>>& dy,
                             MatrixRef<detail::no_deduce<S>> dweights,
                             SparseRowGrad<detail::no_deduce<S>>& dtable) {
   BagBackwardScratch<S> scratch;
@@ -235,7 +247,8 @@ double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& 
   // and the norm at most sqrt(dim) times that: below the limits, nothing can overflow and
   // the optimizer may skip its separate finiteness pass (the result is the same either way).
   return optimizer.step_segments(
-      table, scratch.items, scratch.segments, [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
+      table, scratch.items, scratch.segments,
+      [&](std::int64_t token, std::int64_t) { return dy.row(token).data(); },
       detail::gradient_known_finite<S>(weights, dy, table.dim()));
 }
 
@@ -244,9 +257,11 @@ template <class T, class S = detail::accumulator_t<T>, class Optimizer>
 double embedding_bag_backward_update(ValueTable<T>& table, const ConstIndexRef& indices,
                                      const ConstMatrixRef<detail::no_deduce<S>>& weights,
                                      const ConstMatrixRef<detail::no_deduce<S>>& dy,
-                                     MatrixRef<detail::no_deduce<S>> dweights, Optimizer& optimizer) {
+                                     MatrixRef<detail::no_deduce<S>> dweights,
+                                     Optimizer& optimizer) {
   BagBackwardScratch<S> scratch;
-  return embedding_bag_backward_update<T, S>(table, indices, weights, dy, dweights, optimizer, scratch);
+  return embedding_bag_backward_update<T, S>(table, indices, weights, dy, dweights, optimizer,
+                                             scratch);
 }
 
 }  // namespace pkm

@@ -10,7 +10,8 @@ namespace pkm {
 /// The obviously-correct version: row by row, element by element, no threads, no prefetch.
 template <class T, class S = detail::accumulator_t<T>>
 void embedding_bag_naive(const ValueTable<T>& table, const ConstIndexRef& indices,
-                         const ConstMatrixRef<detail::no_deduce<S>>& weights, MatrixRef<detail::no_deduce<S>> out) {
+                         const ConstMatrixRef<detail::no_deduce<S>>& weights,
+                         MatrixRef<detail::no_deduce<S>> out) {
   detail::check_bag_args("pkm::embedding_bag_naive", table, indices, weights, "out", out.rows(),
                          out.cols());
   const Index dim = table.dim();

@@ -50,14 +50,14 @@ inline ErrorKind error_kind(const std::exception_ptr& e) {
 }
 
 /// "who: field = value, expected what".
-inline std::string expected_message(const std::string& who, const std::string& field, const std::string& value,
-                                    const std::string& expected) {
+inline std::string expected_message(const std::string& who, const std::string& field,
+                                    const std::string& value, const std::string& expected) {
   return who + ": " + field + " = " + value + ", expected " + expected;
 }
 
 /// std::invalid_argument with expected_message.
-[[noreturn]] inline void throw_expected(const std::string& who, const std::string& field, const std::string& value,
-                                        const std::string& expected) {
+[[noreturn]] inline void throw_expected(const std::string& who, const std::string& field,
+                                        const std::string& value, const std::string& expected) {
   throw std::invalid_argument(expected_message(who, field, value, expected));
 }
 

@@ -50,9 +50,12 @@ enum class GemmBackend { eigen, blis, openblas };
 
 inline const char* gemm_backend_name(GemmBackend b) {
   switch (b) {
-    case GemmBackend::eigen: return "eigen";
-    case GemmBackend::blis: return "blis";
-    case GemmBackend::openblas: return "openblas";
+    case GemmBackend::eigen:
+      return "eigen";
+    case GemmBackend::blis:
+      return "blis";
+    case GemmBackend::openblas:
+      return "openblas";
   }
   return "?";
 }
@@ -63,7 +66,8 @@ constexpr bool gemm_backend_deterministic(GemmBackend b) { return b != GemmBacke
 /// True when backend `b` was compiled in (eigen always is).
 constexpr bool gemm_backend_available(GemmBackend b) {
   switch (b) {
-    case GemmBackend::eigen: return true;
+    case GemmBackend::eigen:
+      return true;
     case GemmBackend::blis:
 #if defined(PKM_WITH_BLIS)
       return true;
@@ -109,7 +113,8 @@ struct StoredMatrix {
   /// Elements from the first to one past the last (checked: at most 2^62 bytes).
   std::int64_t extent(const char* name) const {
     const std::string what = std::string(name) + "'s extent ((rows - 1) x ld + cols)";
-    const std::int64_t span = checked_mul("pkm::gemm", what.c_str(), rows - 1, ld, kMaxBytes / sizeof(S));
+    const std::int64_t span =
+        checked_mul("pkm::gemm", what.c_str(), rows - 1, ld, kMaxBytes / sizeof(S));
     return checked_add("pkm::gemm", what.c_str(), span, cols, kMaxBytes / sizeof(S));
   }
 };
@@ -144,34 +149,39 @@ template <class S>
 void check_gemm_args(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                      const S* a, std::int64_t lda, const S* b, std::int64_t ldb, const S* c,
                      std::int64_t ldc, bool reads_ab) {
-  auto fail = [](const std::string& what) {
-    throw std::invalid_argument("pkm::gemm: " + what);
-  };
+  auto fail = [](const std::string& what) { throw std::invalid_argument("pkm::gemm: " + what); };
   if (m < 0 || n < 0 || k < 0) {
-    fail("sizes m = " + std::to_string(m) + ", n = " + std::to_string(n) + ", k = " +
-         std::to_string(k) + "; expected non-negative sizes");
+    fail("sizes m = " + std::to_string(m) + ", n = " + std::to_string(n) +
+         ", k = " + std::to_string(k) + "; expected non-negative sizes");
   }
   const std::int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
-  if (lda < std::max<std::int64_t>(1, a_cols)) fail("lda = " + std::to_string(lda) + " < " + std::to_string(a_cols));
-  if (ldb < std::max<std::int64_t>(1, b_cols)) fail("ldb = " + std::to_string(ldb) + " < " + std::to_string(b_cols));
-  if (ldc < std::max<std::int64_t>(1, n)) fail("ldc = " + std::to_string(ldc) + " < n = " + std::to_string(n));
-  if ((m > 0 && n > 0 && c == nullptr) || (m > 0 && n > 0 && k > 0 && (a == nullptr || b == nullptr))) {
+  if (lda < std::max<std::int64_t>(1, a_cols))
+    fail("lda = " + std::to_string(lda) + " < " + std::to_string(a_cols));
+  if (ldb < std::max<std::int64_t>(1, b_cols))
+    fail("ldb = " + std::to_string(ldb) + " < " + std::to_string(b_cols));
+  if (ldc < std::max<std::int64_t>(1, n))
+    fail("ldc = " + std::to_string(ldc) + " < n = " + std::to_string(n));
+  if ((m > 0 && n > 0 && c == nullptr) ||
+      (m > 0 && n > 0 && k > 0 && (a == nullptr || b == nullptr))) {
     fail("null matrix pointer for a non-empty product");
   }
-  const StoredMatrix<S> A{a, trans_a ? k : m, a_cols, lda}, B{b, trans_b ? n : k, b_cols, ldb}, C{c, m, n, ldc};
+  const StoredMatrix<S> A{a, trans_a ? k : m, a_cols, lda}, B{b, trans_b ? n : k, b_cols, ldb},
+      C{c, m, n, ldc};
   // Every extent within 2^62 bytes and the address space: rows never alias by wrapping.
   for (const auto& [x, name] : {std::pair{&A, "A"}, std::pair{&B, "B"}, std::pair{&C, "C"}}) {
     if (x->empty()) continue;
     const auto bytes = static_cast<std::uintptr_t>(x->extent(name)) * sizeof(S);
     if (reinterpret_cast<std::uintptr_t>(x->p) > UINTPTR_MAX - bytes) {
-      fail(std::string(name) + " at " + std::to_string(reinterpret_cast<std::uintptr_t>(x->p)) + " with an extent of " +
-           std::to_string(bytes) + " bytes wraps around the address space");
+      fail(std::string(name) + " at " + std::to_string(reinterpret_cast<std::uintptr_t>(x->p)) +
+           " with an extent of " + std::to_string(bytes) + " bytes wraps around the address space");
     }
   }
   // C is written while A and B are read: they must not share an element.
   if (reads_ab && !C.empty()) {
-    if (!A.empty() && share_elements(A, C)) fail("C overlaps A; expected an output that shares no element with A or B");
-    if (!B.empty() && share_elements(B, C)) fail("C overlaps B; expected an output that shares no element with A or B");
+    if (!A.empty() && share_elements(A, C))
+      fail("C overlaps A; expected an output that shares no element with A or B");
+    if (!B.empty() && share_elements(B, C))
+      fail("C overlaps B; expected an output that shares no element with A or B");
   }
 }
 
@@ -184,7 +194,10 @@ void eigen_gemm_tile(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
   using CMap = Eigen::Map<const Row, 0, Eigen::OuterStride<>>;
   Eigen::Map<Row, 0, Eigen::OuterStride<>> C(c, m, n, Eigen::OuterStride<>(ldc));
   if (k == 0) {
-    if (beta == S(0)) C.setZero(); else C *= beta;
+    if (beta == S(0))
+      C.setZero();
+    else
+      C *= beta;
     return;
   }
   const CMap A(a, trans_a ? k : m, trans_a ? m : k, Eigen::OuterStride<>(lda));
@@ -197,10 +210,14 @@ void eigen_gemm_tile(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
       C.noalias() += alpha * (opa * opb);
     }
   };
-  if (!trans_a && !trans_b) run(A, B);
-  else if (!trans_a) run(A, B.transpose());
-  else if (!trans_b) run(A.transpose(), B);
-  else run(A.transpose(), B.transpose());
+  if (!trans_a && !trans_b)
+    run(A, B);
+  else if (!trans_a)
+    run(A, B.transpose());
+  else if (!trans_b)
+    run(A.transpose(), B);
+  else
+    run(A.transpose(), B.transpose());
 }
 
 template <class S>
@@ -214,7 +231,8 @@ void eigen_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std:
     const std::int64_t mb = std::min(kGemmTileRows, m - i0), nb = std::min(kGemmTileCols, n - j0);
     const S* ab = trans_a ? a + i0 : a + i0 * lda;
     const S* bb = trans_b ? b + j0 * ldb : b + j0;
-    eigen_gemm_tile(trans_a, trans_b, mb, nb, k, alpha, ab, lda, bb, ldb, beta, c + i0 * ldc + j0, ldc);
+    eigen_gemm_tile(trans_a, trans_b, mb, nb, k, alpha, ab, lda, bb, ldb, beta, c + i0 * ldc + j0,
+                    ldc);
   };
   const std::int64_t tiles = tm * tn;
 #ifdef _OPENMP
@@ -259,9 +277,11 @@ void openblas_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, s
                    S* c, std::int64_t ldc) {
   const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
   if constexpr (std::is_same_v<S, float>) {
-    cblas_sgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+    cblas_sgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb),
+                beta, c, int(ldc));
   } else {
-    cblas_dgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+    cblas_dgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb),
+                beta, c, int(ldc));
   }
 }
 #endif
@@ -286,35 +306,43 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
   const bool reads_ab = k > 0 && alpha != S(0);
   detail::check_gemm_args(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, reads_ab);
   if (!gemm_backend_available(backend)) {
-    throw std::invalid_argument(std::string("pkm::gemm: backend ") + gemm_backend_name(backend) +
-                                " was not compiled in (configure with PKM_BLAS=" +
-                                gemm_backend_name(backend) + ")");
+    throw std::invalid_argument(
+        std::string("pkm::gemm: backend ") + gemm_backend_name(backend) +
+        " was not compiled in (configure with PKM_BLAS=" + gemm_backend_name(backend) + ")");
   }
   if (m == 0 || n == 0) return;
   if (!reads_ab) {  // BLAS's rule on every backend: A and B are not read; C = beta C (0: not read)
     for (std::int64_t i = 0; i < m; ++i) {
       S* row = c + i * ldc;
-      if (beta == S(0)) std::fill(row, row + n, S(0));
-      else if (beta != S(1)) for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
+      if (beta == S(0))
+        std::fill(row, row + n, S(0));
+      else if (beta != S(1))
+        for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
     }
     return;
   }
-  if (backend == GemmBackend::openblas && std::max({m, n, k, lda, ldb, ldc}) > std::int64_t(INT32_MAX)) {
-    throw std::invalid_argument("pkm::gemm: sizes or leading dimensions above 2^31 - 1 need the eigen or "
-                                "blis backend (OpenBLAS takes 32-bit ints)");
+  if (backend == GemmBackend::openblas &&
+      std::max({m, n, k, lda, ldb, ldc}) > std::int64_t(INT32_MAX)) {
+    throw std::invalid_argument(
+        "pkm::gemm: sizes or leading dimensions above 2^31 - 1 need the eigen or "
+        "blis backend (OpenBLAS takes 32-bit ints)");
   }
   switch (backend) {
     case GemmBackend::blis:
 #if defined(PKM_WITH_BLIS)
-      if (k > 0) return detail::blis_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      if (k > 0)
+        return detail::blis_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
       break;
     case GemmBackend::openblas:
 #if defined(PKM_WITH_OPENBLAS)
-      if (k > 0) return detail::openblas_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      if (k > 0)
+        return detail::openblas_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                                     ldc);
 #endif
       break;
-    case GemmBackend::eigen: break;
+    case GemmBackend::eigen:
+      break;
   }
   detail::eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

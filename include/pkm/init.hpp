@@ -36,14 +36,22 @@ void init_parameters(LayerParameters<Scalar>& p, std::uint64_t seed) {
       for (Index i = 0; i < n; ++i) d[i] = static_cast<Scalar>(std_dev * rng.normal(i));
     };
     switch (t) {
-      case Tensor::keys: uniform(1.0 / std::sqrt(double(c.k_dim))); break;
+      case Tensor::keys:
+        uniform(1.0 / std::sqrt(double(c.k_dim)));
+        break;
       case Tensor::query_weight:
         uniform(std::sqrt(6.0 / double(c.input_dim + c.heads * c.k_dim)));
         break;
       case Tensor::swilu_weight:
-      case Tensor::value_proj_weight: normal(1.0 / std::sqrt(double(c.output_dim))); break;
-      case Tensor::gate_weight: normal(1.0 / std::sqrt(double(c.input_dim))); break;
-      default: m.setZero(); break;  // biases
+      case Tensor::value_proj_weight:
+        normal(1.0 / std::sqrt(double(c.output_dim)));
+        break;
+      case Tensor::gate_weight:
+        normal(1.0 / std::sqrt(double(c.input_dim)));
+        break;
+      default:
+        m.setZero();
+        break;  // biases
     }
   });
 }
@@ -53,18 +61,21 @@ void init_parameters(LayerParameters<Scalar>& p, std::uint64_t seed) {
 /// shard, pkm/distributed), and gets the same values, bit for bit, as the same columns of
 /// the whole table initialised from `seed`.
 template <class T>
-void init_value_columns(ValueTable<T>& table, std::uint64_t seed, Index full_dim, Index column_begin) {
+void init_value_columns(ValueTable<T>& table, std::uint64_t seed, Index full_dim,
+                        Index column_begin) {
   if (column_begin < 0 || full_dim < 1 || column_begin > full_dim - table.dim()) {
-    throw std::invalid_argument("pkm::init_value_columns: columns [" + std::to_string(column_begin) + ", " +
-                                std::to_string(column_begin + table.dim()) + ") are not within a table of " +
-                                std::to_string(full_dim) + " columns");
+    throw std::invalid_argument(
+        "pkm::init_value_columns: columns [" + std::to_string(column_begin) + ", " +
+        std::to_string(column_begin + table.dim()) + ") are not within a table of " +
+        std::to_string(full_dim) + " columns");
   }
   const detail::CounterRng rng(seed, kValueStream);
   const Index dim = table.dim();
   const float std_dev = static_cast<float>(1.0 / std::sqrt(double(full_dim)));
   detail::parallel_blocks(table.rows(), 64, [&](Index r0, Index r1) {
     for (Index r = r0; r < r1; ++r) {
-      detail::fill_normal(rng, static_cast<std::uint64_t>(r * full_dim + column_begin), dim, std_dev, table.row(r));
+      detail::fill_normal(rng, static_cast<std::uint64_t>(r * full_dim + column_begin), dim,
+                          std_dev, table.row(r));
     }
   });
 }

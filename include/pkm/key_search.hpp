@@ -37,12 +37,12 @@ inline constexpr Index kSearchBlock = 16;
 /// What the key search's forward keeps for its backward (and for the caller to inspect).
 template <class S>
 struct KeySearchCache {
-  IndexMatrix indices;             ///< B x (H knn): slot ids, per head best first
-  RowMatrix<S> scores;             ///< B x (H knn): raw scores, descending per head
-  RowMatrix<S> weights;            ///< B x (H knn): softmax of the scores per head
-  RowMatrix<S> query_inv_norm;     ///< B x 2H: 1/|q half| (qk_norm only)
-  RowMatrix<S> keys_normalized;    ///< (2 H n_keys) x half (qk_norm only)
-  Vector<S> key_inv_norm;          ///< 2 H n_keys: 1/|key row| (qk_norm only)
+  IndexMatrix indices;           ///< B x (H knn): slot ids, per head best first
+  RowMatrix<S> scores;           ///< B x (H knn): raw scores, descending per head
+  RowMatrix<S> weights;          ///< B x (H knn): softmax of the scores per head
+  RowMatrix<S> query_inv_norm;   ///< B x 2H: 1/|q half| (qk_norm only)
+  RowMatrix<S> keys_normalized;  ///< (2 H n_keys) x half (qk_norm only)
+  Vector<S> key_inv_norm;        ///< 2 H n_keys: 1/|key row| (qk_norm only)
 };
 
 /// Buffers the key search reuses from call to call (no allocation once warm).
@@ -68,16 +68,21 @@ namespace detail {
 template <class S>
 [[noreturn]] void throw_non_finite_half_score(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
                                               const ConstMatrixRef<S>& query, Index b, Index h) {
-  const std::string where = "pkm::key_search_forward: token " + std::to_string(b) + ", head " + std::to_string(h);
+  const std::string where =
+      "pkm::key_search_forward: token " + std::to_string(b) + ", head " + std::to_string(h);
   const auto q = query.row(b).segment(h * c.k_dim, c.k_dim);
   const auto k = keys.middleRows(2 * h * c.n_keys, 2 * c.n_keys);
   if (!q.allFinite()) {
-    throw std::runtime_error(where + ": the query (q = Wq x + bq) is not finite; the query weights or bias hold "
-                                     "non-finite values, or are so large that the product overflows");
+    throw std::runtime_error(
+        where +
+        ": the query (q = Wq x + bq) is not finite; the query weights or bias hold "
+        "non-finite values, or are so large that the product overflows");
   }
-  if (!k.allFinite()) throw std::runtime_error(where + ": the head's sub-keys hold non-finite values");
-  throw std::runtime_error(where + ": a half score overflows: the query and the sub-keys are finite but too large" +
-                           std::string(c.qk_norm ? " (after qk-normalisation and its scale)" : ""));
+  if (!k.allFinite())
+    throw std::runtime_error(where + ": the head's sub-keys hold non-finite values");
+  throw std::runtime_error(
+      where + ": a half score overflows: the query and the sub-keys are finite but too large" +
+      std::string(c.qk_norm ? " (after qk-normalisation and its scale)" : ""));
 }
 }  // namespace detail
 
@@ -109,7 +114,8 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
     });
   }
   const S* K = key_search_keys(c, keys, cache);
-  const Index chunk = std::min(kSearchChunk, B);  // buffers sized once: a last, shorter chunk reuses them
+  const Index chunk =
+      std::min(kSearchChunk, B);  // buffers sized once: a last, shorter chunk reuses them
   if (c.qk_norm) ws.query_hat.resize(chunk, H * kd);
   ws.half_scores.resize(chunk, 2 * n);
   for (Index c0 = 0; c0 < B; c0 += kSearchChunk) {
@@ -136,23 +142,25 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
     S* s = ws.half_scores.data();
     for (Index h = 0; h < H; ++h) {
       for (Index t = 0; t < 2; ++t) {
-        gemm<S>(false, true, nb, n, half, S(1), q + h * kd + t * half, ldq, K + (2 * h + t) * n * half,
-                half, S(0), s + t * n, 2 * n);
+        gemm<S>(false, true, nb, n, half, S(1), q + h * kd + t * half, ldq,
+                K + (2 * h + t) * n * half, half, S(0), s + t * n, 2 * n);
       }
       detail::parallel_blocks_with<ProductKeyScratch<S>>(
           nb, kSearchBlock, [&](ProductKeyScratch<S>& sc, Index b0, Index b1) {
             for (Index b = b0; b < b1; ++b) {
               const S* row = s + b * 2 * n;
-              if (!detail::all_finite(row, 2 * n)) detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
+              if (!detail::all_finite(row, 2 * n))
+                detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
               const Index col = h * k;
               product_key_topk(row, row + n, n, k, &cache.indices(c0 + b, col),
                                &cache.scores(c0 + b, col), sc);
               // Two finite half scores can still add up to an infinity.
               if (!detail::all_finite(&cache.scores(c0 + b, col), k)) {
-                throw std::runtime_error("pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
-                                         std::to_string(h) +
-                                         ": a score (the sum of two finite half scores) overflows; the "
-                                         "query or the sub-keys are too large");
+                throw std::runtime_error(
+                    "pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
+                    std::to_string(h) +
+                    ": a score (the sum of two finite half scores) overflows; the "
+                    "query or the sub-keys are too large");
               }
               softmax_forward(&cache.scores(c0 + b, col), k, &cache.weights(c0 + b, col));
             }
@@ -193,8 +201,8 @@ void key_search_backward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
         if (c.qk_norm) {
           for (Index t = 0; t < 2; ++t) {
             S* dqh = &dq(b, h * kd + t * half);
-            qk_norm_backward(query.row(b).data() + h * kd + t * half, cache.query_inv_norm(b, 2 * h + t), dqh,
-                             half, dqh);
+            qk_norm_backward(query.row(b).data() + h * kd + t * half,
+                             cache.query_inv_norm(b, 2 * h + t), dqh, half, dqh);
           }
         }
       }
@@ -203,15 +211,19 @@ void key_search_backward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
   // Sub-key gradient: row r of head h, half t gets the sum over its contributions of coef * q
   // half, reduced into a per-thread row and added to dkeys at once (no gradient rows stored).
   detail::group_by_row(ws.key_items, 2 * H * n, ws.group, ws.key_segments);
-  auto source = [&](std::int64_t b, std::int64_t row) { return query.row(b).data() + (row / n) * half; };
+  auto source = [&](std::int64_t b, std::int64_t row) {
+    return query.row(b).data() + (row / n) * half;
+  };
   const auto& rows = ws.key_segments.rows;
   detail::parallel_blocks_with<std::vector<S>>(
-      static_cast<Index>(rows.size()), detail::kSegmentBlock, [&](std::vector<S>& g, Index u0, Index u1) {
+      static_cast<Index>(rows.size()), detail::kSegmentBlock,
+      [&](std::vector<S>& g, Index u0, Index u1) {
         g.resize(static_cast<std::size_t>(half));
         for (Index u = u0; u < u1; ++u) {
           const Index r = rows[static_cast<std::size_t>(u)];
           detail::reduce_segment(ws.key_items, ws.key_segments, u, half, source, g.data());
-          if (c.qk_norm) qk_norm_backward(keys.row(r).data(), cache.key_inv_norm[r], g.data(), half, g.data());
+          if (c.qk_norm)
+            qk_norm_backward(keys.row(r).data(), cache.key_inv_norm[r], g.data(), half, g.data());
           dkeys.row(r) += ConstVectorMap<S>(g.data(), half).transpose();
         }
       });

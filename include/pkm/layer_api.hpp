@@ -17,8 +17,10 @@
 // A layer derives from LayerApi<Layer, Scalar, Cache> and provides, as the single
 // implementations of these entry points:
 //   void forward_core(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out, Cache& cache) const;
-//   template <class Sink> void backward_core(x, cache, dout, dparams, Sink& sink, MatrixRef<Scalar>* dx) const;
-//   template <class Opt> double backward_fused_core(x, cache, dout, dparams, Opt& opt, MatrixRef<Scalar>* dx);
+//   template <class Sink>
+//   void backward_core(x, cache, dout, dparams, Sink& sink, MatrixRef<Scalar>* dx) const;
+//   template <class Opt>
+//   double backward_fused_core(x, cache, dout, dparams, Opt& opt, MatrixRef<Scalar>* dx);
 //   Index value_rows() const, value_width() const;   the table's rows and this layer's row width
 // (backward_core checks its sink with check_sink before anything is written).
 #pragma once
@@ -55,7 +57,8 @@ class LayerApi {
   }
   /// Into an output of any layout.
   template <class Out, std::enable_if_t<!std::is_convertible_v<Out&, MatrixRef<Scalar>>, int> = 0>
-  void forward(const ConstMatrixRef<Scalar>& x, const Eigen::MatrixBase<Out>& out, Cache& cache) const {
+  void forward(const ConstMatrixRef<Scalar>& x, const Eigen::MatrixBase<Out>& out,
+               Cache& cache) const {
     RowMatrix<Scalar> rows(out.rows(), out.cols());
     self().forward_core(x, rows, cache);
     const_cast<Eigen::MatrixBase<Out>&>(out) = rows;  // Eigen's idiom for writable expressions
@@ -68,45 +71,51 @@ class LayerApi {
   /// (pkm/value_gradient.hpp) and writes dx. Every argument (the sink's check included) is
   /// validated before anything is written.
   template <class Sink>
-  void backward_to(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                   LayerParameters<Scalar>& dparams, Sink&& sink, MatrixRef<Scalar> dx) const {
+  void backward_to(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                   const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                   Sink&& sink, MatrixRef<Scalar> dx) const {
     self().backward_core(x, cache, dout, dparams, sink, &dx);
   }
   template <class Sink>
-  void backward_to(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                   LayerParameters<Scalar>& dparams, Sink&& sink) const {
+  void backward_to(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                   const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                   Sink&& sink) const {
     self().backward_core(x, cache, dout, dparams, sink, nullptr);
   }
 
   // ---- backward into a SparseRowGrad -----------------------------------------------------------
 
   /// backward_to with the value gradient merged (added) into `dvalues`.
-  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                LayerParameters<Scalar>& dparams, SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar> dx) const {
+  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar> dx) const {
     sparse_backward(x, cache, dout, dparams, dvalues, &dx);
   }
-  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                LayerParameters<Scalar>& dparams, SparseRowGrad<Scalar>& dvalues) const {
+  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                SparseRowGrad<Scalar>& dvalues) const {
     sparse_backward(x, cache, dout, dparams, dvalues, nullptr);
   }
-  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                LayerGradients<Scalar>& grads, MatrixRef<Scalar> dx) const {
+  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerGradients<Scalar>& grads,
+                MatrixRef<Scalar> dx) const {
     sparse_backward(x, cache, dout, grads.params, grads.values, &dx);
   }
-  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                LayerGradients<Scalar>& grads) const {
+  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerGradients<Scalar>& grads) const {
     sparse_backward(x, cache, dout, grads.params, grads.values, nullptr);
   }
   /// With dx of any layout.
   template <class Dx, std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
-  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                LayerGradients<Scalar>& grads, const Eigen::MatrixBase<Dx>& dx) const {
+  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerGradients<Scalar>& grads,
+                const Eigen::MatrixBase<Dx>& dx) const {
     backward(x, cache, dout, grads.params, grads.values, dx);
   }
   template <class Dx, std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
-  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                LayerParameters<Scalar>& dparams, SparseRowGrad<Scalar>& dvalues,
-                const Eigen::MatrixBase<Dx>& dx) const {
+  void backward(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                SparseRowGrad<Scalar>& dvalues, const Eigen::MatrixBase<Dx>& dx) const {
     RowMatrix<Scalar> rows(dx.rows(), dx.cols());
     MatrixRef<Scalar> ref(rows);
     sparse_backward(x, cache, dout, dparams, dvalues, &ref);
@@ -122,22 +131,27 @@ class LayerApi {
   /// the value gradient's norm before clipping. Refuses what step() refuses, with nothing
   /// changed (table, optimizer, dparams, dx).
   template <class Optimizer>
-  double backward_fused(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                        LayerParameters<Scalar>& dparams, Optimizer& value_optimizer, MatrixRef<Scalar> dx) {
+  double backward_fused(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                        Optimizer& value_optimizer, MatrixRef<Scalar> dx) {
     return self_mut().backward_fused_core(x, cache, dout, dparams, value_optimizer, &dx);
   }
   template <class Optimizer>
-  double backward_fused(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                        LayerParameters<Scalar>& dparams, Optimizer& value_optimizer) {
+  double backward_fused(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                        Optimizer& value_optimizer) {
     return self_mut().backward_fused_core(x, cache, dout, dparams, value_optimizer, nullptr);
   }
   /// With dx of any layout.
-  template <class Optimizer, class Dx, std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
-  double backward_fused(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                        LayerParameters<Scalar>& dparams, Optimizer& value_optimizer, const Eigen::MatrixBase<Dx>& dx) {
+  template <class Optimizer, class Dx,
+            std::enable_if_t<!std::is_convertible_v<Dx&, MatrixRef<Scalar>>, int> = 0>
+  double backward_fused(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                        const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                        Optimizer& value_optimizer, const Eigen::MatrixBase<Dx>& dx) {
     RowMatrix<Scalar> rows(dx.rows(), dx.cols());
     MatrixRef<Scalar> ref(rows);
-    const double norm = self_mut().backward_fused_core(x, cache, dout, dparams, value_optimizer, &ref);
+    const double norm =
+        self_mut().backward_fused_core(x, cache, dout, dparams, value_optimizer, &ref);
     const_cast<Eigen::MatrixBase<Dx>&>(dx) = rows;
     return norm;
   }
@@ -149,8 +163,9 @@ class LayerApi {
   const Derived& self() const { return static_cast<const Derived&>(*this); }
   Derived& self_mut() { return static_cast<Derived&>(*this); }
 
-  void sparse_backward(const ConstMatrixRef<Scalar>& x, const Cache& cache, const ConstMatrixRef<Scalar>& dout,
-                       LayerParameters<Scalar>& dparams, SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar>* dx) const {
+  void sparse_backward(const ConstMatrixRef<Scalar>& x, const Cache& cache,
+                       const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                       SparseRowGrad<Scalar>& dvalues, MatrixRef<Scalar>* dx) const {
     SparseRowGradSink<Scalar> sink(dvalues, cache.workspace.bag.local);
     self().backward_core(x, cache, dout, dparams, sink, dx);
     if (dvalues.empty()) dvalues.dim = self().value_width();

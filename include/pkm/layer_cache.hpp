@@ -31,10 +31,10 @@ struct LayerWorkspace {
 /// two backward calls at once).
 template <class Scalar>
 struct ForwardCache : KeySearchCache<Scalar>, OutputCache<Scalar> {
-  MemoryConfig config{};          ///< config of the layer that filled it
-  Index batch = -1;               ///< tokens of the last forward; -1 before the first
-  RowMatrix<Scalar> query;        ///< B x (H k_dim): q = Wq x + bq
-  RowMatrix<Scalar> read;         ///< B x v_dim: y = sum of weighted value rows
+  MemoryConfig config{};                     ///< config of the layer that filled it
+  Index batch = -1;                          ///< tokens of the last forward; -1 before the first
+  RowMatrix<Scalar> query;                   ///< B x (H k_dim): q = Wq x + bq
+  RowMatrix<Scalar> read;                    ///< B x v_dim: y = sum of weighted value rows
   mutable LayerWorkspace<Scalar> workspace;  ///< scratch of forward and backward
 };
 
@@ -46,7 +46,9 @@ struct LayerGradients {
   SparseRowGrad<Scalar> values;
 
   LayerGradients() = default;
-  explicit LayerGradients(const MemoryConfig& config) : params(config) { values.dim = config.v_dim; }
+  explicit LayerGradients(const MemoryConfig& config) : params(config) {
+    values.dim = config.v_dim;
+  }
   void zero() {
     params.set_zero();
     values.clear();

@@ -36,7 +36,8 @@ using pkm::detail::kTokenBlock;
 using pkm::detail::parallel_blocks;
 
 template <class Scalar>
-void check_layer_input(const char* who, const MemoryConfig& c, const ConstMatrixRef<Scalar>& x, bool finite) {
+void check_layer_input(const char* who, const MemoryConfig& c, const ConstMatrixRef<Scalar>& x,
+                       bool finite) {
   if (x.cols() != c.input_dim) {
     throw std::invalid_argument(std::string(who) + ": x has " + std::to_string(x.cols()) +
                                 " columns, expected input_dim = " + std::to_string(c.input_dim));
@@ -47,8 +48,9 @@ void check_layer_input(const char* who, const MemoryConfig& c, const ConstMatrix
 /// The forward up to the read: validates x, out and the parameters (before writing anything),
 /// marks the cache unfilled, then computes the query and the key search (indices, weights).
 template <class Scalar>
-void forward_begin(const char* who, const LayerParameters<Scalar>& p, const ConstMatrixRef<Scalar>& x,
-                   const MatrixRef<Scalar>& out, ForwardCache<Scalar>& cache) {
+void forward_begin(const char* who, const LayerParameters<Scalar>& p,
+                   const ConstMatrixRef<Scalar>& x, const MatrixRef<Scalar>& out,
+                   ForwardCache<Scalar>& cache) {
   const MemoryConfig& c = p.config();
   check_layer_input(who, c, x, true);
   check_same_shape(who, "out", out.rows(), out.cols(), x.rows(), c.output_dim);
@@ -84,18 +86,21 @@ void forward_end(const char* who, const LayerParameters<Scalar>& p, const ConstM
 
 /// The backward's checks that do not depend on how the value table is stored.
 template <class Scalar>
-void check_backward(const char* who, const LayerParameters<Scalar>& p, const ConstMatrixRef<Scalar>& x,
-                    const ForwardCache<Scalar>& cache, const ConstMatrixRef<Scalar>& dout,
-                    const LayerParameters<Scalar>& dparams, const MatrixRef<Scalar>* dx) {
+void check_backward(const char* who, const LayerParameters<Scalar>& p,
+                    const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
+                    const ConstMatrixRef<Scalar>& dout, const LayerParameters<Scalar>& dparams,
+                    const MatrixRef<Scalar>* dx) {
   const MemoryConfig& c = p.config();
   if (cache.batch < 0 || cache.config != c) {
-    throw std::invalid_argument(std::string(who) +
-                                ": cache was not filled by a completed forward() of a layer with this config");
+    throw std::invalid_argument(
+        std::string(who) +
+        ": cache was not filled by a completed forward() of a layer with this config");
   }
   check_layer_input(who, c, x, false);
   if (x.rows() != cache.batch) {
     throw std::invalid_argument(std::string(who) + ": x has " + std::to_string(x.rows()) +
-                                " rows, expected the forward batch of " + std::to_string(cache.batch));
+                                " rows, expected the forward batch of " +
+                                std::to_string(cache.batch));
   }
   check_same_shape(who, "dout", dout.rows(), dout.cols(), cache.batch, c.output_dim);
   check_finite(who, "dout", dout);
@@ -107,7 +112,8 @@ void check_backward(const char* who, const LayerParameters<Scalar>& p, const Con
 /// The backward up to the read's: sizes the workspace and writes ws.dy, the read's gradient.
 /// Writes nothing the caller owns.
 template <class Scalar>
-LayerWorkspace<Scalar>& backward_begin(const LayerParameters<Scalar>& p, const ForwardCache<Scalar>& cache,
+LayerWorkspace<Scalar>& backward_begin(const LayerParameters<Scalar>& p,
+                                       const ForwardCache<Scalar>& cache,
                                        const ConstMatrixRef<Scalar>& dout) {
   const MemoryConfig& c = p.config();
   const Index B = cache.batch;
@@ -129,8 +135,10 @@ void backward_end(const LayerParameters<Scalar>& p, const ConstMatrixRef<Scalar>
   const MemoryConfig& c = p.config();
   LayerWorkspace<Scalar>& ws = cache.workspace;
   output_backward_weights<Scalar>(p, x, cache.read, cache, dout, ws.output, dparams);
-  key_search_backward<Scalar>(c, p.keys(), cache.query, cache, ws.dscore, ws.dq, dparams.keys(), ws.search);
-  linear_backward_weights<Scalar>(x, ws.dq, dparams.query_weight(), bias_or_null(dparams, Tensor::query_bias));
+  key_search_backward<Scalar>(c, p.keys(), cache.query, cache, ws.dscore, ws.dq, dparams.keys(),
+                              ws.search);
+  linear_backward_weights<Scalar>(x, ws.dq, dparams.query_weight(),
+                                  bias_or_null(dparams, Tensor::query_bias));
   if (dx != nullptr) {
     linear_backward_input<Scalar>(ws.dq, p.query_weight(), *dx, false);
     output_backward_input<Scalar>(p, ws.output, *dx);

@@ -46,8 +46,8 @@ void linear_backward_weights(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>
 
 /// dx = dy W, or dx += dy W when `accumulate`.
 template <class S>
-void linear_backward_input(const ConstMatrixRef<S>& dy, const ConstMatrixRef<S>& w,
-                           MatrixRef<S> dx, bool accumulate) {
+void linear_backward_input(const ConstMatrixRef<S>& dy, const ConstMatrixRef<S>& w, MatrixRef<S> dx,
+                           bool accumulate) {
   gemm<S>(false, false, dy.rows(), w.cols(), w.rows(), S(1), dy.data(), dy.outerStride(), w.data(),
           w.outerStride(), accumulate ? S(1) : S(0), dx.data(), dx.outerStride());
 }

@@ -43,7 +43,8 @@ namespace pkm {
 /// points are pkm::LayerApi's (pkm/layer_api.hpp), the same as the memory-parallel layer's.
 template <class Scalar, class TableT = Scalar>
 class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, ForwardCache<Scalar>> {
-  static_assert(std::is_floating_point_v<Scalar>, "pkm::MemoryLayer: Scalar must be float or double");
+  static_assert(std::is_floating_point_v<Scalar>,
+                "pkm::MemoryLayer: Scalar must be float or double");
   friend class LayerApi<MemoryLayer<Scalar, TableT>, Scalar, ForwardCache<Scalar>>;
 
  public:
@@ -85,23 +86,24 @@ class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, Forward
   void check_table() const {
     const MemoryConfig& c = config();
     if (values_.rows() != c.slots() || values_.dim() != c.v_dim) {
-      throw std::invalid_argument(
-          "pkm::MemoryLayer: value table is " + std::to_string(values_.rows()) + " x " +
-          std::to_string(values_.dim()) + ", expected n_keys^2 x v_dim = " +
-          std::to_string(c.slots()) + " x " + std::to_string(c.v_dim));
+      throw std::invalid_argument("pkm::MemoryLayer: value table is " +
+                                  std::to_string(values_.rows()) + " x " +
+                                  std::to_string(values_.dim()) + ", expected n_keys^2 x v_dim = " +
+                                  std::to_string(c.slots()) + " x " + std::to_string(c.v_dim));
     }
   }
 
   // LayerApi's implementations (defined below, outside the class: see there).
-  void forward_core(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out, ForwardCache<Scalar>& cache) const;
+  void forward_core(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out,
+                    ForwardCache<Scalar>& cache) const;
   template <class Sink>
   void backward_core(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
-                     const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams, Sink& sink,
-                     MatrixRef<Scalar>* dx) const;
+                     const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                     Sink& sink, MatrixRef<Scalar>* dx) const;
   template <class Optimizer>
   double backward_fused_core(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
-                             const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams, Optimizer& opt,
-                             MatrixRef<Scalar>* dx);
+                             const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                             Optimizer& opt, MatrixRef<Scalar>* dx);
 
   LayerParameters<Scalar> params_;
   ValueTable<TableT> values_;
@@ -112,7 +114,8 @@ class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, Forward
 // — and the ops they call — from being compiled again in every translation unit.
 
 template <class Scalar, class TableT>
-void MemoryLayer<Scalar, TableT>::forward_core(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out,
+void MemoryLayer<Scalar, TableT>::forward_core(const ConstMatrixRef<Scalar>& x,
+                                               MatrixRef<Scalar> out,
                                                ForwardCache<Scalar>& cache) const {
   const char* who = "pkm::MemoryLayer::forward";
   composition::forward_begin(who, params_, x, out, cache);
@@ -125,16 +128,19 @@ void MemoryLayer<Scalar, TableT>::forward_core(const ConstMatrixRef<Scalar>& x, 
 
 template <class Scalar, class TableT>
 template <class Sink>
-void MemoryLayer<Scalar, TableT>::backward_core(const ConstMatrixRef<Scalar>& x, const ForwardCache<Scalar>& cache,
-                                                const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
-                                                Sink& sink, MatrixRef<Scalar>* dx) const {
+void MemoryLayer<Scalar, TableT>::backward_core(const ConstMatrixRef<Scalar>& x,
+                                                const ForwardCache<Scalar>& cache,
+                                                const ConstMatrixRef<Scalar>& dout,
+                                                LayerParameters<Scalar>& dparams, Sink& sink,
+                                                MatrixRef<Scalar>* dx) const {
   const char* who = "pkm::MemoryLayer::backward";
   composition::check_backward(who, params_, x, cache, dout, dparams, dx);
   check_sink(sink, who, values_.rows(), values_.dim());
   if (cache.batch == 0) return;
   // The read's gradient first, without touching dparams; the sink takes the value gradient.
   LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
-  embedding_bag_backward_to<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy, ws.dscore, sink, ws.bag);
+  embedding_bag_backward_to<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy, ws.dscore,
+                                            sink, ws.bag);
   composition::backward_end(params_, x, cache, dout, dparams, dx);
 }
 
@@ -143,8 +149,8 @@ template <class Optimizer>
 double MemoryLayer<Scalar, TableT>::backward_fused_core(const ConstMatrixRef<Scalar>& x,
                                                         const ForwardCache<Scalar>& cache,
                                                         const ConstMatrixRef<Scalar>& dout,
-                                                        LayerParameters<Scalar>& dparams, Optimizer& opt,
-                                                        MatrixRef<Scalar>* dx) {
+                                                        LayerParameters<Scalar>& dparams,
+                                                        Optimizer& opt, MatrixRef<Scalar>* dx) {
   const char* who = "pkm::MemoryLayer::backward_fused";
   composition::check_backward(who, params_, x, cache, dout, dparams, dx);
   opt.check_table(who, values_);  // before any gradient is written
@@ -153,13 +159,14 @@ double MemoryLayer<Scalar, TableT>::backward_fused_core(const ConstMatrixRef<Sca
   // then nothing at all has changed.
   LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
   if (!detail::all_finite(ws.dy.data(), ws.dy.size())) {
-    throw std::runtime_error(std::string(who) +
-                             ": the gradient of the read (dout through the output op) is not finite "
-                             "although dout is: dout or the output op's parameters are too large; "
-                             "nothing was updated");
+    throw std::runtime_error(
+        std::string(who) +
+        ": the gradient of the read (dout through the output op) is not finite "
+        "although dout is: dout or the output op's parameters are too large; "
+        "nothing was updated");
   }
-  const double norm = embedding_bag_backward_update<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy,
-                                                                    ws.dscore, opt, ws.bag);
+  const double norm = embedding_bag_backward_update<TableT, Scalar>(
+      values_, cache.indices, cache.weights, ws.dy, ws.dscore, opt, ws.bag);
   composition::backward_end(params_, x, cache, dout, dparams, dx);
   return norm;
 }

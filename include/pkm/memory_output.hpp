@@ -47,8 +47,8 @@ auto bias_or_null(Params& p, Tensor t) -> decltype(p.data(t)) {
 
 /// Forward: writes out (B x output_dim) from x (B x input_dim) and the read y (B x v_dim).
 template <class S>
-void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& y,
-                    MatrixRef<S> out, OutputCache<S>& cache) {
+void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
+                    const ConstMatrixRef<S>& y, MatrixRef<S> out, OutputCache<S>& cache) {
   const MemoryConfig& c = p.config();
   const Index B = x.rows();
   if (c.memory_plus) {
@@ -62,15 +62,19 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, con
   if (B == 0) return;
   MatrixRef<S> o = c.gating ? MatrixRef<S>(cache.pre_gate) : out;
   if (c.memory_plus) {
-    linear_forward<S>(x, p.swilu_weight(), detail::bias_or_null(p, Tensor::swilu_bias), cache.swilu_pre);
+    linear_forward<S>(x, p.swilu_weight(), detail::bias_or_null(p, Tensor::swilu_bias),
+                      cache.swilu_pre);
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index b = b0; b < b1; ++b) {
-        for (Index d = 0; d < c.v_dim; ++d) cache.hidden(b, d) = y(b, d) * silu<S>(cache.swilu_pre(b, d));
+        for (Index d = 0; d < c.v_dim; ++d)
+          cache.hidden(b, d) = y(b, d) * silu<S>(cache.swilu_pre(b, d));
       }
     });
-    linear_forward<S>(cache.hidden, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias), o);
+    linear_forward<S>(cache.hidden, p.value_proj_weight(),
+                      detail::bias_or_null(p, Tensor::value_proj_bias), o);
   } else if (c.value_projection) {
-    linear_forward<S>(y, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias), o);
+    linear_forward<S>(y, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias),
+                      o);
   } else {
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       o.middleRows(b0, b1 - b0) = y.middleRows(b0, b1 - b0);
@@ -93,8 +97,9 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, con
 /// (B x v_dim), and keeps in `ws` what output_backward_weights and output_backward_input
 /// need. Changes no parameter gradient, so a caller can check dy before anything is added.
 template <class S>
-void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& y, const OutputCache<S>& cache,
-                     const ConstMatrixRef<S>& dout, MatrixRef<S> dy, OutputWorkspace<S>& ws) {
+void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& y,
+                     const OutputCache<S>& cache, const ConstMatrixRef<S>& dout, MatrixRef<S> dy,
+                     OutputWorkspace<S>& ws) {
   const MemoryConfig& c = p.config();
   const Index B = dout.rows();
   if (B == 0) return;
@@ -136,15 +141,17 @@ void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& y, co
 /// Second half: adds the output op's parameter gradients (W1, b1, W2, b2, wg, bg) to dparams,
 /// from what output_backward left in `ws`.
 template <class S>
-void output_backward_weights(const LayerParameters<S>& p, const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& y,
-                             const OutputCache<S>& cache, const ConstMatrixRef<S>& dout,
-                             const OutputWorkspace<S>& ws, LayerParameters<S>& dparams) {
+void output_backward_weights(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
+                             const ConstMatrixRef<S>& y, const OutputCache<S>& cache,
+                             const ConstMatrixRef<S>& dout, const OutputWorkspace<S>& ws,
+                             LayerParameters<S>& dparams) {
   const MemoryConfig& c = p.config();
   const Index B = x.rows();
   if (B == 0) return;
   if (c.gating) {
     const ConstMatrixMap<S> dt_col(ws.dt.data(), B, 1);
-    linear_backward_weights<S>(x, dt_col, dparams.matrix(Tensor::gate_weight), dparams.data(Tensor::gate_bias));
+    linear_backward_weights<S>(x, dt_col, dparams.matrix(Tensor::gate_weight),
+                               dparams.data(Tensor::gate_bias));
   }
   const ConstMatrixRef<S> d_o = c.gating ? ConstMatrixRef<S>(ws.d_gated) : dout;
   if (c.memory_plus) {
@@ -160,7 +167,8 @@ void output_backward_weights(const LayerParameters<S>& p, const ConstMatrixRef<S
 
 /// Adds the output op's share of the input gradient to dx: dG W1 (Memory+) and dt wg (gate).
 template <class S>
-void output_backward_input(const LayerParameters<S>& p, const OutputWorkspace<S>& ws, MatrixRef<S> dx) {
+void output_backward_input(const LayerParameters<S>& p, const OutputWorkspace<S>& ws,
+                           MatrixRef<S> dx) {
   const MemoryConfig& c = p.config();
   if (dx.rows() == 0) return;
   if (c.memory_plus) linear_backward_input<S>(ws.d_swilu, p.swilu_weight(), dx, true);

@@ -42,31 +42,39 @@ struct TensorShape {
 
 /// The state_dict name of a tensor in the reference PyTorch code.
 inline const char* tensor_name(Tensor t) {
-  static constexpr const char* kNames[kNumTensors] = {
-      "keys",
-      "query_proj.query_mlps.0.weight",
-      "query_proj.query_mlps.0.bias",
-      "swilu_projection.weight",
-      "swilu_projection.bias",
-      "value_proj.weight",
-      "value_proj.bias",
-      "gating.weight",
-      "gating.bias"};
+  static constexpr const char* kNames[kNumTensors] = {"keys",
+                                                      "query_proj.query_mlps.0.weight",
+                                                      "query_proj.query_mlps.0.bias",
+                                                      "swilu_projection.weight",
+                                                      "swilu_projection.bias",
+                                                      "value_proj.weight",
+                                                      "value_proj.bias",
+                                                      "gating.weight",
+                                                      "gating.bias"};
   return kNames[static_cast<int>(t)];
 }
 
 inline TensorShape tensor_shape(const MemoryConfig& c, Tensor t) {
   const Index hk = c.heads * c.k_dim;
   switch (t) {
-    case Tensor::keys: return {2 * c.heads * c.n_keys, c.half(), 2, true};
-    case Tensor::query_weight: return {hk, c.input_dim, 2, true};
-    case Tensor::query_bias: return {hk, 1, 1, c.query_bias};
-    case Tensor::swilu_weight: return {c.v_dim, c.input_dim, 2, c.memory_plus};
-    case Tensor::swilu_bias: return {c.v_dim, 1, 1, c.memory_plus};
-    case Tensor::value_proj_weight: return {c.output_dim, c.v_dim, 2, c.value_projection};
-    case Tensor::value_proj_bias: return {c.output_dim, 1, 1, c.value_projection};
-    case Tensor::gate_weight: return {1, c.input_dim, 2, c.gating};
-    case Tensor::gate_bias: return {1, 1, 1, c.gating};
+    case Tensor::keys:
+      return {2 * c.heads * c.n_keys, c.half(), 2, true};
+    case Tensor::query_weight:
+      return {hk, c.input_dim, 2, true};
+    case Tensor::query_bias:
+      return {hk, 1, 1, c.query_bias};
+    case Tensor::swilu_weight:
+      return {c.v_dim, c.input_dim, 2, c.memory_plus};
+    case Tensor::swilu_bias:
+      return {c.v_dim, 1, 1, c.memory_plus};
+    case Tensor::value_proj_weight:
+      return {c.output_dim, c.v_dim, 2, c.value_projection};
+    case Tensor::value_proj_bias:
+      return {c.output_dim, 1, 1, c.value_projection};
+    case Tensor::gate_weight:
+      return {1, c.input_dim, 2, c.gating};
+    case Tensor::gate_bias:
+      return {1, 1, 1, c.gating};
   }
   throw std::invalid_argument("pkm: unknown tensor id " + std::to_string(static_cast<int>(t)));
 }
@@ -117,8 +125,9 @@ class LayerParameters {
     LayerParameters p;
     p.config_ = config;
     const std::array<Scalar*, kNumTensors> ptrs = {
-        b.keys,         b.query_weight,      b.query_bias,      b.swilu_weight, b.swilu_bias,
-        b.value_proj_weight, b.value_proj_bias, b.gate_weight, b.gate_bias};
+        b.keys,       b.query_weight,      b.query_bias,      b.swilu_weight,
+        b.swilu_bias, b.value_proj_weight, b.value_proj_bias, b.gate_weight,
+        b.gate_bias};
     for (int t = 0; t < kNumTensors; ++t) {
       const bool present = tensor_shape(config, Tensor(t)).present;
       if (present && ptrs[t] == nullptr) {
@@ -228,7 +237,7 @@ class LayerParameters {
   void rebase(const LayerParameters& o) {
     for (int t = 0; t < kNumTensors; ++t) {
       ptr_[t] = (o.ptr_[t] && o.owns_storage()) ? storage_.data() + (o.ptr_[t] - o.storage_.data())
-                                                 : o.ptr_[t];
+                                                : o.ptr_[t];
     }
   }
 

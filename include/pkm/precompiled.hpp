@@ -19,13 +19,13 @@
 #define PKM_EXTERN extern
 #endif
 
-#define PKM_FUSED_BACKWARD(S, T, Opt)                                                                   \
-  PKM_EXTERN template double pkm::MemoryLayer<S, T>::backward_fused_core<Opt>(                          \
-      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&,        \
+#define PKM_FUSED_BACKWARD(S, T, Opt)                                                            \
+  PKM_EXTERN template double pkm::MemoryLayer<S, T>::backward_fused_core<Opt>(                   \
+      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&, \
       pkm::LayerParameters<S>&, Opt&, pkm::MatrixRef<S>*);
-#define PKM_SPARSE_BACKWARD(S, T)                                                                       \
-  PKM_EXTERN template void pkm::MemoryLayer<S, T>::backward_core<pkm::SparseRowGradSink<S>>(            \
-      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&,        \
+#define PKM_SPARSE_BACKWARD(S, T)                                                                \
+  PKM_EXTERN template void pkm::MemoryLayer<S, T>::backward_core<pkm::SparseRowGradSink<S>>(     \
+      const pkm::ConstMatrixRef<S>&, const pkm::ForwardCache<S>&, const pkm::ConstMatrixRef<S>&, \
       pkm::LayerParameters<S>&, pkm::SparseRowGradSink<S>&, pkm::MatrixRef<S>*) const;
 
 PKM_EXTERN template class pkm::MemoryLayer<float, float>;

@@ -55,7 +55,9 @@ struct RankKey<float> {
 template <>
 struct RankKey<double> {
   using type = uint128;
-  static type make(double s, Index i) { return (type(ordered_bits(s)) << 64) | type(~std::uint64_t(i)); }
+  static type make(double s, Index i) {
+    return (type(ordered_bits(s)) << 64) | type(~std::uint64_t(i));
+  }
   static Index index(type k) { return Index(~std::uint64_t(k)); }
 };
 }  // namespace detail
@@ -112,7 +114,8 @@ void half_topk(const S* s, Index n, Index k, Index* out, ProductKeyScratch<S>& s
       const S* row = s + t * k;
       for (Index j = 0; j < k; ++j) gmax[j] = row[j] > gmax[j] ? row[j] : gmax[j];
     }
-    for (Index j = 0; j < n - full * k; ++j) gmax[j] = s[full * k + j] > gmax[j] ? s[full * k + j] : gmax[j];
+    for (Index j = 0; j < n - full * k; ++j)
+      gmax[j] = s[full * k + j] > gmax[j] ? s[full * k + j] : gmax[j];
     S threshold = gmax[0];
     for (Index j = 1; j < k; ++j) threshold = gmax[j] < threshold ? gmax[j] : threshold;
     for (Index i = 0; i < n; ++i) {
@@ -122,8 +125,10 @@ void half_topk(const S* s, Index n, Index k, Index* out, ProductKeyScratch<S>& s
   } else {
     for (Index i = 0; i < n; ++i) cand[count++] = K::make(s[i], i);
   }
-  const auto first = cand.begin(), kth = first + k, last = first + static_cast<std::ptrdiff_t>(count);
-  if (count > static_cast<std::size_t>(k)) std::nth_element(first, kth - 1, last, std::greater<Key>());
+  const auto first = cand.begin(), kth = first + k,
+             last = first + static_cast<std::ptrdiff_t>(count);
+  if (count > static_cast<std::size_t>(k))
+    std::nth_element(first, kth - 1, last, std::greater<Key>());
   std::sort(first, kth, std::greater<Key>());  // best first
   for (Index m = 0; m < k; ++m) out[m] = K::index(cand[m]);
 }
@@ -132,8 +137,8 @@ void half_topk(const S* s, Index n, Index k, Index* out, ProductKeyScratch<S>& s
 /// best first. A k-way merge over the k x k grid of the two sorted half lists with a heap of
 /// k candidates: O(n + k log k) per call after the half selections. Scores must be finite.
 template <class S>
-void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* slots,
-                      S* scores, ProductKeyScratch<S>& scratch) {
+void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* slots, S* scores,
+                      ProductKeyScratch<S>& scratch) {
   using C = typename ProductKeyScratch<S>::Candidate;
   scratch.top1.resize(static_cast<std::size_t>(k));
   scratch.top2.resize(static_cast<std::size_t>(k));
@@ -148,16 +153,20 @@ void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* 
     using detail::ordered_bits;
     auto key = [&](Index a, Index b) {
       const Index i = t1[a], j = t2[b];
-      const std::uint64_t hi = (std::uint64_t(ordered_bits(s1[i] + s2[j])) << 32) | ordered_bits(s1[i]);
+      const std::uint64_t hi =
+          (std::uint64_t(ordered_bits(s1[i] + s2[j])) << 32) | ordered_bits(s1[i]);
       const std::uint64_t lo = (std::uint64_t(0xFFFFu - std::uint32_t(i)) << 48) |
-                               (std::uint64_t(ordered_bits(s2[j])) << 16) | std::uint64_t(0xFFFFu - std::uint32_t(j));
+                               (std::uint64_t(ordered_bits(s2[j])) << 16) |
+                               std::uint64_t(0xFFFFu - std::uint32_t(j));
       return (Key(hi) << 64) | Key(lo);
     };
     auto& heap = scratch.fast_heap;
     heap.clear();
     for (Index a = 0; a < k; ++a) heap.push_back({key(a, 0), std::int32_t(a), 0});
     auto lower = [](const typename ProductKeyScratch<S>::KeyedCandidate& x,
-                    const typename ProductKeyScratch<S>::KeyedCandidate& y) { return x.key < y.key; };
+                    const typename ProductKeyScratch<S>::KeyedCandidate& y) {
+      return x.key < y.key;
+    };
     std::make_heap(heap.begin(), heap.end(), lower);
     for (Index m = 0; m < k; ++m) {
       std::pop_heap(heap.begin(), heap.end(), lower);

@@ -13,8 +13,8 @@ namespace pkm {
 
 /// The reference: ranks all n^2 sums and keeps the k best. O(n^2 log k); for tests.
 template <class S>
-void product_key_topk_brute_force(const S* s1, const S* s2, Index n, Index k,
-                                  std::int64_t* slots, S* scores) {
+void product_key_topk_brute_force(const S* s1, const S* s2, Index n, Index k, std::int64_t* slots,
+                                  S* scores) {
   using C = typename ProductKeyScratch<S>::Candidate;
   std::vector<C> all;
   all.reserve(static_cast<std::size_t>(n * n));

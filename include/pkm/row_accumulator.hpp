@@ -51,34 +51,38 @@ class RowAccumulator {
     for (std::size_t u = 0; u < ids.size(); ++u) {
       const std::int64_t r = ids[u];
       if (r < 0 || r >= rows_) {
-        throw std::out_of_range(std::string(who) + ": row id " + std::to_string(r) + " at position " +
-                                std::to_string(u) + " is outside the table of " + std::to_string(rows_) + " rows");
+        throw std::out_of_range(std::string(who) + ": row id " + std::to_string(r) +
+                                " at position " + std::to_string(u) + " is outside the table of " +
+                                std::to_string(rows_) + " rows");
       }
       if (seen.empty()) seen.assign(static_cast<std::size_t>(rows_), 0);
       if (seen[static_cast<std::size_t>(r)]++) {
-        throw std::invalid_argument(std::string(who) + ": row id " + std::to_string(r) + " appears twice; expected unique ids");
+        throw std::invalid_argument(std::string(who) + ": row id " + std::to_string(r) +
+                                    " appears twice; expected unique ids");
       }
     }
     if (ids.empty()) return;
     if (!sum_) {
-      sum_ = std::make_unique<PageBuffer<S>>(static_cast<std::size_t>(rows_) * static_cast<std::size_t>(dim_));
+      sum_ = std::make_unique<PageBuffer<S>>(static_cast<std::size_t>(rows_) *
+                                             static_cast<std::size_t>(dim_));
       touched_.assign(static_cast<std::size_t>(rows_), 0);
     }
     S* sum = sum_->data();
     const Index n = static_cast<Index>(ids.size());
-    detail::parallel_blocks_with<std::vector<S>>(n, detail::kSegmentBlock, [&](std::vector<S>& scratch, Index b, Index e) {
-      scratch.resize(static_cast<std::size_t>(dim_));
-      for (Index u = b; u < e; ++u) {
-        const auto r = static_cast<std::size_t>(ids[static_cast<std::size_t>(u)]);
-        S* row = sum + r * static_cast<std::size_t>(dim_);
-        if (!touched_[r]) {  // the first gradient of this row: written in place
-          reduce(u, row);
-          continue;
-        }
-        reduce(u, scratch.data());
-        for (Index d = 0; d < dim_; ++d) row[d] += scratch[static_cast<std::size_t>(d)];
-      }
-    });
+    detail::parallel_blocks_with<std::vector<S>>(
+        n, detail::kSegmentBlock, [&](std::vector<S>& scratch, Index b, Index e) {
+          scratch.resize(static_cast<std::size_t>(dim_));
+          for (Index u = b; u < e; ++u) {
+            const auto r = static_cast<std::size_t>(ids[static_cast<std::size_t>(u)]);
+            S* row = sum + r * static_cast<std::size_t>(dim_);
+            if (!touched_[r]) {  // the first gradient of this row: written in place
+              reduce(u, row);
+              continue;
+            }
+            reduce(u, scratch.data());
+            for (Index d = 0; d < dim_; ++d) row[d] += scratch[static_cast<std::size_t>(d)];
+          }
+        });
     for (std::int64_t r : ids) {
       auto& t = touched_[static_cast<std::size_t>(r)];
       if (!t) ++count_;
@@ -89,9 +93,10 @@ class RowAccumulator {
   /// As a value-gradient sink (pkm/value_gradient.hpp): a backward's rows are added.
   void check(const char* who, Index table_rows, Index dim) const {
     if (table_rows != rows_ || dim != dim_) {
-      throw std::invalid_argument(std::string(who) + ": the accumulator is for a table of " + std::to_string(rows_) +
-                                  " x " + std::to_string(dim_) + ", this backward's is " + std::to_string(table_rows) +
-                                  " x " + std::to_string(dim));
+      throw std::invalid_argument(std::string(who) + ": the accumulator is for a table of " +
+                                  std::to_string(rows_) + " x " + std::to_string(dim_) +
+                                  ", this backward's is " + std::to_string(table_rows) + " x " +
+                                  std::to_string(dim));
     }
   }
   template <class Reduce>
@@ -106,10 +111,12 @@ class RowAccumulator {
     check_made(who);
     g.validate(who, "the gradient", rows_);
     if (!g.empty() && g.dim != dim_) {
-      throw std::invalid_argument(std::string(who) + ": the gradient has rows of " + std::to_string(g.dim) +
-                                  ", expected " + std::to_string(dim_));
+      throw std::invalid_argument(std::string(who) + ": the gradient has rows of " +
+                                  std::to_string(g.dim) + ", expected " + std::to_string(dim_));
     }
-    add_rows(g.rows, [&](Index u, S* out) { std::copy(g.values.row(u).data(), g.values.row(u).data() + dim_, out); });
+    add_rows(g.rows, [&](Index u, S* out) {
+      std::copy(g.values.row(u).data(), g.values.row(u).data() + dim_, out);
+    });
   }
 
   /// The accumulated gradient: the touched rows, ascending, with their sums.
@@ -123,12 +130,14 @@ class RowAccumulator {
       if (touched_[r]) g.rows.push_back(static_cast<std::int64_t>(r));
     }
     const S* sum = sum_->data();
-    detail::parallel_blocks(static_cast<Index>(count_), detail::kSegmentBlock, [&](Index b, Index e) {
-      for (Index u = b; u < e; ++u) {
-        const S* row = sum + static_cast<std::size_t>(g.rows[static_cast<std::size_t>(u)]) * static_cast<std::size_t>(dim_);
-        std::copy(row, row + dim_, g.values.row(u).data());
-      }
-    });
+    detail::parallel_blocks(
+        static_cast<Index>(count_), detail::kSegmentBlock, [&](Index b, Index e) {
+          for (Index u = b; u < e; ++u) {
+            const S* row = sum + static_cast<std::size_t>(g.rows[static_cast<std::size_t>(u)]) *
+                                     static_cast<std::size_t>(dim_);
+            std::copy(row, row + dim_, g.values.row(u).data());
+          }
+        });
     return g;
   }
 
@@ -166,7 +175,8 @@ class RowAccumulator {
 
  private:
   void check_made(const char* who) const {
-    if (rows_ < 1) throw std::invalid_argument(std::string(who) + ": the accumulator was default-constructed");
+    if (rows_ < 1)
+      throw std::invalid_argument(std::string(who) + ": the accumulator was default-constructed");
   }
 
   Index rows_ = 0, dim_ = 0;

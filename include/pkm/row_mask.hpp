@@ -23,7 +23,8 @@ class RowMask {
   /// Allows `rows` (any order, duplicates merged) of a table of `table_rows` rows. Throws
   /// std::invalid_argument for table_rows < 1 and std::out_of_range for a row outside the
   /// table.
-  RowMask(Index table_rows, std::vector<std::int64_t> rows) : table_rows_(table_rows), rows_(std::move(rows)) {
+  RowMask(Index table_rows, std::vector<std::int64_t> rows)
+      : table_rows_(table_rows), rows_(std::move(rows)) {
     if (table_rows < 1) {
       throw std::invalid_argument("pkm::RowMask: table_rows = " + std::to_string(table_rows) +
                                   ", expected a table of at least 1 row");
@@ -32,8 +33,8 @@ class RowMask {
     rows_.erase(std::unique(rows_.begin(), rows_.end()), rows_.end());
     if (!rows_.empty() && (rows_.front() < 0 || rows_.back() >= table_rows)) {
       const std::int64_t r = rows_.front() < 0 ? rows_.front() : rows_.back();
-      throw std::out_of_range("pkm::RowMask: row " + std::to_string(r) + " is outside the table of " +
-                              std::to_string(table_rows) + " rows");
+      throw std::out_of_range("pkm::RowMask: row " + std::to_string(r) +
+                              " is outside the table of " + std::to_string(table_rows) + " rows");
     }
   }
 
@@ -42,13 +43,16 @@ class RowMask {
   /// The allowed rows, sorted and unique.
   const std::vector<std::int64_t>& rows() const { return rows_; }
   Index size() const { return static_cast<Index>(rows_.size()); }
-  bool allows(std::int64_t row) const { return std::binary_search(rows_.begin(), rows_.end(), row); }
+  bool allows(std::int64_t row) const {
+    return std::binary_search(rows_.begin(), rows_.end(), row);
+  }
 
   /// Throws std::invalid_argument unless the mask was made for a table of `table_rows` rows.
   void check_table(const char* who, Index table_rows) const {
     if (table_rows_ != table_rows) {
-      throw std::invalid_argument(std::string(who) + ": the row mask is for a table of " + std::to_string(table_rows_) +
-                                  " rows, expected one for this table of " + std::to_string(table_rows) + " rows");
+      throw std::invalid_argument(
+          std::string(who) + ": the row mask is for a table of " + std::to_string(table_rows_) +
+          " rows, expected one for this table of " + std::to_string(table_rows) + " rows");
     }
   }
 

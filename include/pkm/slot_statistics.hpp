@@ -39,8 +39,9 @@ namespace detail {
 /// scoring a batch's counts).
 inline std::int64_t counter_add(const char* who, const char* what, std::int64_t a, std::int64_t b) {
   if (a < 0 || b < 0 || b > std::numeric_limits<std::int64_t>::max() - a) {
-    throw std::runtime_error(std::string(who) + ": " + what + " would overflow a 64-bit counter (" + std::to_string(a) +
-                             " + " + std::to_string(b) + "); nothing was changed");
+    throw std::runtime_error(std::string(who) + ": " + what + " would overflow a 64-bit counter (" +
+                             std::to_string(a) + " + " + std::to_string(b) +
+                             "); nothing was changed");
   }
   return a + b;
 }
@@ -49,25 +50,30 @@ inline std::int64_t counter_add(const char* who, const char* what, std::int64_t 
 /// `slots` rows, with slot ids inside it (std::invalid_argument / std::out_of_range naming the
 /// cache), then calls fn(slot, weight) for every read, cache by cache, in token order.
 template <class S, class Fn>
-void for_each_read(const char* who, const std::vector<const ForwardCache<S>*>& caches, Index slots, Fn&& fn) {
+void for_each_read(const char* who, const std::vector<const ForwardCache<S>*>& caches, Index slots,
+                   Fn&& fn) {
   for (std::size_t c = 0; c < caches.size(); ++c) {
     const ForwardCache<S>* cache = caches[c];
     const std::string name = "cache " + std::to_string(c);
     if (cache == nullptr) throw std::invalid_argument(std::string(who) + ": " + name + " is null");
     if (cache->batch < 0) {
-      throw std::invalid_argument(std::string(who) + ": " + name + " was not filled by a completed forward()");
+      throw std::invalid_argument(std::string(who) + ": " + name +
+                                  " was not filled by a completed forward()");
     }
     if (cache->config.slots() != slots) {
       throw std::invalid_argument(std::string(who) + ": " + name + " is from a layer of " +
-                                  std::to_string(cache->config.slots()) + " slots, expected one reading this table of " +
+                                  std::to_string(cache->config.slots()) +
+                                  " slots, expected one reading this table of " +
                                   std::to_string(slots) + " slots");
     }
     const IndexMatrix& idx = cache->indices;
-    if (idx.rows() != cache->batch || cache->weights.rows() != idx.rows() || cache->weights.cols() != idx.cols()) {
-      throw std::invalid_argument(std::string(who) + ": " + name + " holds indices of " + std::to_string(idx.rows()) +
-                                  " x " + std::to_string(idx.cols()) + " and weights of " +
-                                  std::to_string(cache->weights.rows()) + " x " + std::to_string(cache->weights.cols()) +
-                                  " for a batch of " + std::to_string(cache->batch) + "; expected a forward's cache");
+    if (idx.rows() != cache->batch || cache->weights.rows() != idx.rows() ||
+        cache->weights.cols() != idx.cols()) {
+      throw std::invalid_argument(
+          std::string(who) + ": " + name + " holds indices of " + std::to_string(idx.rows()) +
+          " x " + std::to_string(idx.cols()) + " and weights of " +
+          std::to_string(cache->weights.rows()) + " x " + std::to_string(cache->weights.cols()) +
+          " for a batch of " + std::to_string(cache->batch) + "; expected a forward's cache");
     }
     check_indices((std::string(who) + ": " + name).c_str(), idx, slots);
   }
@@ -84,9 +90,11 @@ class SlotStatistics {
  public:
   SlotStatistics() = default;
   /// For a table of `slots` rows (n_keys^2); with track_mass, the softmax mass too.
-  explicit SlotStatistics(Index slots, bool track_mass = false) : slots_(slots), track_mass_(track_mass) {
+  explicit SlotStatistics(Index slots, bool track_mass = false)
+      : slots_(slots), track_mass_(track_mass) {
     if (slots < 1) {
-      throw std::invalid_argument("pkm::SlotStatistics: slots = " + std::to_string(slots) + ", expected >= 1");
+      throw std::invalid_argument("pkm::SlotStatistics: slots = " + std::to_string(slots) +
+                                  ", expected >= 1");
     }
     const auto n = static_cast<std::size_t>(slots);
     count_.assign(n, 0);
@@ -122,7 +130,9 @@ class SlotStatistics {
     const char* who = "pkm::SlotStatistics::add";
     check_made(who);
     Index reads = 0;
-    for (const auto* c : caches) reads = detail::counter_add(who, "the read count", reads, c != nullptr ? c->indices.size() : 0);
+    for (const auto* c : caches)
+      reads =
+          detail::counter_add(who, "the read count", reads, c != nullptr ? c->indices.size() : 0);
     const std::int64_t total = detail::counter_add(who, "the read count", total_, reads);
     const std::int64_t documents = detail::counter_add(who, "the document count", documents_, 1);
     if (track_mass_) check_weights(who, caches);
@@ -148,12 +158,14 @@ class SlotStatistics {
     const char* who = "pkm::SlotStatistics::merge";
     check_made(who);
     if (other.slots_ != slots_ || other.track_mass_ != track_mass_) {
-      throw std::invalid_argument(std::string(who) + ": other has " + std::to_string(other.slots_) + " slots" +
-                                  (other.track_mass_ ? " with" : " without") + " mass, expected " +
-                                  std::to_string(slots_) + (track_mass_ ? " with" : " without") + " mass");
+      throw std::invalid_argument(std::string(who) + ": other has " + std::to_string(other.slots_) +
+                                  " slots" + (other.track_mass_ ? " with" : " without") +
+                                  " mass, expected " + std::to_string(slots_) +
+                                  (track_mass_ ? " with" : " without") + " mass");
     }
     const std::int64_t total = detail::counter_add(who, "the read count", total_, other.total_);
-    const std::int64_t documents = detail::counter_add(who, "the document count", documents_, other.documents_);
+    const std::int64_t documents =
+        detail::counter_add(who, "the document count", documents_, other.documents_);
     for (std::size_t u = 0; u < count_.size(); ++u) {
       count_[u] += other.count_[u];
       document_count_[u] += other.document_count_[u];
@@ -193,19 +205,24 @@ class SlotStatistics {
   }
   /// The k most read slots (or those of most mass) as (slot, value), best first; ties go to
   /// the lower slot id. k is clamped to the slot count.
-  std::vector<std::pair<std::int64_t, double>> top(Index k, SlotMeasure measure = SlotMeasure::count) const {
-    if (k < 0) throw std::invalid_argument("pkm::SlotStatistics::top: k = " + std::to_string(k) + ", expected >= 0");
+  std::vector<std::pair<std::int64_t, double>> top(Index k,
+                                                   SlotMeasure measure = SlotMeasure::count) const {
+    if (k < 0)
+      throw std::invalid_argument("pkm::SlotStatistics::top: k = " + std::to_string(k) +
+                                  ", expected >= 0");
     check_measure("pkm::SlotStatistics::top", measure);
     std::vector<std::int64_t> ids(count_.size());
     for (std::size_t u = 0; u < ids.size(); ++u) ids[u] = static_cast<std::int64_t>(u);
     const auto n = static_cast<std::size_t>(std::min<Index>(k, slots_));
     auto better = [&](std::int64_t a, std::int64_t b) {
-      const double va = measure_at(measure, std::size_t(a)), vb = measure_at(measure, std::size_t(b));
+      const double va = measure_at(measure, std::size_t(a)),
+                   vb = measure_at(measure, std::size_t(b));
       return va != vb ? va > vb : a < b;
     };
     std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(n), ids.end(), better);
     std::vector<std::pair<std::int64_t, double>> out;
-    for (std::size_t i = 0; i < n; ++i) out.emplace_back(ids[i], measure_at(measure, std::size_t(ids[i])));
+    for (std::size_t i = 0; i < n; ++i)
+      out.emplace_back(ids[i], measure_at(measure, std::size_t(ids[i])));
     return out;
   }
   /// Slots by read count in powers of two: h[0] slots never read, h[b] (b >= 1) slots read
@@ -225,11 +242,15 @@ class SlotStatistics {
   /// "count" and "document_count" (int64 [slots]) and, with mass, "mass" (double [slots]).
   template <class F>
   void for_each_state(F&& fn) {
-    fn(std::string("documents"), std::vector<std::int64_t>{1}, &documents_, optim::StateKind::step_count);
-    fn(std::string("count"), std::vector<std::int64_t>{slots_}, count_.data(), optim::StateKind::step_count);
+    fn(std::string("documents"), std::vector<std::int64_t>{1}, &documents_,
+       optim::StateKind::step_count);
+    fn(std::string("count"), std::vector<std::int64_t>{slots_}, count_.data(),
+       optim::StateKind::step_count);
     fn(std::string("document_count"), std::vector<std::int64_t>{slots_}, document_count_.data(),
        optim::StateKind::step_count);
-    if (track_mass_) fn(std::string("mass"), std::vector<std::int64_t>{slots_}, mass_.data(), optim::StateKind::non_negative);
+    if (track_mass_)
+      fn(std::string("mass"), std::vector<std::int64_t>{slots_}, mass_.data(),
+         optim::StateKind::non_negative);
   }
 
   /// Throws std::invalid_argument unless the counters agree with each other (what loading
@@ -239,18 +260,21 @@ class SlotStatistics {
     std::int64_t total = 0;
     for (std::size_t u = 0; u < count_.size(); ++u) {
       const std::string at = " of slot " + std::to_string(u);
-      if (count_[u] < 0 || document_count_[u] < 0 || document_count_[u] > documents_ || document_count_[u] > count_[u]) {
-        throw std::invalid_argument(std::string(who) + ": count " + std::to_string(count_[u]) + " and document_count " +
-                                    std::to_string(document_count_[u]) + at + " with " + std::to_string(documents_) +
-                                    " documents; expected 0 <= document_count <= min(count, documents)");
+      if (count_[u] < 0 || document_count_[u] < 0 || document_count_[u] > documents_ ||
+          document_count_[u] > count_[u]) {
+        throw std::invalid_argument(
+            std::string(who) + ": count " + std::to_string(count_[u]) + " and document_count " +
+            std::to_string(document_count_[u]) + at + " with " + std::to_string(documents_) +
+            " documents; expected 0 <= document_count <= min(count, documents)");
       }
       if (track_mass_ && count_[u] == 0 && mass_[u] != 0.0) {
         throw std::invalid_argument(std::string(who) + ": mass " + std::to_string(mass_[u]) + at +
                                     " that was never read; expected 0");
       }
       if (count_[u] > std::numeric_limits<std::int64_t>::max() - total) {
-        throw std::invalid_argument(std::string(who) + ": the read count would overflow a 64-bit counter at slot " +
-                                    std::to_string(u) + "; expected counts whose sum is representable");
+        throw std::invalid_argument(
+            std::string(who) + ": the read count would overflow a 64-bit counter at slot " +
+            std::to_string(u) + "; expected counts whose sum is representable");
       }
       total += count_[u];
     }
@@ -267,20 +291,25 @@ class SlotStatistics {
       for (Index i = 0; i < w.size(); ++i) {
         const double v = static_cast<double>(w.data()[i]);
         if (!(std::isfinite(v) && v >= 0.0)) {
-          throw std::invalid_argument(std::string(who) + ": cache " + std::to_string(c) + " holds weight " +
-                                      std::to_string(v) + " (token " + std::to_string(i / std::max<Index>(1, w.cols())) +
-                                      ", read " + std::to_string(i % std::max<Index>(1, w.cols())) +
-                                      "); expected a forward's softmax weights (finite, >= 0) for the mass");
+          throw std::invalid_argument(
+              std::string(who) + ": cache " + std::to_string(c) + " holds weight " +
+              std::to_string(v) + " (token " + std::to_string(i / std::max<Index>(1, w.cols())) +
+              ", read " + std::to_string(i % std::max<Index>(1, w.cols())) +
+              "); expected a forward's softmax weights (finite, >= 0) for the mass");
         }
       }
     }
   }
   void check_made(const char* who) const {
-    if (slots_ < 1) throw std::invalid_argument(std::string(who) + ": the statistics were default-constructed; expected SlotStatistics(slots)");
+    if (slots_ < 1)
+      throw std::invalid_argument(
+          std::string(who) +
+          ": the statistics were default-constructed; expected SlotStatistics(slots)");
   }
   void check_measure(const char* who, SlotMeasure m) const {
     if (m == SlotMeasure::mass && !track_mass_) {
-      throw std::invalid_argument(std::string(who) + ": mass asked of statistics made without track_mass");
+      throw std::invalid_argument(std::string(who) +
+                                  ": mass asked of statistics made without track_mass");
     }
   }
   double measure_total(SlotMeasure m) const {
@@ -290,7 +319,9 @@ class SlotStatistics {
     for (double v : mass_) t += v;
     return t;
   }
-  double measure_at(SlotMeasure m, std::size_t u) const { return m == SlotMeasure::count ? double(count_[u]) : mass_[u]; }
+  double measure_at(SlotMeasure m, std::size_t u) const {
+    return m == SlotMeasure::count ? double(count_[u]) : mass_[u];
+  }
 
   Index slots_ = 0;
   bool track_mass_ = false;

@@ -36,19 +36,22 @@ struct SparseRowGrad {
     };
     if (dim < 0) fail("has dim = " + std::to_string(dim));
     if (values.rows() != size() || (size() > 0 && values.cols() != dim)) {
-      fail("has values of " + std::to_string(values.rows()) + " x " + std::to_string(values.cols()) +
-           " for " + std::to_string(size()) + " row ids of dim " + std::to_string(dim));
+      fail("has values of " + std::to_string(values.rows()) + " x " +
+           std::to_string(values.cols()) + " for " + std::to_string(size()) + " row ids of dim " +
+           std::to_string(dim));
     }
     for (std::size_t u = 0; u < rows.size(); ++u) {
-      if (rows[u] < 0) fail("has row id " + std::to_string(rows[u]) + " at position " + std::to_string(u));
+      if (rows[u] < 0)
+        fail("has row id " + std::to_string(rows[u]) + " at position " + std::to_string(u));
       if (u > 0 && rows[u] <= rows[u - 1]) {
-        fail("has row ids that are not sorted and unique (" + std::to_string(rows[u - 1]) + " then " +
-             std::to_string(rows[u]) + " at position " + std::to_string(u) + ")");
+        fail("has row ids that are not sorted and unique (" + std::to_string(rows[u - 1]) +
+             " then " + std::to_string(rows[u]) + " at position " + std::to_string(u) + ")");
       }
     }
     if (table_rows >= 0 && !rows.empty() && rows.back() >= table_rows) {
-      throw std::out_of_range(std::string(who) + ": " + name + " has row id " + std::to_string(rows.back()) +
-                              ", outside the table of " + std::to_string(table_rows) + " rows");
+      throw std::out_of_range(std::string(who) + ": " + name + " has row id " +
+                              std::to_string(rows.back()) + ", outside the table of " +
+                              std::to_string(table_rows) + " rows");
     }
   }
 
@@ -63,9 +66,9 @@ struct SparseRowGrad {
       return;
     }
     if (other.dim != dim) {
-      throw std::invalid_argument("pkm::SparseRowGrad::merge: other.dim = " +
-                                  std::to_string(other.dim) + ", expected dim = " +
-                                  std::to_string(dim));
+      throw std::invalid_argument(
+          "pkm::SparseRowGrad::merge: other.dim = " + std::to_string(other.dim) +
+          ", expected dim = " + std::to_string(dim));
     }
     std::vector<std::int64_t> merged;
     merged.reserve(rows.size() + other.rows.size());
@@ -85,8 +88,8 @@ struct SparseRowGrad {
   void add_to(MatrixRef<Scalar> dense, Scalar scale = Scalar(1)) const {
     if (dense.cols() != dim) {
       throw std::invalid_argument("pkm::SparseRowGrad::add_to: dense has " +
-                                  std::to_string(dense.cols()) + " columns, expected dim = " +
-                                  std::to_string(dim));
+                                  std::to_string(dense.cols()) +
+                                  " columns, expected dim = " + std::to_string(dim));
     }
     validate("pkm::SparseRowGrad::add_to", "the gradient", dense.rows());
     for (std::size_t u = 0; u < rows.size(); ++u) dense.row(rows[u]) += scale * values.row(u);

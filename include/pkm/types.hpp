@@ -40,11 +40,16 @@ using fp16 = Eigen::half;
 /// The Dtype a C++ element type is stored as.
 template <class T>
 constexpr Dtype dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return Dtype::f32;
-  else if constexpr (std::is_same_v<T, double>) return Dtype::f64;
-  else if constexpr (std::is_same_v<T, bf16>) return Dtype::bf16;
-  else if constexpr (std::is_same_v<T, fp16>) return Dtype::f16;
-  else if constexpr (std::is_same_v<T, std::int64_t>) return Dtype::i64;
+  if constexpr (std::is_same_v<T, float>)
+    return Dtype::f32;
+  else if constexpr (std::is_same_v<T, double>)
+    return Dtype::f64;
+  else if constexpr (std::is_same_v<T, bf16>)
+    return Dtype::bf16;
+  else if constexpr (std::is_same_v<T, fp16>)
+    return Dtype::f16;
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return Dtype::i64;
   else {
     static_assert(std::is_same_v<T, std::int32_t>, "pkm::dtype_of: no Dtype for this type");
     return Dtype::i32;

@@ -40,22 +40,25 @@ inline constexpr Index kReduceBlock = 16;
 /// one thread): the whole loop of a sink that only chooses where each row goes.
 template <class Reduce, class Place>
 void reduce_rows_into(const std::vector<std::int64_t>& rows, Reduce&& reduce, Place&& place) {
-  detail::parallel_blocks(static_cast<Index>(rows.size()), kReduceBlock, [&](Index begin, Index end) {
-    for (Index u = begin; u < end; ++u) reduce(u, place(u));
-  });
+  detail::parallel_blocks(static_cast<Index>(rows.size()), kReduceBlock,
+                          [&](Index begin, Index end) {
+                            for (Index u = begin; u < end; ++u) reduce(u, place(u));
+                          });
 }
 
 namespace detail {
 template <class Sink, class = void>
 struct has_check : std::false_type {};
 template <class Sink>
-struct has_check<Sink, std::void_t<decltype(std::declval<Sink&>().check("", Index{}, Index{}))>> : std::true_type {};
+struct has_check<Sink, std::void_t<decltype(std::declval<Sink&>().check("", Index{}, Index{}))>>
+    : std::true_type {};
 }  // namespace detail
 
 /// sink.check(who, table_rows, dim) where the sink has it: a backward's check of its sink.
 template <class Sink>
 void check_sink(Sink& sink, const char* who, Index table_rows, Index dim) {
-  if constexpr (detail::has_check<std::remove_reference_t<Sink>>::value) sink.check(who, table_rows, dim);
+  if constexpr (detail::has_check<std::remove_reference_t<Sink>>::value)
+    sink.check(who, table_rows, dim);
 }
 
 /// The sink behind backward(..., SparseRowGrad& dvalues, ...): the rows merged (added) into
@@ -65,14 +68,16 @@ template <class S>
 class SparseRowGradSink {
  public:
   /// `name` is what messages call the target ("dvalues").
-  SparseRowGradSink(SparseRowGrad<S>& target, SparseRowGrad<S>& scratch, const char* name = "dvalues")
+  SparseRowGradSink(SparseRowGrad<S>& target, SparseRowGrad<S>& scratch,
+                    const char* name = "dvalues")
       : target_(target), scratch_(scratch), name_(name) {}
 
   void check(const char* who, Index table_rows, Index dim) const {
     target_.validate(who, name_, table_rows);
     if (!target_.empty() && target_.dim != dim) {
-      throw std::invalid_argument(std::string(who) + ": " + name_ + ".dim = " + std::to_string(target_.dim) +
-                                  ", expected " + std::to_string(dim) + " (the table's row width)");
+      throw std::invalid_argument(std::string(who) + ": " + name_ +
+                                  ".dim = " + std::to_string(target_.dim) + ", expected " +
+                                  std::to_string(dim) + " (the table's row width)");
     }
   }
 
@@ -81,10 +86,13 @@ class SparseRowGradSink {
     SparseRowGrad<S>& into = target_.empty() ? target_ : scratch_;
     into.dim = dim;
     into.rows.assign(rows.begin(), rows.end());
-    const bool fresh = into.values.rows() != static_cast<Index>(rows.size()) || into.values.cols() != dim;
+    const bool fresh =
+        into.values.rows() != static_cast<Index>(rows.size()) || into.values.cols() != dim;
     into.values.resize(static_cast<Index>(rows.size()), dim);
     // A new gradient of hundreds of MiB is written once: huge pages spare most page faults.
-    if (fresh) detail::advise_huge_pages(into.values.data(), static_cast<std::size_t>(into.values.size()) * sizeof(S));
+    if (fresh)
+      detail::advise_huge_pages(into.values.data(),
+                                static_cast<std::size_t>(into.values.size()) * sizeof(S));
     reduce_rows_into(rows, reduce, [&](Index u) { return into.values.row(u).data(); });
     if (&into != &target_) target_.merge(scratch_);
   }

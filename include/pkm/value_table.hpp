@@ -28,7 +28,8 @@ class ValueTable {
   /// Owning, all zeros.
   ValueTable(Index rows, Index dim) : rows_(rows), dim_(dim), stride_(dim) {
     check_sizes(rows, dim, dim);
-    storage_ = detail::AlignedBuffer<T>(static_cast<std::size_t>(rows) * static_cast<std::size_t>(dim));
+    storage_ =
+        detail::AlignedBuffer<T>(static_cast<std::size_t>(rows) * static_cast<std::size_t>(dim));
     data_ = storage_.data();
   }
   /// Views `rows` rows of `dim` values at `data`, row r starting at data + r * stride.
@@ -77,14 +78,15 @@ class ValueTable {
   T* row(Index r) const { return data_ + r * stride_; }
 
   using StridedMap = Eigen::Map<RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-  StridedMap matrix() const { return StridedMap(data_, rows_, dim_, Eigen::OuterStride<>(stride_)); }
+  StridedMap matrix() const {
+    return StridedMap(data_, rows_, dim_, Eigen::OuterStride<>(stride_));
+  }
 
  private:
   static void check_sizes(Index rows, Index dim, Index stride) {
     if (rows < 1 || dim < 1 || stride < dim) {
-      throw std::invalid_argument("pkm::ValueTable: rows = " + std::to_string(rows) +
-                                  ", dim = " + std::to_string(dim) + ", stride = " +
-                                  std::to_string(stride) +
+      throw std::invalid_argument("pkm::ValueTable: rows = " + std::to_string(rows) + ", dim = " +
+                                  std::to_string(dim) + ", stride = " + std::to_string(stride) +
                                   "; expected rows >= 1, dim >= 1 and stride >= dim");
     }
     // rows x stride elements of T must be addressable without wrapping (at most 2^62 bytes).

@@ -17,9 +17,10 @@ int main() {
   const pkm::RowMatrix<float> x = pkm::RowMatrix<float>::Ones(3, 16);
   const pkm::RowMatrix<float> y = layer.forward(x, cache);
   pkm::io::save_layer("consumer_layer.safetensors", layer);
-  const auto back = pkm::io::load_layer<float>(pkm::io::SafetensorsFile("consumer_layer.safetensors"));
+  const auto back =
+      pkm::io::load_layer<float>(pkm::io::SafetensorsFile("consumer_layer.safetensors"));
   if (back.config() != c) return 1;
-  std::cout << "pkm " << PKM_VERSION_STRING << " consumer: output " << y.rows() << " x "
-            << y.cols() << "\n";
+  std::cout << "pkm " << PKM_VERSION_STRING << " consumer: output " << y.rows() << " x " << y.cols()
+            << "\n";
   return y.allFinite() ? 0 : 1;
 }

@@ -17,8 +17,8 @@
 
 namespace {
 
-using pkm::Index;
 using pkm::Dtype;
+using pkm::Index;
 using pkm::cuda::GradOutput;
 using pkm::cuda::Reduction;
 using pkm::cuda::Status;
@@ -26,15 +26,15 @@ using Mat = pkm::RowMatrix<float>;
 
 int failures = 0, checks = 0;
 
-#define EXPECT(cond, ...)                                   \
-  do {                                                      \
-    ++checks;                                               \
-    if (!(cond)) {                                          \
-      ++failures;                                           \
+#define EXPECT(cond, ...)                                             \
+  do {                                                                \
+    ++checks;                                                         \
+    if (!(cond)) {                                                    \
+      ++failures;                                                     \
       std::printf("FAILED %s:%d: %s -- ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                             \
-      std::printf("\n");                                    \
-    }                                                       \
+      std::printf(__VA_ARGS__);                                       \
+      std::printf("\n");                                              \
+    }                                                                 \
   } while (0)
 
 struct Shape {
@@ -89,7 +89,8 @@ std::vector<float> softmax(const Case& c) {
       double m = -INFINITY, z = 0;
       for (Index e = 0; e < c.s.knn; ++e) m = std::max(m, double(x[e]));
       for (Index e = 0; e < c.s.knn; ++e) z += std::exp(double(x[e]) - m);
-      for (Index e = 0; e < c.s.knn; ++e) w[std::size_t((t * c.s.heads + h) * c.s.knn + e)] = float(std::exp(double(x[e]) - m) / z);
+      for (Index e = 0; e < c.s.knn; ++e)
+        w[std::size_t((t * c.s.heads + h) * c.s.knn + e)] = float(std::exp(double(x[e]) - m) / z);
     }
   }
   return w;
@@ -99,9 +100,14 @@ std::vector<float> softmax(const Case& c) {
 template <class Fn>
 void with_table(Case& c, Fn&& fn) {
   auto* data = c.table.bytes.data();
-  if (c.s.dtype == Dtype::f32) fn(pkm::ValueTable<float>::view(reinterpret_cast<float*>(data), c.s.rows, c.s.dim, c.s.stride));
-  if (c.s.dtype == Dtype::bf16) fn(pkm::ValueTable<pkm::bf16>::view(reinterpret_cast<pkm::bf16*>(data), c.s.rows, c.s.dim, c.s.stride));
-  if (c.s.dtype == Dtype::f16) fn(pkm::ValueTable<pkm::fp16>::view(reinterpret_cast<pkm::fp16*>(data), c.s.rows, c.s.dim, c.s.stride));
+  if (c.s.dtype == Dtype::f32)
+    fn(pkm::ValueTable<float>::view(reinterpret_cast<float*>(data), c.s.rows, c.s.dim, c.s.stride));
+  if (c.s.dtype == Dtype::bf16)
+    fn(pkm::ValueTable<pkm::bf16>::view(reinterpret_cast<pkm::bf16*>(data), c.s.rows, c.s.dim,
+                                        c.s.stride));
+  if (c.s.dtype == Dtype::f16)
+    fn(pkm::ValueTable<pkm::fp16>::view(reinterpret_cast<pkm::fp16*>(data), c.s.rows, c.s.dim,
+                                        c.s.stride));
 }
 
 double max_rel(const float* a, const float* b, std::size_t n) {
@@ -131,18 +137,22 @@ void test_forward(Case& c, bool fused_softmax) {
   call.out_stride = c.s.dim + 5;  // a strided output
   if (!fused_softmax) call.weights = w;
   const auto r = pkm_cuda_test::run_forward(c.table, call);
-  EXPECT(r.status == Status::ok, "forward %s dim %lld: %s", name(c.s.dtype), (long long)c.s.dim, r.why.c_str());
+  EXPECT(r.status == Status::ok, "forward %s dim %lld: %s", name(c.s.dtype), (long long)c.s.dim,
+         r.why.c_str());
   if (r.status != Status::ok) return;
   Mat got(c.s.tokens, c.s.dim);
   for (Index t = 0; t < c.s.tokens; ++t) {
     for (Index d = 0; d < c.s.dim; ++d) got(t, d) = r.out[std::size_t(t * call.out_stride + d)];
   }
   const double err = max_rel(got.data(), ref.data(), std::size_t(got.size()));
-  EXPECT(err < 2e-5, "forward %s dim %lld stride %lld tokens %lld bag %lldx%lld softmax %d: max error %.3g of the largest",
-         name(c.s.dtype), (long long)c.s.dim, (long long)c.s.stride, (long long)c.s.tokens, (long long)c.s.heads,
-         (long long)c.s.knn, int(fused_softmax), err);
+  EXPECT(err < 2e-5,
+         "forward %s dim %lld stride %lld tokens %lld bag %lldx%lld softmax %d: max error %.3g of "
+         "the largest",
+         name(c.s.dtype), (long long)c.s.dim, (long long)c.s.stride, (long long)c.s.tokens,
+         (long long)c.s.heads, (long long)c.s.knn, int(fused_softmax), err);
   if (fused_softmax) {
-    EXPECT(max_rel(r.weights.data(), w.data(), w.size()) < 1e-5, "fused softmax weights %s", name(c.s.dtype));
+    EXPECT(max_rel(r.weights.data(), w.data(), w.size()) < 1e-5, "fused softmax weights %s",
+           name(c.s.dtype));
   }
 }
 
@@ -156,14 +166,17 @@ void test_backward(Case& c, bool softmax_backward) {
   pkm::SparseRowGrad<float> ref;
   ref.dim = c.s.dim;
   pkm::BagBackwardScratch<float> scratch;
-  with_table(c, [&](auto table) { pkm::embedding_bag_backward(table, idx, wm, dy, dw, ref, scratch); });
+  with_table(
+      c, [&](auto table) { pkm::embedding_bag_backward(table, idx, wm, dy, dw, ref, scratch); });
   Mat dscore = dw;
   if (softmax_backward) {  // w * (dw - sum over the head of w * dw)
     for (Index t = 0; t < c.s.tokens; ++t) {
       for (Index h = 0; h < c.s.heads; ++h) {
         double s = 0;
-        for (Index e = 0; e < c.s.knn; ++e) s += double(wm(t, h * c.s.knn + e)) * dw(t, h * c.s.knn + e);
-        for (Index e = 0; e < c.s.knn; ++e) dscore(t, h * c.s.knn + e) = wm(t, h * c.s.knn + e) * float(dw(t, h * c.s.knn + e) - s);
+        for (Index e = 0; e < c.s.knn; ++e)
+          s += double(wm(t, h * c.s.knn + e)) * dw(t, h * c.s.knn + e);
+        for (Index e = 0; e < c.s.knn; ++e)
+          dscore(t, h * c.s.knn + e) = wm(t, h * c.s.knn + e) * float(dw(t, h * c.s.knn + e) - s);
       }
     }
   }
@@ -180,18 +193,20 @@ void test_backward(Case& c, bool softmax_backward) {
   const auto b = pkm_cuda_test::run_backward(c.table, call);
   EXPECT(a.status == Status::ok, "backward %s: %s", name(c.s.dtype), a.why.c_str());
   if (a.status != Status::ok) return;
-  EXPECT(a.unique == ref.rows, "sparse rows %s dim %lld: %zu unique, expected %zu", name(c.s.dtype), (long long)c.s.dim,
-         a.unique.size(), ref.rows.size());
+  EXPECT(a.unique == ref.rows, "sparse rows %s dim %lld: %zu unique, expected %zu", name(c.s.dtype),
+         (long long)c.s.dim, a.unique.size(), ref.rows.size());
   if (a.unique == ref.rows) {
-    EXPECT(max_rel(a.rows.data(), ref.values.data(), a.rows.size()) < 2e-5, "sparse gradient values %s dim %lld",
-           name(c.s.dtype), (long long)c.s.dim);
+    EXPECT(max_rel(a.rows.data(), ref.values.data(), a.rows.size()) < 2e-5,
+           "sparse gradient values %s dim %lld", name(c.s.dtype), (long long)c.s.dim);
   }
   EXPECT(a.unique == b.unique && a.rows.size() == b.rows.size() &&
              std::memcmp(a.rows.data(), b.rows.data(), a.rows.size() * 4) == 0 &&
              std::memcmp(a.dweights.data(), b.dweights.data(), a.dweights.size() * 4) == 0,
-         "deterministic backward differs between two runs (%s dim %lld)", name(c.s.dtype), (long long)c.s.dim);
-  EXPECT(max_rel(a.dweights.data(), dscore.data(), a.dweights.size()) < 2e-5, "%s gradient %s dim %lld",
-         softmax_backward ? "scores'" : "weights'", name(c.s.dtype), (long long)c.s.dim);
+         "deterministic backward differs between two runs (%s dim %lld)", name(c.s.dtype),
+         (long long)c.s.dim);
+  EXPECT(max_rel(a.dweights.data(), dscore.data(), a.dweights.size()) < 2e-5,
+         "%s gradient %s dim %lld", softmax_backward ? "scores'" : "weights'", name(c.s.dtype),
+         (long long)c.s.dim);
   // Dense, deterministic and atomic, added into an existing gradient.
   std::mt19937_64 rng(7);
   std::normal_distribution<float> g;
@@ -207,8 +222,9 @@ void test_backward(Case& c, bool softmax_backward) {
     const auto d = pkm_cuda_test::run_backward(c.table, call);
     EXPECT(d.status == Status::ok, "dense backward: %s", d.why.c_str());
     if (d.status == Status::ok) {
-      EXPECT(max_rel(d.dense.data(), expect.data(), d.dense.size()) < 2e-5, "dense %s gradient %s dim %lld",
-             red == Reduction::atomic ? "atomic" : "deterministic", name(c.s.dtype), (long long)c.s.dim);
+      EXPECT(max_rel(d.dense.data(), expect.data(), d.dense.size()) < 2e-5,
+             "dense %s gradient %s dim %lld", red == Reduction::atomic ? "atomic" : "deterministic",
+             name(c.s.dtype), (long long)c.s.dim);
     }
   }
 }
@@ -225,7 +241,8 @@ void test_index_check() {
   call.out_stride = 16;
   call.check = true;
   const auto r = pkm_cuda_test::run_forward(c.table, call);
-  EXPECT(r.status == Status::index_out_of_range, "forward check: status %s", pkm::cuda::status_name(r.status));
+  EXPECT(r.status == Status::index_out_of_range, "forward check: status %s",
+         pkm::cuda::status_name(r.status));
   bool untouched = true;  // the runner filled out with 0xff bytes before the call
   for (float v : r.out) {
     std::uint32_t bits;
@@ -241,7 +258,8 @@ void test_index_check() {
   b.weights = c.scores;
   b.dy = c.dy;
   b.check = true;
-  EXPECT(pkm_cuda_test::run_backward(c.table, b).status == Status::index_out_of_range, "backward check");
+  EXPECT(pkm_cuda_test::run_backward(c.table, b).status == Status::index_out_of_range,
+         "backward check");
 }
 
 }  // namespace
@@ -260,7 +278,8 @@ int main() {
     for (Index dim : {1, 7, 100, 256, 1024, 4097}) {
       if (quick && dim > 256) continue;
       shapes.push_back({t, 300, dim, dim, 37, 2, 3});
-      if (!quick) shapes.push_back({t, 1000, dim, dim + 8, 130, 4, 32});  // a padded stride, the paper's bag
+      if (!quick)
+        shapes.push_back({t, 1000, dim, dim + 8, 130, 4, 32});  // a padded stride, the paper's bag
     }
     shapes.push_back({t, 64, 96, 96, 200, 4, 8, true});  // one hot slot read by every token
     shapes.push_back({t, 10, 64, 64, 1, 1, 1});          // bag of 1, one token

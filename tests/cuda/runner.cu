@@ -42,7 +42,8 @@ pkm::cuda::Status call_with_workspace(Fn fn, const Args& a, std::string* why) {
   if (s != pkm::cuda::Status::ok) return s;
   DeviceBuffer ws(bytes);
   s = fn(a, ws.p, &bytes, nullptr, why);
-  if (cudaDeviceSynchronize() != cudaSuccess && s == pkm::cuda::Status::ok) s = pkm::cuda::Status::cuda_error;
+  if (cudaDeviceSynchronize() != cudaSuccess && s == pkm::cuda::Status::ok)
+    s = pkm::cuda::Status::cuda_error;
   return s;
 }
 
@@ -74,7 +75,9 @@ ForwardResult run_forward(const HostTable& table, const ForwardCall& call) {
   a.out = out.as<float>();
   a.out_stride = call.out_stride;
   a.check_indices = call.check;
-  if (call.tokens > 0) cudaMemset(out.p, 0xff, std::size_t(call.tokens * call.out_stride) * 4);  // NaN: unwritten shows
+  if (call.tokens > 0)
+    cudaMemset(out.p, 0xff,
+               std::size_t(call.tokens * call.out_stride) * 4);  // NaN: unwritten shows
   r.status = call_with_workspace(pkm::cuda::embedding_bag_forward, a, &r.why);
   download(r.out, out.p, std::size_t(call.tokens * call.out_stride));
   if (call.softmax) download(r.weights, wo.p, call.weights.size());
@@ -84,8 +87,8 @@ ForwardResult run_forward(const HostTable& table, const ForwardCall& call) {
 BackwardResult run_backward(const HostTable& table, const BackwardCall& call) {
   BackwardResult r;
   const std::size_t n = call.indices.size(), dim = std::size_t(table.dim);
-  DeviceBuffer t(table.bytes.size()), idx(n * 8), w(n * 4), dy(call.dy.size() * 4), dw(n * 4), uniq(n * 8),
-      rows(n * dim * 4), count(8), dense(call.dense.size() * 4);
+  DeviceBuffer t(table.bytes.size()), idx(n * 8), w(n * 4), dy(call.dy.size() * 4), dw(n * 4),
+      uniq(n * 8), rows(n * dim * 4), count(8), dense(call.dense.size() * 4);
   upload(t, table.bytes);
   upload(idx, call.indices);
   upload(w, call.weights);

@@ -24,15 +24,15 @@ struct HostTable {
 struct ForwardCall {
   std::vector<std::int64_t> indices;  // tokens x heads x knn
   std::int64_t tokens = 0, heads = 1, knn = 1;
-  std::vector<float> weights;         // or scores, with softmax
+  std::vector<float> weights;  // or scores, with softmax
   bool softmax = false, check = false;
-  std::int64_t out_stride = 0;        // >= dim
+  std::int64_t out_stride = 0;  // >= dim
 };
 struct ForwardResult {
   pkm::cuda::Status status = pkm::cuda::Status::ok;
   std::string why;
-  std::vector<float> out;       // tokens x out_stride
-  std::vector<float> weights;   // softmax output (with softmax)
+  std::vector<float> out;      // tokens x out_stride
+  std::vector<float> weights;  // softmax output (with softmax)
 };
 ForwardResult run_forward(const HostTable& table, const ForwardCall& call);
 
@@ -44,7 +44,7 @@ struct BackwardCall {
   bool softmax_backward = false, check = false, want_dweights = true;
   pkm::cuda::GradOutput output = pkm::cuda::GradOutput::sparse;
   pkm::cuda::Reduction reduction = pkm::cuda::Reduction::deterministic;
-  std::vector<float> dense;    // rows x dim, the dense gradient to add into (dense_add)
+  std::vector<float> dense;  // rows x dim, the dense gradient to add into (dense_add)
 };
 struct BackwardResult {
   pkm::cuda::Status status = pkm::cuda::Status::ok;

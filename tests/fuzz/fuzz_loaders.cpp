@@ -43,7 +43,8 @@ void run(const pkm::io::SafetensorsFile& f) {
   documented_errors_only([&] {
     pkm::io::LoadOptions opt;
     const pkm::MemoryConfig c = pkm::io::infer_config(f, opt);
-    if (c.slots() * c.v_dim > kMaxElements || c.input_dim * c.heads * c.k_dim > kMaxElements) return;
+    if (c.slots() * c.v_dim > kMaxElements || c.input_dim * c.heads * c.k_dim > kMaxElements)
+      return;
     const auto layer = pkm::io::load_layer<float>(f, opt);
     pkm::RowMatrix<float> x = pkm::RowMatrix<float>::Constant(2, c.input_dim, 0.5f);
     pkm::ForwardCache<float> cache;
@@ -72,7 +73,8 @@ void run(const pkm::io::SafetensorsFile& f) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   documented_errors_only([&] {
-    run(pkm::io::SafetensorsFile::from_bytes(std::vector<std::uint8_t>(data, data + size), "fuzz input"));
+    run(pkm::io::SafetensorsFile::from_bytes(std::vector<std::uint8_t>(data, data + size),
+                                             "fuzz input"));
   });
   return 0;
 }

@@ -61,8 +61,12 @@ inline Mat random_matrix(Index rows, Index cols, std::uint64_t seed, float scale
   for (Index i = 0; i < m.size(); ++i) m.data()[i] = u(g);
   return m;
 }
-inline Mat input_of(int q, bool empty_last) { return random_matrix(tokens_of(q, empty_last), config().input_dim, 100 + q); }
-inline Mat dout_of(int q, bool empty_last) { return random_matrix(tokens_of(q, empty_last), config().output_dim, 200 + q); }
+inline Mat input_of(int q, bool empty_last) {
+  return random_matrix(tokens_of(q, empty_last), config().input_dim, 100 + q);
+}
+inline Mat dout_of(int q, bool empty_last) {
+  return random_matrix(tokens_of(q, empty_last), config().output_dim, 200 + q);
+}
 
 /// ||a - b|| / max(||b||, tiny): the backward's tolerance is on this.
 template <class A, class B>
@@ -84,7 +88,9 @@ inline dist::ColumnShards split(bool uneven) {
 }
 
 /// columns [c0, c0 + w) of a sparse gradient's rows, as a dense matrix over its row ids.
-inline Mat columns(const pkm::SparseRowGrad<float>& g, Index c0, Index w) { return g.values.middleCols(c0, w); }
+inline Mat columns(const pkm::SparseRowGrad<float>& g, Index c0, Index w) {
+  return g.values.middleCols(c0, w);
+}
 
 /// One folder for the whole group (process 0 makes it), removed with everything in it.
 struct GroupDir {

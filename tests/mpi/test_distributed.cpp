@@ -33,7 +33,8 @@ void check_forward_bitwise(bool uneven, bool empty_last) {
   pkm::MemoryLayer<float, TableT> whole(c, seed);
   // The shard is those columns of the whole table, bit for bit.
   const int me = group.rank();
-  CHECK(same_bits(layer.values().matrix(), whole.values().matrix().middleCols(shards.begin(me), shards.width(me))));
+  CHECK(same_bits(layer.values().matrix(),
+                  whole.values().matrix().middleCols(shards.begin(me), shards.width(me))));
   const Mat x = input_of(me, empty_last);
   dist::ParallelForwardCache<float> cache;
   const Mat out = layer.forward(x, cache);
@@ -48,7 +49,9 @@ void check_forward_bitwise(bool uneven, bool empty_last) {
 
 TEST_CASE("mpi: the sharded forward is bitwise the single-process layer's", "[mpi]") {
   SECTION("even split, fp32 table") { check_forward_bitwise<float>(false, false); }
-  SECTION("uneven split, fp32 table, a process without tokens") { check_forward_bitwise<float>(true, true); }
+  SECTION("uneven split, fp32 table, a process without tokens") {
+    check_forward_bitwise<float>(true, true);
+  }
   SECTION("even split, bf16 table") { check_forward_bitwise<pkm::bf16>(false, false); }
   SECTION("uneven split, fp16 table") { check_forward_bitwise<pkm::fp16>(true, false); }
 }
@@ -87,7 +90,8 @@ Reference reference(const pkm::MemoryLayer<float>& whole, bool empty_last) {
 }
 }  // namespace
 
-TEST_CASE("mpi: the sharded backward equals the single-process one and repeats bit for bit", "[mpi]") {
+TEST_CASE("mpi: the sharded backward equals the single-process one and repeats bit for bit",
+          "[mpi]") {
   const bool uneven = GENERATE(false, true);
   const bool empty_last = GENERATE(false, true);
   const pkm::MemoryConfig c = config();
@@ -115,11 +119,13 @@ TEST_CASE("mpi: the sharded backward equals the single-process one and repeats b
   CHECK(g1.values.rows == g2.values.rows);
   CHECK(same_bits(g1.values.values, g2.values.values));
   CHECK(same_bits(dx1, dx2));
-  g1.params.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) { CHECK(same_bits(m, g2.params.matrix(t))); });
+  g1.params.for_each(
+      [&](pkm::Tensor t, pkm::MatrixMap<float> m) { CHECK(same_bits(m, g2.params.matrix(t))); });
   // Against the single process: the same touched rows, values within 1e-6 (norm-relative).
   REQUIRE(g1.values.rows == ref.dvalues.rows);
   CHECK(g1.values.dim == shards.width(me));
-  CHECK(rel_error(g1.values.values, columns(ref.dvalues, shards.begin(me), shards.width(me))) < 1e-6);
+  CHECK(rel_error(g1.values.values, columns(ref.dvalues, shards.begin(me), shards.width(me))) <
+        1e-6);
   if (x.rows() > 0) CHECK(rel_error(dx1, ref.dx_mine) < 1e-6);
   g1.params.for_each([&](pkm::Tensor t, pkm::MatrixMap<float> m) {
     INFO(pkm::tensor_name(t));
@@ -185,8 +191,12 @@ TEST_CASE("mpi: a sharded optimizer step equals the single-process step", "[mpi]
   adagrad.max_grad_norm = 0.05;
   SECTION("lazy Adam, fused") { check_step<pkm::optim::LazyAdam<float>>(adam, true); }
   SECTION("lazy Adam, backward then step") { check_step<pkm::optim::LazyAdam<float>>(adam, false); }
-  SECTION("row-wise Adagrad, fused") { check_step<pkm::optim::RowWiseAdagrad<float>>(adagrad, true); }
-  SECTION("row-wise Adagrad, backward then step") { check_step<pkm::optim::RowWiseAdagrad<float>>(adagrad, false); }
+  SECTION("row-wise Adagrad, fused") {
+    check_step<pkm::optim::RowWiseAdagrad<float>>(adagrad, true);
+  }
+  SECTION("row-wise Adagrad, backward then step") {
+    check_step<pkm::optim::RowWiseAdagrad<float>>(adagrad, false);
+  }
 }
 
 TEST_CASE("mpi: save shards, gather, load: the same layer", "[mpi]") {
@@ -208,10 +218,13 @@ TEST_CASE("mpi: save shards, gather, load: the same layer", "[mpi]") {
   const auto loaded = pkm::io::load_layer<float, pkm::bf16>(pkm::io::SafetensorsFile(gathered));
   CHECK(loaded.config() == c);
   CHECK(same_bits(loaded.values().matrix(), whole.values().matrix()));
-  loaded.params().for_each([&](pkm::Tensor t, pkm::ConstMatrixMap<float> m) { CHECK(same_bits(m, whole.params().matrix(t))); });
+  loaded.params().for_each([&](pkm::Tensor t, pkm::ConstMatrixMap<float> m) {
+    CHECK(same_bits(m, whole.params().matrix(t)));
+  });
   // A shard file alone is refused by the single-process loader.
-  CHECK_THROWS_WITH(pkm::io::load_layer<float>(pkm::io::SafetensorsFile(dist::shard_path(prefix, me, P))),
-                    Catch::Contains("gather the shards"));
+  CHECK_THROWS_WITH(
+      pkm::io::load_layer<float>(pkm::io::SafetensorsFile(dist::shard_path(prefix, me, P))),
+      Catch::Contains("gather the shards"));
   // Loading: from this process's shard file, and this process's columns of the whole file.
   const Mat x = input_of(me, false);
   dist::ParallelForwardCache<float> cache;
@@ -224,7 +237,8 @@ TEST_CASE("mpi: save shards, gather, load: the same layer", "[mpi]") {
   }
   // Another process's shard file: refused on every process.
   if (P > 1) {
-    CHECK_THROWS_AS((dist::load_shard<float, pkm::bf16>(group, dist::shard_path(prefix, (me + 1) % P, P), shards)),
+    CHECK_THROWS_AS((dist::load_shard<float, pkm::bf16>(
+                        group, dist::shard_path(prefix, (me + 1) % P, P), shards)),
                     std::invalid_argument);
   }
 }
@@ -243,7 +257,8 @@ TEST_CASE("mpi: processes that disagree fail together, with a clear message", "[
     if (P == 1) return;
     pkm::MemoryConfig mine = c;
     if (me == P - 1) mine.knn = 3;
-    CHECK_THROWS_WITH((dist::MemoryParallelLayer<float>(group, mine, shards, 1)), Catch::Contains("disagree on the layer"));
+    CHECK_THROWS_WITH((dist::MemoryParallelLayer<float>(group, mine, shards, 1)),
+                      Catch::Contains("disagree on the layer"));
   }
   SECTION("a split for another number of processes") {
     const dist::ColumnShards wrong = dist::ColumnShards::even(c.v_dim, P + 1);
@@ -277,7 +292,8 @@ TEST_CASE("mpi: processes that disagree fail together, with a clear message", "[
     Index bad = row;
     MPI_Bcast(&bad, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
     if (me == P - 1) layer.values().row(bad)[0] = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_WITH(layer.forward(x, cache), Catch::Contains("value table row " + std::to_string(bad)));
+    CHECK_THROWS_WITH(layer.forward(x, cache),
+                      Catch::Contains("value table row " + std::to_string(bad)));
   }
   SECTION("processes in different calls") {
     if (P == 1) return;
@@ -320,7 +336,8 @@ TEST_CASE("mpi: a group on a sub-communicator of the caller's", "[mpi]") {
   MPI_Comm_free(&sub);
 }
 
-TEST_CASE("mpi: slot statistics summed over the group equal one process counting every batch", "[mpi]") {
+TEST_CASE("mpi: slot statistics summed over the group equal one process counting every batch",
+          "[mpi]") {
   const pkm::MemoryConfig c = config();
   const pkm::MemoryLayer<float> layer(c, 31);
   dist::Group group(MPI_COMM_WORLD);
@@ -345,12 +362,15 @@ TEST_CASE("mpi: slot statistics summed over the group equal one process counting
   // Statistics of another size on one process: every process throws, nothing changes.
   pkm::SlotStatistics odd(group.rank() == 0 && group.size() > 1 ? c.slots() + 1 : c.slots());
   const auto before = odd.counts();
-  if (group.size() > 1) CHECK_THROWS_AS(dist::sum_slot_statistics(group, odd), std::invalid_argument);
+  if (group.size() > 1)
+    CHECK_THROWS_AS(dist::sum_slot_statistics(group, odd), std::invalid_argument);
   CHECK(odd.counts() == before);
 }
 
-TEST_CASE("mpi: a row mask on a sharded step: the same as the single-process masked step; masks must agree",
-          "[mpi]") {
+TEST_CASE(
+    "mpi: a row mask on a sharded step: the same as the single-process masked step; masks must "
+    "agree",
+    "[mpi]") {
   const pkm::MemoryConfig c = config();
   pkm::optim::AdamOptions adam;
   adam.lr = 1e-2;

@@ -30,7 +30,10 @@ struct Stepped {
   dist::ParallelForwardCache<float> cache;
   pkm::LayerParameters<float> dp;
   explicit Stepped(dist::Group& g)
-      : group(g), layer(g, config(), split(true), 9), x(input_of(g.rank(), false)), dout(dout_of(g.rank(), false)),
+      : group(g),
+        layer(g, config(), split(true), 9),
+        x(input_of(g.rank(), false)),
+        dout(dout_of(g.rank(), false)),
         dp(config()) {
     dp.set_zero();
     layer.forward(x, cache);
@@ -66,24 +69,29 @@ void check_refused(dist::Group& group, Opt& opt, const std::string& what) {
 
 }  // namespace
 
-TEST_CASE("mpi faults: processes in different calls that open with the same phase are told so", "[mpi][faults]") {
+TEST_CASE("mpi faults: processes in different calls that open with the same phase are told so",
+          "[mpi][faults]") {
   dist::Group group(MPI_COMM_WORLD);
   const int me = group.rank();
   if (group.size() == 1) return;
   const pkm::MemoryConfig c = config();
-  dist::MemoryParallelLayer<float> layer(group, c, dist::ColumnShards::even(c.v_dim, group.size()), 1);
+  dist::MemoryParallelLayer<float> layer(group, c, dist::ColumnShards::even(c.v_dim, group.size()),
+                                         1);
   pkm::LayerParameters<float> dp(c);
   dp.set_zero();
   pkm::SlotStatistics stats(c.slots());
   // Both calls open with a `sum` agreement: before calls were told apart by name, this hung.
   try {
-    if (me == 0) layer.sum_gradients(dp);
-    else dist::sum_slot_statistics(group, stats);
+    if (me == 0)
+      layer.sum_gradients(dp);
+    else
+      dist::sum_slot_statistics(group, stats);
     FAIL("no error");
   } catch (const std::runtime_error& e) {
     const std::string what = e.what();
     CHECK_THAT(what, Catch::Contains("not in the same call"));
-    CHECK_THAT(what, Catch::Contains("process 0 in pkm::distributed::MemoryParallelLayer::sum_gradients"));
+    CHECK_THAT(
+        what, Catch::Contains("process 0 in pkm::distributed::MemoryParallelLayer::sum_gradients"));
     CHECK_THAT(what, Catch::Contains("in pkm::distributed::sum_slot_statistics"));
   }
   // The group is still usable, and in step: the same call on every process works.
@@ -107,13 +115,16 @@ TEST_CASE("mpi faults: value optimizers that differ between processes are refuse
   if (group.size() == 1) return;
   const pkm::MemoryConfig c = config();
   const Index width = split(true).width(me);
-  SECTION("row-wise Adagrad, a different clip norm on one process (was MPI_ERR_TRUNCATE and a hang)") {
+  SECTION(
+      "row-wise Adagrad, a different clip norm on one process (was MPI_ERR_TRUNCATE and a hang)") {
     pkm::optim::RowWiseAdagradOptions o;
     o.max_grad_norm = me == 0 ? 0.05 : 0.0;
     pkm::optim::RowWiseAdagrad<float> opt(c.slots(), width, o);
     check_refused(group, opt, "the value optimizer's options");
   }
-  SECTION("lazy Adam, a different learning rate on one process (each moved its columns by its own lr)") {
+  SECTION(
+      "lazy Adam, a different learning rate on one process (each moved its columns by its own "
+      "lr)") {
     pkm::optim::AdamOptions o;
     o.lr = me == group.size() - 1 ? 2e-2 : 1e-2;
     pkm::optim::LazyAdam<float> opt(c.slots(), width, o);
@@ -157,7 +168,8 @@ TEST_CASE("mpi faults: value optimizers that differ between processes are refuse
   }
 }
 
-TEST_CASE("mpi faults: processes saving to the same file are refused before anything is written", "[mpi][faults]") {
+TEST_CASE("mpi faults: processes saving to the same file are refused before anything is written",
+          "[mpi][faults]") {
   dist::Group group(MPI_COMM_WORLD);
   const int me = group.rank(), P = group.size();
   if (P == 1) return;
@@ -170,22 +182,28 @@ TEST_CASE("mpi faults: processes saving to the same file are refused before anyt
     CHECK_FALSE(std::filesystem::exists(path));
   }
   SECTION("the same file spelled differently on the last process") {
-    const std::string path = me == P - 1 ? dir.path + "/./sub/../layer.safetensors" : dir.path + "/layer.safetensors";
+    const std::string path =
+        me == P - 1 ? dir.path + "/./sub/../layer.safetensors" : dir.path + "/layer.safetensors";
     if (me == 0) std::filesystem::create_directory(dir.path + "/sub");
     MPI_Barrier(MPI_COMM_WORLD);
-    CHECK_THROWS_AS(dist::save_shard(me == P - 1 || me == 0 ? path : dist::shard_path(dir.path + "/l", me, P), layer),
-                    std::invalid_argument);
+    CHECK_THROWS_AS(
+        dist::save_shard(me == P - 1 || me == 0 ? path : dist::shard_path(dir.path + "/l", me, P),
+                         layer),
+        std::invalid_argument);
     CHECK_FALSE(std::filesystem::exists(dir.path + "/layer.safetensors"));
   }
   SECTION("an existing file named through a link on one process") {
-    const std::string file = dir.path + "/target.safetensors", link = dir.path + "/link.safetensors";
+    const std::string file = dir.path + "/target.safetensors",
+                      link = dir.path + "/link.safetensors";
     if (me == 0) {
       std::FILE* f = std::fopen(file.c_str(), "w");
       if (f != nullptr) std::fclose(f);
       std::filesystem::create_symlink(file, link);
     }
     MPI_Barrier(MPI_COMM_WORLD);
-    const std::string path = me == 0 ? file : me == 1 ? link : dist::shard_path(dir.path + "/l", me, P);
+    const std::string path = me == 0   ? file
+                             : me == 1 ? link
+                                       : dist::shard_path(dir.path + "/l", me, P);
     CHECK_THROWS_WITH(dist::save_shard(path, layer), Catch::Contains("would both write"));
     CHECK(std::filesystem::file_size(file) == 0);  // untouched
   }
@@ -195,15 +213,16 @@ TEST_CASE("mpi faults: processes saving to the same file are refused before anyt
   }
 }
 
-TEST_CASE("mpi faults: processes failing one call for different reasons each report their own error",
-          "[mpi][faults]") {
+TEST_CASE(
+    "mpi faults: processes failing one call for different reasons each report their own error",
+    "[mpi][faults]") {
   dist::Group group(MPI_COMM_WORLD);
   const int me = group.rank(), P = group.size();
   if (P == 1) return;
   const pkm::MemoryConfig c = config();
   dist::MemoryParallelLayer<float> layer(group, c, dist::ColumnShards::even(c.v_dim, P), 2);
   Mat x = input_of(me, false);
-  if (me == 0) x = random_matrix(3, c.input_dim + 1, 1);             // the wrong width
+  if (me == 0) x = random_matrix(3, c.input_dim + 1, 1);           // the wrong width
   if (me == 1) x(0, 0) = std::numeric_limits<float>::quiet_NaN();  // a NaN
   dist::ParallelForwardCache<float> cache;
   try {
@@ -224,27 +243,32 @@ TEST_CASE("mpi faults: processes failing one call for different reasons each rep
   }
 }
 
-TEST_CASE("mpi faults: slot statistics whose group sum overflows are refused on every process", "[mpi][faults]") {
+TEST_CASE("mpi faults: slot statistics whose group sum overflows are refused on every process",
+          "[mpi][faults]") {
   dist::Group group(MPI_COMM_WORLD);
   if (group.size() == 1) return;
   pkm::SlotStatistics s(16);
   // Each process holds 2^62 reads of slot 5 (loaded state, as a file would give it).
-  s.for_each_state([&](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
-    using T = std::remove_pointer_t<decltype(data)>;
-    if constexpr (std::is_same_v<T, std::int64_t>) {
-      if (name == "documents") data[0] = 1;
-      if (name == "count" || name == "document_count") data[5] = name == "count" ? std::int64_t{1} << 62 : 1;
-    }
-  });
+  s.for_each_state(
+      [&](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
+        using T = std::remove_pointer_t<decltype(data)>;
+        if constexpr (std::is_same_v<T, std::int64_t>) {
+          if (name == "documents") data[0] = 1;
+          if (name == "count" || name == "document_count")
+            data[5] = name == "count" ? std::int64_t{1} << 62 : 1;
+        }
+      });
   s.check_consistent("test");
   const auto before = s.counts();
   // Was signed overflow inside the reduction (UBSan) and then a misleading message.
-  CHECK_THROWS_WITH(dist::sum_slot_statistics(group, s), Catch::Contains("would overflow a 64-bit counter"));
+  CHECK_THROWS_WITH(dist::sum_slot_statistics(group, s),
+                    Catch::Contains("would overflow a 64-bit counter"));
   CHECK(s.counts() == before);
   CHECK(s.total_reads() == std::int64_t{1} << 62);
 }
 
-TEST_CASE("mpi faults: transfers above the message limit are split, with the same bits", "[mpi][faults]") {
+TEST_CASE("mpi faults: transfers above the message limit are split, with the same bits",
+          "[mpi][faults]") {
   // MPI counts are ints: a transfer above 2^31 elements must be split. A group with a limit of
   // a few elements forces every transfer through the split path; everything must equal the
   // default group's results bit for bit.
@@ -294,7 +318,9 @@ TEST_CASE("mpi faults: transfers above the message limit are split, with the sam
     CHECK(same_bits(got.dx, ref.dx));
     CHECK(same_bits(got.dvalues, ref.dvalues));
     CHECK(same_bits(got.values_after, ref.values_after));
-    got.dp.for_each([&](pkm::Tensor t, pkm::ConstMatrixMap<float> m) { CHECK(same_bits(m, ref.dp.matrix(t))); });
+    got.dp.for_each([&](pkm::Tensor t, pkm::ConstMatrixMap<float> m) {
+      CHECK(same_bits(m, ref.dp.matrix(t)));
+    });
     CHECK(got.counts == ref.counts);
     CHECK(got.mass == ref.mass);
     CHECK(got.bytes == ref.bytes);

@@ -19,22 +19,31 @@ enum class Status : int {
   bad_stride,          ///< a row stride is smaller than the row
   misaligned,          ///< a pointer is not aligned to its element type
   index_out_of_range,  ///< (with check_indices) a slot id outside the table; nothing was read there
-  workspace_too_small, ///< the workspace given is smaller than the query said
-  bad_mode,            ///< a combination the kernels do not offer (atomic reduction into sparse rows)
-  cuda_error,          ///< a CUDA call failed (no device, launch error, ...)
+  workspace_too_small,  ///< the workspace given is smaller than the query said
+  bad_mode,    ///< a combination the kernels do not offer (atomic reduction into sparse rows)
+  cuda_error,  ///< a CUDA call failed (no device, launch error, ...)
 };
 
 inline const char* status_name(Status s) {
   switch (s) {
-    case Status::ok: return "ok";
-    case Status::null_pointer: return "null_pointer";
-    case Status::bad_size: return "bad_size";
-    case Status::bad_stride: return "bad_stride";
-    case Status::misaligned: return "misaligned";
-    case Status::index_out_of_range: return "index_out_of_range";
-    case Status::workspace_too_small: return "workspace_too_small";
-    case Status::bad_mode: return "bad_mode";
-    case Status::cuda_error: return "cuda_error";
+    case Status::ok:
+      return "ok";
+    case Status::null_pointer:
+      return "null_pointer";
+    case Status::bad_size:
+      return "bad_size";
+    case Status::bad_stride:
+      return "bad_stride";
+    case Status::misaligned:
+      return "misaligned";
+    case Status::index_out_of_range:
+      return "index_out_of_range";
+    case Status::workspace_too_small:
+      return "workspace_too_small";
+    case Status::bad_mode:
+      return "bad_mode";
+    case Status::cuda_error:
+      return "cuda_error";
   }
   return "?";
 }
@@ -77,8 +86,9 @@ enum class Reduction : int { deterministic = 0, atomic = 1 };
 struct BackwardArgs {
   Table table;
   Bag bag;
-  const float* weights = nullptr;  ///< the forward's weights (its weights_out when it fused the softmax)
-  const float* dy = nullptr;       ///< tokens rows of dim floats, row t at dy + t * dy_stride
+  const float* weights =
+      nullptr;                ///< the forward's weights (its weights_out when it fused the softmax)
+  const float* dy = nullptr;  ///< tokens rows of dim floats, row t at dy + t * dy_stride
   std::int64_t dy_stride = 0;
   /// tokens x bag: the weights' gradient, or with softmax_backward the raw scores'. May be
   /// null to skip it.
@@ -104,57 +114,84 @@ inline Status fail(std::string* why, Status s, const std::string& text) {
   return s;
 }
 
-inline bool aligned_to(const void* p, std::size_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+inline bool aligned_to(const void* p, std::size_t a) {
+  return reinterpret_cast<std::uintptr_t>(p) % a == 0;
+}
 
 inline Status check_table(const Table& t, std::string* why) {
   if (t.data == nullptr) return fail(why, Status::null_pointer, "table.data is null");
-  if (t.rows < 1) return fail(why, Status::bad_size, "table.rows = " + std::to_string(t.rows) + ", expected >= 1");
+  if (t.rows < 1)
+    return fail(why, Status::bad_size,
+                "table.rows = " + std::to_string(t.rows) + ", expected >= 1");
   if (t.rows > std::numeric_limits<int>::max()) {
-    return fail(why, Status::bad_size, "table.rows = " + std::to_string(t.rows) + ", expected at most 2^31 - 1 (split the table)");
+    return fail(
+        why, Status::bad_size,
+        "table.rows = " + std::to_string(t.rows) + ", expected at most 2^31 - 1 (split the table)");
   }
-  if (t.dim < 1) return fail(why, Status::bad_size, "table.dim = " + std::to_string(t.dim) + ", expected >= 1");
+  if (t.dim < 1)
+    return fail(why, Status::bad_size, "table.dim = " + std::to_string(t.dim) + ", expected >= 1");
   if (t.stride < t.dim) {
-    return fail(why, Status::bad_stride, "table.stride = " + std::to_string(t.stride) + ", expected >= table.dim = " + std::to_string(t.dim));
+    return fail(why, Status::bad_stride,
+                "table.stride = " + std::to_string(t.stride) +
+                    ", expected >= table.dim = " + std::to_string(t.dim));
   }
   if (t.dtype != Dtype::f32 && t.dtype != Dtype::bf16 && t.dtype != Dtype::f16) {
-    return fail(why, Status::bad_mode, "table.dtype = " + std::to_string(int(t.dtype)) + ", expected f32, bf16 or f16");
+    return fail(why, Status::bad_mode,
+                "table.dtype = " + std::to_string(int(t.dtype)) + ", expected f32, bf16 or f16");
   }
   if (!aligned_to(t.data, std::size_t(dtype_bytes(t.dtype)))) {
-    return fail(why, Status::misaligned, "table.data is not aligned to its " + std::to_string(dtype_bytes(t.dtype)) + "-byte elements");
+    return fail(why, Status::misaligned,
+                "table.data is not aligned to its " + std::to_string(dtype_bytes(t.dtype)) +
+                    "-byte elements");
   }
   // Element offsets (rows - 1) * stride + dim must fit in int64 (and bytes in size_t).
   if (t.rows - 1 > (std::numeric_limits<std::int64_t>::max() / 4 - t.dim) / t.stride) {
-    return fail(why, Status::bad_size, "table of " + std::to_string(t.rows) + " rows of stride " + std::to_string(t.stride) + " is too large to address");
+    return fail(why, Status::bad_size,
+                "table of " + std::to_string(t.rows) + " rows of stride " +
+                    std::to_string(t.stride) + " is too large to address");
   }
   return Status::ok;
 }
 
 inline Status check_bag(const Bag& b, std::string* why) {
-  if (b.tokens < 0) return fail(why, Status::bad_size, "bag.tokens = " + std::to_string(b.tokens) + ", expected >= 0");
-  if (b.heads < 1) return fail(why, Status::bad_size, "bag.heads = " + std::to_string(b.heads) + ", expected >= 1");
-  if (b.knn < 1) return fail(why, Status::bad_size, "bag.knn = " + std::to_string(b.knn) + ", expected >= 1");
+  if (b.tokens < 0)
+    return fail(why, Status::bad_size,
+                "bag.tokens = " + std::to_string(b.tokens) + ", expected >= 0");
+  if (b.heads < 1)
+    return fail(why, Status::bad_size,
+                "bag.heads = " + std::to_string(b.heads) + ", expected >= 1");
+  if (b.knn < 1)
+    return fail(why, Status::bad_size, "bag.knn = " + std::to_string(b.knn) + ", expected >= 1");
   // tokens * heads * knn pairs are sorted with int positions.
   constexpr std::int64_t kMax = std::numeric_limits<int>::max();
   if (b.heads > kMax / b.knn || (b.tokens > 0 && b.tokens > kMax / (b.heads * b.knn))) {
-    return fail(why, Status::bad_size, "bag of " + std::to_string(b.tokens) + " tokens x " + std::to_string(b.heads) + " heads x " +
-                                           std::to_string(b.knn) + " reads exceeds 2^31 - 1 reads per call; split the batch");
+    return fail(why, Status::bad_size,
+                "bag of " + std::to_string(b.tokens) + " tokens x " + std::to_string(b.heads) +
+                    " heads x " + std::to_string(b.knn) +
+                    " reads exceeds 2^31 - 1 reads per call; split the batch");
   }
-  if (b.tokens > 0 && b.indices == nullptr) return fail(why, Status::null_pointer, "bag.indices is null");
+  if (b.tokens > 0 && b.indices == nullptr)
+    return fail(why, Status::null_pointer, "bag.indices is null");
   return Status::ok;
 }
 
-inline Status check_rows(const char* name, const void* p, std::int64_t stride, std::int64_t dim, std::string* why) {
+inline Status check_rows(const char* name, const void* p, std::int64_t stride, std::int64_t dim,
+                         std::string* why) {
   if (p == nullptr) return fail(why, Status::null_pointer, std::string(name) + " is null");
-  if (!aligned_to(p, 4)) return fail(why, Status::misaligned, std::string(name) + " is not aligned to 4-byte floats");
+  if (!aligned_to(p, 4))
+    return fail(why, Status::misaligned, std::string(name) + " is not aligned to 4-byte floats");
   if (stride < dim) {
-    return fail(why, Status::bad_stride, std::string(name) + "_stride = " + std::to_string(stride) + ", expected >= dim = " + std::to_string(dim));
+    return fail(why, Status::bad_stride,
+                std::string(name) + "_stride = " + std::to_string(stride) +
+                    ", expected >= dim = " + std::to_string(dim));
   }
   return Status::ok;
 }
 
 inline Status check_floats(const char* name, const void* p, std::string* why) {
   if (p == nullptr) return fail(why, Status::null_pointer, std::string(name) + " is null");
-  if (!aligned_to(p, 4)) return fail(why, Status::misaligned, std::string(name) + " is not aligned to 4-byte floats");
+  if (!aligned_to(p, 4))
+    return fail(why, Status::misaligned, std::string(name) + " is not aligned to 4-byte floats");
   return Status::ok;
 }
 
@@ -167,7 +204,9 @@ inline Status check_forward(const ForwardArgs& a, std::string* why = nullptr) {
   if (s == Status::ok) s = detail::check_bag(a.bag, why);
   if (s != Status::ok || a.bag.tokens == 0) return s;
   if ((s = detail::check_floats("weights", a.weights, why)) != Status::ok) return s;
-  if (a.fused_softmax && (s = detail::check_floats("weights_out", a.weights_out, why)) != Status::ok) return s;
+  if (a.fused_softmax &&
+      (s = detail::check_floats("weights_out", a.weights_out, why)) != Status::ok)
+    return s;
   return detail::check_rows("out", a.out, a.out_stride, a.table.dim, why);
 }
 
@@ -177,23 +216,33 @@ inline Status check_backward(const BackwardArgs& a, std::string* why = nullptr) 
   if (s == Status::ok) s = detail::check_bag(a.bag, why);
   if (s != Status::ok) return s;
   if (a.output != GradOutput::sparse && a.output != GradOutput::dense_add) {
-    return detail::fail(why, Status::bad_mode, "output = " + std::to_string(int(a.output)) + ", expected sparse or dense_add");
+    return detail::fail(
+        why, Status::bad_mode,
+        "output = " + std::to_string(int(a.output)) + ", expected sparse or dense_add");
   }
   if (a.reduction != Reduction::deterministic && a.reduction != Reduction::atomic) {
-    return detail::fail(why, Status::bad_mode, "reduction = " + std::to_string(int(a.reduction)) + ", expected deterministic or atomic");
+    return detail::fail(
+        why, Status::bad_mode,
+        "reduction = " + std::to_string(int(a.reduction)) + ", expected deterministic or atomic");
   }
   if (a.output == GradOutput::sparse && a.reduction == Reduction::atomic) {
-    return detail::fail(why, Status::bad_mode, "atomic reduction needs output = dense_add (sparse rows come from the sorted, deterministic path)");
+    return detail::fail(why, Status::bad_mode,
+                        "atomic reduction needs output = dense_add (sparse rows come from the "
+                        "sorted, deterministic path)");
   }
   if (a.output == GradOutput::sparse) {
-    if (a.num_unique == nullptr) return detail::fail(why, Status::null_pointer, "num_unique is null");
+    if (a.num_unique == nullptr)
+      return detail::fail(why, Status::null_pointer, "num_unique is null");
   }
   if (a.bag.tokens == 0) return Status::ok;
   if ((s = detail::check_floats("weights", a.weights, why)) != Status::ok) return s;
   if ((s = detail::check_rows("dy", a.dy, a.dy_stride, a.table.dim, why)) != Status::ok) return s;
-  if (a.dweights != nullptr && (s = detail::check_floats("dweights", a.dweights, why)) != Status::ok) return s;
+  if (a.dweights != nullptr &&
+      (s = detail::check_floats("dweights", a.dweights, why)) != Status::ok)
+    return s;
   if (a.output == GradOutput::sparse) {
-    if (a.unique_slots == nullptr) return detail::fail(why, Status::null_pointer, "unique_slots is null");
+    if (a.unique_slots == nullptr)
+      return detail::fail(why, Status::null_pointer, "unique_slots is null");
     return detail::check_floats("grad_rows", a.grad_rows, why);
   }
   return detail::check_rows("dense", a.dense, a.dense_stride, a.table.dim, why);

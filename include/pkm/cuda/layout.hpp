@@ -31,8 +31,8 @@ constexpr std::size_t kWorkspaceAlign = 256;  // every workspace buffer starts o
 /// `vec` consecutive columns starting at column(l, i) for i = 0, 1, ... while that is < dim.
 /// vec divides dim (a vector never straddles the row's end), lanes is a power of two <= 32.
 struct RowLayout {
-  int vec = 1;      // elements per load (16 bytes / element size, or 1)
-  int lanes = 32;   // threads per token
+  int vec = 1;     // elements per load (16 bytes / element size, or 1)
+  int lanes = 32;  // threads per token
   std::int64_t dim = 0;
 
   /// Loads per lane to cover the row (the last may be partial: column() >= dim ends it).
@@ -50,7 +50,8 @@ struct RowLayout {
 
 /// Elements per 16-byte load for a table of `dtype` when every row start is 16-byte aligned
 /// (pointer and stride) and the width divides into whole vectors; else 1 (scalar loads).
-PKM_HD inline int vector_width(Dtype dtype, std::uintptr_t data, std::int64_t stride, std::int64_t dim) {
+PKM_HD inline int vector_width(Dtype dtype, std::uintptr_t data, std::int64_t stride,
+                               std::int64_t dim) {
   const int esize = dtype_bytes(dtype);
   const int vec = 16 / esize;
   const bool aligned = data % 16 == 0 && (stride * esize) % 16 == 0 && dim % vec == 0;
@@ -66,7 +67,8 @@ PKM_HD inline int lanes_for(std::int64_t dim, int vec) {
   return lanes;
 }
 
-PKM_HD inline RowLayout row_layout(Dtype dtype, std::uintptr_t data, std::int64_t stride, std::int64_t dim) {
+PKM_HD inline RowLayout row_layout(Dtype dtype, std::uintptr_t data, std::int64_t stride,
+                                   std::int64_t dim) {
   RowLayout l;
   l.vec = vector_width(dtype, data, stride, dim);
   l.lanes = lanes_for(dim, l.vec);
@@ -108,8 +110,8 @@ PKM_HD inline std::size_t align_up(std::size_t bytes) {
 /// start, each kWorkspaceAlign-aligned), for n = tokens x bag (slot, position) pairs and a
 /// CUB temporary of cub_bytes. total is the size to allocate.
 struct BackwardWorkspace {
-  std::size_t keys_in = 0, keys_out = 0, pos_in = 0, pos_out = 0, unique = 0, counts = 0, offsets = 0,
-              num_runs = 0, flag = 0, cub = 0, total = 0;
+  std::size_t keys_in = 0, keys_out = 0, pos_in = 0, pos_out = 0, unique = 0, counts = 0,
+              offsets = 0, num_runs = 0, flag = 0, cub = 0, total = 0;
 };
 PKM_HD inline BackwardWorkspace backward_workspace(std::int64_t n, std::size_t cub_bytes) {
   BackwardWorkspace w;

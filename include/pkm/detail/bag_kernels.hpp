@@ -2,17 +2,17 @@
 //   out[0, dim) = sum_l w[l] * row(l)[0, dim)      and      dot(g, row) for the backward,
 // with rows of float, bf16 or fp16 and float accumulation.
 //
-// With AVX2 + FMA (chosen at compile time: build with -mavx2 -mfma or -march=native) the sum
-// keeps 64 output floats in eight registers across the whole bag, so each value row is read
-// once and the accumulators never go to memory, and prefetches the same 64-element block of
-// the row kPrefetchBytes of blocks ahead (8 rows of fp32, 16 of bf16/fp16). With AVX-512 as
-// well, blocks of 256 floats in sixteen registers go first (1 KiB runs of an fp32 row, which
-// the hardware prefetchers follow far better than 256-byte runs). bf16 rows widen by a shift, fp16 rows by F16C. Other
-// builds use Eigen's vectorised expressions (whatever ISA Eigen targets). In every path the
-// bag is summed in order, so the result does not depend on threads; in the AVX2 path every
-// column (vector block or tail) is the same chain of fused multiply-adds, so a column's sum
-// does not depend on where in the row it sits either (column shards read bit for bit what
-// the whole table reads).
+// With AVX2 + FMA (chosen at compile time: build with -mavx2 -mfma or -march=native) the sum keeps
+// 64 output floats in eight registers across the whole bag, so each value row is read once and the
+// accumulators never go to memory, and prefetches the same 64-element block of the row
+// kPrefetchBytes of blocks ahead (8 rows of fp32, 16 of bf16/fp16). With AVX-512 as well, blocks of
+// 256 floats in sixteen registers go first (1 KiB runs of an fp32 row, which the hardware
+// prefetchers follow far better than 256-byte runs). bf16 rows widen by a shift, fp16 rows by F16C.
+// Other builds use Eigen's vectorised expressions (whatever ISA Eigen targets). In every path the
+// bag is summed in order, so the result does not depend on threads; in the AVX2 path every column
+// (vector block or tail) is the same chain of fused multiply-adds, so a column's sum does not
+// depend on where in the row it sits either (column shards read bit for bit what the whole table
+// reads).
 #pragma once
 
 #include <cmath>
@@ -55,12 +55,11 @@ inline __m256 load8(const fp16* p) {
 #endif
 /// The row types load8 widens: float and bf16, and fp16 where F16C is enabled.
 template <class T>
-struct has_load8
-    : std::bool_constant<std::is_same_v<T, float> || std::is_same_v<T, bf16>
+struct has_load8 : std::bool_constant<std::is_same_v<T, float> || std::is_same_v<T, bf16>
 #ifdef __F16C__
-                         || std::is_same_v<T, fp16>
+                                      || std::is_same_v<T, fp16>
 #endif
-                         > {
+                                      > {
 };
 
 inline float hsum(__m256 v) {
@@ -95,7 +94,8 @@ inline __m512 load16(const fp16* p) {
 template <class T>
 void bag_sum_avx512(const T* base, Index stride, const std::int64_t* idx, const float* w, Index bag,
                     Index dim, Index& d0, float* out) {
-  constexpr Index ahead = 4;  // 2 / 4 / 8 / 16 rows ahead measured 38 / 43 / 39 / 43 GB/s at v_dim 1024
+  constexpr Index ahead =
+      4;  // 2 / 4 / 8 / 16 rows ahead measured 38 / 43 / 39 / 43 GB/s at v_dim 1024
   for (; d0 + 256 <= dim; d0 += 256) {
     __m512 acc[16];
     for (auto& a : acc) a = _mm512_setzero_ps();
@@ -132,7 +132,8 @@ void bag_sum(const T* base, Index stride, const std::int64_t* idx, const S* w, I
     bag_sum_avx512(base, stride, idx, w, bag, dim, d0, out);
 #endif
     for (; d0 + 64 <= dim; d0 += 64) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+             a7 = a0;
       for (Index l = 0; l < bag; ++l) {
         if (l + ahead < bag) prefetch_block(base + idx[l + ahead] * stride + d0, 64);
         const T* r = base + idx[l] * stride + d0;
@@ -157,7 +158,8 @@ void bag_sum(const T* base, Index stride, const std::int64_t* idx, const S* w, I
     }
     for (; d0 + 8 <= dim; d0 += 8) {
       __m256 a = _mm256_setzero_ps();
-      for (Index l = 0; l < bag; ++l) a = _mm256_fmadd_ps(_mm256_set1_ps(w[l]), load8(base + idx[l] * stride + d0), a);
+      for (Index l = 0; l < bag; ++l)
+        a = _mm256_fmadd_ps(_mm256_set1_ps(w[l]), load8(base + idx[l] * stride + d0), a);
       _mm256_storeu_ps(out + d0, a);
     }
     for (; d0 < dim; ++d0) {  // fused multiply-adds as in the vector blocks: a column's sum

@@ -27,13 +27,13 @@ constexpr std::optional<std::uint64_t> product_within(std::uint64_t a, std::uint
 /// expected at most <limit>" (also for a negative operand).
 inline std::int64_t checked_mul(const char* who, const char* what, std::int64_t a, std::int64_t b,
                                 std::uint64_t limit = kMaxBytes) {
-  const auto p = (a >= 0 && b >= 0)
-                     ? product_within(static_cast<std::uint64_t>(a), static_cast<std::uint64_t>(b), limit)
-                     : std::nullopt;
+  const auto p = (a >= 0 && b >= 0) ? product_within(static_cast<std::uint64_t>(a),
+                                                     static_cast<std::uint64_t>(b), limit)
+                                    : std::nullopt;
   if (!p) {
-    throw std::invalid_argument(std::string(who) + ": " + what + " = " + std::to_string(a) + " x " +
-                                std::to_string(b) + " is out of range; expected sizes >= 0 with a product of at most " +
-                                std::to_string(limit));
+    throw std::invalid_argument(
+        std::string(who) + ": " + what + " = " + std::to_string(a) + " x " + std::to_string(b) +
+        " is out of range; expected sizes >= 0 with a product of at most " + std::to_string(limit));
   }
   return static_cast<std::int64_t>(*p);
 }
@@ -43,9 +43,9 @@ inline std::int64_t checked_add(const char* who, const char* what, std::int64_t 
                                 std::uint64_t limit = kMaxBytes) {
   if (a < 0 || b < 0 || static_cast<std::uint64_t>(a) > limit ||
       static_cast<std::uint64_t>(b) > limit - static_cast<std::uint64_t>(a)) {
-    throw std::invalid_argument(std::string(who) + ": " + what + " = " + std::to_string(a) + " + " +
-                                std::to_string(b) + " is out of range; expected sizes >= 0 with a sum of at most " +
-                                std::to_string(limit));
+    throw std::invalid_argument(
+        std::string(who) + ": " + what + " = " + std::to_string(a) + " + " + std::to_string(b) +
+        " is out of range; expected sizes >= 0 with a sum of at most " + std::to_string(limit));
   }
   return a + b;
 }

@@ -30,8 +30,8 @@ void check_finite(const char* who, const char* name, const Block& m, const char*
     for (Index d = 0; d < m.cols(); ++d) {
       const auto v = m(b, d);
       if (!all_finite(&v, 1)) {
-        throw std::invalid_argument(std::string(who) + ": " + name + "(" + std::to_string(b) + ", " +
-                                    std::to_string(d) + ") = " + std::to_string(m(b, d)) +
+        throw std::invalid_argument(std::string(who) + ": " + name + "(" + std::to_string(b) +
+                                    ", " + std::to_string(d) + ") = " + std::to_string(m(b, d)) +
                                     " is not finite; expected finite values" + note);
       }
     }

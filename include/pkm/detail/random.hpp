@@ -88,8 +88,8 @@ inline std::uint64_t pair_bits(std::uint64_t key, std::uint64_t p) {
 /// (detail::sqrt_array): every pair goes through the same instructions.
 struct NormalBlock {
   static constexpr int kPairs = 256;
-  alignas(64) float t[kPairs];   ///< -2 ln u1, then the radius
-  alignas(64) float x[kPairs];   ///< angle within its quadrant, radians
+  alignas(64) float t[kPairs];  ///< -2 ln u1, then the radius
+  alignas(64) float x[kPairs];  ///< angle within its quadrant, radians
   alignas(64) std::uint32_t q[kPairs];
 
   /// Pairs p0 .. p0 + m - 1 (m <= kPairs) of stream `key`, written as out[2j], out[2j + 1].
@@ -97,19 +97,28 @@ struct NormalBlock {
   void fill(std::uint64_t key, std::uint64_t p0, int m, float std_dev, T* out) {
     for (int j = 0; j < m; ++j) {
       const std::uint64_t h = pair_bits(key, p0 + static_cast<std::uint64_t>(j));
-      const float u1 = (static_cast<float>(static_cast<std::uint32_t>(h >> 40)) + 0.5f) * (1.0f / 16777216.0f);
+      const float u1 =
+          (static_cast<float>(static_cast<std::uint32_t>(h >> 40)) + 0.5f) * (1.0f / 16777216.0f);
       const std::uint32_t a = static_cast<std::uint32_t>(h) & 0xffffffu;  // angle in 2^-24 turns
       q[j] = a >> 22;
-      x[j] = static_cast<float>(static_cast<std::int32_t>(a & 0x3fffffu)) * (1.5707963267948966f / 4194304.0f);
+      x[j] = static_cast<float>(static_cast<std::int32_t>(a & 0x3fffffu)) *
+             (1.5707963267948966f / 4194304.0f);
       t[j] = -2.0f * fast_logf(u1);
     }
     sqrt_array(t, t, m);
     for (int j = 0; j < m; ++j) {
       const float xj = x[j], x2 = xj * xj, r = t[j] * std_dev;
-      const float sn = xj * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f +
-                                          x2 * (2.7557319e-6f + x2 * (-2.5052108e-8f))))));
-      const float cs = 1.0f + x2 * (-0.5f + x2 * (4.1666668e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f +
-                                     x2 * (-2.7557319e-7f + x2 * 2.0876757e-9f)))));
+      const float sn =
+          xj * (1.0f +
+                x2 * (-1.6666667e-1f +
+                      x2 * (8.3333333e-3f +
+                            x2 * (-1.9841270e-4f + x2 * (2.7557319e-6f + x2 * (-2.5052108e-8f))))));
+      const float cs =
+          1.0f +
+          x2 * (-0.5f +
+                x2 * (4.1666668e-2f +
+                      x2 * (-1.3888889e-3f +
+                            x2 * (2.4801587e-5f + x2 * (-2.7557319e-7f + x2 * 2.0876757e-9f)))));
       const std::uint32_t qj = q[j];  // (cos, sin) of q pi/2 + x
       const float c = qj == 0 ? cs : qj == 1 ? -sn : qj == 2 ? -cs : sn;
       const float s = qj == 0 ? sn : qj == 1 ? cs : qj == 2 ? -sn : -cs;
@@ -123,7 +132,8 @@ struct NormalBlock {
 /// 2p and 2p + 1 are pair p. Element j depends only on (rng, first + j), so any split of a
 /// table over threads gives the same values.
 template <class T>
-void fill_normal(const CounterRng& rng, std::uint64_t first, std::int64_t n, float std_dev, T* out) {
+void fill_normal(const CounterRng& rng, std::uint64_t first, std::int64_t n, float std_dev,
+                 T* out) {
   if (n <= 0) return;
   NormalBlock blk;
   T edge[2];

@@ -57,9 +57,11 @@ void group_by_row(std::vector<RowContribution<S>>& items, std::int64_t row_count
   for (int p = 0; p < passes; ++p) {
     const int shift = p * digit;
     scratch.counts.assign(buckets + 1, 0);
-    for (const auto& it : items) ++scratch.counts[((std::uint64_t(it.row) >> shift) & (buckets - 1)) + 1];
+    for (const auto& it : items)
+      ++scratch.counts[((std::uint64_t(it.row) >> shift) & (buckets - 1)) + 1];
     for (std::size_t d = 1; d <= buckets; ++d) scratch.counts[d] += scratch.counts[d - 1];
-    for (const auto& it : items) scratch.tmp[scratch.counts[(std::uint64_t(it.row) >> shift) & (buckets - 1)]++] = it;
+    for (const auto& it : items)
+      scratch.tmp[scratch.counts[(std::uint64_t(it.row) >> shift) & (buckets - 1)]++] = it;
     items.swap(scratch.tmp);
   }
   seg.rows.clear();
@@ -76,8 +78,8 @@ void group_by_row(std::vector<RowContribution<S>>& items, std::int64_t row_count
 /// out[0, dim) = the sum of segment u, its contributions added in order.
 /// `source(source_id, row)` returns a pointer to `dim` values of type convertible to S.
 template <class S, class SourceFn>
-void reduce_segment(const std::vector<RowContribution<S>>& items, const RowSegments& seg,
-                    Index u, Index dim, SourceFn& source, S* out) {
+void reduce_segment(const std::vector<RowContribution<S>>& items, const RowSegments& seg, Index u,
+                    Index dim, SourceFn& source, S* out) {
   std::fill(out, out + dim, S(0));
   for (std::size_t t = seg.starts[u]; t < seg.starts[u + 1]; ++t) {
     const auto* src = source(items[t].source, items[t].row);
@@ -91,14 +93,16 @@ inline constexpr Index kSegmentBlock = 16;
 
 /// Reduces every segment of grouped `items` into out_values (one row per segment).
 template <class S, class SourceFn>
-void reduce_segments(const std::vector<RowContribution<S>>& items, const RowSegments& seg, Index dim,
-                     SourceFn&& source, RowMatrix<S>& out_values) {
+void reduce_segments(const std::vector<RowContribution<S>>& items, const RowSegments& seg,
+                     Index dim, SourceFn&& source, RowMatrix<S>& out_values) {
   const bool fresh = out_values.rows() != seg.size() || out_values.cols() != dim;
   out_values.resize(seg.size(), dim);
   // A new gradient of hundreds of MiB is written once: huge pages spare most page faults.
-  if (fresh) advise_huge_pages(out_values.data(), static_cast<std::size_t>(out_values.size()) * sizeof(S));
+  if (fresh)
+    advise_huge_pages(out_values.data(), static_cast<std::size_t>(out_values.size()) * sizeof(S));
   parallel_blocks(seg.size(), kSegmentBlock, [&](Index begin, Index end) {
-    for (Index u = begin; u < end; ++u) reduce_segment(items, seg, u, dim, source, out_values.row(u).data());
+    for (Index u = begin; u < end; ++u)
+      reduce_segment(items, seg, u, dim, source, out_values.row(u).data());
   });
 }
 

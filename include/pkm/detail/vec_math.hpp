@@ -52,7 +52,8 @@ void sqrt_array(const S* in, S* out, std::int64_t n) {
 /// test, and reads memory at close to streaming speed.
 template <class S>
 bool all_finite(const S* x, std::int64_t n) {
-  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>, "all_finite: float or double");
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>,
+                "all_finite: float or double");
   using Bits = std::conditional_t<std::is_same_v<S, float>, std::uint32_t, std::uint64_t>;
   constexpr Bits kExp = std::is_same_v<S, float> ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
   constexpr std::int64_t kChunk = 1024;  // early exit between chunks

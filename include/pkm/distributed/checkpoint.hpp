@@ -36,7 +36,8 @@ inline FileIdentity file_identity(const std::string& path) {
   if (::stat(path.c_str(), &st) == 0) {
     char host[256] = {};
     ::gethostname(host, sizeof host - 1);
-    id.inode = std::string(host) + ":" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+    id.inode =
+        std::string(host) + ":" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
   }
   return id;
 }
@@ -67,11 +68,14 @@ void save_shard(const std::string& path, const MemoryParallelLayer<Scalar, Table
   group.collectively(who, Op::verify, [&] {
     for (int q = 0; q < group.size(); ++q) {
       const auto u = static_cast<std::size_t>(q);
-      if (q == group.rank() || (paths[u] != mine.path && (mine.inode.empty() || inodes[u] != mine.inode))) continue;
-      throw std::invalid_argument(std::string(who) + ": processes " + std::to_string(std::min(q, group.rank())) + " and " +
-                                  std::to_string(std::max(q, group.rank())) + " would both write '" + mine.path +
-                                  "'; expected a file of its own for every process (shard_path(prefix, rank, size)); "
-                                  "nothing was written");
+      if (q == group.rank() ||
+          (paths[u] != mine.path && (mine.inode.empty() || inodes[u] != mine.inode)))
+        continue;
+      throw std::invalid_argument(
+          std::string(who) + ": processes " + std::to_string(std::min(q, group.rank())) + " and " +
+          std::to_string(std::max(q, group.rank())) + " would both write '" + mine.path +
+          "'; expected a file of its own for every process (shard_path(prefix, rank, size)); "
+          "nothing was written");
     }
   });
   group.collectively(who, Op::checkpoint_write, [&] {
@@ -91,7 +95,8 @@ void save_shard(const std::string& path, const MemoryParallelLayer<Scalar, Table
 /// table is never held). Checks values as load_layer does. Collective: every process passes
 /// its own path (or the same whole file); an error on any throws on every process.
 template <class Scalar, class TableT = Scalar>
-MemoryParallelLayer<Scalar, TableT> load_shard(const Group& group, const std::string& path, const ColumnShards& shards,
+MemoryParallelLayer<Scalar, TableT> load_shard(const Group& group, const std::string& path,
+                                               const ColumnShards& shards,
                                                const io::LoadOptions& opt = {}) {
   const char* who = "pkm::distributed::load_shard";
   LayerParameters<Scalar> params;
@@ -100,8 +105,9 @@ MemoryParallelLayer<Scalar, TableT> load_shard(const Group& group, const std::st
     const io::SafetensorsFile f(path);
     const MemoryConfig c = io::infer_config(f, opt);
     if (shards.v_dim() != c.v_dim || shards.ranks() != group.size()) {
-      io::detail::bad_checkpoint(f, "has v_dim = " + std::to_string(c.v_dim) + "; the split " + shards.to_string() +
-                                        " (for " + std::to_string(group.size()) + " processes) does not fit it");
+      io::detail::bad_checkpoint(
+          f, "has v_dim = " + std::to_string(c.v_dim) + "; the split " + shards.to_string() +
+                 " (for " + std::to_string(group.size()) + " processes) does not fit it");
     }
     const int r = group.rank();
     const Index c0 = shards.begin(r), w = shards.width(r), rows = c.slots();
@@ -109,9 +115,10 @@ MemoryParallelLayer<Scalar, TableT> load_shard(const Group& group, const std::st
     table = ValueTable<TableT>(rows, w);
     if (const auto range = io::detail::shard_range(f)) {
       if (range->begin != c0 || range->end != c0 + w) {
-        io::detail::bad_checkpoint(f, "holds columns [" + std::to_string(range->begin) + ", " + std::to_string(range->end) +
-                                          "); process " + std::to_string(r) + " needs [" + std::to_string(c0) + ", " +
-                                          std::to_string(c0 + w) + ")");
+        io::detail::bad_checkpoint(f, "holds columns [" + std::to_string(range->begin) + ", " +
+                                          std::to_string(range->end) + "); process " +
+                                          std::to_string(r) + " needs [" + std::to_string(c0) +
+                                          ", " + std::to_string(c0 + w) + ")");
       }
       f.read(name, table.data(), static_cast<std::size_t>(rows * w));
     } else {
@@ -125,8 +132,8 @@ MemoryParallelLayer<Scalar, TableT> load_shard(const Group& group, const std::st
     }
     if (const Index bad = first_non_finite_row(table); bad >= 0) {
       io::detail::bad_checkpoint(f, "tensor '" + name + "' row " + std::to_string(bad) +
-                                        " holds a non-finite value in columns [" + std::to_string(c0) + ", " +
-                                        std::to_string(c0 + w) + ")");
+                                        " holds a non-finite value in columns [" +
+                                        std::to_string(c0) + ", " + std::to_string(c0 + w) + ")");
     }
     params = io::load_parameters<Scalar>(f, c, opt.prefix);
     try {

@@ -21,9 +21,10 @@ class ColumnShards {
   /// ones first (1000 over 3: 334, 333, 333).
   static ColumnShards even(Index v_dim, int ranks) {
     if (ranks < 1 || v_dim < ranks) {
-      throw std::invalid_argument("pkm::distributed::ColumnShards::even: " + std::to_string(v_dim) +
-                                  " columns over " + std::to_string(ranks) +
-                                  " processes; expected ranks >= 1 and at least one column per process");
+      throw std::invalid_argument(
+          "pkm::distributed::ColumnShards::even: " + std::to_string(v_dim) + " columns over " +
+          std::to_string(ranks) +
+          " processes; expected ranks >= 1 and at least one column per process");
     }
     std::vector<Index> offsets(static_cast<std::size_t>(ranks) + 1, 0);
     const Index base = v_dim / ranks, extra = v_dim % ranks;
@@ -36,15 +37,17 @@ class ColumnShards {
   static ColumnShards from_offsets(std::vector<Index> offsets) {
     const char* who = "pkm::distributed::ColumnShards::from_offsets";
     if (offsets.size() < 2 || offsets.front() != 0) {
-      throw std::invalid_argument(std::string(who) + ": offsets has " + std::to_string(offsets.size()) +
-                                  " entries starting at " + (offsets.empty() ? "nothing" : std::to_string(offsets[0])) +
+      throw std::invalid_argument(std::string(who) + ": offsets has " +
+                                  std::to_string(offsets.size()) + " entries starting at " +
+                                  (offsets.empty() ? "nothing" : std::to_string(offsets[0])) +
                                   "; expected P + 1 >= 2 entries starting at 0");
     }
     for (std::size_t r = 1; r < offsets.size(); ++r) {
       if (offsets[r] <= offsets[r - 1]) {
-        throw std::invalid_argument(std::string(who) + ": offsets[" + std::to_string(r) + "] = " +
-                                    std::to_string(offsets[r]) + " after " + std::to_string(offsets[r - 1]) +
-                                    "; expected strictly increasing offsets (at least one column per process)");
+        throw std::invalid_argument(
+            std::string(who) + ": offsets[" + std::to_string(r) +
+            "] = " + std::to_string(offsets[r]) + " after " + std::to_string(offsets[r - 1]) +
+            "; expected strictly increasing offsets (at least one column per process)");
       }
     }
     ColumnShards s;
@@ -68,7 +71,9 @@ class ColumnShards {
     return s;
   }
 
-  friend bool operator==(const ColumnShards& a, const ColumnShards& b) { return a.offsets_ == b.offsets_; }
+  friend bool operator==(const ColumnShards& a, const ColumnShards& b) {
+    return a.offsets_ == b.offsets_;
+  }
   friend bool operator!=(const ColumnShards& a, const ColumnShards& b) { return !(a == b); }
 
  private:

@@ -26,7 +26,6 @@
 
 namespace pkm::distributed {
 
-
 /// The phases of a collective pkm call. A call is identified by its name (the `who` every
 /// pkm function passes: "pkm::distributed::MemoryParallelLayer::sum_gradients") together with
 /// the phase, so two processes in different calls are told so even where both calls open with
@@ -51,21 +50,36 @@ enum class Op : std::uint64_t {
 
 inline const char* op_name(Op op) {
   switch (op) {
-    case Op::construct: return "construct";
-    case Op::read: return "read";
-    case Op::read_check: return "read_check";
-    case Op::read_backward: return "read_backward";
-    case Op::read_backward_update: return "read_backward_update";
-    case Op::layer_forward: return "layer_forward";
-    case Op::layer_forward_end: return "layer_forward_end";
-    case Op::layer_backward: return "layer_backward";
-    case Op::step: return "step";
-    case Op::sum: return "sum";
-    case Op::checkpoint: return "checkpoint";
-    case Op::checkpoint_write: return "checkpoint_write";
-    case Op::same: return "same";
-    case Op::result: return "result";
-    case Op::verify: return "verify";
+    case Op::construct:
+      return "construct";
+    case Op::read:
+      return "read";
+    case Op::read_check:
+      return "read_check";
+    case Op::read_backward:
+      return "read_backward";
+    case Op::read_backward_update:
+      return "read_backward_update";
+    case Op::layer_forward:
+      return "layer_forward";
+    case Op::layer_forward_end:
+      return "layer_forward_end";
+    case Op::layer_backward:
+      return "layer_backward";
+    case Op::step:
+      return "step";
+    case Op::sum:
+      return "sum";
+    case Op::checkpoint:
+      return "checkpoint";
+    case Op::checkpoint_write:
+      return "checkpoint_write";
+    case Op::same:
+      return "same";
+    case Op::result:
+      return "result";
+    case Op::verify:
+      return "verify";
   }
   return "?";
 }
@@ -101,9 +115,11 @@ class Group {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) {
-      throw std::runtime_error("pkm::distributed::Group: MPI is not initialised; call MPI_Init first");
+      throw std::runtime_error(
+          "pkm::distributed::Group: MPI is not initialised; call MPI_Init first");
     }
-    if (comm == MPI_COMM_NULL) throw std::invalid_argument("pkm::distributed::Group: comm is MPI_COMM_NULL");
+    if (comm == MPI_COMM_NULL)
+      throw std::invalid_argument("pkm::distributed::Group: comm is MPI_COMM_NULL");
     check("pkm::distributed::Group", "MPI_Comm_dup", MPI_Comm_dup(comm, &comm_));
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
@@ -118,7 +134,8 @@ class Group {
         }
       });
       message_limit_ = max_message_elements;
-      require_same(who, {{"max_message_elements", static_cast<std::uint64_t>(max_message_elements)}});
+      require_same(who,
+                   {{"max_message_elements", static_cast<std::uint64_t>(max_message_elements)}});
     } catch (...) {
       MPI_Comm_free(&comm_);
       throw;
@@ -176,12 +193,14 @@ class Group {
     check(who, "MPI_Bcast", MPI_Bcast(head, 2, MPI_INT64_T, o.first_failed, comm_));
     message.resize(static_cast<std::size_t>(head[1]));
     check(who, "MPI_Bcast",
-          MPI_Bcast(message.data(), detail::mpi_count(who, "a message", head[1]), MPI_CHAR, o.first_failed, comm_));
+          MPI_Bcast(message.data(), detail::mpi_count(who, "a message", head[1]), MPI_CHAR,
+                    o.first_failed, comm_));
     if (error) std::rethrow_exception(error);  // each failing process reports its own error
-    std::string text = std::string(who) + ": process " + std::to_string(o.first_failed) + " of the group failed";
+    std::string text =
+        std::string(who) + ": process " + std::to_string(o.first_failed) + " of the group failed";
     if (o.last_failed != o.first_failed) {
-      text += " (processes " + std::to_string(o.first_failed) + " to " + std::to_string(o.last_failed) +
-              " failed, each reports its own error)";
+      text += " (processes " + std::to_string(o.first_failed) + " to " +
+              std::to_string(o.last_failed) + " failed, each reports its own error)";
     }
     throw_error(static_cast<ErrorKind>(head[0]), text + " (every process throws): " + message);
   }
@@ -197,8 +216,8 @@ class Group {
       if (!o.same[i]) differ += (differ.empty() ? "" : ", ") + items[i].what;
     }
     if (!differ.empty()) {
-      throw std::invalid_argument(std::string(who) + ": the processes of the group disagree on " + differ +
-                                  "; expected the same on every process");
+      throw std::invalid_argument(std::string(who) + ": the processes of the group disagree on " +
+                                  differ + "; expected the same on every process");
     }
   }
   void require_same(const char* who, const std::string& what, std::uint64_t fingerprint) const {
@@ -209,7 +228,8 @@ class Group {
   std::vector<Index> allgather_count(const char* who, Index n) const {
     std::vector<Index> counts(static_cast<std::size_t>(size_));
     std::int64_t mine = n;
-    check(who, "MPI_Allgather", MPI_Allgather(&mine, 1, MPI_INT64_T, counts.data(), 1, MPI_INT64_T, comm_));
+    check(who, "MPI_Allgather",
+          MPI_Allgather(&mine, 1, MPI_INT64_T, counts.data(), 1, MPI_INT64_T, comm_));
     return counts;
   }
 
@@ -243,12 +263,15 @@ class Group {
       fits = fits && counts[q] <= message_limit_ && at[q] <= message_limit_;
     }
     const auto me = static_cast<std::size_t>(rank_);
-    bytes_sent_ += static_cast<std::uint64_t>(counts[me]) * sizeof(T) * static_cast<std::uint64_t>(size_ - 1);
+    bytes_sent_ +=
+        static_cast<std::uint64_t>(counts[me]) * sizeof(T) * static_cast<std::uint64_t>(size_ - 1);
     if (fits) {  // one MPI call; the same decision on every process (the counts are the same)
       std::vector<int> n(counts.size()), displ(counts.size());
-      for (std::size_t q = 0; q < counts.size(); ++q) n[q] = static_cast<int>(counts[q]), displ[q] = static_cast<int>(at[q]);
+      for (std::size_t q = 0; q < counts.size(); ++q)
+        n[q] = static_cast<int>(counts[q]), displ[q] = static_cast<int>(at[q]);
       check(who, "MPI_Allgatherv",
-            MPI_Allgatherv(send, n[me], detail::mpi_type<T>(), recv, n.data(), displ.data(), detail::mpi_type<T>(), comm_));
+            MPI_Allgatherv(send, n[me], detail::mpi_type<T>(), recv, n.data(), displ.data(),
+                           detail::mpi_type<T>(), comm_));
       return;
     }
     // Above MPI's counts: point to point, each block in messages of at most the limit.
@@ -279,8 +302,9 @@ class Group {
     const auto me = static_cast<std::size_t>(rank_);
     bytes_sent_ += static_cast<std::uint64_t>(s - send_counts[me]) * sizeof(T);
     if (recv_counts[me] != send_counts[me]) {
-      throw std::logic_error(std::string(who) + ": an all-to-all sends " + std::to_string(send_counts[me]) +
-                             " values to this process and receives " + std::to_string(recv_counts[me]));
+      throw std::logic_error(
+          std::string(who) + ": an all-to-all sends " + std::to_string(send_counts[me]) +
+          " values to this process and receives " + std::to_string(recv_counts[me]));
     }
     std::copy(send + sat[me], send + sat[me] + send_counts[me], recv + rat[me]);
     detail::Exchange x(comm_, message_limit_, messages_, who);
@@ -299,8 +323,8 @@ class Group {
   /// process order 0, 1, ..., P-1: the same bits on every run. `scratch` is reused. Integer
   /// sums wrap instead of overflowing (callers that sum counters check their totals first).
   template <class T>
-  void reduce_scatter_ordered(const char* who, const T* send, const std::vector<Index>& counts, T* recv,
-                              std::vector<T>& scratch) const {
+  void reduce_scatter_ordered(const char* who, const T* send, const std::vector<Index>& counts,
+                              T* recv, std::vector<T>& scratch) const {
     const Index mine = counts[static_cast<std::size_t>(rank_)];
     std::vector<Index> from(static_cast<std::size_t>(size_), mine);
     scratch.resize(static_cast<std::size_t>(mine) * static_cast<std::size_t>(size_));
@@ -326,7 +350,8 @@ class Group {
   void sum_ordered(const char* who, T* data, Index n) const {
     if (size_ == 1) return;
     std::vector<Index> counts(static_cast<std::size_t>(size_));
-    for (int q = 0; q < size_; ++q) counts[q] = detail::split_point(n, q + 1, size_) - detail::split_point(n, q, size_);
+    for (int q = 0; q < size_; ++q)
+      counts[q] = detail::split_point(n, q + 1, size_) - detail::split_point(n, q, size_);
     std::vector<T> part(static_cast<std::size_t>(counts[static_cast<std::size_t>(rank_)])), scratch;
     reduce_scatter_ordered(who, data, counts, part.data(), scratch);
     allgatherv(who, part.data(), counts, data);
@@ -334,7 +359,9 @@ class Group {
 
   /// Throws std::runtime_error for an MPI error code (the group's communicator returns
   /// errors instead of aborting).
-  static void check(const char* who, const char* call, int code) { detail::mpi_check(who, call, code); }
+  static void check(const char* who, const char* call, int code) {
+    detail::mpi_check(who, call, code);
+  }
 
  private:
   /// What an agreement found: the lowest and highest failing process (-1: none), and for each
@@ -350,10 +377,14 @@ class Group {
   Outcome agree(const char* who, Op op, const std::string& detail_name, bool failed,
                 const std::vector<Agreed>& items) const {
     if (items.size() > kMaxAgreed) {
-      throw std::logic_error(std::string(who) + ": more than " + std::to_string(kMaxAgreed) + " items to agree on");
+      throw std::logic_error(std::string(who) + ": more than " + std::to_string(kMaxAgreed) +
+                             " items to agree on");
     }
-    const std::uint64_t call =
-        detail::Fingerprint().add(std::string(who)).add(static_cast<std::uint64_t>(op)).add(detail_name).value();
+    const std::uint64_t call = detail::Fingerprint()
+                                   .add(std::string(who))
+                                   .add(static_cast<std::uint64_t>(op))
+                                   .add(detail_name)
+                                   .value();
     const std::uint64_t seq = sequence_++;
     constexpr std::size_t kWords = 6 + 2 * kMaxAgreed;
     std::uint64_t v[kWords] = {};
@@ -362,10 +393,13 @@ class Group {
     v[1] = failed ? ~r : UINT64_MAX;  // min of ~r: ~(the last failing process)
     v[2] = call, v[3] = ~call;        // min(x) == ~min(~x) = max(x): every process the same
     v[4] = seq, v[5] = ~seq;
-    for (std::size_t i = 0; i < items.size(); ++i) v[6 + 2 * i] = items[i].fingerprint, v[7 + 2 * i] = ~items[i].fingerprint;
-    check(who, "MPI_Allreduce", MPI_Allreduce(MPI_IN_PLACE, v, static_cast<int>(kWords), MPI_UINT64_T, MPI_MIN, comm_));
+    for (std::size_t i = 0; i < items.size(); ++i)
+      v[6 + 2 * i] = items[i].fingerprint, v[7 + 2 * i] = ~items[i].fingerprint;
+    check(who, "MPI_Allreduce",
+          MPI_Allreduce(MPI_IN_PLACE, v, static_cast<int>(kWords), MPI_UINT64_T, MPI_MIN, comm_));
     if (v[2] != ~v[3] || v[4] != ~v[5]) {
-      throw_not_in_the_same_call(who, std::string(who) + " (" + op_name(op) + (detail_name.empty() ? "" : ": " + detail_name) +
+      throw_not_in_the_same_call(who, std::string(who) + " (" + op_name(op) +
+                                          (detail_name.empty() ? "" : ": " + detail_name) +
                                           ", call " + std::to_string(seq) + " of the group)");
     }
     Outcome o;
@@ -382,10 +416,12 @@ class Group {
   /// call, and throws.
   [[noreturn]] void throw_not_in_the_same_call(const char* who, const std::string& mine) const {
     constexpr int kName = 256;
-    std::vector<char> names(static_cast<std::size_t>(kName) * static_cast<std::size_t>(size_), '\0');
+    std::vector<char> names(static_cast<std::size_t>(kName) * static_cast<std::size_t>(size_),
+                            '\0');
     char own[kName] = {};
     std::memcpy(own, mine.data(), std::min<std::size_t>(mine.size(), kName - 1));
-    check(who, "MPI_Allgather", MPI_Allgather(own, kName, MPI_CHAR, names.data(), kName, MPI_CHAR, comm_));
+    check(who, "MPI_Allgather",
+          MPI_Allgather(own, kName, MPI_CHAR, names.data(), kName, MPI_CHAR, comm_));
     std::string text = std::string(who) + ": the processes of the group are not in the same call:";
     // Processes in the same call are listed together ("processes 1, 2: ..."), at most 8 calls.
     std::vector<std::string> seen;
@@ -404,9 +440,11 @@ class Group {
           who_is += (n++ ? ", " : "") + std::to_string(p);
         }
       }
-      text += (seen.size() > 1 ? "; " : " ") + std::string(n > 1 ? "processes " : "process ") + who_is + " in " + name;
+      text += (seen.size() > 1 ? "; " : " ") + std::string(n > 1 ? "processes " : "process ") +
+              who_is + " in " + name;
     }
-    throw std::runtime_error(text + ". Every process must make the same pkm calls in the same order");
+    throw std::runtime_error(text +
+                             ". Every process must make the same pkm calls in the same order");
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL;

@@ -6,12 +6,12 @@
 // the same order, each with its own tokens — any number, 0 included).
 //
 // The composition is the single-process layer's (pkm/layer_composition.hpp) and so is its API
-// (pkm::LayerApi, pkm/layer_api.hpp); only the read differs (pkm/distributed/sharded_read.hpp). The forward's output is bitwise the
-// single-process layer's on the same tokens; the backward equals it up to rounding (the
-// dot products <dy, V[idx]> are summed shard by shard) and is bitwise the same from run to
-// run for a given split. The dense parameter gradients are each process's own tokens'
-// (as with data parallelism): sum them over the group with sum_gradients(), or leave that
-// to your data-parallel engine.
+// (pkm::LayerApi, pkm/layer_api.hpp); only the read differs (pkm/distributed/sharded_read.hpp). The
+// forward's output is bitwise the single-process layer's on the same tokens; the backward equals it
+// up to rounding (the dot products <dy, V[idx]> are summed shard by shard) and is bitwise the same
+// from run to run for a given split. The dense parameter gradients are each process's own tokens'
+// (as with data parallelism): sum them over the group with sum_gradients(), or leave that to your
+// data-parallel engine.
 #pragma once
 
 #include <cstdint>
@@ -40,11 +40,11 @@ struct ParallelForwardCache : ForwardCache<Scalar> {
   mutable ShardedReadCache<Scalar> shard;  ///< the backward reuses its buffers
 };
 
-
 template <class Scalar, class TableT = Scalar>
 class MemoryParallelLayer
     : public LayerApi<MemoryParallelLayer<Scalar, TableT>, Scalar, ParallelForwardCache<Scalar>> {
-  static_assert(std::is_floating_point_v<Scalar>, "pkm::distributed::MemoryParallelLayer: Scalar must be float or double");
+  static_assert(std::is_floating_point_v<Scalar>,
+                "pkm::distributed::MemoryParallelLayer: Scalar must be float or double");
   friend class LayerApi<MemoryParallelLayer<Scalar, TableT>, Scalar, ParallelForwardCache<Scalar>>;
 
  public:
@@ -55,7 +55,8 @@ class MemoryParallelLayer
   /// and this process's columns of the table that layer would have (bit for bit). The
   /// processes must pass the same config, split and seed (checked: a fingerprint of the
   /// config, split, types and parameters is compared over the group).
-  MemoryParallelLayer(const Group& group, const MemoryConfig& config, const ColumnShards& shards, std::uint64_t seed)
+  MemoryParallelLayer(const Group& group, const MemoryConfig& config, const ColumnShards& shards,
+                      std::uint64_t seed)
       : group_(&group), shards_(shards) {
     group.collectively(kWho, Op::construct, [&] {
       config.validate();
@@ -72,15 +73,16 @@ class MemoryParallelLayer
   /// Collective. Uses the given parameters (the same on every process) and this process's
   /// columns of the table (config.slots() x shards.width(rank), owned or a view of the
   /// caller's memory).
-  MemoryParallelLayer(const Group& group, LayerParameters<Scalar> params, ValueTable<TableT>&& shard,
-                      const ColumnShards& shards)
+  MemoryParallelLayer(const Group& group, LayerParameters<Scalar> params,
+                      ValueTable<TableT>&& shard, const ColumnShards& shards)
       : group_(&group), params_(std::move(params)), values_(std::move(shard)), shards_(shards) {
     group.collectively(kWho, Op::construct, [&] {
       params_.config().validate();
       check_split(params_.config());
       if (values_.rows() != params_.config().slots()) {
-        throw std::invalid_argument(std::string(kWho) + ": the table shard has " + std::to_string(values_.rows()) +
-                                    " rows, expected n_keys^2 = " + std::to_string(params_.config().slots()));
+        throw std::invalid_argument(
+            std::string(kWho) + ": the table shard has " + std::to_string(values_.rows()) +
+            " rows, expected n_keys^2 = " + std::to_string(params_.config().slots()));
       }
       detail::check_shard(kWho, group, shards_, values_);
     });
@@ -128,8 +130,10 @@ class MemoryParallelLayer
   /// parameters, if your own engine does not do it. Collective.
   void sum_gradients(LayerParameters<Scalar>& dparams) const {
     const char* who = "pkm::distributed::MemoryParallelLayer::sum_gradients";
-    group_->collectively(who, Op::sum, [&] { check_parameters_match(dparams, config(), "dparams"); });
-    dparams.for_each([&](Tensor, MatrixMap<Scalar> m) { group_->sum_ordered(who, m.data(), m.size()); });
+    group_->collectively(who, Op::sum,
+                         [&] { check_parameters_match(dparams, config(), "dparams"); });
+    dparams.for_each(
+        [&](Tensor, MatrixMap<Scalar> m) { group_->sum_ordered(who, m.data(), m.size()); });
   }
 
  private:
@@ -137,12 +141,14 @@ class MemoryParallelLayer
 
   void check_split(const MemoryConfig& c) const {
     if (shards_.v_dim() != c.v_dim) {
-      throw std::invalid_argument(std::string(kWho) + ": the column split covers " + std::to_string(shards_.v_dim()) +
-                                  " columns (" + shards_.to_string() + "), expected v_dim = " + std::to_string(c.v_dim));
+      throw std::invalid_argument(
+          std::string(kWho) + ": the column split covers " + std::to_string(shards_.v_dim()) +
+          " columns (" + shards_.to_string() + "), expected v_dim = " + std::to_string(c.v_dim));
     }
     if (shards_.ranks() != group_->size()) {
-      throw std::invalid_argument(std::string(kWho) + ": the column split has " + std::to_string(shards_.ranks()) +
-                                  " shards, expected one per process (" + std::to_string(group_->size()) + ")");
+      throw std::invalid_argument(
+          std::string(kWho) + ": the column split has " + std::to_string(shards_.ranks()) +
+          " shards, expected one per process (" + std::to_string(group_->size()) + ")");
     }
   }
 
@@ -161,39 +167,44 @@ class MemoryParallelLayer
                                 {"the layer's dense parameter values", values.value()}});
   }
 
-  void forward_core(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out, ParallelForwardCache<Scalar>& cache) const {
+  void forward_core(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> out,
+                    ParallelForwardCache<Scalar>& cache) const {
     const char* who = "pkm::distributed::MemoryParallelLayer::forward";
-    group_->collectively(who, Op::layer_forward, [&] { composition::forward_begin(who, params_, x, out, cache); });
-    sharded_embedding_bag<TableT, Scalar>(*group_, shards_, values_, cache.indices, cache.weights, cache.read,
-                                          cache.shard);
-    group_->collectively(who, Op::layer_forward_end, [&] { composition::forward_end(who, params_, x, out, cache); });
+    group_->collectively(who, Op::layer_forward,
+                         [&] { composition::forward_begin(who, params_, x, out, cache); });
+    sharded_embedding_bag<TableT, Scalar>(*group_, shards_, values_, cache.indices, cache.weights,
+                                          cache.read, cache.shard);
+    group_->collectively(who, Op::layer_forward_end,
+                         [&] { composition::forward_end(who, params_, x, out, cache); });
   }
 
   template <class Sink>
   void backward_core(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                     const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams, Sink& sink,
-                     MatrixRef<Scalar>* dx) const {
+                     const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                     Sink& sink, MatrixRef<Scalar>* dx) const {
     const char* who = "pkm::distributed::MemoryParallelLayer::backward";
     group_->collectively(who, Op::layer_backward, [&] {
       composition::check_backward(who, params_, x, cache, dout, dparams, dx);
       check_sink(sink, who, values_.rows(), values_.dim());
     });
     LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
-    sharded_embedding_bag_backward_to<TableT, Scalar>(*group_, shards_, values_, ws.dy, ws.dscore, sink, cache.shard);
+    sharded_embedding_bag_backward_to<TableT, Scalar>(*group_, shards_, values_, ws.dy, ws.dscore,
+                                                      sink, cache.shard);
     composition::backward_end(params_, x, cache, dout, dparams, dx);
   }
 
   template <class Optimizer>
-  double backward_fused_core(const ConstMatrixRef<Scalar>& x, const ParallelForwardCache<Scalar>& cache,
-                             const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams, Optimizer& opt,
-                             MatrixRef<Scalar>* dx) {
+  double backward_fused_core(const ConstMatrixRef<Scalar>& x,
+                             const ParallelForwardCache<Scalar>& cache,
+                             const ConstMatrixRef<Scalar>& dout, LayerParameters<Scalar>& dparams,
+                             Optimizer& opt, MatrixRef<Scalar>* dx) {
     const char* who = "pkm::distributed::MemoryParallelLayer::backward_fused";
     group_->collectively(who, Op::layer_backward, [&] {
       composition::check_backward(who, params_, x, cache, dout, dparams, dx);
     });
     LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
-    const double norm = sharded_embedding_bag_backward_update<TableT, Scalar>(*group_, shards_, values_, ws.dy,
-                                                                              ws.dscore, opt, cache.shard);
+    const double norm = sharded_embedding_bag_backward_update<TableT, Scalar>(
+        *group_, shards_, values_, ws.dy, ws.dscore, opt, cache.shard);
     composition::backward_end(params_, x, cache, dout, dparams, dx);
     return norm;
   }

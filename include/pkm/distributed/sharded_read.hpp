@@ -36,12 +36,13 @@ namespace pkm::distributed {
 /// What the sharded forward keeps for its backward, and the buffers both reuse.
 template <class S>
 struct ShardedReadCache {
-  bool filled = false;       ///< set by a completed forward
-  std::vector<Index> counts; ///< tokens of each process in the last forward
-  IndexMatrix indices;       ///< the group's tokens' slot ids, process by process (sum(counts) x bag)
-  RowMatrix<S> weights;      ///< and their weights
-  RowMatrix<S> part;         ///< sum(counts) x width: this process's columns of the read (forward), of dy (backward)
-  RowMatrix<S> dweights;     ///< sum(counts) x bag: <dy, V[idx]> over this process's columns
+  bool filled = false;        ///< set by a completed forward
+  std::vector<Index> counts;  ///< tokens of each process in the last forward
+  IndexMatrix indices;   ///< the group's tokens' slot ids, process by process (sum(counts) x bag)
+  RowMatrix<S> weights;  ///< and their weights
+  /// sum(counts) x width: this process's columns of the read (forward), of dy (backward)
+  RowMatrix<S> part;
+  RowMatrix<S> dweights;  ///< sum(counts) x bag: <dy, V[idx]> over this process's columns
   std::vector<S> buffer, scratch;
   BagBackwardScratch<S> bag;
 };
@@ -57,7 +58,8 @@ struct ShardedReadCache {
 struct ShardTraffic {
   double forward = 0, backward = 0;
 };
-inline ShardTraffic shard_traffic_per_token(Index bag, Index v_dim, Index width, int ranks, double scalar_bytes = 4) {
+inline ShardTraffic shard_traffic_per_token(Index bag, Index v_dim, Index width, int ranks,
+                                            double scalar_bytes = 4) {
   const double P1 = ranks - 1;
   ShardTraffic t;
   t.forward = P1 * double(bag) * (8.0 + scalar_bytes) + P1 * double(width) * scalar_bytes;
@@ -67,30 +69,34 @@ inline ShardTraffic shard_traffic_per_token(Index bag, Index v_dim, Index width,
 
 namespace detail {
 template <class T>
-void check_shard(const char* who, const Group& group, const ColumnShards& shards, const ValueTable<T>& shard) {
+void check_shard(const char* who, const Group& group, const ColumnShards& shards,
+                 const ValueTable<T>& shard) {
   if (shards.ranks() != group.size()) {
-    throw std::invalid_argument(std::string(who) + ": the column split has " + std::to_string(shards.ranks()) +
-                                " shards, expected one per process of the group (" + std::to_string(group.size()) + ")");
+    throw std::invalid_argument(
+        std::string(who) + ": the column split has " + std::to_string(shards.ranks()) +
+        " shards, expected one per process of the group (" + std::to_string(group.size()) + ")");
   }
   const Index w = shards.width(group.rank());
   if (shard.dim() != w) {
-    throw std::invalid_argument(std::string(who) + ": this process's table shard has " + std::to_string(shard.dim()) +
-                                " columns, expected " + std::to_string(w) + " (columns [" +
-                                std::to_string(shards.begin(group.rank())) + ", " +
-                                std::to_string(shards.end(group.rank())) + ") of " + std::to_string(shards.v_dim()) + ")");
+    throw std::invalid_argument(
+        std::string(who) + ": this process's table shard has " + std::to_string(shard.dim()) +
+        " columns, expected " + std::to_string(w) + " (columns [" +
+        std::to_string(shards.begin(group.rank())) + ", " +
+        std::to_string(shards.end(group.rank())) + ") of " + std::to_string(shards.v_dim()) + ")");
   }
 }
 
 inline std::string shard_note(const Group& g, const ColumnShards& s) {
-  return " (process " + std::to_string(g.rank()) + " reads columns [" + std::to_string(s.begin(g.rank())) + ", " +
-         std::to_string(s.end(g.rank())) + "); tokens are numbered over the group, process by process)";
+  return " (process " + std::to_string(g.rank()) + " reads columns [" +
+         std::to_string(s.begin(g.rank())) + ", " + std::to_string(s.end(g.rank())) +
+         "); tokens are numbered over the group, process by process)";
 }
 
 /// Sends each process q this process's dy columns [begin(q), end(q)) for its tokens, and
 /// receives into cache.part every token's dy over this process's columns (process order).
 template <class S>
-void exchange_dy(const char* who, const Group& g, const ColumnShards& s, const ConstMatrixRef<S>& dy,
-                 ShardedReadCache<S>& cache) {
+void exchange_dy(const char* who, const Group& g, const ColumnShards& s,
+                 const ConstMatrixRef<S>& dy, ShardedReadCache<S>& cache) {
   const int P = g.size(), me = g.rank();
   const Index mine = cache.counts[static_cast<std::size_t>(me)], w = s.width(me);
   Index total = 0;
@@ -114,7 +120,8 @@ void exchange_dy(const char* who, const Group& g, const ColumnShards& s, const C
 /// Sums the partial dot products (cache.dweights, every token of the group) over the group
 /// into this process's tokens' dweights, in process order.
 template <class S>
-void reduce_dweights(const char* who, const Group& g, ShardedReadCache<S>& cache, MatrixRef<S> dweights) {
+void reduce_dweights(const char* who, const Group& g, ShardedReadCache<S>& cache,
+                     MatrixRef<S> dweights) {
   const Index bag = cache.dweights.cols();
   std::vector<Index> counts(cache.counts.size());
   for (std::size_t q = 0; q < counts.size(); ++q) counts[q] = cache.counts[q] * bag;
@@ -125,14 +132,17 @@ void reduce_dweights(const char* who, const Group& g, ShardedReadCache<S>& cache
 }
 
 template <class S>
-void check_backward_args(const char* who, const Group& g, const ColumnShards& s, const ShardedReadCache<S>& cache,
-                         const ConstMatrixRef<S>& dy, const MatrixRef<S>& dweights) {
+void check_backward_args(const char* who, const Group& g, const ColumnShards& s,
+                         const ShardedReadCache<S>& cache, const ConstMatrixRef<S>& dy,
+                         const MatrixRef<S>& dweights) {
   if (!cache.filled || static_cast<int>(cache.counts.size()) != g.size()) {
-    throw std::invalid_argument(std::string(who) + ": the cache was not filled by a completed sharded forward");
+    throw std::invalid_argument(std::string(who) +
+                                ": the cache was not filled by a completed sharded forward");
   }
   const Index mine = cache.counts[static_cast<std::size_t>(g.rank())];
   pkm::detail::check_same_shape(who, "dy", dy.rows(), dy.cols(), mine, s.v_dim());
-  pkm::detail::check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), mine, cache.indices.cols());
+  pkm::detail::check_same_shape(who, "dweights", dweights.rows(), dweights.cols(), mine,
+                                cache.indices.cols());
   pkm::detail::check_finite(who, "dy", dy);
 }
 }  // namespace detail
@@ -141,8 +151,9 @@ void check_backward_args(const char* who, const Group& g, const ColumnShards& s,
 /// over the whole table, from every process's columns. `shard` is this process's columns
 /// (rows x shards.width(rank)). Collective. Fills `cache` for the backward.
 template <class T, class S = pkm::detail::accumulator_t<T>>
-void sharded_embedding_bag(const Group& group, const ColumnShards& shards, const ValueTable<T>& shard,
-                           const ConstIndexRef& indices, const ConstMatrixRef<pkm::detail::no_deduce<S>>& weights,
+void sharded_embedding_bag(const Group& group, const ColumnShards& shards,
+                           const ValueTable<T>& shard, const ConstIndexRef& indices,
+                           const ConstMatrixRef<pkm::detail::no_deduce<S>>& weights,
                            MatrixRef<pkm::detail::no_deduce<S>> out, ShardedReadCache<S>& cache) {
   const char* who = "pkm::distributed::sharded_embedding_bag";
   const int P = group.size(), me = group.rank();
@@ -150,13 +161,16 @@ void sharded_embedding_bag(const Group& group, const ColumnShards& shards, const
   cache.filled = false;
   group.collectively(who, Op::read, [&] {
     detail::check_shard(who, group, shards, shard);
-    pkm::detail::check_same_shape(who, "weights", weights.rows(), weights.cols(), indices.rows(), bag);
-    pkm::detail::check_same_shape(who, "out", out.rows(), out.cols(), indices.rows(), shards.v_dim());
+    pkm::detail::check_same_shape(who, "weights", weights.rows(), weights.cols(), indices.rows(),
+                                  bag);
+    pkm::detail::check_same_shape(who, "out", out.rows(), out.cols(), indices.rows(),
+                                  shards.v_dim());
     pkm::detail::check_indices(who, indices, shard.rows());
     pkm::detail::check_finite(who, "weights", weights);
   });
-  group.require_same(who, "the bag size, the table's rows and the column split",
-                     detail::Fingerprint().add(bag).add(shard.rows()).add(shards.to_string()).value());
+  group.require_same(
+      who, "the bag size, the table's rows and the column split",
+      detail::Fingerprint().add(bag).add(shard.rows()).add(shards.to_string()).value());
   cache.counts = group.allgather_count(who, indices.rows());
   Index total = 0;
   std::vector<Index> n(static_cast<std::size_t>(P));
@@ -175,7 +189,8 @@ void sharded_embedding_bag(const Group& group, const ColumnShards& shards, const
   group.collectively(who, Op::read_check, [&] {
     if (total == 0) return;
     embedding_bag<T, S>(shard, cache.indices, cache.weights, cache.part);
-    pkm::detail::check_bag_read<T, S>(who, shard, cache.indices, cache.part, detail::shard_note(group, shards));
+    pkm::detail::check_bag_read<T, S>(who, shard, cache.indices, cache.part,
+                                      detail::shard_note(group, shards));
   });
   std::vector<Index> send(static_cast<std::size_t>(P)), recv(static_cast<std::size_t>(P));
   for (int q = 0; q < P; ++q) {
@@ -200,7 +215,8 @@ void sharded_embedding_bag(const Group& group, const ColumnShards& shards, const
 /// ids are the same on every process). The sink's check runs with the other checks, on every
 /// process. Collective.
 template <class T, class S = pkm::detail::accumulator_t<T>, class Sink>
-void sharded_embedding_bag_backward_to(const Group& group, const ColumnShards& shards, const ValueTable<T>& shard,
+void sharded_embedding_bag_backward_to(const Group& group, const ColumnShards& shards,
+                                       const ValueTable<T>& shard,
                                        const ConstMatrixRef<pkm::detail::no_deduce<S>>& dy,
                                        MatrixRef<pkm::detail::no_deduce<S>> dweights, Sink&& sink,
                                        ShardedReadCache<S>& cache) {
@@ -212,19 +228,23 @@ void sharded_embedding_bag_backward_to(const Group& group, const ColumnShards& s
   });
   detail::exchange_dy<S>(who, group, shards, dy, cache);
   cache.dweights.resize(cache.part.rows(), cache.indices.cols());
-  embedding_bag_backward_to<T, S>(shard, cache.indices, cache.weights, cache.part, cache.dweights, sink, cache.bag);
+  embedding_bag_backward_to<T, S>(shard, cache.indices, cache.weights, cache.part, cache.dweights,
+                                  sink, cache.bag);
   detail::reduce_dweights<S>(who, group, cache, dweights);
 }
 
 /// As above, the gradient of this process's columns merged into `dshard` (a SparseRowGrad of
 /// rows of shards.width(rank)).
 template <class T, class S = pkm::detail::accumulator_t<T>>
-void sharded_embedding_bag_backward(const Group& group, const ColumnShards& shards, const ValueTable<T>& shard,
+void sharded_embedding_bag_backward(const Group& group, const ColumnShards& shards,
+                                    const ValueTable<T>& shard,
                                     const ConstMatrixRef<pkm::detail::no_deduce<S>>& dy,
                                     MatrixRef<pkm::detail::no_deduce<S>> dweights,
-                                    SparseRowGrad<pkm::detail::no_deduce<S>>& dshard, ShardedReadCache<S>& cache) {
+                                    SparseRowGrad<pkm::detail::no_deduce<S>>& dshard,
+                                    ShardedReadCache<S>& cache) {
   sharded_embedding_bag_backward_to<T, S>(group, shards, shard, dy, dweights,
-                                          SparseRowGradSink<S>(dshard, cache.bag.local, "dshard"), cache);
+                                          SparseRowGradSink<S>(dshard, cache.bag.local, "dshard"),
+                                          cache);
   if (dshard.empty()) dshard.dim = shard.dim();
 }
 
@@ -232,7 +252,10 @@ void sharded_embedding_bag_backward(const Group& group, const ColumnShards& shar
 /// gradient norm, row-wise Adagrad's statistic): in process order, the same bits everywhere.
 inline optim::ShardReduction shard_reduction(const Group& group, Index full_dim) {
   const Group* g = &group;
-  return {[g](double* data, Index n) { g->sum_ordered("pkm::distributed (an optimizer step)", data, n); }, full_dim};
+  return {[g](double* data, Index n) {
+            g->sum_ordered("pkm::distributed (an optimizer step)", data, n);
+          },
+          full_dim};
 }
 
 namespace detail {
@@ -258,12 +281,16 @@ void require_same_optimizer(const char* who, const Group& group, const Optimizer
   rows.add(opt.rows());
   const RowMask* m = opt.row_mask();
   mask.add(m != nullptr ? m->size() : std::int64_t(-1));
-  if (m != nullptr && m->size() > 0) mask.add_bytes(m->rows().data(), m->rows().size() * sizeof(std::int64_t));
-  group.require_same(who, {{"the value optimizer's kind", kind.value()},
-                           {"the value optimizer's options (lr, betas, eps, weight decay, max_grad_norm)", options.value()},
-                           {"the value optimizer's step count", steps.value()},
-                           {"the value optimizer's table rows", rows.value()},
-                           {"the value optimizer's row mask (every process must set the same mask, or none)", mask.value()}});
+  if (m != nullptr && m->size() > 0)
+    mask.add_bytes(m->rows().data(), m->rows().size() * sizeof(std::int64_t));
+  group.require_same(
+      who, {{"the value optimizer's kind", kind.value()},
+            {"the value optimizer's options (lr, betas, eps, weight decay, max_grad_norm)",
+             options.value()},
+            {"the value optimizer's step count", steps.value()},
+            {"the value optimizer's table rows", rows.value()},
+            {"the value optimizer's row mask (every process must set the same mask, or none)",
+             mask.value()}});
 }
 }  // namespace detail
 
@@ -275,12 +302,14 @@ void require_same_optimizer(const char* who, const Group& group, const Optimizer
 /// Collective; refuses what the single-process fused backward refuses, on every process,
 /// with nothing changed.
 template <class T, class S = pkm::detail::accumulator_t<T>, class Optimizer>
-double sharded_embedding_bag_backward_update(const Group& group, const ColumnShards& shards, ValueTable<T>& shard,
+double sharded_embedding_bag_backward_update(const Group& group, const ColumnShards& shards,
+                                             ValueTable<T>& shard,
                                              const ConstMatrixRef<pkm::detail::no_deduce<S>>& dy,
-                                             MatrixRef<pkm::detail::no_deduce<S>> dweights, Optimizer& optimizer,
-                                             ShardedReadCache<S>& cache) {
+                                             MatrixRef<pkm::detail::no_deduce<S>> dweights,
+                                             Optimizer& optimizer, ShardedReadCache<S>& cache) {
   static_assert(std::is_same_v<typename Optimizer::scalar_type, S>,
-                "pkm::distributed::sharded_embedding_bag_backward_update: the optimizer's scalar type must be S");
+                "pkm::distributed::sharded_embedding_bag_backward_update: the optimizer's scalar "
+                "type must be S");
   const char* who = "pkm::distributed::sharded_embedding_bag_backward_update";
   group.collectively(who, Op::read_backward_update, [&] {
     detail::check_shard(who, group, shards, shard);
@@ -290,15 +319,18 @@ double sharded_embedding_bag_backward_update(const Group& group, const ColumnSha
   detail::require_same_optimizer(who, group, optimizer);
   detail::exchange_dy<S>(who, group, shards, dy, cache);
   cache.dweights.resize(cache.part.rows(), cache.indices.cols());
-  pkm::detail::bag_backward_begin<T, S>(who, shard, cache.indices, cache.weights, cache.part, cache.dweights, cache.bag);
+  pkm::detail::bag_backward_begin<T, S>(who, shard, cache.indices, cache.weights, cache.part,
+                                        cache.dweights, cache.bag);
   // The update may skip its separate finiteness pass only where every process may.
-  double unsafe = pkm::detail::gradient_known_finite<S>(cache.weights, cache.part, shards.v_dim()) ? 0.0 : 1.0;
+  double unsafe =
+      pkm::detail::gradient_known_finite<S>(cache.weights, cache.part, shards.v_dim()) ? 0.0 : 1.0;
   group.sum_ordered(who, &unsafe, 1);
   const optim::ShardReduction reduction = shard_reduction(group, shards.v_dim());
   const RowMatrix<S>& part = cache.part;
   const double norm = optimizer.step_segments(
       shard, cache.bag.items, cache.bag.segments,
-      [&](std::int64_t token, std::int64_t) { return part.row(token).data(); }, unsafe == 0.0, &reduction);
+      [&](std::int64_t token, std::int64_t) { return part.row(token).data(); }, unsafe == 0.0,
+      &reduction);
   detail::reduce_dweights<S>(who, group, cache, dweights);
   return norm;
 }
@@ -309,22 +341,25 @@ double sharded_embedding_bag_backward_update(const Group& group, const ColumnSha
 /// rounding (norm and row statistics summed over the group). Returns the whole gradient's
 /// norm before clipping. Collective.
 template <class T, class S, class Optimizer>
-double sharded_step(const Group& group, const ColumnShards& shards, Optimizer& optimizer, ValueTable<T>& shard,
-                    const SparseRowGrad<S>& grad) {
+double sharded_step(const Group& group, const ColumnShards& shards, Optimizer& optimizer,
+                    ValueTable<T>& shard, const SparseRowGrad<S>& grad) {
   const char* who = "pkm::distributed::sharded_step";
   group.collectively(who, Op::step, [&] {
     detail::check_shard(who, group, shards, shard);
     detail::check_step_args(who, optimizer, shard);
     grad.validate(who, "the gradient", shard.rows());
     if (grad.size() > 0 && grad.dim != shard.dim()) {
-      throw std::invalid_argument(std::string(who) + ": the gradient has rows of " + std::to_string(grad.dim) +
-                                  ", expected this process's " + std::to_string(shard.dim()) + " columns");
+      throw std::invalid_argument(std::string(who) + ": the gradient has rows of " +
+                                  std::to_string(grad.dim) + ", expected this process's " +
+                                  std::to_string(shard.dim()) + " columns");
     }
   });
   detail::Fingerprint rows;
   rows.add(grad.rows.size());
   if (!grad.rows.empty()) rows.add_bytes(grad.rows.data(), grad.rows.size() * sizeof(std::int64_t));
-  group.require_same(who, "the gradient's row ids (each process's gradient must cover the same rows)", rows.value());
+  group.require_same(who,
+                     "the gradient's row ids (each process's gradient must cover the same rows)",
+                     rows.value());
   detail::require_same_optimizer(who, group, optimizer);
   const optim::ShardReduction reduction = shard_reduction(group, shards.v_dim());
   return optimizer.step(shard, grad, &reduction);

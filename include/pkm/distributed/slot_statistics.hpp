@@ -22,7 +22,8 @@ namespace pkm::distributed {
 inline void sum_slot_statistics(const Group& group, SlotStatistics& stats) {
   const char* who = "pkm::distributed::sum_slot_statistics";
   group.collectively(who, Op::sum, [&] {
-    if (stats.slots() < 1) throw std::invalid_argument(std::string(who) + ": the statistics were default-constructed");
+    if (stats.slots() < 1)
+      throw std::invalid_argument(std::string(who) + ": the statistics were default-constructed");
   });
   group.require_same(who, "the statistics' slot count and mass setting",
                      static_cast<std::uint64_t>(stats.slots()) * 2 + (stats.tracks_mass() ? 1 : 0));
@@ -40,20 +41,23 @@ inline void sum_slot_statistics(const Group& group, SlotStatistics& stats) {
   });
   SlotStatistics sum = stats;
   std::vector<std::int64_t> ints;
-  sum.for_each_state([&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
-    using T = std::remove_pointer_t<decltype(data)>;
-    if constexpr (std::is_same_v<T, std::int64_t>) ints.insert(ints.end(), data, data + shape[0]);
-  });
+  sum.for_each_state(
+      [&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
+        using T = std::remove_pointer_t<decltype(data)>;
+        if constexpr (std::is_same_v<T, std::int64_t>)
+          ints.insert(ints.end(), data, data + shape[0]);
+      });
   group.sum_ordered(who, ints.data(), static_cast<Index>(ints.size()));
   std::size_t at = 0;
-  sum.for_each_state([&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
-    using T = std::remove_pointer_t<decltype(data)>;
-    if constexpr (std::is_same_v<T, std::int64_t>) {
-      for (std::int64_t i = 0; i < shape[0]; ++i) data[i] = ints[at++];
-    } else {
-      group.sum_ordered(who, data, static_cast<Index>(shape[0]));
-    }
-  });
+  sum.for_each_state(
+      [&](const std::string&, const std::vector<std::int64_t>& shape, auto* data, auto...) {
+        using T = std::remove_pointer_t<decltype(data)>;
+        if constexpr (std::is_same_v<T, std::int64_t>) {
+          for (std::int64_t i = 0; i < shape[0]; ++i) data[i] = ints[at++];
+        } else {
+          group.sum_ordered(who, data, static_cast<Index>(shape[0]));
+        }
+      });
   group.collectively(who, Op::verify, [&] { sum.check_consistent(who); });
   stats = std::move(sum);
 }

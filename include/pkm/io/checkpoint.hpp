@@ -52,7 +52,8 @@ namespace detail {
   throw std::invalid_argument("checkpoint '" + f.path() + "': " + what);
 }
 
-inline std::int64_t parse_int(const SafetensorsFile& f, const std::string& key, const std::string& s) {
+inline std::int64_t parse_int(const SafetensorsFile& f, const std::string& key,
+                              const std::string& s) {
   char* end = nullptr;
   errno = 0;
   const long long v = std::strtoll(s.c_str(), &end, 10);
@@ -81,28 +82,33 @@ inline bool parse_bool(const SafetensorsFile& f, const std::string& key, const s
 /// inconsistent marking.
 inline std::optional<ShardRange> shard_range(const SafetensorsFile& f) {
   const auto& meta = f.metadata();
-  const int present = int(meta.count(kMetaShardBegin)) + int(meta.count(kMetaShardEnd)) + int(meta.count(kMetaShardVDim));
+  const int present = int(meta.count(kMetaShardBegin)) + int(meta.count(kMetaShardEnd)) +
+                      int(meta.count(kMetaShardVDim));
   if (present == 0) return std::nullopt;
   if (present != 3) {
-    bad_checkpoint(f, std::string("__metadata__ has only some of '") + kMetaShardBegin + "', '" + kMetaShardEnd +
-                          "' and '" + kMetaShardVDim + "'; a column shard needs all three");
+    bad_checkpoint(f, std::string("__metadata__ has only some of '") + kMetaShardBegin + "', '" +
+                          kMetaShardEnd + "' and '" + kMetaShardVDim +
+                          "'; a column shard needs all three");
   }
   ShardRange r;
   r.begin = parse_int(f, kMetaShardBegin, meta.at(kMetaShardBegin));
   r.end = parse_int(f, kMetaShardEnd, meta.at(kMetaShardEnd));
   r.v_dim = parse_int(f, kMetaShardVDim, meta.at(kMetaShardVDim));
   if (!(0 <= r.begin && r.begin < r.end && r.end <= r.v_dim && r.v_dim <= kMaxDim)) {
-    bad_checkpoint(f, "shard columns [" + std::to_string(r.begin) + ", " + std::to_string(r.end) + ") of " +
-                          std::to_string(r.v_dim) + "; expected 0 <= begin < end <= v_dim <= " + std::to_string(kMaxDim));
+    bad_checkpoint(f, "shard columns [" + std::to_string(r.begin) + ", " + std::to_string(r.end) +
+                          ") of " + std::to_string(r.v_dim) +
+                          "; expected 0 <= begin < end <= v_dim <= " + std::to_string(kMaxDim));
   }
   return r;
 }
 
 inline void refuse_shard(const SafetensorsFile& f) {
   if (const auto r = shard_range(f)) {
-    bad_checkpoint(f, "holds only columns [" + std::to_string(r->begin) + ", " + std::to_string(r->end) + ") of the " +
-                          std::to_string(r->v_dim) + "-column value table (a shard of a memory-parallel layer); "
-                          "gather the shards into one file first (pkm::io::gather_shards, pkm_shards gather)");
+    bad_checkpoint(
+        f, "holds only columns [" + std::to_string(r->begin) + ", " + std::to_string(r->end) +
+               ") of the " + std::to_string(r->v_dim) +
+               "-column value table (a shard of a memory-parallel layer); "
+               "gather the shards into one file first (pkm::io::gather_shards, pkm_shards gather)");
   }
 }
 
@@ -113,11 +119,11 @@ inline std::vector<std::int64_t> file_shape(const MemoryConfig& c, Tensor t) {
   return {s.rows, s.cols};
 }
 
-
 inline const TensorInfo& rank2(const SafetensorsFile& f, const std::string& name) {
   const TensorInfo& t = f.info(name);
   if (t.shape.size() != 2) {
-    bad_checkpoint(f, "tensor '" + name + "' has shape " + t.shape_string() + "; expected 2 dimensions");
+    bad_checkpoint(
+        f, "tensor '" + name + "' has shape " + t.shape_string() + "; expected 2 dimensions");
   }
   return t;
 }
@@ -138,21 +144,25 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
   const std::int64_t slots = values.shape[0];
   c.n_keys = static_cast<std::int64_t>(std::llround(std::sqrt(static_cast<double>(slots))));
   if (c.n_keys * c.n_keys != slots || slots == 0) {
-    detail::bad_checkpoint(f, "values.weight has " + std::to_string(slots) + " rows; expected n_keys^2 for some n_keys");
+    detail::bad_checkpoint(f, "values.weight has " + std::to_string(slots) +
+                                  " rows; expected n_keys^2 for some n_keys");
   }
   c.v_dim = values.shape[1];
-  if (const auto shard = detail::shard_range(f)) {  // a column shard: the table's width from the metadata
+  if (const auto shard =
+          detail::shard_range(f)) {  // a column shard: the table's width from the metadata
     if (values.shape[1] != shard->width()) {
-      detail::bad_checkpoint(f, "values.weight has " + std::to_string(values.shape[1]) + " columns, expected the " +
-                                    std::to_string(shard->width()) + " of its shard metadata");
+      detail::bad_checkpoint(f, "values.weight has " + std::to_string(values.shape[1]) +
+                                    " columns, expected the " + std::to_string(shard->width()) +
+                                    " of its shard metadata");
     }
     c.v_dim = shard->v_dim;
   }
   const std::int64_t half = keys.shape[1];
   c.k_dim = 2 * half;
   if (c.n_keys == 0 || keys.shape[0] % (2 * c.n_keys) != 0 || keys.shape[0] == 0) {
-    detail::bad_checkpoint(f, "keys has " + std::to_string(keys.shape[0]) +
-                                  " rows; expected 2 * heads * n_keys with n_keys = " + std::to_string(c.n_keys));
+    detail::bad_checkpoint(
+        f, "keys has " + std::to_string(keys.shape[0]) +
+               " rows; expected 2 * heads * n_keys with n_keys = " + std::to_string(c.n_keys));
   }
   c.heads = keys.shape[0] / (2 * c.n_keys);
   c.input_dim = wq.shape[1];
@@ -160,13 +170,14 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
   c.memory_plus = f.has(name(Tensor::swilu_weight));
   c.value_projection = f.has(name(Tensor::value_proj_weight));
   c.gating = f.has(name(Tensor::gate_weight));
-  c.output_dim = c.value_projection ? detail::rank2(f, name(Tensor::value_proj_weight)).shape[0] : c.v_dim;
+  c.output_dim =
+      c.value_projection ? detail::rank2(f, name(Tensor::value_proj_weight)).shape[0] : c.v_dim;
   for (auto [w, b] : {std::pair{Tensor::swilu_weight, Tensor::swilu_bias},
                       std::pair{Tensor::value_proj_weight, Tensor::value_proj_bias},
                       std::pair{Tensor::gate_weight, Tensor::gate_bias}}) {
     if (f.has(name(w)) != f.has(name(b))) {
-      detail::bad_checkpoint(f, "'" + name(f.has(name(w)) ? b : w) + "' is missing; '" + name(w) + "' and '" +
-                                    name(b) + "' come together");
+      detail::bad_checkpoint(f, "'" + name(f.has(name(w)) ? b : w) + "' is missing; '" + name(w) +
+                                    "' and '" + name(b) + "' come together");
     }
   }
   const auto& meta = f.metadata();
@@ -175,7 +186,9 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
   } else if (auto it = meta.find(kMetaKnn); it != meta.end()) {
     c.knn = detail::parse_int(f, kMetaKnn, it->second);
   } else {
-    detail::bad_checkpoint(f, "knn is not in the file's __metadata__ (\"mem_knn\"); pass it (LoadOptions::knn, --knn)");
+    detail::bad_checkpoint(
+        f,
+        "knn is not in the file's __metadata__ (\"mem_knn\"); pass it (LoadOptions::knn, --knn)");
   }
   if (opt.qk_norm) {
     c.qk_norm = *opt.qk_norm;
@@ -199,15 +212,18 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
     const auto want = detail::file_shape(c, tensor);
     const TensorInfo& info = f.info(name(tensor));
     if (info.shape != want) {
-      detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has shape " + info.shape_string() + ", expected " +
-                                    shape_string(want));
+      detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has shape " + info.shape_string() +
+                                    ", expected " + shape_string(want));
     }
     if (!is_float(info.dtype)) {
-      detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has dtype " + dtype_name(info.dtype) + "; expected a float dtype");
+      detail::bad_checkpoint(f, "tensor '" + name(tensor) + "' has dtype " +
+                                    dtype_name(info.dtype) + "; expected a float dtype");
     }
   }
   if (!is_float(values.dtype)) {
-    detail::bad_checkpoint(f, "tensor 'values.weight' has dtype " + std::string(dtype_name(values.dtype)) + "; expected a float dtype");
+    detail::bad_checkpoint(f, "tensor 'values.weight' has dtype " +
+                                  std::string(dtype_name(values.dtype)) +
+                                  "; expected a float dtype");
   }
   return c;
 }
@@ -236,7 +252,8 @@ MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptio
   f.read(opt.prefix + "values.weight", table.data(), static_cast<std::size_t>(c.slots() * c.v_dim));
   if (const Index r = first_non_finite_row(table); r >= 0) {
     detail::bad_checkpoint(f, "tensor '" + opt.prefix + "values.weight' row " + std::to_string(r) +
-                                  " holds a non-finite value (as " + dtype_name(dtype_of<TableT>()) + ")");
+                                  " holds a non-finite value (as " +
+                                  dtype_name(dtype_of<TableT>()) + ")");
   }
   LayerParameters<Scalar> params = load_parameters<Scalar>(f, c, opt.prefix);
   try {
@@ -260,12 +277,14 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
   const MemoryConfig c = infer_config(f, opt);
   const TensorInfo& v = f.info(opt.prefix + "values.weight");
   if (v.dtype != dtype_of<TableT>()) {
-    detail::bad_checkpoint(f, "values.weight is " + std::string(dtype_name(v.dtype)) + "; mapping it needs " +
-                                  dtype_name(dtype_of<TableT>()) + " (use load_layer to convert)");
+    detail::bad_checkpoint(f, "values.weight is " + std::string(dtype_name(v.dtype)) +
+                                  "; mapping it needs " + dtype_name(dtype_of<TableT>()) +
+                                  " (use load_layer to convert)");
   }
   std::uint8_t* p = f.mutable_bytes(v);
   if (reinterpret_cast<std::uintptr_t>(p) % alignof(TableT) != 0) {
-    detail::bad_checkpoint(f, "values.weight is not aligned for its dtype in the file; use load_layer");
+    detail::bad_checkpoint(
+        f, "values.weight is not aligned for its dtype in the file; use load_layer");
   }
   LayerParameters<Scalar> params = load_parameters<Scalar>(f, c, opt.prefix);
   try {
@@ -273,25 +292,28 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
   } catch (const std::runtime_error& e) {
     detail::bad_checkpoint(f, e.what());
   }
-  return MemoryLayer<Scalar, TableT>(std::move(params),
-                                     ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
+  return MemoryLayer<Scalar, TableT>(
+      std::move(params),
+      ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
 }
 
 namespace detail {
 /// Adds dense parameters and a value table (the whole table or a column shard) under the
 /// reference names, with pkm's metadata. The table must be contiguous.
 template <class Scalar, class TableT>
-void add_parts(SafetensorsWriter& w, const LayerParameters<Scalar>& params, const ValueTable<TableT>& values,
-               const std::string& prefix) {
+void add_parts(SafetensorsWriter& w, const LayerParameters<Scalar>& params,
+               const ValueTable<TableT>& values, const std::string& prefix) {
   const MemoryConfig& c = params.config();
   if (values.stride() != values.dim()) {
-    throw std::invalid_argument("pkm::io::add_layer: the value table has stride " + std::to_string(values.stride()) +
+    throw std::invalid_argument("pkm::io::add_layer: the value table has stride " +
+                                std::to_string(values.stride()) +
                                 "; saving needs a contiguous table");
   }
   params.for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
     w.add(prefix + tensor_name(t), file_shape(c, t), m.data());
   });
-  w.add(prefix + "values.weight", {values.rows(), values.dim()}, static_cast<const TableT*>(values.data()));
+  w.add(prefix + "values.weight", {values.rows(), values.dim()},
+        static_cast<const TableT*>(values.data()));
   w.set_metadata(kMetaKnn, std::to_string(c.knn));
   w.set_metadata(kMetaQkNorm, c.qk_norm ? "true" : "false");
   if (c.qk_norm_scale) {
@@ -307,7 +329,8 @@ void add_parts(SafetensorsWriter& w, const LayerParameters<Scalar>& params, cons
 /// the same layer, bit for bit. The data is kept by pointer until w.write(). The value table
 /// must be contiguous (stride == v_dim).
 template <class Scalar, class TableT>
-void add_layer(SafetensorsWriter& w, const MemoryLayer<Scalar, TableT>& layer, const std::string& prefix = "") {
+void add_layer(SafetensorsWriter& w, const MemoryLayer<Scalar, TableT>& layer,
+               const std::string& prefix = "") {
   detail::add_parts(w, layer.params(), layer.values(), prefix);
 }
 

@@ -18,7 +18,6 @@
 
 namespace pkm::io {
 
-
 /// The element types pkm reads and writes: pkm::Dtype (pkm/dtype.hpp), under the names io
 /// code has always used.
 using Dtype = pkm::Dtype;
@@ -49,8 +48,11 @@ struct TensorInfo {
   std::int64_t numel() const {
     std::uint64_t n = 1;
     for (auto d : shape) {
-      const auto p = d < 0 ? std::nullopt : pkm::detail::product_within(n, static_cast<std::uint64_t>(d));
-      if (!p) throw std::out_of_range("pkm::io::TensorInfo: shape " + io::shape_string(shape) + " of '" + name + "' overflows");
+      const auto p =
+          d < 0 ? std::nullopt : pkm::detail::product_within(n, static_cast<std::uint64_t>(d));
+      if (!p)
+        throw std::out_of_range("pkm::io::TensorInfo: shape " + io::shape_string(shape) + " of '" +
+                                name + "' overflows");
       n = *p;
     }
     return static_cast<std::int64_t>(n);
@@ -63,22 +65,42 @@ namespace detail {
 template <class T>
 T load_element(const std::uint8_t* p, Dtype d, std::size_t i) {
   switch (d) {
-    case Dtype::f32: { float v; std::memcpy(&v, p + 4 * i, 4); return static_cast<T>(v); }
-    case Dtype::f64: { double v; std::memcpy(&v, p + 8 * i, 8); return static_cast<T>(v); }
+    case Dtype::f32: {
+      float v;
+      std::memcpy(&v, p + 4 * i, 4);
+      return static_cast<T>(v);
+    }
+    case Dtype::f64: {
+      double v;
+      std::memcpy(&v, p + 8 * i, 8);
+      return static_cast<T>(v);
+    }
     case Dtype::bf16: {
       bf16 v;
       std::memcpy(&v, p + 2 * i, 2);
-      if constexpr (std::is_same_v<T, bf16>) return v;
-      else return static_cast<T>(static_cast<float>(v));
+      if constexpr (std::is_same_v<T, bf16>)
+        return v;
+      else
+        return static_cast<T>(static_cast<float>(v));
     }
     case Dtype::f16: {
       fp16 v;
       std::memcpy(&v, p + 2 * i, 2);
-      if constexpr (std::is_same_v<T, fp16>) return v;
-      else return static_cast<T>(static_cast<float>(v));
+      if constexpr (std::is_same_v<T, fp16>)
+        return v;
+      else
+        return static_cast<T>(static_cast<float>(v));
     }
-    case Dtype::i64: { std::int64_t v; std::memcpy(&v, p + 8 * i, 8); return static_cast<T>(v); }
-    case Dtype::i32: { std::int32_t v; std::memcpy(&v, p + 4 * i, 4); return static_cast<T>(v); }
+    case Dtype::i64: {
+      std::int64_t v;
+      std::memcpy(&v, p + 8 * i, 8);
+      return static_cast<T>(v);
+    }
+    case Dtype::i32: {
+      std::int32_t v;
+      std::memcpy(&v, p + 4 * i, 4);
+      return static_cast<T>(v);
+    }
   }
   return T{};
 }
@@ -106,9 +128,12 @@ inline int json_depth(const std::uint8_t* p, std::size_t n, int limit) {
   for (std::size_t i = 0; i < n; ++i) {
     const char ch = static_cast<char>(p[i]);
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (ch == '\\') escaped = true;
-      else if (ch == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (ch == '\\')
+        escaped = true;
+      else if (ch == '"')
+        in_string = false;
     } else if (ch == '"') {
       in_string = true;
     } else if (ch == '[' || ch == '{') {
@@ -129,11 +154,21 @@ inline bool valid_utf8(const std::string& s) {
     const auto c = static_cast<unsigned char>(s[i]);
     std::size_t len = 0;
     std::uint32_t cp = 0;
-    if (c < 0x80) { ++i; continue; }
-    if ((c & 0xE0) == 0xC0) { len = 2; cp = c & 0x1F; }
-    else if ((c & 0xF0) == 0xE0) { len = 3; cp = c & 0x0F; }
-    else if ((c & 0xF8) == 0xF0) { len = 4; cp = c & 0x07; }
-    else return false;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07;
+    } else
+      return false;
     if (i + len > n) return false;
     for (std::size_t k = 1; k < len; ++k) {
       const auto cc = static_cast<unsigned char>(s[i + k]);

@@ -24,9 +24,11 @@ namespace pkm::io {
 /// until w.write(); the optimizer must stay alive and unchanged until then).
 template <class Optimizer>
 void add_optimizer_state(SafetensorsWriter& w, Optimizer& optimizer, const std::string& prefix) {
-  optimizer.for_each_state([&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
-    w.add(prefix + name, std::move(shape), static_cast<const std::remove_pointer_t<decltype(data)>*>(data));
-  });
+  optimizer.for_each_state(
+      [&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
+        w.add(prefix + name, std::move(shape),
+              static_cast<const std::remove_pointer_t<decltype(data)>*>(data));
+      });
 }
 
 /// Loads state saved by add_optimizer_state into an optimizer built for the same tensors
@@ -36,11 +38,12 @@ void add_optimizer_state(SafetensorsWriter& w, Optimizer& optimizer, const std::
 /// Adagrad sums >= 0) — so on error (std::invalid_argument naming the tensor, the element
 /// and the value) the optimizer is unchanged. Float state converts from F32/F64/BF16/F16.
 template <class Optimizer>
-void load_optimizer_state(const SafetensorsFile& f, Optimizer& optimizer, const std::string& prefix) {
+void load_optimizer_state(const SafetensorsFile& f, Optimizer& optimizer,
+                          const std::string& prefix) {
   const char* who = "pkm::io::load_optimizer_state";
   std::int64_t loaded_step = -1;  // the file's "step", once seen (for_each_state lists it first)
-  optimizer.for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape, auto* data,
-                               auto... kind_arg) {
+  optimizer.for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape,
+                               auto* data, auto... kind_arg) {
     using T = std::remove_pointer_t<decltype(data)>;
     const std::string full = prefix + name;
     if (!f.has(full)) {
@@ -51,31 +54,36 @@ void load_optimizer_state(const SafetensorsFile& f, Optimizer& optimizer, const 
     const TensorInfo& t = f.info(full);
     if (t.shape != shape) {
       throw std::invalid_argument(std::string(who) + ": tensor '" + full + "' has shape " +
-                                  detail::clip(t.shape_string()) + ", expected " + shape_string(shape));
+                                  detail::clip(t.shape_string()) + ", expected " +
+                                  shape_string(shape));
     }
     if (is_float(t.dtype) != std::is_floating_point_v<T>) {
-      throw std::invalid_argument(std::string(who) + ": tensor '" + full + "' has dtype " +
-                                  dtype_name(t.dtype) + ", expected " +
-                                  (std::is_floating_point_v<T> ? "a float dtype" : "an integer dtype"));
+      throw std::invalid_argument(
+          std::string(who) + ": tensor '" + full + "' has dtype " + dtype_name(t.dtype) +
+          ", expected " + (std::is_floating_point_v<T> ? "a float dtype" : "an integer dtype"));
     }
-    optim::StateKind kind = std::is_floating_point_v<T> ? optim::StateKind::finite : optim::StateKind::step_count;
+    optim::StateKind kind =
+        std::is_floating_point_v<T> ? optim::StateKind::finite : optim::StateKind::step_count;
     ((kind = kind_arg), ...);
     f.visit<T>(full, [&](const T* v, std::size_t first, std::size_t n) {
       for (std::size_t i = 0; i < n; ++i) {
         if (!optim::state_value_ok(kind, v[i], loaded_step)) {
-          throw std::invalid_argument(std::string(who) + ": tensor '" + full + "' holds " + std::to_string(v[i]) +
-                                      " at element " + std::to_string(first + i) + "; expected " +
-                                      optim::state_kind_rule(kind) + " (the optimizer is unchanged)");
+          throw std::invalid_argument(
+              std::string(who) + ": tensor '" + full + "' holds " + std::to_string(v[i]) +
+              " at element " + std::to_string(first + i) + "; expected " +
+              optim::state_kind_rule(kind) + " (the optimizer is unchanged)");
         }
         if constexpr (!std::is_floating_point_v<T>) {
-          if (kind == optim::StateKind::step_count && name == "step") loaded_step = static_cast<std::int64_t>(v[i]);
+          if (kind == optim::StateKind::step_count && name == "step")
+            loaded_step = static_cast<std::int64_t>(v[i]);
         }
       }
     });
   });
-  optimizer.for_each_state([&](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
-    f.read(prefix + name, data, static_cast<std::size_t>(f.info(prefix + name).numel()));
-  });
+  optimizer.for_each_state(
+      [&](const std::string& name, const std::vector<std::int64_t>&, auto* data, auto...) {
+        f.read(prefix + name, data, static_cast<std::size_t>(f.info(prefix + name).numel()));
+      });
 }
 
 }  // namespace pkm::io

@@ -56,7 +56,8 @@ inline ParityResult run_parity(const SafetensorsFile& checkpoint, const Safetens
     const TensorInfo& t = input.info(name);
     if (t.shape.size() != 2 || t.shape[1] != cols) {
       throw std::invalid_argument("input '" + input.path() + "': tensor '" + name + "' has shape " +
-                                  t.shape_string() + ", expected [B, " + std::to_string(cols) + "] (" + what + ")");
+                                  t.shape_string() + ", expected [B, " + std::to_string(cols) +
+                                  "] (" + what + ")");
     }
     RowMatrix<float> m(t.shape[0], cols);
     input.read(name, m.data(), static_cast<std::size_t>(m.size()));
@@ -67,19 +68,26 @@ inline ParityResult run_parity(const SafetensorsFile& checkpoint, const Safetens
   ForwardCache<float> cache;
   const RowMatrix<float> y = layer.forward(x, cache);
 
-  auto add_f32 = [&](const std::string& name, std::vector<std::int64_t> shape, const float* p, Index n) {
-    r.tensors.push_back(NamedTensor{name, Dtype::f32, std::move(shape), std::vector<float>(p, p + n), {}});
+  auto add_f32 = [&](const std::string& name, std::vector<std::int64_t> shape, const float* p,
+                     Index n) {
+    r.tensors.push_back(
+        NamedTensor{name, Dtype::f32, std::move(shape), std::vector<float>(p, p + n), {}});
   };
   add_f32("y", {B, c.output_dim}, y.data(), y.size());
-  r.tensors.push_back(NamedTensor{"indices", Dtype::i64, {B, c.heads, c.knn}, {},
-                                  std::vector<std::int64_t>(cache.indices.data(), cache.indices.data() + cache.indices.size())});
+  r.tensors.push_back(
+      NamedTensor{"indices",
+                  Dtype::i64,
+                  {B, c.heads, c.knn},
+                  {},
+                  std::vector<std::int64_t>(cache.indices.data(),
+                                            cache.indices.data() + cache.indices.size())});
   add_f32("scores", {B, c.heads, c.knn}, cache.weights.data(), cache.weights.size());
 
   if (input.has("dy")) {
     if (input.info("dy").shape.size() != 2 || input.info("dy").shape[0] != B) {
       throw std::invalid_argument("input '" + input.path() + "': tensor 'dy' has shape " +
-                                  input.info("dy").shape_string() + ", expected [" + std::to_string(B) + ", " +
-                                  std::to_string(c.output_dim) + "]");
+                                  input.info("dy").shape_string() + ", expected [" +
+                                  std::to_string(B) + ", " + std::to_string(c.output_dim) + "]");
     }
     const RowMatrix<float> dy = matrix("dy", c.output_dim, "output_dim");
     LayerGradients<float> g(c);
@@ -87,11 +95,13 @@ inline ParityResult run_parity(const SafetensorsFile& checkpoint, const Safetens
     layer.backward(x, cache, dy, g, dx);
     add_f32("dx", {B, c.input_dim}, dx.data(), dx.size());
     g.params.for_each([&](Tensor t, MatrixMap<float> m) {
-      add_f32("grad." + options.prefix + tensor_name(t), detail::file_shape(c, t), m.data(), m.size());
+      add_f32("grad." + options.prefix + tensor_name(t), detail::file_shape(c, t), m.data(),
+              m.size());
     });
     RowMatrix<float> dense = RowMatrix<float>::Zero(c.slots(), c.v_dim);
     g.values.add_to(dense);
-    add_f32("grad." + options.prefix + "values.weight", {c.slots(), c.v_dim}, dense.data(), dense.size());
+    add_f32("grad." + options.prefix + "values.weight", {c.slots(), c.v_dim}, dense.data(),
+            dense.size());
   }
   return r;
 }

@@ -24,7 +24,8 @@ namespace detail {
 /// hard links, other spellings), else the same absolute path with the links of its existing
 /// part resolved.
 inline bool same_file(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
+  struct stat sa {
+  }, sb{};
   if (::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0) {
     return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
   }
@@ -37,20 +38,24 @@ inline bool same_file(const std::string& a, const std::string& b) {
 
 /// Throws std::invalid_argument unless every output is a file of its own: not an input (nor a
 /// link to one) and not another output. Call it before writing anything.
-inline void check_outputs(const char* who, const std::vector<NamedPath>& outputs, const std::vector<NamedPath>& inputs) {
+inline void check_outputs(const char* who, const std::vector<NamedPath>& outputs,
+                          const std::vector<NamedPath>& inputs) {
   for (std::size_t o = 0; o < outputs.size(); ++o) {
-    if (outputs[o].path.empty()) throw std::invalid_argument(std::string(who) + ": " + outputs[o].name + " is empty");
+    if (outputs[o].path.empty())
+      throw std::invalid_argument(std::string(who) + ": " + outputs[o].name + " is empty");
     for (const NamedPath& in : inputs) {
       if (detail::same_file(outputs[o].path, in.path)) {
-        throw std::invalid_argument(std::string(who) + ": " + outputs[o].name + " '" + outputs[o].path +
-                                    "' is the same file as " + in.name + " '" + in.path +
+        throw std::invalid_argument(std::string(who) + ": " + outputs[o].name + " '" +
+                                    outputs[o].path + "' is the same file as " + in.name + " '" +
+                                    in.path +
                                     "'; expected a new path (writing it would replace the input)");
       }
     }
     for (std::size_t p = 0; p < o; ++p) {
       if (detail::same_file(outputs[o].path, outputs[p].path)) {
-        throw std::invalid_argument(std::string(who) + ": " + outputs[o].name + " '" + outputs[o].path +
-                                    "' is the same file as " + outputs[p].name + " '" + outputs[p].path +
+        throw std::invalid_argument(std::string(who) + ": " + outputs[o].name + " '" +
+                                    outputs[o].path + "' is the same file as " + outputs[p].name +
+                                    " '" + outputs[p].path +
                                     "'; expected a file of its own for each output");
       }
     }

@@ -121,7 +121,9 @@ class SafetensorsFile {
       copy_out(t.begin, out, count * sizeof(T), name);
       return;
     }
-    visit<T>(name, [&](const T* v, std::size_t first, std::size_t n) { std::copy(v, v + n, out + first); });
+    visit<T>(name, [&](const T* v, std::size_t first, std::size_t n) {
+      std::copy(v, v + n, out + first);
+    });
   }
 
   /// Calls fn(values, first, n) for consecutive chunks of the tensor's elements converted to
@@ -138,7 +140,8 @@ class SafetensorsFile {
     for (std::size_t i0 = 0; i0 < count; i0 += kChunk) {
       const std::size_t len = std::min(kChunk, count - i0);
       copy_out(t.begin + i0 * esize, buf.data(), len * esize, name);
-      for (std::size_t i = 0; i < len; ++i) values[i] = detail::load_element<T>(buf.data(), t.dtype, i);
+      for (std::size_t i = 0; i < len; ++i)
+        values[i] = detail::load_element<T>(buf.data(), t.dtype, i);
       fn(static_cast<const T*>(values.data()), i0, len);
     }
   }
@@ -164,19 +167,22 @@ class SafetensorsFile {
     const TensorInfo& t = info(name);
     if (static_cast<std::size_t>(t.numel()) != count) {
       throw std::invalid_argument(label_ + ": tensor '" + detail::clip(name) + "' has " +
-                                  std::to_string(t.numel()) + " elements, expected " + std::to_string(count));
+                                  std::to_string(t.numel()) + " elements, expected " +
+                                  std::to_string(count));
     }
     constexpr bool want_float = is_float(dtype_of<T>());
     if (want_float != is_float(t.dtype)) {
-      throw std::invalid_argument(label_ + ": tensor '" + detail::clip(name) + "' has dtype " +
-                                  dtype_name(t.dtype) + ", expected " +
-                                  (want_float ? "a float dtype (F32, F64, BF16, F16)" : "an integer dtype (I64, I32)"));
+      throw std::invalid_argument(
+          label_ + ": tensor '" + detail::clip(name) + "' has dtype " + dtype_name(t.dtype) +
+          ", expected " +
+          (want_float ? "a float dtype (F32, F64, BF16, F16)" : "an integer dtype (I64, I32)"));
     }
     return t;
   }
   const TensorInfo* find(const std::string& name) const {
-    auto it = std::lower_bound(tensors_.begin(), tensors_.end(), name,
-                               [](const TensorInfo& t, const std::string& n) { return t.name < n; });
+    auto it =
+        std::lower_bound(tensors_.begin(), tensors_.end(), name,
+                         [](const TensorInfo& t, const std::string& n) { return t.name < n; });
     return (it != tensors_.end() && it->name == name) ? &*it : nullptr;
   }
   std::uint8_t* data_begin() const { return bytes_->data + 8 + header_size_; }
@@ -191,29 +197,37 @@ class SafetensorsFile {
     auto* out = static_cast<std::uint8_t*>(dst);
     std::size_t done = 0;
     while (done < n) {
-      const ssize_t r = ::pread(bytes_->fd, out + done, n - done, static_cast<off_t>(offset + done));
+      const ssize_t r =
+          ::pread(bytes_->fd, out + done, n - done, static_cast<off_t>(offset + done));
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) {
-        fail(what + ": the file ended (or failed to read: " + std::string(r < 0 ? std::strerror(errno) : "end of file") +
-             ") at byte " + std::to_string(offset + done) + " of the " + std::to_string(bytes_->size) +
+        fail(what + ": the file ended (or failed to read: " +
+             std::string(r < 0 ? std::strerror(errno) : "end of file") + ") at byte " +
+             std::to_string(offset + done) + " of the " + std::to_string(bytes_->size) +
              " it had when opened; it was changed while in use");
       }
       done += static_cast<std::size_t>(r);
     }
   }
-  void copy_out(std::uint64_t data_offset, void* dst, std::size_t n, const std::string& name) const {
+  void copy_out(std::uint64_t data_offset, void* dst, std::size_t n,
+                const std::string& name) const {
     read_at(8 + header_size_ + data_offset, dst, n, "tensor '" + detail::clip(name) + "'");
   }
 
   void parse() {
     const std::size_t size = bytes_->size;
-    if (size < 8) fail("truncated: " + std::to_string(size) + " bytes, the header length alone needs 8");
+    if (size < 8)
+      fail("truncated: " + std::to_string(size) + " bytes, the header length alone needs 8");
     std::uint8_t len[8];
     read_at(0, len, 8, "header length");
     std::uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | len[i];
-    if (n > kMaxHeaderBytes) fail("header length " + std::to_string(n) + " is over the limit of " + std::to_string(kMaxHeaderBytes) + " bytes");
-    if (n > size - 8) fail("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) + " bytes)");
+    if (n > kMaxHeaderBytes)
+      fail("header length " + std::to_string(n) + " is over the limit of " +
+           std::to_string(kMaxHeaderBytes) + " bytes");
+    if (n > size - 8)
+      fail("header length " + std::to_string(n) + " runs past the end of the file (" +
+           std::to_string(size) + " bytes)");
     header_size_ = n;
     const std::uint64_t data_size = size - 8 - n;
     std::vector<std::uint8_t> text(static_cast<std::size_t>(n));
@@ -222,7 +236,8 @@ class SafetensorsFile {
     // destructor recurse once per level.
     const int depth = detail::json_depth(text.data(), text.size(), kMaxHeaderDepth);
     if (depth > kMaxHeaderDepth) {
-      fail("header nests JSON more than " + std::to_string(kMaxHeaderDepth) + " levels deep; a safetensors header needs 3");
+      fail("header nests JSON more than " + std::to_string(kMaxHeaderDepth) +
+           " levels deep; a safetensors header needs 3");
     }
     nlohmann::json header;
     try {
@@ -237,7 +252,8 @@ class SafetensorsFile {
       if (name == "__metadata__") {
         if (!v.is_object()) fail("__metadata__ is not an object of strings");
         for (auto m = v.begin(); m != v.end(); ++m) {
-          if (!m.value().is_string()) fail("__metadata__ value of '" + detail::clip(m.key()) + "' is not a string");
+          if (!m.value().is_string())
+            fail("__metadata__ value of '" + detail::clip(m.key()) + "' is not a string");
           metadata_[m.key()] = m.value().get<std::string>();
         }
         continue;
@@ -248,17 +264,24 @@ class SafetensorsFile {
       const auto dt = v.find("dtype");
       if (dt == v.end() || !dt->is_string()) fail_tensor(name, "missing dtype");
       const auto parsed = parse_dtype(dt->get<std::string>());
-      if (!parsed) fail_tensor(name, "unknown dtype '" + detail::clip(dt->get<std::string>()) + "'; expected F32, F64, BF16, F16, I64 or I32");
+      if (!parsed)
+        fail_tensor(name, "unknown dtype '" + detail::clip(dt->get<std::string>()) +
+                              "'; expected F32, F64, BF16, F16, I64 or I32");
       t.dtype = *parsed;
       const auto sh = v.find("shape");
       if (sh == v.end() || !sh->is_array()) fail_tensor(name, "missing shape");
-      if (sh->size() > 64) fail_tensor(name, "shape has " + std::to_string(sh->size()) + " dimensions; expected at most 64");
+      if (sh->size() > 64)
+        fail_tensor(name,
+                    "shape has " + std::to_string(sh->size()) + " dimensions; expected at most 64");
       // numel x element size within 2^62 bytes, every product checked before it is formed.
       std::optional<std::uint64_t> bytes_needed = dtype_size(t.dtype);
       for (const auto& d : *sh) {
-        if (!d.is_number_unsigned()) fail_tensor(name, "shape entry " + detail::describe(d) + " is not a non-negative integer");
+        if (!d.is_number_unsigned())
+          fail_tensor(name,
+                      "shape entry " + detail::describe(d) + " is not a non-negative integer");
         const std::uint64_t dim = d.get<std::uint64_t>();
-        if (dim > pkm::detail::kMaxBytes) fail_tensor(name, "shape entry " + std::to_string(dim) + " is over the limit of 2^62");
+        if (dim > pkm::detail::kMaxBytes)
+          fail_tensor(name, "shape entry " + std::to_string(dim) + " is over the limit of 2^62");
         if (bytes_needed) bytes_needed = pkm::detail::product_within(*bytes_needed, dim);
         t.shape.push_back(static_cast<std::int64_t>(dim));
       }
@@ -267,20 +290,21 @@ class SafetensorsFile {
                               " needs more than 2^62 bytes");
       }
       const auto off = v.find("data_offsets");
-      if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
-          !(*off)[1].is_number_unsigned()) {
+      if (off == v.end() || !off->is_array() || off->size() != 2 ||
+          !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned()) {
         fail_tensor(name, "data_offsets must be [begin, end] of non-negative integers");
       }
       t.begin = (*off)[0].get<std::uint64_t>();
       t.end = (*off)[1].get<std::uint64_t>();
       if (t.begin > t.end || t.end > data_size) {
-        fail_tensor(name, "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                              "] are outside the data section of " + std::to_string(data_size) + " bytes");
+        fail_tensor(name, "data_offsets [" + std::to_string(t.begin) + ", " +
+                              std::to_string(t.end) + "] are outside the data section of " +
+                              std::to_string(data_size) + " bytes");
       }
       const std::uint64_t want = *bytes_needed;
       if (t.end - t.begin != want) {
-        fail_tensor(name, "shape " + detail::clip(t.shape_string()) + " of " + dtype_name(t.dtype) + " needs " +
-                              std::to_string(want) + " bytes, but data_offsets span " +
+        fail_tensor(name, "shape " + detail::clip(t.shape_string()) + " of " + dtype_name(t.dtype) +
+                              " needs " + std::to_string(want) + " bytes, but data_offsets span " +
                               std::to_string(t.end - t.begin));
       }
       tensors_.push_back(std::move(t));
@@ -295,8 +319,9 @@ class SafetensorsFile {
       const TensorInfo* a = by_offset[i - 1];
       const TensorInfo* b = by_offset[i];
       if (b->begin < a->end) {
-        fail_tensor(b->name, "data_offsets [" + std::to_string(b->begin) + ", " + std::to_string(b->end) +
-                                 "] overlap those of '" + detail::clip(a->name) + "'");
+        fail_tensor(b->name, "data_offsets [" + std::to_string(b->begin) + ", " +
+                                 std::to_string(b->end) + "] overlap those of '" +
+                                 detail::clip(a->name) + "'");
       }
     }
     std::sort(tensors_.begin(), tensors_.end(),

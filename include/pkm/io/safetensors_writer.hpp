@@ -28,33 +28,39 @@ namespace pkm::io {
 /// that are not UTF-8, and anything else the reader would reject.
 class SafetensorsWriter {
  public:
-  void add(const std::string& name, Dtype dtype, std::vector<std::int64_t> shape, const void* data) {
+  void add(const std::string& name, Dtype dtype, std::vector<std::int64_t> shape,
+           const void* data) {
     const char* who = "pkm::io::SafetensorsWriter::add";
     if (name.empty() || name == "__metadata__") {
       throw std::invalid_argument(std::string(who) + ": invalid tensor name '" + name + "'");
     }
     check_utf8(who, "tensor name", name);
     if (entries_.count(name)) {
-      throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) + "' added twice");
+      throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) +
+                                  "' added twice");
     }
     if (shape.size() > 64) {
       throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) + "' has " +
-                                  std::to_string(shape.size()) + " dimensions; expected at most 64");
+                                  std::to_string(shape.size()) +
+                                  " dimensions; expected at most 64");
     }
     std::optional<std::uint64_t> bytes = dtype_size(dtype);
     for (auto d : shape) {
       if (d < 0) {
-        throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) + "' has shape " +
-                                    detail::clip(shape_string(shape)) + "; expected dimensions >= 0");
+        throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) +
+                                    "' has shape " + detail::clip(shape_string(shape)) +
+                                    "; expected dimensions >= 0");
       }
       if (bytes) bytes = pkm::detail::product_within(*bytes, static_cast<std::uint64_t>(d));
     }
     if (!bytes) {
-      throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) + "' of shape " +
-                                  detail::clip(shape_string(shape)) + " needs more than 2^62 bytes");
+      throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) +
+                                  "' of shape " + detail::clip(shape_string(shape)) +
+                                  " needs more than 2^62 bytes");
     }
     if (*bytes > 0 && data == nullptr) {
-      throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) + "' has null data");
+      throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) +
+                                  "' has null data");
     }
     entries_[name] = Entry{dtype, std::move(shape), data, *bytes};
   }
@@ -76,25 +82,29 @@ class SafetensorsWriter {
     std::uint64_t offset = 0;
     for (const auto& [name, e] : entries_) {
       if (e.bytes > pkm::detail::kMaxBytes - offset) {
-        throw std::invalid_argument("pkm::io::SafetensorsWriter: the tensors add up to more than 2^62 bytes");
+        throw std::invalid_argument(
+            "pkm::io::SafetensorsWriter: the tensors add up to more than 2^62 bytes");
       }
-      h[name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, offset + e.bytes}}};
+      h[name] = {{"dtype", dtype_name(e.dtype)},
+                 {"shape", e.shape},
+                 {"data_offsets", {offset, offset + e.bytes}}};
       offset += e.bytes;
     }
     std::string s = h.dump();  // every string was checked to be UTF-8 when added
     s.append((8 - s.size() % 8) % 8, ' ');
     if (s.size() > kMaxHeaderBytes) {
-      throw std::invalid_argument("pkm::io::SafetensorsWriter: the header would be " + std::to_string(s.size()) +
-                                  " bytes, over the readers' limit of " + std::to_string(kMaxHeaderBytes));
+      throw std::invalid_argument("pkm::io::SafetensorsWriter: the header would be " +
+                                  std::to_string(s.size()) + " bytes, over the readers' limit of " +
+                                  std::to_string(kMaxHeaderBytes));
     }
     return s;
   }
 
-  /// Writes the file to `path` atomically: into a new temporary file in the same folder,
-  /// flushed and fsync'd, then renamed over `path` (and the folder fsync'd). Until the rename
-  /// an existing file at `path` is untouched, and on any failure it stays as it was and the
-  /// temporary file is removed. A file that is replaced keeps its permissions; a symbolic
-  /// link at `path` is replaced by the new file (its target is left alone). The tensors are streamed, not copied first. Throws
+  /// Writes the file to `path` atomically: into a new temporary file in the same folder, flushed
+  /// and fsync'd, then renamed over `path` (and the folder fsync'd). Until the rename an existing
+  /// file at `path` is untouched, and on any failure it stays as it was and the temporary file is
+  /// removed. A file that is replaced keeps its permissions; a symbolic link at `path` is replaced
+  /// by the new file (its target is left alone). The tensors are streamed, not copied first. Throws
   /// std::invalid_argument (before creating anything) for a header it cannot write, and
   /// std::runtime_error naming the path and the system error for a failed write.
   void write(const std::string& path) const {
@@ -114,15 +124,15 @@ class SafetensorsWriter {
       if (fd < 0 && errno != EEXIST) break;
     }
     if (fd < 0) {
-      throw std::runtime_error(std::string(who) + ": cannot create a temporary file next to '" + path +
-                               "': " + std::strerror(errno));
+      throw std::runtime_error(std::string(who) + ": cannot create a temporary file next to '" +
+                               path + "': " + std::strerror(errno));
     }
     auto fail = [&](const std::string& what) {
       const int err = errno;
       ::close(fd);
       ::unlink(tmp.c_str());
-      throw std::runtime_error(std::string(who) + ": " + what + " '" + path + "' failed: " + std::strerror(err) +
-                               " (the previous file, if any, is unchanged)");
+      throw std::runtime_error(std::string(who) + ": " + what + " '" + path + "' failed: " +
+                               std::strerror(err) + " (the previous file, if any, is unchanged)");
     };
     // A file being replaced keeps its permissions.
     struct stat target {};
@@ -136,7 +146,10 @@ class SafetensorsWriter {
       while (ok && n > 0) {
         const ssize_t r = ::write(fd, b, n);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) { ok = false; break; }
+        if (r <= 0) {
+          ok = false;
+          break;
+        }
         b += r;
         n -= static_cast<std::size_t>(r);
       }
@@ -146,17 +159,20 @@ class SafetensorsWriter {
     if (::close(fd) != 0) {
       const int err = errno;
       ::unlink(tmp.c_str());
-      throw std::runtime_error(std::string(who) + ": closing '" + path + "' failed: " + std::strerror(err));
+      throw std::runtime_error(std::string(who) + ": closing '" + path +
+                               "' failed: " + std::strerror(err));
     }
     if (::rename(tmp.c_str(), path.c_str()) != 0) {
       const int err = errno;
       ::unlink(tmp.c_str());
-      throw std::runtime_error(std::string(who) + ": renaming the new file over '" + path + "' failed: " +
-                               std::strerror(err) + " (the previous file, if any, is unchanged)");
+      throw std::runtime_error(std::string(who) + ": renaming the new file over '" + path +
+                               "' failed: " + std::strerror(err) +
+                               " (the previous file, if any, is unchanged)");
     }
     // Make the rename itself durable.
     const auto slash = path.find_last_of('/');
-    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+    const std::string dir =
+        slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
     const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
       (void)::fsync(dfd);
@@ -177,8 +193,9 @@ class SafetensorsWriter {
  private:
   static void check_utf8(const char* who, const char* what, const std::string& s) {
     if (!detail::valid_utf8(s)) {
-      throw std::invalid_argument(std::string(who) + ": the " + what +
-                                  " is not valid UTF-8; expected UTF-8 text (JSON headers hold nothing else)");
+      throw std::invalid_argument(
+          std::string(who) + ": the " + what +
+          " is not valid UTF-8; expected UTF-8 text (JSON headers hold nothing else)");
     }
   }
   template <class Sink>

@@ -25,11 +25,21 @@ namespace detail {
 template <class F>
 void with_float_type(const SafetensorsFile& f, const std::string& name, Dtype d, F&& fn) {
   switch (d) {
-    case Dtype::f32: fn(float{}); return;
-    case Dtype::f64: fn(double{}); return;
-    case Dtype::bf16: fn(bf16{}); return;
-    case Dtype::f16: fn(fp16{}); return;
-    default: bad_checkpoint(f, "tensor '" + name + "' has dtype " + dtype_name(d) + "; expected a float dtype");
+    case Dtype::f32:
+      fn(float{});
+      return;
+    case Dtype::f64:
+      fn(double{});
+      return;
+    case Dtype::bf16:
+      fn(bf16{});
+      return;
+    case Dtype::f16:
+      fn(fp16{});
+      return;
+    default:
+      bad_checkpoint(
+          f, "tensor '" + name + "' has dtype " + dtype_name(d) + "; expected a float dtype");
   }
 }
 
@@ -82,7 +92,8 @@ inline void gather_shards(const std::vector<std::string>& paths, const std::stri
   const char* who = "pkm::io::gather_shards";
   if (paths.empty()) throw std::invalid_argument(std::string(who) + ": no shard files given");
   std::vector<NamedPath> inputs;
-  for (std::size_t i = 0; i < paths.size(); ++i) inputs.push_back({"shard " + std::to_string(i), paths[i]});
+  for (std::size_t i = 0; i < paths.size(); ++i)
+    inputs.push_back({"shard " + std::to_string(i), paths[i]});
   check_outputs(who, {{"the output", out}}, inputs);
   std::vector<SafetensorsFile> files;
   files.reserve(paths.size());
@@ -99,23 +110,28 @@ inline void gather_shards(const std::vector<std::string>& paths, const std::stri
       detail::bad_checkpoint(files[i], "has another layer config than '" + paths[0] + "'");
     }
     if (files[i].info("values.weight").dtype != files[0].info("values.weight").dtype) {
-      detail::bad_checkpoint(files[i], "stores values.weight as another dtype than '" + paths[0] + "'");
+      detail::bad_checkpoint(files[i],
+                             "stores values.weight as another dtype than '" + paths[0] + "'");
     }
     ranges.push_back({*r, i});
   }
-  std::sort(ranges.begin(), ranges.end(), [](const auto& a, const auto& b) { return a.first.begin < b.first.begin; });
+  std::sort(ranges.begin(), ranges.end(),
+            [](const auto& a, const auto& b) { return a.first.begin < b.first.begin; });
   Index next = 0;
   for (const auto& [r, i] : ranges) {
     if (r.begin != next) {
-      detail::bad_checkpoint(files[i], "holds columns [" + std::to_string(r.begin) + ", " + std::to_string(r.end) +
-                                           ") but the shards given end at column " + std::to_string(next) +
-                                           " before it: the shards must cover [0, v_dim) once, without gaps or overlaps");
+      detail::bad_checkpoint(
+          files[i],
+          "holds columns [" + std::to_string(r.begin) + ", " + std::to_string(r.end) +
+              ") but the shards given end at column " + std::to_string(next) +
+              " before it: the shards must cover [0, v_dim) once, without gaps or overlaps");
     }
     next = r.end;
   }
   if (next != config.v_dim) {
-    throw std::invalid_argument(std::string(who) + ": the shards cover columns [0, " + std::to_string(next) +
-                                ") of " + std::to_string(config.v_dim) + "; a shard is missing");
+    throw std::invalid_argument(std::string(who) + ": the shards cover columns [0, " +
+                                std::to_string(next) + ") of " + std::to_string(config.v_dim) +
+                                "; a shard is missing");
   }
   SafetensorsWriter w;
   detail::copy_metadata(w, files[0]);
@@ -125,8 +141,9 @@ inline void gather_shards(const std::vector<std::string>& paths, const std::stri
     for (std::size_t i = 1; i < files.size(); ++i) {
       const detail::RawTensor other = detail::read_raw(files[i], name);
       if (other.dtype != dense.back().dtype || other.bytes != dense.back().bytes) {
-        detail::bad_checkpoint(files[i], "tensor '" + name + "' differs from '" + paths[0] +
-                                             "'s: the shards must come from one layer (the same dense parameters)");
+        detail::bad_checkpoint(
+            files[i], "tensor '" + name + "' differs from '" + paths[0] +
+                          "'s: the shards must come from one layer (the same dense parameters)");
       }
     }
   }
@@ -136,7 +153,8 @@ inline void gather_shards(const std::vector<std::string>& paths, const std::stri
   const std::size_t es = dtype_size(dtype);
   const Index rows = config.slots(), v_dim = config.v_dim;
   std::vector<std::uint8_t> table(static_cast<std::size_t>(pkm::detail::checked_mul(
-      who, "the table's bytes", pkm::detail::checked_mul(who, "the table's elements", rows, v_dim), Index(es))));
+      who, "the table's bytes", pkm::detail::checked_mul(who, "the table's elements", rows, v_dim),
+      Index(es))));
   for (const auto& [r, i] : ranges) {
     const detail::RawTensor part = detail::read_raw(files[i], "values.weight");
     const std::size_t row_bytes = static_cast<std::size_t>(r.width()) * es;
@@ -157,21 +175,24 @@ inline void split_checkpoint(const std::string& path, const std::vector<Index>& 
                              const std::vector<std::string>& out_paths) {
   const char* who = "pkm::io::split_checkpoint";
   std::vector<NamedPath> outputs;
-  for (std::size_t i = 0; i < out_paths.size(); ++i) outputs.push_back({"output " + std::to_string(i), out_paths[i]});
+  for (std::size_t i = 0; i < out_paths.size(); ++i)
+    outputs.push_back({"output " + std::to_string(i), out_paths[i]});
   check_outputs(who, outputs, {{"the checkpoint", path}});
   const SafetensorsFile f(path);
   detail::refuse_shard(f);
   const MemoryConfig config = infer_config(f);
   if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != config.v_dim ||
       out_paths.size() + 1 != offsets.size()) {
-    throw std::invalid_argument(std::string(who) + ": " + std::to_string(offsets.size()) + " offsets for " +
-                                std::to_string(out_paths.size()) + " output files; expected P + 1 offsets from 0 to v_dim = " +
+    throw std::invalid_argument(std::string(who) + ": " + std::to_string(offsets.size()) +
+                                " offsets for " + std::to_string(out_paths.size()) +
+                                " output files; expected P + 1 offsets from 0 to v_dim = " +
                                 std::to_string(config.v_dim) + " for P files");
   }
   for (std::size_t r = 1; r < offsets.size(); ++r) {
     if (offsets[r] <= offsets[r - 1]) {
-      throw std::invalid_argument(std::string(who) + ": offsets[" + std::to_string(r) + "] = " +
-                                  std::to_string(offsets[r]) + " after " + std::to_string(offsets[r - 1]) +
+      throw std::invalid_argument(std::string(who) + ": offsets[" + std::to_string(r) +
+                                  "] = " + std::to_string(offsets[r]) + " after " +
+                                  std::to_string(offsets[r - 1]) +
                                   "; expected strictly increasing offsets");
     }
   }
@@ -186,7 +207,8 @@ inline void split_checkpoint(const std::string& path, const std::vector<Index>& 
     std::vector<std::uint8_t> part(static_cast<std::size_t>(rows * width) * es);
     for (Index row = 0; row < rows; ++row) {
       std::memcpy(part.data() + static_cast<std::size_t>(row * width) * es,
-                  table.bytes.data() + static_cast<std::size_t>(row * v_dim + c0) * es, static_cast<std::size_t>(width) * es);
+                  table.bytes.data() + static_cast<std::size_t>(row * v_dim + c0) * es,
+                  static_cast<std::size_t>(width) * es);
     }
     SafetensorsWriter w;
     detail::copy_metadata(w, f);

@@ -62,8 +62,8 @@ AdamCoefficients<S> adam_coefficients(const AdamOptions& o, double lr, double we
                                       std::int64_t t) {
   const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(t));
   const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(t));
-  return {S(1.0 - lr * weight_decay), S(o.beta1),        S(o.beta2),
-          S(1.0 - o.beta1),           S(1.0 - o.beta2),  S(lr / bc1),
+  return {S(1.0 - lr * weight_decay), S(o.beta1),       S(o.beta2),
+          S(1.0 - o.beta1),           S(1.0 - o.beta2), S(lr / bc1),
           S(1.0 / std::sqrt(bc2)),    S(o.eps)};
 }
 
@@ -73,7 +73,8 @@ AdamCoefficients<S> adam_coefficients(const AdamOptions& o, double lr, double we
 /// the same instructions wherever it sits in the array, so a row updated alone gets the same
 /// bits as in a whole tensor.
 template <class T, class S>
-void adam_update(T* w, const S* g, S grad_scale, S* m, S* v, Index n, const AdamCoefficients<S>& c) {
+void adam_update(T* w, const S* g, S grad_scale, S* m, S* v, Index n,
+                 const AdamCoefficients<S>& c) {
   constexpr Index kChunk = 256;
   alignas(64) S root[kChunk];
   for (Index i0 = 0; i0 < n; i0 += kChunk) {
@@ -89,7 +90,8 @@ void adam_update(T* w, const S* g, S grad_scale, S* m, S* v, Index n, const Adam
     pkm::detail::sqrt_array(vc, root, len);
     T* wc = w + i0;
     for (Index i = 0; i < len; ++i) {
-      const S wi = static_cast<S>(wc[i]) * c.decay - c.step_size * mc[i] / (root[i] * c.inv_sqrt_bc2 + c.eps);
+      const S wi = static_cast<S>(wc[i]) * c.decay -
+                   c.step_size * mc[i] / (root[i] * c.inv_sqrt_bc2 + c.eps);
       wc[i] = static_cast<T>(wi);
     }
   }
@@ -144,7 +146,8 @@ class AdamW {
                                   " pointer; expected size >= 0 and non-null buffers");
     }
     const double wd = weight_decay.value_or(options_.weight_decay);
-    detail::check_option(who, "weight_decay", wd, 0.0, HUGE_VAL, false, "a finite weight_decay >= 0");
+    detail::check_option(who, "weight_decay", wd, 0.0, HUGE_VAL, false,
+                         "a finite weight_decay >= 0");
     Slot s;
     s.name = name;
     s.param = param;
@@ -165,30 +168,38 @@ class AdamW {
   void add(const std::string& name, Eigen::DenseBase<P>& param, Eigen::DenseBase<G>& grad,
            std::optional<double> weight_decay = std::nullopt) {
     static_assert(std::is_same_v<typename P::Scalar, S> && std::is_same_v<typename G::Scalar, S>,
-                  "pkm::optim::AdamW::add: the parameter and its gradient must hold the optimizer's scalar type S");
-    static_assert((int(P::Flags) & Eigen::DirectAccessBit) && (int(G::Flags) & Eigen::DirectAccessBit),
-                  "pkm::optim::AdamW::add: pass a matrix, Map, Ref or Block with storage (not an expression)");
+                  "pkm::optim::AdamW::add: the parameter and its gradient must hold the "
+                  "optimizer's scalar type S");
+    static_assert(
+        (int(P::Flags) & Eigen::DirectAccessBit) && (int(G::Flags) & Eigen::DirectAccessBit),
+        "pkm::optim::AdamW::add: pass a matrix, Map, Ref or Block with storage (not an "
+        "expression)");
     const char* who = "pkm::optim::AdamW::add";
     auto& p = param.derived();
     auto& g = grad.derived();
     if (g.rows() != p.rows() || g.cols() != p.cols()) {
-      throw std::invalid_argument(std::string(who) + ": gradient of '" + name + "' is " + std::to_string(g.rows()) +
-                                  " x " + std::to_string(g.cols()) + ", expected the parameter's " +
-                                  std::to_string(p.rows()) + " x " + std::to_string(p.cols()));
+      throw std::invalid_argument(std::string(who) + ": gradient of '" + name + "' is " +
+                                  std::to_string(g.rows()) + " x " + std::to_string(g.cols()) +
+                                  ", expected the parameter's " + std::to_string(p.rows()) + " x " +
+                                  std::to_string(p.cols()));
     }
     auto contiguous = [](const auto& m) {
-      return m.size() <= 1 || (m.innerStride() == 1 && (m.outerSize() <= 1 || m.outerStride() == m.innerSize()));
+      return m.size() <= 1 ||
+             (m.innerStride() == 1 && (m.outerSize() <= 1 || m.outerStride() == m.innerSize()));
     };
     const bool vectors = p.rows() == 1 || p.cols() == 1;
-    if (!contiguous(p) || !contiguous(g) || (!vectors && bool(P::IsRowMajor) != bool(G::IsRowMajor))) {
-      throw std::invalid_argument(std::string(who) + ": '" + name +
-                                  "' and its gradient must each be contiguous (no row or column stride) "
-                                  "and in the same storage order");
+    if (!contiguous(p) || !contiguous(g) ||
+        (!vectors && bool(P::IsRowMajor) != bool(G::IsRowMajor))) {
+      throw std::invalid_argument(
+          std::string(who) + ": '" + name +
+          "' and its gradient must each be contiguous (no row or column stride) "
+          "and in the same storage order");
     }
     add(name, p.data(), g.data(), p.size(), weight_decay);
     using PT = std::decay_t<decltype(p)>;
     using GT = std::decay_t<decltype(g)>;
-    if constexpr (std::is_base_of_v<Eigen::PlainObjectBase<PT>, PT> || std::is_base_of_v<Eigen::PlainObjectBase<GT>, GT>) {
+    if constexpr (std::is_base_of_v<Eigen::PlainObjectBase<PT>, PT> ||
+                  std::is_base_of_v<Eigen::PlainObjectBase<GT>, GT>) {
       slots_.back().moved = [&p, &g, pd = p.data(), gd = g.data(), n = p.size()] {
         return p.data() != pd || g.data() != gd || p.size() != n || g.size() != n;
       };
@@ -199,9 +210,9 @@ class AdamW {
   void add(const std::string& name, std::vector<S>& param, std::vector<S>& grad,
            std::optional<double> weight_decay = std::nullopt) {
     if (grad.size() != param.size()) {
-      throw std::invalid_argument("pkm::optim::AdamW::add: gradient of '" + name + "' has " +
-                                  std::to_string(grad.size()) + " elements, expected the parameter's " +
-                                  std::to_string(param.size()));
+      throw std::invalid_argument(
+          "pkm::optim::AdamW::add: gradient of '" + name + "' has " + std::to_string(grad.size()) +
+          " elements, expected the parameter's " + std::to_string(param.size()));
     }
     add(name, param.data(), grad.data(), static_cast<Index>(param.size()), weight_decay);
     slots_.back().moved = [&param, &grad, pd = param.data(), gd = grad.data(), n = param.size()] {
@@ -213,10 +224,10 @@ class AdamW {
            std::optional<double> weight_decay = std::nullopt) {
     const char* who = "pkm::optim::AdamW::add";
     if (grad.rows() != param.rows() || grad.cols() != param.cols()) {
-      throw std::invalid_argument(std::string(who) + ": gradient of '" + name + "' is " +
-                                  std::to_string(grad.rows()) + " x " + std::to_string(grad.cols()) +
-                                  ", expected the parameter's " + std::to_string(param.rows()) +
-                                  " x " + std::to_string(param.cols()));
+      throw std::invalid_argument(
+          std::string(who) + ": gradient of '" + name + "' is " + std::to_string(grad.rows()) +
+          " x " + std::to_string(grad.cols()) + ", expected the parameter's " +
+          std::to_string(param.rows()) + " x " + std::to_string(param.cols()));
     }
     for (const auto* m : {&param, &grad}) {
       if (m->rows() > 1 && m->outerStride() != m->cols()) {
@@ -258,7 +269,8 @@ class AdamW {
     for (auto& s : slots_) {
       const auto c = detail::adam_coefficients<S>(options_, options_.lr, s.weight_decay, step_);
       pkm::detail::parallel_blocks(s.size, kBlock, [&](Index b, Index e) {
-        detail::adam_update(s.param + b, s.grad + b, scale, s.m.data() + b, s.v.data() + b, e - b, c);
+        detail::adam_update(s.param + b, s.grad + b, scale, s.m.data() + b, s.v.data() + b, e - b,
+                            c);
       });
     }
     return norm;
@@ -271,7 +283,8 @@ class AdamW {
     fn(std::string("step"), std::vector<std::int64_t>{1}, &step_, StateKind::step_count);
     for (auto& s : slots_) {
       fn(s.name + ".exp_avg", std::vector<std::int64_t>{s.size}, s.m.data(), StateKind::finite);
-      fn(s.name + ".exp_avg_sq", std::vector<std::int64_t>{s.size}, s.v.data(), StateKind::non_negative);
+      fn(s.name + ".exp_avg_sq", std::vector<std::int64_t>{s.size}, s.v.data(),
+         StateKind::non_negative);
     }
   }
 
@@ -293,10 +306,11 @@ class AdamW {
   void check_buffers(const char* who) const {
     for (const auto& s : slots_) {
       if (s.moved && s.moved()) {
-        throw std::runtime_error(std::string(who) + ": tensor '" + s.name +
-                                 "' (or its gradient) was move-assigned or resized after add(), so its "
-                                 "registered buffer is gone; assign into it instead (g.setZero(), g = expr) "
-                                 "or register it in a new optimizer; nothing was updated");
+        throw std::runtime_error(
+            std::string(who) + ": tensor '" + s.name +
+            "' (or its gradient) was move-assigned or resized after add(), so its "
+            "registered buffer is gone; assign into it instead (g.setZero(), g = expr) "
+            "or register it in a new optimizer; nothing was updated");
       }
     }
   }
@@ -305,13 +319,14 @@ class AdamW {
     for (const auto& s : slots_) {
       for (Index i = 0; i < s.size; ++i) {
         if (!std::isfinite(s.grad[i])) {
-          throw std::runtime_error("pkm::optim::AdamW::step: gradient of '" + s.name +
-                                   "' holds " + std::to_string(s.grad[i]) + " at element " +
-                                   std::to_string(i) + "; expected finite gradients (nothing was updated)");
+          throw std::runtime_error("pkm::optim::AdamW::step: gradient of '" + s.name + "' holds " +
+                                   std::to_string(s.grad[i]) + " at element " + std::to_string(i) +
+                                   "; expected finite gradients (nothing was updated)");
         }
       }
     }
-    throw std::runtime_error("pkm::optim::AdamW::step: the gradient norm overflows; nothing was updated");
+    throw std::runtime_error(
+        "pkm::optim::AdamW::step: the gradient norm overflows; nothing was updated");
   }
 
   AdamOptions options_;

@@ -37,9 +37,12 @@ class LazyAdam : public SparseRowOptimizer<LazyAdam<S>, S, AdamOptions> {
   /// (S, [rows, dim]), with the values each may hold (pkm/optim/state.hpp).
   template <class F>
   void for_each_state(F&& fn) {
-    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(), StateKind::step_count);
-    fn(std::string("row_step"), std::vector<std::int64_t>{this->rows()}, row_step_.data(), StateKind::row_count);
-    fn(std::string("exp_avg"), std::vector<std::int64_t>{this->rows(), this->dim()}, m_.data(), StateKind::finite);
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(),
+       StateKind::step_count);
+    fn(std::string("row_step"), std::vector<std::int64_t>{this->rows()}, row_step_.data(),
+       StateKind::row_count);
+    fn(std::string("exp_avg"), std::vector<std::int64_t>{this->rows(), this->dim()}, m_.data(),
+       StateKind::finite);
     fn(std::string("exp_avg_sq"), std::vector<std::int64_t>{this->rows(), this->dim()}, v_.data(),
        StateKind::non_negative);
   }

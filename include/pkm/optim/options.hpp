@@ -29,9 +29,11 @@ Options with_lr(Options options, double lr, const char* who) {
 
 /// The fields every optimizer has: a finite lr >= 0, a finite weight_decay >= 0 and a finite
 /// max_grad_norm >= 0 (0 turns clipping off).
-inline void check_step_options(const char* who, double lr, double weight_decay, double max_grad_norm) {
+inline void check_step_options(const char* who, double lr, double weight_decay,
+                               double max_grad_norm) {
   check_option(who, "lr", lr, 0.0, HUGE_VAL, false, "a finite lr >= 0");
-  check_option(who, "weight_decay", weight_decay, 0.0, HUGE_VAL, false, "a finite weight_decay >= 0");
+  check_option(who, "weight_decay", weight_decay, 0.0, HUGE_VAL, false,
+               "a finite weight_decay >= 0");
   check_option(who, "max_grad_norm", max_grad_norm, 0.0, HUGE_VAL, false,
                "a finite max_grad_norm >= 0 (0 turns clipping off)");
 }

@@ -25,7 +25,9 @@ struct RowWiseAdagradOptions {
 
   /// Every field, in declaration order (compared between the processes of a memory-parallel
   /// group before each step).
-  auto fields() const { return std::tie(lr, eps, initial_accumulator, weight_decay, max_grad_norm); }
+  auto fields() const {
+    return std::tie(lr, eps, initial_accumulator, weight_decay, max_grad_norm);
+  }
 
   void validate(const char* who) const {
     detail::check_step_options(who, lr, weight_decay, max_grad_norm);
@@ -54,8 +56,10 @@ class RowWiseAdagrad : public SparseRowOptimizer<RowWiseAdagrad<S>, S, RowWiseAd
   /// State: "step" (int64 [1]) and "sum" (S, [rows]), FBGEMM's momentum1.
   template <class F>
   void for_each_state(F&& fn) {
-    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(), StateKind::step_count);
-    fn(std::string("sum"), std::vector<std::int64_t>{this->rows()}, sum_.data(), StateKind::non_negative);
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(),
+       StateKind::step_count);
+    fn(std::string("sum"), std::vector<std::int64_t>{this->rows()}, sum_.data(),
+       StateKind::non_negative);
   }
 
   /// Updates table row r (see SparseRowOptimizer).

@@ -76,10 +76,10 @@ class SparseRowOptimizer {
   template <class T>
   void check_table(const char* caller, const ValueTable<T>& table) const {
     if (table.rows() != rows_ || table.dim() != dim_) {
-      throw std::invalid_argument(std::string(caller) + ": table is " + std::to_string(table.rows()) +
-                                  " x " + std::to_string(table.dim()) + ", expected the " +
-                                  std::to_string(rows_) + " x " + std::to_string(dim_) +
-                                  " the optimizer was made for");
+      throw std::invalid_argument(
+          std::string(caller) + ": table is " + std::to_string(table.rows()) + " x " +
+          std::to_string(table.dim()) + ", expected the " + std::to_string(rows_) + " x " +
+          std::to_string(dim_) + " the optimizer was made for");
     }
   }
 
@@ -90,16 +90,19 @@ class SparseRowOptimizer {
   /// With `shards`, `table` is this process's columns of a table split over a group and the
   /// step is one process's part of a group step (see ShardReduction).
   template <class T>
-  double step(ValueTable<T>& table, const SparseRowGrad<S>& grad, const ShardReduction* shards = nullptr) {
+  double step(ValueTable<T>& table, const SparseRowGrad<S>& grad,
+              const ShardReduction* shards = nullptr) {
     check_table(who_, table);
     detail::check_step_counter(who_, step_);
     if (grad.size() > 0 && grad.dim != dim_) {
-      throw std::invalid_argument(std::string(who_) + ": gradient dim = " + std::to_string(grad.dim) +
+      throw std::invalid_argument(std::string(who_) +
+                                  ": gradient dim = " + std::to_string(grad.dim) +
                                   ", expected the table's " + std::to_string(dim_));
     }
     grad.validate(who_, "the gradient", rows_);
     // The stored rows are cheap to read twice: the norm (and finiteness) always comes first.
-    return apply(table, grad.rows, true, [&](Index u, S*) { return grad.values.row(u).data(); }, shards);
+    return apply(
+        table, grad.rows, true, [&](Index u, S*) { return grad.values.row(u).data(); }, shards);
   }
 
   /// The fused step: the gradient of row seg.rows[u] is the sum over its contributions t of
@@ -112,7 +115,8 @@ class SparseRowOptimizer {
   /// (embedding_bag_backward_update does, from a bound on the sums). A row id outside the
   /// table throws std::out_of_range first.
   template <class T, class SourceFn>
-  double step_segments(ValueTable<T>& table, const std::vector<pkm::detail::RowContribution<S>>& items,
+  double step_segments(ValueTable<T>& table,
+                       const std::vector<pkm::detail::RowContribution<S>>& items,
                        const pkm::detail::RowSegments& seg, SourceFn&& source,
                        bool known_finite = false, const ShardReduction* shards = nullptr) {
     check_table(who_, table);
@@ -120,10 +124,13 @@ class SparseRowOptimizer {
     if (seg.size() > 0 && (seg.rows.front() < 0 || seg.rows.back() >= rows_)) {
       throw_row_out_of_range(seg.rows.front() < 0 ? seg.rows.front() : seg.rows.back());
     }
-    return apply(table, seg.rows, options_.max_grad_norm > 0.0 || !known_finite, [&](Index u, S* scratch) {
-      pkm::detail::reduce_segment(items, seg, u, dim_, source, scratch);
-      return static_cast<const S*>(scratch);
-    }, shards);
+    return apply(
+        table, seg.rows, options_.max_grad_norm > 0.0 || !known_finite,
+        [&](Index u, S* scratch) {
+          pkm::detail::reduce_segment(items, seg, u, dim_, source, scratch);
+          return static_cast<const S*>(scratch);
+        },
+        shards);
   }
 
  protected:
@@ -169,7 +176,8 @@ class SparseRowOptimizer {
     auto at = [&](Index i) { return masked ? allowed[static_cast<std::size_t>(i)] : i; };
     auto row = [&](Index i) { return all_rows[static_cast<std::size_t>(at(i))]; };
     auto row_grad = [&](Index i, S* scratch) { return all_row_grad(at(i), scratch); };
-    const Index n = masked ? static_cast<Index>(allowed.size()) : static_cast<Index>(all_rows.size());
+    const Index n =
+        masked ? static_cast<Index>(allowed.size()) : static_cast<Index>(all_rows.size());
     std::vector<double> sq(static_cast<std::size_t>(n));
     auto total_sq = [&] {
       double total = 0.0;
@@ -180,10 +188,12 @@ class SparseRowOptimizer {
     S scale = S(1);
     double norm = 0.0;
     if (norm_first) {
-      pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
-        g.resize(static_cast<std::size_t>(dim_));
-        for (Index u = b; u < e; ++u) sq[u] = detail::sum_of_squares_serial(row_grad(u, g.data()), dim_);
-      });
+      pkm::detail::parallel_blocks_with<Scratch>(
+          n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
+            g.resize(static_cast<std::size_t>(dim_));
+            for (Index u = b; u < e; ++u)
+              sq[u] = detail::sum_of_squares_serial(row_grad(u, g.data()), dim_);
+          });
       norm = std::sqrt(total_sq());
       if (!std::isfinite(norm)) throw_non_finite(sq, row, shards != nullptr);
       scale = static_cast<S>(clip_coefficient(norm, options_.max_grad_norm));
@@ -193,45 +203,53 @@ class SparseRowOptimizer {
     if constexpr (Derived::kRowStatistic) {
       if (shards != nullptr) {
         stat.resize(static_cast<std::size_t>(n));
-        pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
-          g.resize(static_cast<std::size_t>(dim_));
-          for (Index u = b; u < e; ++u) stat[u] = static_cast<double>(self.row_statistic(table.row(row(u)), row_grad(u, g.data()), scale));
-        });
+        pkm::detail::parallel_blocks_with<Scratch>(
+            n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
+              g.resize(static_cast<std::size_t>(dim_));
+              for (Index u = b; u < e; ++u)
+                stat[u] = static_cast<double>(
+                    self.row_statistic(table.row(row(u)), row_grad(u, g.data()), scale));
+            });
         shards->sum(stat.data(), n);
       }
     }
-    pkm::detail::parallel_blocks_with<Scratch>(n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
-      g.resize(static_cast<std::size_t>(dim_));
-      for (Index u = b; u < e; ++u) {
-        const S* grad = row_grad(u, g.data());
-        if (!norm_first) sq[u] = detail::sum_of_squares_serial(grad, dim_);
-        if constexpr (Derived::kRowStatistic) {
-          if (shards != nullptr) {
-            self.update_row(row(u), table.row(row(u)), grad, scale, static_cast<S>(stat[u]), shards->full_dim);
-            continue;
+    pkm::detail::parallel_blocks_with<Scratch>(
+        n, pkm::detail::kSegmentBlock, [&](Scratch& g, Index b, Index e) {
+          g.resize(static_cast<std::size_t>(dim_));
+          for (Index u = b; u < e; ++u) {
+            const S* grad = row_grad(u, g.data());
+            if (!norm_first) sq[u] = detail::sum_of_squares_serial(grad, dim_);
+            if constexpr (Derived::kRowStatistic) {
+              if (shards != nullptr) {
+                self.update_row(row(u), table.row(row(u)), grad, scale, static_cast<S>(stat[u]),
+                                shards->full_dim);
+                continue;
+              }
+            }
+            self.update_row(row(u), table.row(row(u)), grad, scale);
           }
-        }
-        self.update_row(row(u), table.row(row(u)), grad, scale);
-      }
-    });
+        });
     ++step_;
     return norm_first ? norm : std::sqrt(total_sq());
   }
 
   /// row(u): the table row of the step's u-th gradient row.
   template <class RowOf>
-  [[noreturn]] void throw_non_finite(const std::vector<double>& sq, RowOf&& row, bool sharded) const {
+  [[noreturn]] void throw_non_finite(const std::vector<double>& sq, RowOf&& row,
+                                     bool sharded) const {
     for (std::size_t u = 0; u < sq.size(); ++u) {
       if (!std::isfinite(sq[u])) {
-        throw std::runtime_error(std::string(who_) + ": the gradient of table row " + std::to_string(row(Index(u))) +
+        throw std::runtime_error(std::string(who_) + ": the gradient of table row " +
+                                 std::to_string(row(Index(u))) +
                                  (sharded ? " (in this process's columns)" : "") +
                                  " is not finite; expected finite gradients (nothing was updated)");
       }
     }
-    throw std::runtime_error(std::string(who_) + (sharded ? ": the gradient norm over the group overflows, or "
-                                                            "another process's columns hold a non-finite gradient; "
-                                                            "nothing was updated"
-                                                          : ": the gradient norm overflows; nothing was updated"));
+    throw std::runtime_error(std::string(who_) +
+                             (sharded ? ": the gradient norm over the group overflows, or "
+                                        "another process's columns hold a non-finite gradient; "
+                                        "nothing was updated"
+                                      : ": the gradient norm overflows; nothing was updated"));
   }
 
   const char* who_;

@@ -34,20 +34,24 @@ class SparseSgd : public SparseRowOptimizer<SparseSgd<S>, S, SgdOptions> {
   using Base = SparseRowOptimizer<SparseSgd<S>, S, SgdOptions>;
 
  public:
-  SparseSgd(Index rows, Index dim, const SgdOptions& options = {}) : Base("pkm::optim::SparseSgd", rows, dim, options) {}
+  SparseSgd(Index rows, Index dim, const SgdOptions& options = {})
+      : Base("pkm::optim::SparseSgd", rows, dim, options) {}
   template <class T>
-  SparseSgd(const ValueTable<T>& table, const SgdOptions& options = {}) : SparseSgd(table.rows(), table.dim(), options) {}
+  SparseSgd(const ValueTable<T>& table, const SgdOptions& options = {})
+      : SparseSgd(table.rows(), table.dim(), options) {}
 
   /// State: "step" (int64 [1]).
   template <class F>
   void for_each_state(F&& fn) {
-    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(), StateKind::step_count);
+    fn(std::string("step"), std::vector<std::int64_t>{1}, &this->step_count(),
+       StateKind::step_count);
   }
 
   /// Updates table row r (see SparseRowOptimizer).
   template <class T>
   void update_row(std::int64_t, T* w, const S* g, S grad_scale) {
-    const S lr = static_cast<S>(this->options().lr), wd = static_cast<S>(this->options().weight_decay);
+    const S lr = static_cast<S>(this->options().lr),
+            wd = static_cast<S>(this->options().weight_decay);
     for (Index d = 0; d < this->dim(); ++d) {
       const S wv = static_cast<S>(w[d]);
       w[d] = static_cast<T>(wv - lr * (grad_scale * g[d] + wd * wv));

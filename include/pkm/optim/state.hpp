@@ -14,18 +14,22 @@
 namespace pkm::optim {
 
 enum class StateKind {
-  step_count,  ///< int64, the optimizer's step counter: >= 0
-  row_count,   ///< int64, a per-row step counter: >= 0 and <= the step counter
-  finite,      ///< float, any finite value (first moments)
-  non_negative ///< float, finite and >= 0 (second moments, Adagrad sums)
+  step_count,   ///< int64, the optimizer's step counter: >= 0
+  row_count,    ///< int64, a per-row step counter: >= 0 and <= the step counter
+  finite,       ///< float, any finite value (first moments)
+  non_negative  ///< float, finite and >= 0 (second moments, Adagrad sums)
 };
 
 inline const char* state_kind_rule(StateKind k) {
   switch (k) {
-    case StateKind::step_count: return "a step count >= 0";
-    case StateKind::row_count: return "a row step count >= 0 and <= the optimizer's step count";
-    case StateKind::finite: return "finite values";
-    case StateKind::non_negative: return "finite values >= 0";
+    case StateKind::step_count:
+      return "a step count >= 0";
+    case StateKind::row_count:
+      return "a row step count >= 0 and <= the optimizer's step count";
+    case StateKind::finite:
+      return "finite values";
+    case StateKind::non_negative:
+      return "finite values >= 0";
   }
   return "?";
 }
@@ -39,7 +43,8 @@ bool state_value_ok(StateKind kind, T v, std::int64_t step) {
   if constexpr (std::is_floating_point_v<T>) {
     return std::isfinite(v) && !(kind == StateKind::non_negative && v < T(0));
   } else {
-    return v >= 0 && !(kind == StateKind::row_count && step >= 0 && static_cast<std::int64_t>(v) > step);
+    return v >= 0 &&
+           !(kind == StateKind::row_count && step >= 0 && static_cast<std::int64_t>(v) > step);
   }
 }
 
@@ -48,8 +53,8 @@ namespace detail {
 /// step; called before an optimizer changes anything.
 inline void check_step_counter(const char* who, std::int64_t step) {
   if (step == std::numeric_limits<std::int64_t>::max()) {
-    throw std::runtime_error(std::string(who) + ": the step counter is at its maximum (" + std::to_string(step) +
-                             "); nothing was updated");
+    throw std::runtime_error(std::string(who) + ": the step counter is at its maximum (" +
+                             std::to_string(step) + "); nothing was updated");
   }
 }
 }  // namespace detail

@@ -47,47 +47,55 @@ using ParamTensors = std::array<torch::Tensor, kNumTensors>;
 
 /// The config the tensors describe, each checked: CPU, contiguous, the dtype of x, and the
 /// full shape the config gives it.
-inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p, const torch::Tensor& values,
-                                 const LayerOptions& o) {
+inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
+                                 const torch::Tensor& values, const LayerOptions& o) {
   auto check = [&](const torch::Tensor& t, const char* name) {
     if (!t.defined()) return;
-    if (!t.device().is_cpu()) fail(std::string(name) + " is on " + t.device().str() + "; pkm's torch ops run on the CPU");
+    if (!t.device().is_cpu())
+      fail(std::string(name) + " is on " + t.device().str() + "; pkm's torch ops run on the CPU");
     if (!t.is_contiguous()) fail(std::string(name) + " is not contiguous; pass .contiguous()");
     if (t.scalar_type() != x.scalar_type()) {
-      fail(std::string(name) + " is " + std::string(c10::toString(t.scalar_type())) + ", expected x's dtype " +
-           c10::toString(x.scalar_type()));
+      fail(std::string(name) + " is " + std::string(c10::toString(t.scalar_type())) +
+           ", expected x's dtype " + c10::toString(x.scalar_type()));
     }
   };
-  if (!x.device().is_cpu()) fail("x is on " + x.device().str() + "; pkm's torch ops run on the CPU");
+  if (!x.device().is_cpu())
+    fail("x is on " + x.device().str() + "; pkm's torch ops run on the CPU");
   if (x.scalar_type() != torch::kFloat && x.scalar_type() != torch::kDouble) {
-    fail(std::string("x is ") + c10::toString(x.scalar_type()) + "; expected float32 (or float64 for gradcheck)");
+    fail(std::string("x is ") + c10::toString(x.scalar_type()) +
+         "; expected float32 (or float64 for gradcheck)");
   }
   for (int t = 0; t < kNumTensors; ++t) check(p[t], tensor_name(Tensor(t)));
-  if (!values.device().is_cpu()) fail("values is on " + values.device().str() + "; pkm's torch ops run on the CPU");
+  if (!values.device().is_cpu())
+    fail("values is on " + values.device().str() + "; pkm's torch ops run on the CPU");
   if (x.dim() < 1) fail("x is a scalar; expected (..., input_dim)");
-  if (!p[0].defined() || p[0].dim() != 2) fail("keys must be a 2-d tensor (2 heads n_keys, k_dim / 2)");
-  if (!p[1].defined() || p[1].dim() != 2) fail("query weight must be a 2-d tensor (heads k_dim, input_dim)");
-  if (values.dim() != 2 || values.stride(1) != 1) fail("values must be a 2-d tensor with unit column stride, got " + shape_of(values));
+  if (!p[0].defined() || p[0].dim() != 2)
+    fail("keys must be a 2-d tensor (2 heads n_keys, k_dim / 2)");
+  if (!p[1].defined() || p[1].dim() != 2)
+    fail("query weight must be a 2-d tensor (heads k_dim, input_dim)");
+  if (values.dim() != 2 || values.stride(1) != 1)
+    fail("values must be a 2-d tensor with unit column stride, got " + shape_of(values));
   MemoryConfig c;
   c.heads = o.heads;
   c.knn = o.knn;
   c.qk_norm = o.qk_norm;
   c.qk_norm_scale = o.qk_norm_scale;
   if (c.heads < 1 || p[0].size(0) % (2 * c.heads) != 0) {
-    fail("keys has " + std::to_string(p[0].size(0)) + " rows, expected 2 heads n_keys with heads = " + std::to_string(c.heads));
+    fail("keys has " + std::to_string(p[0].size(0)) +
+         " rows, expected 2 heads n_keys with heads = " + std::to_string(c.heads));
   }
   c.n_keys = p[0].size(0) / (2 * c.heads);
   c.k_dim = 2 * p[0].size(1);
   c.input_dim = p[1].size(1);
   if (x.size(-1) != c.input_dim) {
-    fail("x has " + std::to_string(x.size(-1)) + " columns, expected input_dim = " + std::to_string(c.input_dim) +
-         " (the query weight's columns)");
+    fail("x has " + std::to_string(x.size(-1)) + " columns, expected input_dim = " +
+         std::to_string(c.input_dim) + " (the query weight's columns)");
   }
   c.v_dim = values.size(1);
   const torch::Tensor& w2 = p[int(Tensor::value_proj_weight)];
   if (w2.defined() && w2.dim() != 2) {
-    fail(std::string(tensor_name(Tensor::value_proj_weight)) + " has shape " + shape_of(w2) + ", expected (output_dim, " +
-         std::to_string(c.v_dim) + ")");
+    fail(std::string(tensor_name(Tensor::value_proj_weight)) + " has shape " + shape_of(w2) +
+         ", expected (output_dim, " + std::to_string(c.v_dim) + ")");
   }
   c.query_bias = p[int(Tensor::query_bias)].defined();
   c.memory_plus = p[int(Tensor::swilu_weight)].defined();
@@ -96,20 +104,23 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p, 
   c.output_dim = c.value_projection ? w2.size(0) : c.v_dim;
   c.validate();
   if (values.size(0) != c.slots()) {
-    fail("values has " + std::to_string(values.size(0)) + " rows, expected n_keys^2 = " + std::to_string(c.slots()));
+    fail("values has " + std::to_string(values.size(0)) +
+         " rows, expected n_keys^2 = " + std::to_string(c.slots()));
   }
   for (int t = 0; t < kNumTensors; ++t) {
     const TensorShape s = tensor_shape(c, Tensor(t));
     if (s.present != p[t].defined()) {
-      fail(std::string(tensor_name(Tensor(t))) + (s.present ? " is missing" : " is given but the layer has no such tensor"));
+      fail(std::string(tensor_name(Tensor(t))) +
+           (s.present ? " is missing" : " is given but the layer has no such tensor"));
     }
     if (!s.present) continue;
     // The whole shape, not the element count: a transposed weight has the right count and
     // would be read in the wrong layout.
-    const bool same = p[t].dim() == s.rank && p[t].size(0) == s.rows && (s.rank == 1 || p[t].size(1) == s.cols);
+    const bool same =
+        p[t].dim() == s.rank && p[t].size(0) == s.rows && (s.rank == 1 || p[t].size(1) == s.cols);
     if (!same) {
-      fail(std::string(tensor_name(Tensor(t))) + " has shape " + shape_of(p[t]) + ", expected (" + std::to_string(s.rows) +
-           (s.rank == 1 ? "" : ", " + std::to_string(s.cols)) + ")");
+      fail(std::string(tensor_name(Tensor(t))) + " has shape " + shape_of(p[t]) + ", expected (" +
+           std::to_string(s.rows) + (s.rank == 1 ? "" : ", " + std::to_string(s.cols)) + ")");
     }
   }
   return c;
@@ -117,20 +128,25 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p, 
 
 /// Validates a layer's config as MemoryConfig does (the PyTorch module's constructor calls it:
 /// one validation, one message for C++ and Python).
-inline void check_config(std::int64_t input_dim, std::int64_t output_dim, std::int64_t n_keys, std::int64_t heads,
-                         std::int64_t knn, std::int64_t k_dim, std::int64_t v_dim, bool memory_plus,
-                         bool value_projection, bool gating, bool query_bias, bool qk_norm,
-                         std::optional<double> qk_norm_scale) {
+inline void check_config(std::int64_t input_dim, std::int64_t output_dim, std::int64_t n_keys,
+                         std::int64_t heads, std::int64_t knn, std::int64_t k_dim,
+                         std::int64_t v_dim, bool memory_plus, bool value_projection, bool gating,
+                         bool query_bias, bool qk_norm, std::optional<double> qk_norm_scale) {
   MemoryConfig c;
-  c.input_dim = input_dim, c.output_dim = output_dim, c.n_keys = n_keys, c.heads = heads, c.knn = knn;
-  c.k_dim = k_dim, c.v_dim = v_dim, c.memory_plus = memory_plus, c.value_projection = value_projection;
-  c.gating = gating, c.query_bias = query_bias, c.qk_norm = qk_norm, c.qk_norm_scale = qk_norm_scale;
+  c.input_dim = input_dim, c.output_dim = output_dim, c.n_keys = n_keys, c.heads = heads,
+  c.knn = knn;
+  c.k_dim = k_dim, c.v_dim = v_dim, c.memory_plus = memory_plus,
+  c.value_projection = value_projection;
+  c.gating = gating, c.query_bias = query_bias, c.qk_norm = qk_norm,
+  c.qk_norm_scale = qk_norm_scale;
   c.validate();
 }
 
 template <class S>
 LayerParameters<S> view_params(const MemoryConfig& c, const ParamTensors& p) {
-  auto ptr = [&](Tensor t) { return p[int(t)].defined() ? p[int(t)].template data_ptr<S>() : nullptr; };
+  auto ptr = [&](Tensor t) {
+    return p[int(t)].defined() ? p[int(t)].template data_ptr<S>() : nullptr;
+  };
   ParameterBuffers<S> b;
   b.keys = ptr(Tensor::keys);
   b.query_weight = ptr(Tensor::query_weight);
@@ -157,7 +173,8 @@ auto dispatch(const torch::Tensor& x, const torch::Tensor& values, F&& fn) {
   if (xs == torch::kFloat && vs == torch::kBFloat16) return fn(float{}, bf16{});
   if (xs == torch::kDouble && vs == torch::kDouble) return fn(double{}, double{});
   fail(std::string("x is ") + c10::toString(xs) + " and values " + c10::toString(vs) +
-       "; expected float32 with a float32 or bfloat16 table, or float64 with float64 (for gradcheck)");
+       "; expected float32 with a float32 or bfloat16 table, or float64 with float64 (for "
+       "gradcheck)");
 }
 
 /// ctx->saved_data keys.
@@ -167,10 +184,12 @@ inline constexpr const char* kToken = "pkm_graph";
 
 /// A tensor owning `pages` (its memory is handed over, freed with the tensor).
 template <class S>
-torch::Tensor tensor_of(PageBuffer<S>& pages, std::vector<std::int64_t> shape, const torch::TensorOptions& o) {
+torch::Tensor tensor_of(PageBuffer<S>& pages, std::vector<std::int64_t> shape,
+                        const torch::TensorOptions& o) {
   const std::size_t bytes = pages.bytes();
   S* data = pages.release();
-  return torch::from_blob(data, shape, [bytes](void* p) { PageBuffer<S>::free_pages(p, bytes); }, o);
+  return torch::from_blob(
+      data, shape, [bytes](void* p) { PageBuffer<S>::free_pages(p, bytes); }, o);
 }
 
 class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
@@ -179,27 +198,30 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
   // optionals (an undefined tensor may not be an autograd input).
   using Opt = c10::optional<torch::Tensor>;
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_in,
-                               const torch::Tensor& keys, const torch::Tensor& wq, const Opt& bq, const Opt& w1,
-                               const Opt& b1, const Opt& w2, const Opt& b2, const Opt& wg, const Opt& bg,
-                               const torch::Tensor& values, const LayerOptions& o, bool sparse_grad,
+                               const torch::Tensor& keys, const torch::Tensor& wq, const Opt& bq,
+                               const Opt& w1, const Opt& b1, const Opt& w2, const Opt& b2,
+                               const Opt& wg, const Opt& bg, const torch::Tensor& values,
+                               const LayerOptions& o, bool sparse_grad,
                                const c10::intrusive_ptr<ValueOptimizer>& opt) {
     auto t = [](const Opt& v) { return v ? *v : torch::Tensor(); };
     const ParamTensors p_in{keys, wq, t(bq), t(w1), t(b1), t(w2), t(b2), t(wg), t(bg)};
-    if (!x_in.device().is_cpu()) fail("x is on " + x_in.device().str() + "; pkm's torch ops run on the CPU");
+    if (!x_in.device().is_cpu())
+      fail("x is on " + x_in.device().str() + "; pkm's torch ops run on the CPU");
     const torch::Tensor x = x_in.contiguous();
     const MemoryConfig c = infer_config(x, p_in, values, o);
     if (opt) opt->before_forward(values);  // no forward reads a table with an update pending
     const torch::Tensor x2 = x.reshape({-1, c.input_dim});
     torch::Tensor out = torch::empty({x2.size(0), c.output_dim}, x.options());
-    auto holder = dispatch(x, values, [&](auto s, auto t) -> c10::intrusive_ptr<torch::CustomClassHolder> {
-      using S = decltype(s);
-      using T = decltype(t);
-      auto h = c10::make_intrusive<CacheHolder<S>>();
-      const MemoryLayer<S, T> layer(view_params<S>(c, p_in), view_table<T>(values));
-      layer.forward(MatrixMap<S>(x2.data_ptr<S>(), x2.size(0), c.input_dim),
-                    MatrixMap<S>(out.data_ptr<S>(), out.size(0), c.output_dim), h->cache);
-      return h;
-    });
+    auto holder =
+        dispatch(x, values, [&](auto s, auto t) -> c10::intrusive_ptr<torch::CustomClassHolder> {
+          using S = decltype(s);
+          using T = decltype(t);
+          auto h = c10::make_intrusive<CacheHolder<S>>();
+          const MemoryLayer<S, T> layer(view_params<S>(c, p_in), view_table<T>(values));
+          layer.forward(MatrixMap<S>(x2.data_ptr<S>(), x2.size(0), c.input_dim),
+                        MatrixMap<S>(out.data_ptr<S>(), out.size(0), c.output_dim), h->cache);
+          return h;
+        });
     std::vector<torch::Tensor> saved{x2, values};
     for (const auto& t : p_in) saved.push_back(t.defined() ? t : torch::Tensor());
     ctx->save_for_backward(saved);
@@ -207,7 +229,8 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     ctx->saved_data["heads"] = o.heads;
     ctx->saved_data["knn"] = o.knn;
     ctx->saved_data["qk_norm"] = o.qk_norm;
-    ctx->saved_data["qk_norm_scale"] = o.qk_norm_scale ? c10::IValue(*o.qk_norm_scale) : c10::IValue();
+    ctx->saved_data["qk_norm_scale"] =
+        o.qk_norm_scale ? c10::IValue(*o.qk_norm_scale) : c10::IValue();
     ctx->saved_data["sparse"] = sparse_grad;
     ctx->saved_data["in_sizes"] = x_in.sizes();
     if (opt) {
@@ -230,10 +253,12 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     o.heads = ctx->saved_data["heads"].toInt();
     o.knn = ctx->saved_data["knn"].toInt();
     o.qk_norm = ctx->saved_data["qk_norm"].toBool();
-    if (!ctx->saved_data["qk_norm_scale"].isNone()) o.qk_norm_scale = ctx->saved_data["qk_norm_scale"].toDouble();
+    if (!ctx->saved_data["qk_norm_scale"].isNone())
+      o.qk_norm_scale = ctx->saved_data["qk_norm_scale"].toDouble();
     const bool sparse = ctx->saved_data["sparse"].toBool();
     const MemoryConfig c = infer_config(x2, p, values, o);
-    const torch::Tensor dout = grads[0].contiguous().reshape({-1, c.output_dim}).to(x2.scalar_type());
+    const torch::Tensor dout =
+        grads[0].contiguous().reshape({-1, c.output_dim}).to(x2.scalar_type());
     torch::Tensor dx = torch::empty_like(x2);
     ParamTensors dp;
     for (int t = 0; t < kNumTensors; ++t) {
@@ -246,7 +271,8 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     c10::intrusive_ptr<ValueOptimizer> opt;
     ValueOptimizer::Plan plan;
     if (ctx->saved_data.count(kOptimizer) > 0) {
-      opt = c10::static_intrusive_pointer_cast<ValueOptimizer>(ctx->saved_data[kOptimizer].toCapsule());
+      opt = c10::static_intrusive_pointer_cast<ValueOptimizer>(
+          ctx->saved_data[kOptimizer].toCapsule());
       plan = static_cast<GraphToken*>(ctx->saved_data[kToken].toCapsule().get())->begin_backward();
     }
     dispatch(x2, values, [&](auto s, auto t) {
@@ -258,10 +284,13 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
       const MatrixMap<S> xm(const_cast<S*>(x2.data_ptr<S>()), x2.size(0), c.input_dim);
       const MatrixMap<S> doutm(const_cast<S*>(dout.data_ptr<S>()), dout.size(0), c.output_dim);
       MatrixMap<S> dxm(dx.data_ptr<S>(), dx.size(0), c.input_dim);
-      if (opt && !std::is_same_v<S, float>) fail("the fused mode (a ValueOptimizer) needs float32 parameters");
+      if (opt && !std::is_same_v<S, float>)
+        fail("the fused mode (a ValueOptimizer) needs float32 parameters");
       if (opt && plan.fused_now) {
         if constexpr (std::is_same_v<S, float>) {
-          opt->apply([&](auto& o2) { return layer.backward_fused(xm, holder->cache, doutm, dparams, o2, dxm); });
+          opt->apply([&](auto& o2) {
+            return layer.backward_fused(xm, holder->cache, doutm, dparams, o2, dxm);
+          });
         }
         return 0;
       }
@@ -273,9 +302,12 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
       const Index V = c.v_dim;
       if (opt) {  // the fused mode, adding to the gradient waiting for the layer's other uses
         if constexpr (std::is_same_v<S, float>) {
-          layer.backward_to(xm, cache, doutm, dparams, [&](const std::vector<std::int64_t>& rows, Index, auto&& reduce) {
-            opt->accumulate(rows, reduce);
-          }, dxm);
+          layer.backward_to(
+              xm, cache, doutm, dparams,
+              [&](const std::vector<std::int64_t>& rows, Index, auto&& reduce) {
+                opt->accumulate(rows, reduce);
+              },
+              dxm);
         }
         return 0;
       }
@@ -283,23 +315,31 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
         // The dense gradient: rows written in place, untouched rows the kernel's zero pages.
         PageBuffer<S> dense(static_cast<std::size_t>(c.slots()) * static_cast<std::size_t>(V));
         S* d = dense.data();
-        layer.backward_to(xm, cache, doutm, dparams, [&](const std::vector<std::int64_t>& rows, Index, auto&& reduce) {
-          reduce_rows_into(rows, reduce, [&](Index u) { return d + rows[static_cast<std::size_t>(u)] * V; });
-        }, dxm);
+        layer.backward_to(
+            xm, cache, doutm, dparams,
+            [&](const std::vector<std::int64_t>& rows, Index, auto&& reduce) {
+              reduce_rows_into(rows, reduce,
+                               [&](Index u) { return d + rows[static_cast<std::size_t>(u)] * V; });
+            },
+            dxm);
         dvalues = tensor_of(dense, {c.slots(), V}, x2.options());
         return 0;
       }
       torch::Tensor vals = torch::empty({0, V}, x2.options());
       torch::Tensor ids = torch::empty({1, 0}, torch::kLong);
-      layer.backward_to(xm, cache, doutm, dparams, [&](const std::vector<std::int64_t>& rows, Index, auto&& reduce) {
-        const auto U = static_cast<std::int64_t>(rows.size());
-        PageBuffer<S> buffer(static_cast<std::size_t>(std::max<std::int64_t>(U, 1) * V));
-        S* r = buffer.data();
-        reduce_rows_into(rows, reduce, [&](Index u) { return r + u * V; });
-        vals = tensor_of(buffer, {std::max<std::int64_t>(U, 1), V}, x2.options()).narrow(0, 0, U);
-        ids = torch::empty({1, U}, torch::kLong);
-        std::copy(rows.begin(), rows.end(), ids.data_ptr<std::int64_t>());
-      }, dxm);
+      layer.backward_to(
+          xm, cache, doutm, dparams,
+          [&](const std::vector<std::int64_t>& rows, Index, auto&& reduce) {
+            const auto U = static_cast<std::int64_t>(rows.size());
+            PageBuffer<S> buffer(static_cast<std::size_t>(std::max<std::int64_t>(U, 1) * V));
+            S* r = buffer.data();
+            reduce_rows_into(rows, reduce, [&](Index u) { return r + u * V; });
+            vals =
+                tensor_of(buffer, {std::max<std::int64_t>(U, 1), V}, x2.options()).narrow(0, 0, U);
+            ids = torch::empty({1, U}, torch::kLong);
+            std::copy(rows.begin(), rows.end(), ids.data_ptr<std::int64_t>());
+          },
+          dxm);
       vals = vals.to(values.scalar_type());
       if (sparse) {
         dvalues = torch::sparse_coo_tensor(ids, vals, {c.slots(), V})._coalesced_(true);
@@ -328,16 +368,20 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
 /// bfloat16 with float32 x and parameters (float64 throughout for gradcheck). sparse_grad:
 /// the table's gradient as a sparse COO tensor (else dense). opt: update the table inside
 /// backward with pkm's optimizer instead (its gradient is then None).
-inline torch::Tensor memory(const torch::Tensor& x, const torch::Tensor& keys, const torch::Tensor& query_weight,
-                            const torch::Tensor& query_bias, const torch::Tensor& swilu_weight,
-                            const torch::Tensor& swilu_bias, const torch::Tensor& value_proj_weight,
+inline torch::Tensor memory(const torch::Tensor& x, const torch::Tensor& keys,
+                            const torch::Tensor& query_weight, const torch::Tensor& query_bias,
+                            const torch::Tensor& swilu_weight, const torch::Tensor& swilu_bias,
+                            const torch::Tensor& value_proj_weight,
                             const torch::Tensor& value_proj_bias, const torch::Tensor& gate_weight,
-                            const torch::Tensor& gate_bias, const torch::Tensor& values, const LayerOptions& options,
-                            bool sparse_grad = true, const c10::intrusive_ptr<ValueOptimizer>& opt = {}) {
-  auto o = [](const torch::Tensor& t) { return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt; };
-  return detail::MemoryFunction::apply(x, keys, query_weight, o(query_bias), o(swilu_weight), o(swilu_bias),
-                                       o(value_proj_weight), o(value_proj_bias), o(gate_weight), o(gate_bias), values,
-                                       options, sparse_grad, opt);
+                            const torch::Tensor& gate_bias, const torch::Tensor& values,
+                            const LayerOptions& options, bool sparse_grad = true,
+                            const c10::intrusive_ptr<ValueOptimizer>& opt = {}) {
+  auto o = [](const torch::Tensor& t) {
+    return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  };
+  return detail::MemoryFunction::apply(
+      x, keys, query_weight, o(query_bias), o(swilu_weight), o(swilu_bias), o(value_proj_weight),
+      o(value_proj_bias), o(gate_weight), o(gate_bias), values, options, sparse_grad, opt);
 }
 
 }  // namespace pkm::torch_ops

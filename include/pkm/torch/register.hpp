@@ -11,25 +11,27 @@
 #include "pkm/torch/memory_function.hpp"
 
 namespace pkm::torch_ops::detail {
-inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys, const torch::Tensor& query_weight,
+inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys,
+                               const torch::Tensor& query_weight,
                                const c10::optional<torch::Tensor>& query_bias,
                                const c10::optional<torch::Tensor>& swilu_weight,
                                const c10::optional<torch::Tensor>& swilu_bias,
                                const c10::optional<torch::Tensor>& value_proj_weight,
                                const c10::optional<torch::Tensor>& value_proj_bias,
                                const c10::optional<torch::Tensor>& gate_weight,
-                               const c10::optional<torch::Tensor>& gate_bias, const torch::Tensor& values,
-                               std::int64_t heads, std::int64_t knn, bool qk_norm,
-                               c10::optional<double> qk_norm_scale,
-                               bool sparse_grad, const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer) {
+                               const c10::optional<torch::Tensor>& gate_bias,
+                               const torch::Tensor& values, std::int64_t heads, std::int64_t knn,
+                               bool qk_norm, c10::optional<double> qk_norm_scale, bool sparse_grad,
+                               const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
   LayerOptions options;
   options.heads = heads;
   options.knn = knn;
   options.qk_norm = qk_norm;
   if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
-  return memory(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias), t(value_proj_weight),
-                t(value_proj_bias), t(gate_weight), t(gate_bias), values, options, sparse_grad,
+  return memory(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
+                t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias), values,
+                options, sparse_grad,
                 optimizer ? *optimizer : c10::intrusive_ptr<ValueOptimizer>());
 }
 }  // namespace pkm::torch_ops::detail
@@ -37,7 +39,8 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
 TORCH_LIBRARY(pkm, m) {
   using pkm::torch_ops::ValueOptimizer;
   m.class_<ValueOptimizer>("ValueOptimizer")
-      .def(torch::init<std::string, std::int64_t, std::int64_t, double, double, double, double, double, double, bool>())
+      .def(torch::init<std::string, std::int64_t, std::int64_t, double, double, double, double,
+                       double, double, bool>())
       .def("kind", [](const c10::intrusive_ptr<ValueOptimizer>& self) { return self->kind(); })
       .def("options", &ValueOptimizer::options)
       .def("accumulates", &ValueOptimizer::accumulates)
@@ -51,21 +54,31 @@ TORCH_LIBRARY(pkm, m) {
       .def("zero_grad", &ValueOptimizer::zero_grad)
       .def("state", &ValueOptimizer::state)
       .def("load_state", &ValueOptimizer::load_state)
-      .def_pickle([](const c10::intrusive_ptr<ValueOptimizer>& self) { return self->pickle(); },
-                  [](ValueOptimizer::Pickled state) { return ValueOptimizer::unpickle(std::move(state)); });
-  m.def("check_config(int input_dim, int output_dim, int n_keys, int heads, int knn, int k_dim, int v_dim, "
-        "bool memory_plus, bool value_projection, bool gating, bool query_bias, bool qk_norm, float? qk_norm_scale) -> ()",
-        [](std::int64_t input_dim, std::int64_t output_dim, std::int64_t n_keys, std::int64_t heads, std::int64_t knn,
-           std::int64_t k_dim, std::int64_t v_dim, bool memory_plus, bool value_projection, bool gating, bool query_bias,
-           bool qk_norm, c10::optional<double> qk_norm_scale) {
-          std::optional<double> scale;
-          if (qk_norm_scale) scale = *qk_norm_scale;
-          pkm::torch_ops::detail::check_config(input_dim, output_dim, n_keys, heads, knn, k_dim, v_dim, memory_plus,
-                                               value_projection, gating, query_bias, qk_norm, scale);
-        });
-  m.def("memory(Tensor x, Tensor keys, Tensor query_weight, Tensor? query_bias, Tensor? swilu_weight, "
-        "Tensor? swilu_bias, Tensor? value_proj_weight, Tensor? value_proj_bias, Tensor? gate_weight, "
-        "Tensor? gate_bias, Tensor values, int heads, int knn, bool qk_norm, float? qk_norm_scale, bool sparse_grad, "
-        "__torch__.torch.classes.pkm.ValueOptimizer? optimizer) -> Tensor",
-        &pkm::torch_ops::detail::memory_op);
+      .def_pickle(
+          [](const c10::intrusive_ptr<ValueOptimizer>& self) { return self->pickle(); },
+          [](ValueOptimizer::Pickled state) { return ValueOptimizer::unpickle(std::move(state)); });
+  m.def(
+      "check_config(int input_dim, int output_dim, int n_keys, int heads, int knn, int k_dim, int "
+      "v_dim, "
+      "bool memory_plus, bool value_projection, bool gating, bool query_bias, bool qk_norm, float? "
+      "qk_norm_scale) -> ()",
+      [](std::int64_t input_dim, std::int64_t output_dim, std::int64_t n_keys, std::int64_t heads,
+         std::int64_t knn, std::int64_t k_dim, std::int64_t v_dim, bool memory_plus,
+         bool value_projection, bool gating, bool query_bias, bool qk_norm,
+         c10::optional<double> qk_norm_scale) {
+        std::optional<double> scale;
+        if (qk_norm_scale) scale = *qk_norm_scale;
+        pkm::torch_ops::detail::check_config(input_dim, output_dim, n_keys, heads, knn, k_dim,
+                                             v_dim, memory_plus, value_projection, gating,
+                                             query_bias, qk_norm, scale);
+      });
+  m.def(
+      "memory(Tensor x, Tensor keys, Tensor query_weight, Tensor? query_bias, Tensor? "
+      "swilu_weight, "
+      "Tensor? swilu_bias, Tensor? value_proj_weight, Tensor? value_proj_bias, Tensor? "
+      "gate_weight, "
+      "Tensor? gate_bias, Tensor values, int heads, int knn, bool qk_norm, float? qk_norm_scale, "
+      "bool sparse_grad, "
+      "__torch__.torch.classes.pkm.ValueOptimizer? optimizer) -> Tensor",
+      &pkm::torch_ops::detail::memory_op);
 }

@@ -29,7 +29,9 @@ namespace pkm::torch_ops {
 
 namespace detail {
 
-[[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument("pkm.memory: " + what); }
+[[noreturn]] inline void fail(const std::string& what) {
+  throw std::invalid_argument("pkm.memory: " + what);
+}
 
 inline std::string shape_of(const torch::Tensor& t) {
   std::string s = "(";
@@ -39,7 +41,8 @@ inline std::string shape_of(const torch::Tensor& t) {
 
 template <class T>
 ValueTable<T> view_table(const torch::Tensor& values) {
-  return ValueTable<T>::view(reinterpret_cast<T*>(values.data_ptr()), values.size(0), values.size(1), values.stride(0));
+  return ValueTable<T>::view(reinterpret_cast<T*>(values.data_ptr()), values.size(0),
+                             values.size(1), values.stride(0));
 }
 
 class GraphToken;
@@ -57,8 +60,9 @@ class GraphToken;
 /// add their gradient rows (gradient accumulation over micro-batches) and step() applies them.
 class ValueOptimizer : public torch::CustomClassHolder {
  public:
-  ValueOptimizer(const std::string& kind, std::int64_t rows, std::int64_t dim, double lr, double max_grad_norm,
-                 double weight_decay, double beta1, double beta2, double eps, bool accumulate = false)
+  ValueOptimizer(const std::string& kind, std::int64_t rows, std::int64_t dim, double lr,
+                 double max_grad_norm, double weight_decay, double beta1, double beta2, double eps,
+                 bool accumulate = false)
       : kind_(kind),
         options_{lr, max_grad_norm, weight_decay, beta1, beta2, eps},
         accumulate_(accumulate),
@@ -106,15 +110,17 @@ class ValueOptimizer : public torch::CustomClassHolder {
   c10::Dict<std::string, torch::Tensor> state() {
     std::lock_guard<std::mutex> lock(mutex_);
     c10::Dict<std::string, torch::Tensor> out;
-    for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape, auto* data, optim::StateKind) {
+    for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape, auto* data,
+                       optim::StateKind) {
       using T = std::remove_pointer_t<decltype(data)>;
       const auto dtype = std::is_floating_point_v<T> ? torch::kFloat : torch::kLong;
       out.insert(name, torch::from_blob(data, shape, torch::TensorOptions().dtype(dtype)).clone());
     });
     const SparseRowGrad<float> pending = acc_.gradient();
     out.insert("pending_rows", torch::tensor(pending.rows, torch::kLong).reshape({pending.size()}));
-    out.insert("pending_values", torch::from_blob(const_cast<float*>(pending.values.data()), {pending.size(), pending.dim},
-                                                  torch::kFloat).clone());
+    out.insert("pending_values", torch::from_blob(const_cast<float*>(pending.values.data()),
+                                                  {pending.size(), pending.dim}, torch::kFloat)
+                                     .clone());
     return out;
   }
   /// Loads state() of an optimizer of the same kind and table shape. Every tensor is checked
@@ -128,22 +134,26 @@ class ValueOptimizer : public torch::CustomClassHolder {
     auto bad = [&](const std::string& what) { throw std::invalid_argument(who + ": " + what); };
     std::vector<std::string> known{"pending_rows", "pending_values"};
     std::int64_t step = -1;
-    for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape, auto* data, optim::StateKind kind) {
+    for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape, auto* data,
+                       optim::StateKind kind) {
       using T = std::remove_pointer_t<decltype(data)>;
       known.push_back(name);
-      if (!in.contains(name)) bad("tensor '" + name + "' is missing; expected the state of a '" + kind_ + "' optimizer");
+      if (!in.contains(name))
+        bad("tensor '" + name + "' is missing; expected the state of a '" + kind_ + "' optimizer");
       const torch::Tensor t = in.at(name);
       const auto dtype = std::is_floating_point_v<T> ? torch::kFloat : torch::kLong;
       if (t.scalar_type() != dtype || t.sizes().vec() != shape) {
-        bad("tensor '" + name + "' is " + std::string(c10::toString(t.scalar_type())) + " " + detail::shape_of(t) +
-            ", expected " + c10::toString(dtype) + " of " + std::to_string(shape.size()) + " dimensions as the optimizer's");
+        bad("tensor '" + name + "' is " + std::string(c10::toString(t.scalar_type())) + " " +
+            detail::shape_of(t) + ", expected " + c10::toString(dtype) + " of " +
+            std::to_string(shape.size()) + " dimensions as the optimizer's");
       }
       const torch::Tensor c = t.contiguous();
       const T* v = c.data_ptr<T>();
       for (std::int64_t i = 0; i < c.numel(); ++i) {
         if (!optim::state_value_ok(kind, v[i], step)) {
-          bad("tensor '" + name + "' holds " + std::to_string(v[i]) + " at element " + std::to_string(i) + "; expected " +
-              optim::state_kind_rule(kind) + " (the optimizer is unchanged)");
+          bad("tensor '" + name + "' holds " + std::to_string(v[i]) + " at element " +
+              std::to_string(i) + "; expected " + optim::state_kind_rule(kind) +
+              " (the optimizer is unchanged)");
         }
         if constexpr (!std::is_floating_point_v<T>) {
           if (name == "step") step = static_cast<std::int64_t>(v[i]);
@@ -158,19 +168,23 @@ class ValueOptimizer : public torch::CustomClassHolder {
     SparseRowGrad<float> pending;
     pending.dim = acc_.dim();
     if (in.contains("pending_rows") || in.contains("pending_values")) {
-      if (!in.contains("pending_rows") || !in.contains("pending_values")) bad("pending_rows and pending_values come together");
-      const torch::Tensor r = in.at("pending_rows").contiguous(), v = in.at("pending_values").contiguous();
-      if (r.scalar_type() != torch::kLong || r.dim() != 1 || v.scalar_type() != torch::kFloat || v.dim() != 2 ||
-          v.size(0) != r.size(0) || v.size(1) != acc_.dim()) {
+      if (!in.contains("pending_rows") || !in.contains("pending_values"))
+        bad("pending_rows and pending_values come together");
+      const torch::Tensor r = in.at("pending_rows").contiguous(),
+                          v = in.at("pending_values").contiguous();
+      if (r.scalar_type() != torch::kLong || r.dim() != 1 || v.scalar_type() != torch::kFloat ||
+          v.dim() != 2 || v.size(0) != r.size(0) || v.size(1) != acc_.dim()) {
         bad("pending_rows " + detail::shape_of(r) + " and pending_values " + detail::shape_of(v) +
             ", expected int64 (U) and float32 (U, " + std::to_string(acc_.dim()) + ")");
       }
       pending.rows.assign(r.data_ptr<std::int64_t>(), r.data_ptr<std::int64_t>() + r.numel());
-      pending.values = Eigen::Map<const RowMatrix<float>>(v.data_ptr<float>(), v.size(0), v.size(1));
+      pending.values =
+          Eigen::Map<const RowMatrix<float>>(v.data_ptr<float>(), v.size(0), v.size(1));
       pending.validate(who.c_str(), "pending_rows", rows_of());
       if (!pending.values.allFinite()) bad("pending_values holds a non-finite value");
     }
-    for_each_state([&](const std::string& name, const std::vector<std::int64_t>&, auto* data, optim::StateKind) {
+    for_each_state([&](const std::string& name, const std::vector<std::int64_t>&, auto* data,
+                       optim::StateKind) {
       using T = std::remove_pointer_t<decltype(data)>;
       const torch::Tensor c = in.at(name).contiguous();
       std::memcpy(data, c.data_ptr<T>(), static_cast<std::size_t>(c.numel()) * sizeof(T));
@@ -186,9 +200,12 @@ class ValueOptimizer : public torch::CustomClassHolder {
   Pickled pickle() { return {kind_, rows_of(), acc_.dim(), options_, accumulate_, state()}; }
   static c10::intrusive_ptr<ValueOptimizer> unpickle(Pickled p) {
     const auto& o = std::get<3>(p);
-    if (o.size() != 6) throw std::invalid_argument("pkm ValueOptimizer: a pickled state with " + std::to_string(o.size()) + " options, expected 6");
-    auto opt = c10::make_intrusive<ValueOptimizer>(std::get<0>(p), std::get<1>(p), std::get<2>(p), o[0], o[1], o[2], o[3],
-                                                   o[4], o[5], std::get<4>(p));
+    if (o.size() != 6)
+      throw std::invalid_argument("pkm ValueOptimizer: a pickled state with " +
+                                  std::to_string(o.size()) + " options, expected 6");
+    auto opt =
+        c10::make_intrusive<ValueOptimizer>(std::get<0>(p), std::get<1>(p), std::get<2>(p), o[0],
+                                            o[1], o[2], o[3], o[4], o[5], std::get<4>(p));
     opt->load_state(std::get<5>(p));
     return opt;
   }
@@ -235,10 +252,12 @@ class ValueOptimizer : public torch::CustomClassHolder {
  private:
   friend class detail::GraphToken;
   using Variant = std::variant<optim::LazyAdam<float>, optim::RowWiseAdagrad<float>>;
-  static Variant make(const std::string& kind, std::int64_t rows, std::int64_t dim, const std::vector<double>& v) {
+  static Variant make(const std::string& kind, std::int64_t rows, std::int64_t dim,
+                      const std::vector<double>& v) {
     if (kind == "adam") {
       optim::AdamOptions o;
-      o.lr = v[0], o.max_grad_norm = v[1], o.weight_decay = v[2], o.beta1 = v[3], o.beta2 = v[4], o.eps = v[5];
+      o.lr = v[0], o.max_grad_norm = v[1], o.weight_decay = v[2], o.beta1 = v[3], o.beta2 = v[4],
+      o.eps = v[5];
       return optim::LazyAdam<float>(rows, dim, o);
     }
     if (kind == "adagrad") {
@@ -246,17 +265,20 @@ class ValueOptimizer : public torch::CustomClassHolder {
       o.lr = v[0], o.max_grad_norm = v[1], o.weight_decay = v[2], o.eps = v[5];
       return optim::RowWiseAdagrad<float>(rows, dim, o);
     }
-    throw std::invalid_argument("pkm ValueOptimizer: kind = '" + kind + "', expected 'adam' or 'adagrad'");
+    throw std::invalid_argument("pkm ValueOptimizer: kind = '" + kind +
+                                "', expected 'adam' or 'adagrad'");
   }
   std::int64_t rows_of() const {
     return std::visit([](const auto& o) { return o.rows(); }, opt_);
   }
   template <class F>
   void for_each_state(F&& fn) {
-    std::visit([&](auto& o) {
-      o.for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape, auto* data,
-                           optim::StateKind kind) { fn(name, shape, data, kind); });
-    }, opt_);
+    std::visit(
+        [&](auto& o) {
+          o.for_each_state([&](const std::string& name, const std::vector<std::int64_t>& shape,
+                               auto* data, optim::StateKind kind) { fn(name, shape, data, kind); });
+        },
+        opt_);
   }
   void apply_locked(const torch::Tensor& table) {
     if (acc_.empty()) return;
@@ -268,8 +290,8 @@ class ValueOptimizer : public torch::CustomClassHolder {
         ValueTable<bf16> t = detail::view_table<bf16>(table);
         last_norm_ = std::visit([&](auto& o) -> double { return acc_.step(o, t); }, opt_);
       } else {
-        detail::fail(std::string("the fused optimizer's table is ") + c10::toString(table.scalar_type()) +
-                     "; expected float32 or bfloat16");
+        detail::fail(std::string("the fused optimizer's table is ") +
+                     c10::toString(table.scalar_type()) + "; expected float32 or bfloat16");
       }
     } catch (...) {
       acc_.clear();  // a refused step changes nothing; its gradient is not retried forever
@@ -293,8 +315,9 @@ class ValueOptimizer : public torch::CustomClassHolder {
   Variant opt_;
   double last_norm_ = 0.0;
   mutable std::mutex mutex_;
-  std::int64_t live_ = 0, done_ = 0;  // graphs alive that read through this optimizer; of them, backwarded
-  RowAccumulator<float> acc_;         // the gradient accumulated and not yet applied
+  std::int64_t live_ = 0,
+               done_ = 0;      // graphs alive that read through this optimizer; of them, backwarded
+  RowAccumulator<float> acc_;  // the gradient accumulated and not yet applied
 };
 
 namespace detail {
@@ -303,7 +326,9 @@ namespace detail {
 /// autograd context, gone with the graph (after its backward, or when its output is dropped).
 class GraphToken : public torch::CustomClassHolder {
  public:
-  explicit GraphToken(c10::intrusive_ptr<ValueOptimizer> opt) : opt_(std::move(opt)) { opt_->graph_born(); }
+  explicit GraphToken(c10::intrusive_ptr<ValueOptimizer> opt) : opt_(std::move(opt)) {
+    opt_->graph_born();
+  }
   ~GraphToken() override { opt_->graph_gone(done_); }
   GraphToken(const GraphToken&) = delete;
   GraphToken& operator=(const GraphToken&) = delete;

@@ -78,8 +78,8 @@ __device__ inline SubwarpPosition subwarp_position(int lanes) {
 
 /// Softmax over each head's knn scores of token t, written to w_out (a sub-warp per token;
 /// every lane of the warp must call it).
-__device__ inline void subwarp_softmax(const float* scores, float* w_out, std::int64_t t, bool valid, int heads, int knn,
-                                       int lane, int lanes) {
+__device__ inline void subwarp_softmax(const float* scores, float* w_out, std::int64_t t,
+                                       bool valid, int heads, int knn, int lane, int lanes) {
   const std::int64_t base = t * std::int64_t(heads) * knn;
   for (int h = 0; h < heads; ++h) {
     float m = -INFINITY;
@@ -101,11 +101,10 @@ __device__ inline void subwarp_softmax(const float* scores, float* w_out, std::i
 /// The forward: a sub-warp per token, CHUNKS vectors of VEC columns per lane per pass.
 template <class T, int VEC, int CHUNKS>
 __global__ void bag_forward_kernel(const T* __restrict__ table, std::int64_t stride,
-                                                             const std::int64_t* __restrict__ idx,
-                                                             const float* __restrict__ weights, float* w_out,
-                                                             bool softmax, std::int64_t tokens, int heads, int knn,
-                                                             float* __restrict__ out, std::int64_t out_stride,
-                                                             RowLayout layout) {
+                                   const std::int64_t* __restrict__ idx,
+                                   const float* __restrict__ weights, float* w_out, bool softmax,
+                                   std::int64_t tokens, int heads, int knn, float* __restrict__ out,
+                                   std::int64_t out_stride, RowLayout layout) {
   const int lanes = layout.lanes;
   const auto [t, lane] = subwarp_position(lanes);
   const bool valid = t < tokens;
@@ -149,7 +148,8 @@ __global__ void bag_forward_kernel(const T* __restrict__ table, std::int64_t str
             if (col < layout.dim) {
               float v[4][VEC];
 #pragma unroll
-              for (int q = 0; q < 4; ++q) load_vec<VEC>(table + std::int64_t(r[q]) * stride + col, v[q]);
+              for (int q = 0; q < 4; ++q)
+                load_vec<VEC>(table + std::int64_t(r[q]) * stride + col, v[q]);
 #pragma unroll
               for (int q = 0; q < 4; ++q) {
 #pragma unroll
@@ -193,11 +193,10 @@ __global__ void bag_forward_kernel(const T* __restrict__ table, std::int64_t str
 /// scores' gradient w * (dw - sum over the head of w * dw). A sub-warp per token.
 template <class T, int VEC>
 __global__ void bag_dweights_kernel(const T* __restrict__ table, std::int64_t stride,
-                                                              const std::int64_t* __restrict__ idx,
-                                                              const float* __restrict__ weights,
-                                                              const float* __restrict__ dy, std::int64_t dy_stride,
-                                                              float* dweights, bool softmax_backward,
-                                                              std::int64_t tokens, int heads, int knn, RowLayout layout) {
+                                    const std::int64_t* __restrict__ idx,
+                                    const float* __restrict__ weights, const float* __restrict__ dy,
+                                    std::int64_t dy_stride, float* dweights, bool softmax_backward,
+                                    std::int64_t tokens, int heads, int knn, RowLayout layout) {
   const int lanes = layout.lanes;
   const auto [t, lane] = subwarp_position(lanes);
   const bool valid = t < tokens;
@@ -246,8 +245,8 @@ __global__ void bag_dweights_kernel(const T* __restrict__ table, std::int64_t st
 }
 
 /// (slot, position) pairs to sort.
-__global__ void make_pairs_kernel(const std::int64_t* __restrict__ idx, std::int64_t n, unsigned long long* keys,
-                                  int* pos) {
+__global__ void make_pairs_kernel(const std::int64_t* __restrict__ idx, std::int64_t n,
+                                  unsigned long long* keys, int* pos) {
   const std::int64_t p = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p < n) {
     keys[p] = static_cast<unsigned long long>(idx[p]);
@@ -259,11 +258,11 @@ __global__ void make_pairs_kernel(const std::int64_t* __restrict__ idx, std::int
 /// per segment u of the sorted pairs; written as sparse row u or added to the dense row.
 template <int VEC>
 __global__ void segment_reduce_kernel(
-    const unsigned long long* __restrict__ unique, const int* __restrict__ counts, const int* __restrict__ offsets,
-    const int* __restrict__ num_runs, const int* __restrict__ pos, const float* __restrict__ weights,
-    const float* __restrict__ dy, std::int64_t dy_stride, int bag, std::int64_t capacity, RowLayout layout,
-    bool sparse, std::int64_t* unique_out, float* grad_rows, std::int64_t* num_unique, float* dense,
-    std::int64_t dense_stride) {
+    const unsigned long long* __restrict__ unique, const int* __restrict__ counts,
+    const int* __restrict__ offsets, const int* __restrict__ num_runs, const int* __restrict__ pos,
+    const float* __restrict__ weights, const float* __restrict__ dy, std::int64_t dy_stride,
+    int bag, std::int64_t capacity, RowLayout layout, bool sparse, std::int64_t* unique_out,
+    float* grad_rows, std::int64_t* num_unique, float* dense, std::int64_t dense_stride) {
   const auto [u, lane] = subwarp_position(layout.lanes);
   const int runs = *num_runs;
   if (sparse && u == 0 && lane == 0) *num_unique = runs;
@@ -293,10 +292,9 @@ __global__ void segment_reduce_kernel(
 /// The value gradient with atomics (comparison mode): a sub-warp per token adds w * dy[t] into
 /// each of its rows of the dense gradient. Not deterministic.
 __global__ void atomic_grad_kernel(const std::int64_t* __restrict__ idx,
-                                                             const float* __restrict__ weights,
-                                                             const float* __restrict__ dy, std::int64_t dy_stride,
-                                                             std::int64_t tokens, int bag, float* dense,
-                                                             std::int64_t dense_stride, RowLayout layout) {
+                                   const float* __restrict__ weights, const float* __restrict__ dy,
+                                   std::int64_t dy_stride, std::int64_t tokens, int bag,
+                                   float* dense, std::int64_t dense_stride, RowLayout layout) {
   const auto [t, lane] = subwarp_position(layout.lanes);
   if (t >= tokens) return;
   for (int j = 0; j < bag; ++j) {
@@ -305,13 +303,15 @@ __global__ void atomic_grad_kernel(const std::int64_t* __restrict__ idx,
     for (std::int64_t i = 0; i < layout.iterations(); ++i) {
       const std::int64_t col = layout.column(lane, i);
       if (col >= layout.dim) break;
-      for (int e = 0; e < layout.vec; ++e) atomicAdd(dense + r * dense_stride + col + e, w * dy[t * dy_stride + col + e]);
+      for (int e = 0; e < layout.vec; ++e)
+        atomicAdd(dense + r * dense_stride + col + e, w * dy[t * dy_stride + col + e]);
     }
   }
 }
 
 /// Sets *flag when any of the n slot ids is outside [0, rows).
-__global__ void check_indices_kernel(const std::int64_t* __restrict__ idx, std::int64_t n, std::int64_t rows, int* flag) {
+__global__ void check_indices_kernel(const std::int64_t* __restrict__ idx, std::int64_t n,
+                                     std::int64_t rows, int* flag) {
   const std::int64_t p = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p < n && (idx[p] < 0 || idx[p] >= rows)) atomicOr(flag, 1);
 }

@@ -56,7 +56,9 @@ inline Index checked_sum(const char* who, const char* what, Index a, Index b) {
 
 /// floor(n q / parts) without forming n q: where an even split of n items over `parts`
 /// ends part q - 1.
-inline Index split_point(Index n, int q, int parts) { return n / parts * q + n % parts * q / parts; }
+inline Index split_point(Index n, int q, int parts) {
+  return n / parts * q + n % parts * q / parts;
+}
 
 /// FNV-1a over bytes: what the group compares to find processes that disagree.
 class Fingerprint {
@@ -99,7 +101,8 @@ inline void mpi_check(const char* who, const char* call, int code) {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(code, text, &len);
-  throw std::runtime_error(std::string(who) + ": " + call + " failed: " + std::string(text, static_cast<std::size_t>(len)));
+  throw std::runtime_error(std::string(who) + ": " + call +
+                           " failed: " + std::string(text, static_cast<std::size_t>(len)));
 }
 
 /// Point-to-point transfers of one collective, each split into messages of at most `limit`
@@ -112,7 +115,8 @@ class Exchange {
   Exchange(const Exchange&) = delete;
   Exchange& operator=(const Exchange&) = delete;
   ~Exchange() {
-    if (!requests_.empty()) MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE);
+    if (!requests_.empty())
+      MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE);
   }
   template <class T>
   void send(int to, const T* data, Index n) {
@@ -129,7 +133,9 @@ class Exchange {
   void wait() {
     std::vector<MPI_Request> r;
     r.swap(requests_);
-    if (!r.empty()) mpi_check(who_, "MPI_Waitall", MPI_Waitall(static_cast<int>(r.size()), r.data(), MPI_STATUSES_IGNORE));
+    if (!r.empty())
+      mpi_check(who_, "MPI_Waitall",
+                MPI_Waitall(static_cast<int>(r.size()), r.data(), MPI_STATUSES_IGNORE));
   }
 
  private:

@@ -1,6 +1,7 @@
 // pkm/distributed/detail/wire.hpp — what pkm::distributed::Group builds its messages from:
-// MPI element types, checked counts, the fingerprints processes compare, and the
-// point-to-point exchange that moves transfers of any size in messages MPI's int counts allow.
+// MPI element types, checked counts, the fingerprints processes compare, the point-to-point
+// exchange that moves transfers of any size in messages MPI's int counts allow, and the phases
+// and agreed items a collective call names (Op, Agreed: public, in pkm::distributed).
 // Needs MPI (the CMake target pkm::mpi).
 #pragma once
 
@@ -156,5 +157,70 @@ class Exchange {
   std::vector<MPI_Request> requests_;
 };
 }  // namespace detail
+
+/// The phases of a collective pkm call. A call is identified by its name (the `who` every
+/// pkm function passes: "pkm::distributed::MemoryParallelLayer::sum_gradients") together with
+/// the phase, so two processes in different calls are told so even where both calls open with
+/// the same phase (sum_gradients and sum_slot_statistics both open with `sum`).
+enum class Op : std::uint64_t {
+  construct = 1,
+  read = 2,
+  read_check = 3,
+  read_backward = 4,
+  read_backward_update = 5,
+  layer_forward = 6,
+  layer_forward_end = 7,
+  layer_backward = 8,
+  step = 9,
+  sum = 10,
+  checkpoint = 11,
+  checkpoint_write = 12,
+  same = 13,
+  result = 14,
+  verify = 15,
+};
+
+inline const char* op_name(Op op) {
+  switch (op) {
+    case Op::construct:
+      return "construct";
+    case Op::read:
+      return "read";
+    case Op::read_check:
+      return "read_check";
+    case Op::read_backward:
+      return "read_backward";
+    case Op::read_backward_update:
+      return "read_backward_update";
+    case Op::layer_forward:
+      return "layer_forward";
+    case Op::layer_forward_end:
+      return "layer_forward_end";
+    case Op::layer_backward:
+      return "layer_backward";
+    case Op::step:
+      return "step";
+    case Op::sum:
+      return "sum";
+    case Op::checkpoint:
+      return "checkpoint";
+    case Op::checkpoint_write:
+      return "checkpoint_write";
+    case Op::same:
+      return "same";
+    case Op::result:
+      return "result";
+    case Op::verify:
+      return "verify";
+  }
+  return "?";
+}
+
+/// One thing the processes of a group must agree on (Group::require_same): what it is, for
+/// the message, and a fingerprint of this process's value.
+struct Agreed {
+  std::string what;
+  std::uint64_t fingerprint = 0;
+};
 
 }  // namespace pkm::distributed

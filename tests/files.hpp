@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include <pkm/io/optimizer_state.hpp>
 #include <pkm/io/safetensors.hpp>
 
 namespace pkmtest {
@@ -29,6 +31,41 @@ inline std::string read_error(std::vector<std::uint8_t> bytes,
     return e.what();
   }
   return "no error";
+}
+
+/// An optimizer's state file as a reader sees it, each tensor passed through `edit(name,
+/// data, count)` first (to corrupt one field).
+template <class Optimizer, class Edit>
+inline pkm::io::SafetensorsFile state_file(Optimizer& opt, Edit&& edit) {
+  std::vector<std::vector<double>> floats;
+  std::vector<std::vector<std::int64_t>> ints;
+  floats.reserve(16);
+  ints.reserve(16);
+  pkm::io::SafetensorsWriter w;
+  opt.for_each_state(
+      [&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
+        using T = std::remove_pointer_t<decltype(data)>;
+        std::size_t n = 1;
+        for (auto d : shape) n *= static_cast<std::size_t>(d);
+        if constexpr (std::is_floating_point_v<T>) {
+          floats.emplace_back(data, data + n);
+          edit(name, floats.back().data(), n);
+          w.add(name, shape, floats.back().data());
+        } else {
+          ints.emplace_back(data, data + n);
+          edit(name, ints.back().data(), n);
+          w.add(name, shape, ints.back().data());
+        }
+      });
+  return pkm::io::SafetensorsFile::from_bytes(w.to_bytes(), "state.safetensors");
+}
+
+/// An optimizer's state file as bytes.
+template <class Optimizer>
+inline std::vector<std::uint8_t> state_bytes(Optimizer& opt) {
+  pkm::io::SafetensorsWriter w;
+  pkm::io::add_optimizer_state(w, opt, "");
+  return w.to_bytes();
 }
 
 }  // namespace pkmtest

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
@@ -15,6 +16,9 @@
 #include <pkm/pkm.hpp>
 
 namespace pkmtest {
+
+inline constexpr float kInf = std::numeric_limits<float>::infinity();
+inline constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 using pkm::Index;
 using Mat = pkm::RowMatrix<double>;

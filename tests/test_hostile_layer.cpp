@@ -38,48 +38,20 @@ using Catch::Contains;
 using pkm::Index;
 using pkm::io::SafetensorsFile;
 using pkmtest::Mat;
+using pkmtest::kInf;
+using pkmtest::kNaN;
 using pkmtest::same_bits;
+using pkmtest::state_bytes;
+using pkmtest::state_file;
 using MatF = pkm::RowMatrix<float>;
 
 namespace {
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 using pkmtest::raw_file;
 
 /// The optimizer's state as a file, each tensor passed through edit(name, data, count) first.
-template <class Optimizer, class Edit>
-SafetensorsFile state_file(Optimizer& opt, Edit&& edit) {
-  std::vector<std::vector<double>> floats;
-  std::vector<std::vector<std::int64_t>> ints;
-  floats.reserve(16);
-  ints.reserve(16);
-  pkm::io::SafetensorsWriter w;
-  opt.for_each_state(
-      [&](const std::string& name, std::vector<std::int64_t> shape, auto* data, auto...) {
-        using T = std::remove_pointer_t<decltype(data)>;
-        std::size_t n = 1;
-        for (auto d : shape) n *= static_cast<std::size_t>(d);
-        if constexpr (std::is_floating_point_v<T>) {
-          floats.emplace_back(data, data + n);
-          edit(name, floats.back().data(), n);
-          w.add(name, shape, floats.back().data());
-        } else {
-          ints.emplace_back(data, data + n);
-          edit(name, ints.back().data(), n);
-          w.add(name, shape, ints.back().data());
-        }
-      });
-  return SafetensorsFile::from_bytes(w.to_bytes(), "state.safetensors");
-}
 
-template <class Optimizer>
-std::vector<std::uint8_t> state_bytes(Optimizer& opt) {
-  pkm::io::SafetensorsWriter w;
-  pkm::io::add_optimizer_state(w, opt, "");
-  return w.to_bytes();
-}
 
 pkm::SparseRowGrad<double> sparse(Index dim, std::vector<std::int64_t> rows, Index value_rows) {
   pkm::SparseRowGrad<double> g;

@@ -16,6 +16,11 @@
 //             counts, so results can differ in the last bits between 1 and N threads: pkm's
 //             same-bits promise does NOT hold with this backend (docs/benchmarks.md).
 //
+// On the eigen and blis backends, a product of at most 8 rows by a matrix stored by rows
+// (op(A) = A, op(B) = B^T: every product of the layer's forward at a small batch) runs pkm's
+// small-batch kernel (detail/gemm_small.hpp): no packing, no allocation, each element's bits
+// independent of the batch (up to 8 rows) and of the threads.
+//
 // With BLIS compiled in, `auto` uses it only where BLIS has a tuned kernel for the CPU it runs
 // on (BLIS 0.9 falls back to its slow generic kernel on CPUs it does not know, e.g. AMD family
 // 0x1A); otherwise the eigen backend. gemm_backend() says which one runs here.
@@ -32,6 +37,7 @@
 #include <Eigen/Core>
 
 #include "pkm/detail/checked.hpp"
+#include "pkm/detail/gemm_small.hpp"
 #include "pkm/detail/parallel.hpp"
 
 #if defined(PKM_WITH_BLIS)
@@ -111,11 +117,14 @@ struct StoredMatrix {
   std::int64_t rows, cols, ld;
   bool empty() const { return rows == 0 || cols == 0; }
   /// Elements from the first to one past the last (checked: at most 2^62 bytes).
+  /// `name` is "A", "B" or "C" (the error message says which); no string is built unless
+  /// the check fails.
   std::int64_t extent(const char* name) const {
-    const std::string what = std::string(name) + "'s extent ((rows - 1) x ld + cols)";
-    const std::int64_t span =
-        checked_mul("pkm::gemm", what.c_str(), rows - 1, ld, kMaxBytes / sizeof(S));
-    return checked_add("pkm::gemm", what.c_str(), span, cols, kMaxBytes / sizeof(S));
+    const char* what = name[0] == 'A'   ? "A's extent ((rows - 1) x ld + cols)"
+                       : name[0] == 'B' ? "B's extent ((rows - 1) x ld + cols)"
+                                        : "C's extent ((rows - 1) x ld + cols)";
+    const std::int64_t span = checked_mul("pkm::gemm", what, rows - 1, ld, kMaxBytes / sizeof(S));
+    return checked_add("pkm::gemm", what, span, cols, kMaxBytes / sizeof(S));
   }
 };
 
@@ -202,12 +211,20 @@ void eigen_gemm_tile(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
   }
   const CMap A(a, trans_a ? k : m, trans_a ? m : k, Eigen::OuterStride<>(lda));
   const CMap B(b, trans_b ? n : k, trans_b ? k : n, Eigen::OuterStride<>(ldb));
+  // alpha == 1 (every product of the layer's forward) without the scaling expression: with
+  // it, Eigen's matrix-vector path (m == 1) copies the scaled operand to the heap.
   auto run = [&](const auto& opa, const auto& opb) {
     if (beta == S(0)) {
-      C.noalias() = alpha * (opa * opb);
+      if (alpha == S(1))
+        C.noalias() = opa * opb;
+      else
+        C.noalias() = alpha * (opa * opb);
     } else {
       if (beta != S(1)) C *= beta;
-      C.noalias() += alpha * (opa * opb);
+      if (alpha == S(1))
+        C.noalias() += opa * opb;
+      else
+        C.noalias() += alpha * (opa * opb);
     }
   };
   if (!trans_a && !trans_b)
@@ -241,9 +258,14 @@ void eigen_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std:
     return;
   }
 #endif
-  // Always from inside a parallel region, even for one tile: Eigen threads a product itself
-  // when called outside one, with blocking (so rounding) that depends on the thread count.
-  parallel_blocks(tiles, 1, [&](std::int64_t t0, std::int64_t) { tile(t0); });
+  // A row times a matrix (m == 1) is Eigen's matrix-vector product, which never threads: one
+  // tile of it runs here. Every other product runs inside a team, even for one tile: Eigen
+  // threads a matrix product itself when called outside one, with blocking (so rounding) that
+  // depends on the thread count.
+  if (tiles == 1 && m == 1) return tile(0);
+  struct None {};
+  blocks_in_team(
+      tiles, 1, [](int) { return None{}; }, [&](None&, std::int64_t t0, std::int64_t) { tile(t0); });
 }
 
 #if defined(PKM_WITH_BLIS)
@@ -327,6 +349,10 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
         "pkm::gemm: sizes or leading dimensions above 2^31 - 1 need the eigen or "
         "blis backend (OpenBLAS takes 32-bit ints)");
   }
+  // A few rows times a matrix stored by rows (the layer's forward at a small batch): the
+  // small-batch kernel on the deterministic backends (detail/gemm_small.hpp).
+  if (!trans_a && trans_b && m <= detail::kSmallGemmRows && backend != GemmBackend::openblas)
+    return detail::gemm_small_nt(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   switch (backend) {
     case GemmBackend::blis:
 #if defined(PKM_WITH_BLIS)

@@ -50,6 +50,7 @@ template <class S>
 struct KeySearchWorkspace {
   RowMatrix<S> query_hat;    ///< chunk x (H k_dim): tau q / |q| (qk_norm only)
   RowMatrix<S> half_scores;  ///< chunk x 2 n_keys: one head's two half-score rows per token
+  std::vector<ProductKeyScratch<S>> topk;  ///< one per thread: the top-k's candidate lists
   std::vector<detail::RowContribution<S>> key_items;  ///< backward: (key row, token, coef)
   detail::GroupScratch<S> group;
   detail::RowSegments key_segments;
@@ -145,8 +146,8 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
         gemm<S>(false, true, nb, n, half, S(1), q + h * kd + t * half, ldq,
                 K + (2 * h + t) * n * half, half, S(0), s + t * n, 2 * n);
       }
-      detail::parallel_blocks_with<ProductKeyScratch<S>>(
-          nb, kSearchBlock, [&](ProductKeyScratch<S>& sc, Index b0, Index b1) {
+      detail::parallel_blocks_pooled(
+          nb, kSearchBlock, ws.topk, [&](ProductKeyScratch<S>& sc, Index b0, Index b1) {
             for (Index b = b0; b < b1; ++b) {
               const S* row = s + b * 2 * n;
               if (!detail::all_finite(row, 2 * n))

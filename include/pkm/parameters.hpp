@@ -4,8 +4,10 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -94,9 +96,44 @@ struct ParameterBuffers {
   Scalar* gate_bias = nullptr;
 };
 
+namespace detail {
+/// When a LayerParameters' values were last changed and last found finite: a counter bumped by
+/// every non-const access, and the counter's value at the last check that found every value
+/// finite. Shared by the parameters and the optimizers they are registered with (which write
+/// through their own pointers), so it survives moves of the parameters. Relaxed atomics:
+/// concurrent const readers (the layer's forward from several threads) may each run the check
+/// and record it.
+class ModificationStamp {
+ public:
+  static constexpr std::uint64_t kNever = ~std::uint64_t{0};
+  ModificationStamp() = default;
+  ModificationStamp(const ModificationStamp&) = delete;
+  ModificationStamp& operator=(const ModificationStamp&) = delete;
+  /// Marks the values changed (a plain load and store: bumps racing each other may merge, and
+  /// any bump still differs from every value recorded before it).
+  void touch() { version_.store(version_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
+  std::uint64_t version() const { return version_.load(std::memory_order_relaxed); }
+  bool checked() const { return checked_.load(std::memory_order_relaxed) == version(); }
+  void record_checked(std::uint64_t version) const {
+    checked_.store(version, std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<std::uint64_t> version_{0};
+  mutable std::atomic<std::uint64_t> checked_{kNever};
+};
+}  // namespace detail
+
 /// The dense parameters (or gradients) of one layer. Either owns one zero-initialised buffer
 /// holding every present tensor, or views buffers the caller owns (no copy is made).
 /// Copying an owning set copies the values; copying a view copies the view.
+///
+/// The layer's forward checks that every parameter is finite once per change, not on every
+/// call: every non-const access (matrix(), vector(), data(), the named accessors, for_each,
+/// set_zero — the optimizers' steps included) marks the values changed. Code that writes
+/// through a pointer or map it kept from before, or into the caller's own buffers of a view,
+/// calls mark_modified() afterwards (the forward still refuses a non-finite output or score
+/// such a value causes, with a less precise message).
 template <class Scalar>
 class LayerParameters {
  public:
@@ -145,6 +182,7 @@ class LayerParameters {
     return p;
   }
 
+  /// A copy has a stamp of its own, unchecked.
   LayerParameters(const LayerParameters& o) : config_(o.config_), storage_(o.storage_) {
     rebase(o);
   }
@@ -153,11 +191,23 @@ class LayerParameters {
       config_ = o.config_;
       storage_ = o.storage_;
       rebase(o);
+      stamp_ = std::make_shared<detail::ModificationStamp>();
     }
     return *this;
   }
-  LayerParameters(LayerParameters&&) noexcept = default;  // buffer moves, pointers stay valid
+  /// A move takes the buffers (their addresses stay valid) and the stamp along.
+  LayerParameters(LayerParameters&&) noexcept = default;
   LayerParameters& operator=(LayerParameters&&) noexcept = default;
+
+  /// Marks the values changed: the next forward checks them again (see the class comment).
+  void mark_modified() { touch(); }
+  /// How many times the values were marked changed (non-const accesses, optimizer steps).
+  std::uint64_t modification_count() const { return stamp_ ? stamp_->version() : 0; }
+  /// True when the last change was followed by a check that found every value finite.
+  bool checked_finite() const { return stamp_ && stamp_->checked(); }
+  /// The stamp itself, shared with whoever writes the values through pointers of its own (the
+  /// optimizers mark each step on it); null only in a moved-from object.
+  const std::shared_ptr<detail::ModificationStamp>& stamp() const { return stamp_; }
 
   const MemoryConfig& config() const { return config_; }
   bool owns_storage() const { return storage_.size() > 0; }
@@ -167,6 +217,7 @@ class LayerParameters {
   /// Row-major view of a tensor (a rank-1 tensor is a column). Throws if the config lacks it.
   MatrixMap<Scalar> matrix(Tensor t) {
     const TensorShape s = checked(t);
+    touch();
     return MatrixMap<Scalar>(ptr_[static_cast<int>(t)], s.rows, s.cols);
   }
   ConstMatrixMap<Scalar> matrix(Tensor t) const {
@@ -175,13 +226,17 @@ class LayerParameters {
   }
   VectorMap<Scalar> vector(Tensor t) {
     const TensorShape s = checked(t);
+    touch();
     return VectorMap<Scalar>(ptr_[static_cast<int>(t)], s.rows * s.cols);
   }
   ConstVectorMap<Scalar> vector(Tensor t) const {
     const TensorShape s = checked(t);
     return ConstVectorMap<Scalar>(ptr_[static_cast<int>(t)], s.rows * s.cols);
   }
-  Scalar* data(Tensor t) { return ptr_[static_cast<int>(t)]; }
+  Scalar* data(Tensor t) {
+    touch();
+    return ptr_[static_cast<int>(t)];
+  }
   const Scalar* data(Tensor t) const { return ptr_[static_cast<int>(t)]; }
 
   // Named accessors, for readable model code.
@@ -201,7 +256,10 @@ class LayerParameters {
   ConstVectorMap<Scalar> value_proj_bias() const { return vector(Tensor::value_proj_bias); }
   VectorMap<Scalar> gate_weight() { return vector(Tensor::gate_weight); }
   ConstVectorMap<Scalar> gate_weight() const { return vector(Tensor::gate_weight); }
-  Scalar& gate_bias() { return *checked_ptr(Tensor::gate_bias); }
+  Scalar& gate_bias() {
+    touch();
+    return *checked_ptr(Tensor::gate_bias);
+  }
   Scalar gate_bias() const { return *checked_ptr(Tensor::gate_bias); }
 
   /// Calls fn(Tensor, MatrixMap) for each present tensor, in enum order.
@@ -234,6 +292,9 @@ class LayerParameters {
     checked(t);
     return ptr_[static_cast<int>(t)];
   }
+  void touch() {
+    if (stamp_) stamp_->touch();
+  }
   void rebase(const LayerParameters& o) {
     for (int t = 0; t < kNumTensors; ++t) {
       ptr_[t] = (o.ptr_[t] && o.owns_storage()) ? storage_.data() + (o.ptr_[t] - o.storage_.data())
@@ -244,6 +305,7 @@ class LayerParameters {
   MemoryConfig config_{};
   detail::AlignedBuffer<Scalar> storage_;
   std::array<Scalar*, kNumTensors> ptr_{};
+  std::shared_ptr<detail::ModificationStamp> stamp_ = std::make_shared<detail::ModificationStamp>();
 };
 
 /// Throws std::invalid_argument unless `p` was made for `config` (same sizes and switches).
@@ -258,8 +320,14 @@ void check_parameters_match(const LayerParameters<Scalar>& p, const MemoryConfig
 
 /// Throws std::runtime_error naming the first tensor and element of `p` that holds NaN or an
 /// infinity (the layer's forward checks its parameters with this before computing anything).
+/// Scans the values only where they changed since the last scan that found them finite
+/// (LayerParameters' modification stamp); `always` scans regardless.
 template <class Scalar>
-void check_parameters_finite(const char* who, const LayerParameters<Scalar>& p) {
+void check_parameters_finite(const char* who, const LayerParameters<Scalar>& p,
+                             bool always = false) {
+  const auto& stamp = p.stamp();
+  if (!always && stamp && stamp->checked()) return;
+  const std::uint64_t version = stamp ? stamp->version() : 0;
   p.for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
     if (detail::all_finite(m.data(), m.size())) return;
     const Scalar* d = m.data();
@@ -271,6 +339,7 @@ void check_parameters_finite(const char* who, const LayerParameters<Scalar>& p) 
       }
     }
   });
+  if (stamp) stamp->record_checked(version);
 }
 
 }  // namespace pkm

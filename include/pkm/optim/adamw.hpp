@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -246,6 +247,9 @@ class AdamW {
     params.for_each([&](Tensor t, MatrixMap<S> p) {
       add(prefix + tensor_name(t), p.data(), grads.data(t), p.size(), weight_decay);
     });
+    // step() writes through the registered pointers: it marks the parameters changed, so the
+    // layer's forward checks them again.
+    if (params.stamp()) stamps_.push_back(params.stamp());
   }
 
   /// Sets every registered gradient to zero.
@@ -266,6 +270,7 @@ class AdamW {
     if (!std::isfinite(norm)) throw_non_finite();
     const S scale = static_cast<S>(clip_coefficient(norm, options_.max_grad_norm));
     ++step_;
+    for (auto& stamp : stamps_) stamp->touch();
     for (auto& s : slots_) {
       const auto c = detail::adam_coefficients<S>(options_, options_.lr, s.weight_decay, step_);
       pkm::detail::parallel_blocks(s.size, kBlock, [&](Index b, Index e) {
@@ -290,6 +295,8 @@ class AdamW {
 
  private:
   static constexpr Index kBlock = 4096;
+
+  std::vector<std::shared_ptr<pkm::detail::ModificationStamp>> stamps_;  ///< see add()
 
   struct Slot {
     std::string name;

@@ -91,8 +91,8 @@ void BM_DecodeLatency(benchmark::State& state) {
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
     layer.forward(xs[next], y, cache);
-    us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0)
-                     .count());
+    us.push_back(
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
     next = (next + 1) % kInputs;
     benchmark::DoNotOptimize(y.data());
   }

@@ -110,8 +110,9 @@ int main() {
     for (int threads : {1, 2}) {
       const long f = allocations_per_call<float>(cfg, batch, threads);
       const long h = allocations_per_call<pkm::bf16>(cfg, batch, threads);
-      std::printf("batch %3lld, %d threads: %ld allocations in 20 warm calls (fp32 table), %ld (bf16)\n",
-                  static_cast<long long>(batch), threads, f, h);
+      std::printf(
+          "batch %3lld, %d threads: %ld allocations in 20 warm calls (fp32 table), %ld (bf16)\n",
+          static_cast<long long>(batch), threads, f, h);
       const long allowed = batch <= 8 ? 0 : 8 * 20;
       failures += (f > allowed) + (h > allowed);
     }

@@ -36,16 +36,15 @@
 using Catch::Contains;
 using pkm::Index;
 using pkm::io::SafetensorsFile;
-using pkmtest::Mat;
 using pkmtest::kInf;
 using pkmtest::kNaN;
+using pkmtest::Mat;
 using pkmtest::same_bits;
 using pkmtest::state_bytes;
 using pkmtest::state_file;
 using MatF = pkm::RowMatrix<float>;
 
 namespace {
-
 
 using pkmtest::raw_file;
 using pkmtest::read_error;
@@ -69,7 +68,6 @@ std::vector<std::string> files_starting_with(const std::string& prefix) {
 }
 
 /// The optimizer's state as a file, each tensor passed through edit(name, data, count) first.
-
 
 }  // namespace
 

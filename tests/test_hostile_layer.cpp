@@ -37,9 +37,9 @@
 using Catch::Contains;
 using pkm::Index;
 using pkm::io::SafetensorsFile;
-using pkmtest::Mat;
 using pkmtest::kInf;
 using pkmtest::kNaN;
+using pkmtest::Mat;
 using pkmtest::same_bits;
 using pkmtest::state_bytes;
 using pkmtest::state_file;
@@ -47,11 +47,9 @@ using MatF = pkm::RowMatrix<float>;
 
 namespace {
 
-
 using pkmtest::raw_file;
 
 /// The optimizer's state as a file, each tensor passed through edit(name, data, count) first.
-
 
 pkm::SparseRowGrad<double> sparse(Index dim, std::vector<std::int64_t> rows, Index value_rows) {
   pkm::SparseRowGrad<double> g;

@@ -151,8 +151,9 @@ TEST_CASE("the parameters are checked once per change, and every non-const acces
     layer.params().swilu_bias()[3] = 0.5f;
     CHECK_NOTHROW(layer.forward(x, out, cache));
   }
-  SECTION("a write through a pointer kept from before: still refused, precisely after "
-          "mark_modified()") {
+  SECTION(
+      "a write through a pointer kept from before: still refused, precisely after "
+      "mark_modified()") {
     float* keys = layer.params().data(pkm::Tensor::keys);
     layer.forward(x, out, cache);  // checked after the pointer was taken
     keys[0] = nan;

@@ -265,7 +265,8 @@ void eigen_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std:
   if (tiles == 1 && m == 1) return tile(0);
   struct None {};
   blocks_in_team(
-      tiles, 1, [](int) { return None{}; }, [&](None&, std::int64_t t0, std::int64_t) { tile(t0); });
+      tiles, 1, [](int) { return None{}; },
+      [&](None&, std::int64_t t0, std::int64_t) { tile(t0); });
 }
 
 #if defined(PKM_WITH_BLIS)

@@ -111,7 +111,9 @@ class ModificationStamp {
   ModificationStamp& operator=(const ModificationStamp&) = delete;
   /// Marks the values changed (a plain load and store: bumps racing each other may merge, and
   /// any bump still differs from every value recorded before it).
-  void touch() { version_.store(version_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
+  void touch() {
+    version_.store(version_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
   std::uint64_t version() const { return version_.load(std::memory_order_relaxed); }
   bool checked() const { return checked_.load(std::memory_order_relaxed) == version(); }
   void record_checked(std::uint64_t version) const {

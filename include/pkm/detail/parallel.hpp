@@ -81,7 +81,8 @@ void parallel_blocks_with(std::int64_t total, std::int64_t block, F&& fn) {
     fn(scratch, std::int64_t{0}, total);
     return;
   }
-  blocks_in_team(total, block, [](int) { return Scratch{}; }, fn);
+  blocks_in_team(
+      total, block, [](int) { return Scratch{}; }, fn);
 }
 
 /// As parallel_blocks_with, each thread's scratch taken from `pool` (grown to the thread
@@ -100,8 +101,8 @@ void parallel_blocks_pooled(std::int64_t total, std::int64_t block, std::vector<
     fn(pool[0], std::int64_t{0}, total);
     return;
   }
-  blocks_in_team(total, block, [&](int t) -> Scratch& { return pool[static_cast<std::size_t>(t)]; },
-                 fn);
+  blocks_in_team(
+      total, block, [&](int t) -> Scratch& { return pool[static_cast<std::size_t>(t)]; }, fn);
 }
 
 /// Calls fn(begin, end) for consecutive blocks [begin, end) of [0, total) of size `block`.

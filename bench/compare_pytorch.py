@@ -7,6 +7,11 @@ torch.matmul), and prints tokens/s (or rows/s, FLOP/s) for both and the ratio.
 
   /usr/bin/python3 bench/compare_pytorch.py [--pkm-bench build/bench/pkm_bench]
         [--threads 2] [--repetitions 3] [--json results.json]
+  /usr/bin/python3 bench/compare_pytorch.py --latency [--threads 2] [--calls 1000]
+
+--latency: a decoding model's forward instead, one call of 1, 8 or 64 tokens at a time:
+pkm_bench's BM_DecodeLatency (fp32 table) against the reference module in eval() under
+no_grad(), each call timed on its own, median and 99th percentile in microseconds.
 
 Needs Debian's python3-torch (and libopenblas0-pthread for a fast torch GEMM). The shapes are
 pkm_bench's: d 1024, 4 heads, knn 32, k_dim 512, 512^2 slots x 1024 values (a 1 GiB table),
@@ -120,16 +125,70 @@ def torch_gemm(reps):
     return median_time(lambda: a @ b.T, reps * 3, warmup=2), 2.0 * 2048 * 1024 * 2048
 
 
+def percentiles(times_s):
+    t = sorted(times_s)
+    return t[len(t) // 2] * 1e6, t[min(len(t) - 1, len(t) * 99 // 100)] * 1e6
+
+
+def torch_latency(ref, batch, calls):
+    torch.manual_seed(0)
+    m = ref.Memory(**CONFIG).eval()
+    xs = [torch.randn(batch, CONFIG["input_dim"]) for _ in range(64)]
+    times = []
+    with torch.no_grad():
+        for i in range(10):
+            m(xs[i % 64])
+        for i in range(calls):
+            t0 = time.perf_counter()
+            m(xs[i % 64])
+            times.append(time.perf_counter() - t0)
+    return percentiles(times)
+
+
+def latency(args):
+    filt = "^BM_DecodeLatency<float>/batch:[0-9]+/threads:%d/real_time$" % args.threads
+    cmd = [args.pkm_bench, "--benchmark_filter=" + filt, "--benchmark_format=json",
+           "--benchmark_min_time=2"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    pkm = {}
+    for b in json.loads(out)["benchmarks"]:
+        batch = int(b["run_name"].split("batch:")[1].split("/")[0])
+        pkm[batch] = b
+    ref = load_reference()
+    print("PyTorch %s, %d threads; pkm_bench %s" % (torch.__version__, torch.get_num_threads(),
+                                                   args.pkm_bench))
+    print()
+    print("| batch | pkm p50 | pkm p99 | limit | PyTorch p50 | PyTorch p99 | PyTorch / pkm (p50) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for batch in sorted(pkm):
+        calls = max(100, args.calls // batch)
+        t50, t99 = torch_latency(ref, batch, calls)
+        b = pkm[batch]
+        rows.append(dict(batch=batch, pkm_p50_us=b["p50_us"], pkm_p99_us=b["p99_us"],
+                         limit_us=b["limit_us"], torch_p50_us=t50, torch_p99_us=t99,
+                         torch_calls=calls, pkm_calls=b["calls"]))
+        print("| %d | %.0f µs | %.0f µs | %.0f µs | %.0f µs | %.0f µs | **%.2f×** |"
+              % (batch, b["p50_us"], b["p99_us"], b["limit_us"], t50, t99, t50 / b["p50_us"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pkm-bench", default=os.path.join(ROOT, "build", "bench", "pkm_bench"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--json", help="write all numbers to this file")
+    ap.add_argument("--latency", action="store_true", help="the decoding latency comparison")
+    ap.add_argument("--calls", type=int, default=1000, help="--latency: PyTorch calls at batch 1")
     args = ap.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
+    if args.latency:
+        return latency(args)
     print("pkm_bench: %s (OMP_NUM_THREADS=%s)" % (args.pkm_bench, os.environ["OMP_NUM_THREADS"]))
     pkm = run_pkm(args.pkm_bench, args.repetitions)
     ref = load_reference()

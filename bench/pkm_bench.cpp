@@ -414,6 +414,8 @@ BENCHMARK(BM_SlotStatisticsAdd)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->
 
 }  // namespace
 
+void register_decode_benchmarks();  // latency.cpp
+
 int main(int argc, char** argv) {
   std::fprintf(stderr, "pkm_bench: %d OpenMP threads, GEMM backend %s\n", omp_get_max_threads(),
                pkm::gemm_backend_name(pkm::gemm_backend()));
@@ -421,6 +423,7 @@ int main(int argc, char** argv) {
   register_gathers<float>("fp32");
   register_gathers<pkm::bf16>("bf16");
   register_gathers<pkm::fp16>("fp16");
+  register_decode_benchmarks();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -78,7 +78,8 @@ struct DecodeFixture {
         return fp32;
       else
         return bf16;
-    }();
+    }
+    ();
     if (!slot) {
       const auto c = quickstart_shape();
       pkm::ValueTable<T> table(c.slots(), c.v_dim);
@@ -127,8 +128,8 @@ void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
     layer.forward(xs[next], y, cache);
-    us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0)
-                     .count());
+    us.push_back(
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
     next = (next + 1) % kInputs;
     benchmark::DoNotOptimize(y.data());
   }

@@ -1,0 +1,191 @@
+// serve_memory: a memory layer served as a decoding model runs it — a checkpoint loaded with
+// its value table mapped from the file (no copy), then a decode loop of N tokens, `batch` at a
+// time, from T caller threads at once (each with its own ForwardCache), with K OpenMP threads
+// per call. Prints a progress line, then the latency per call (median and 99th percentile),
+// tokens per second, and the memory the process holds resident.
+//
+//   serve_memory --write-demo memory.safetensors [--n-keys 512]   # a random layer to serve
+//   serve_memory --checkpoint memory.safetensors [--tokens 2000] [--callers 1] [--threads 2]
+//                [--batch 1]
+//
+// The demo layer has the quickstart's shape (d = 1024, 4 heads, knn 32, k_dim 512, v_dim
+// 1024; --n-keys 512 gives a 1 GiB fp32 table). A bf16 table is mapped as bf16; other
+// dtypes are loaded (converted) instead of mapped.
+#include <pkm/io/checkpoint.hpp>
+#include <pkm/pkm.hpp>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cli.hpp"
+
+namespace {
+
+[[noreturn]] void die(const std::string& msg) {
+  std::fprintf(stderr, "serve_memory: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+long long parse_count(const std::string& flag, const std::string& v, long long lo, long long hi) {
+  char* end = nullptr;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || n < lo || n > hi) {
+    die(flag + " " + v + ": expected a whole number in [" + std::to_string(lo) + ", " +
+        std::to_string(hi) + "]");
+  }
+  return n;
+}
+
+/// The process's resident memory in MiB (VmRSS of /proc/self/status), or -1.
+double resident_mib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;
+  }
+  return -1;
+}
+
+struct Options {
+  std::string checkpoint;
+  long long tokens = 2000, callers = 1, threads = 2, batch = 1;
+};
+
+template <class TableT>
+int serve(pkm::io::SafetensorsFile& file, const Options& o, bool mapped) {
+  const auto layer = mapped ? pkm::io::load_layer_mapped<float, TableT>(file)
+                            : pkm::io::load_layer<float, TableT>(file);
+  const pkm::MemoryConfig& c = layer.config();
+  const double table_mib = double(c.slots()) * double(c.v_dim) * double(sizeof(TableT)) / (1 << 20);
+  std::printf("layer: %lld slots x %lld values (%s, %.0f MiB, %s), d %lld, %lld heads, knn %lld\n",
+              (long long)c.slots(), (long long)c.v_dim, pkm::dtype_name(pkm::dtype_of<TableT>()),
+              table_mib, mapped ? "mapped from the file" : "loaded", (long long)c.input_dim,
+              (long long)c.heads, (long long)c.knn);
+  std::printf(
+      "decoding %lld tokens, %lld per call, from %lld caller thread(s) x %lld OpenMP "
+      "thread(s)\n",
+      o.tokens, o.batch, o.callers, o.threads);
+
+  const long long calls_total = (o.tokens + o.batch - 1) / o.batch;
+  std::vector<std::vector<double>> latency(static_cast<std::size_t>(o.callers));
+  std::atomic<long long> done{0};
+  std::atomic<bool> failed{false};
+  std::string error;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto caller = [&](long long id) {
+    try {
+      omp_set_num_threads(int(o.threads));  // this thread's own OpenMP setting
+      pkm::ForwardCache<float> cache;       // one per caller: the workspace
+      pkm::RowMatrix<float> x(o.batch, c.input_dim), y(o.batch, c.output_dim);
+      auto& mine = latency[static_cast<std::size_t>(id)];
+      for (long long call = id; call < calls_total && !failed; call += o.callers) {
+        for (pkm::Index e = 0; e < x.size(); ++e)  // a different "hidden state" per call
+          x.data()[e] = float(std::sin(0.01 * double(e) + 0.7 * double(call)));
+        const auto a = std::chrono::steady_clock::now();
+        layer.forward(x, y, cache);
+        mine.push_back(
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a)
+                .count());
+        const long long d = ++done;
+        if (id == 0 && (d % std::max(1LL, calls_total / 20) == 0 || d == calls_total)) {
+          std::fprintf(stderr, "\r  %lld / %lld calls", d, calls_total);
+        }
+      }
+    } catch (const std::exception& e) {
+      if (!failed.exchange(true)) error = e.what();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (long long id = 1; id < o.callers; ++id) pool.emplace_back(caller, id);
+  caller(0);
+  for (auto& t : pool) t.join();
+  std::fprintf(stderr, "\n");
+  if (failed) die(error);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  std::vector<double> all;
+  for (const auto& v : latency) all.insert(all.end(), v.begin(), v.end());
+  std::sort(all.begin(), all.end());
+  const double p50 = all[all.size() / 2],
+               p99 = all[std::min(all.size() - 1, all.size() * 99 / 100)];
+  std::printf("latency per call: p50 %.0f us, p99 %.0f us (%zu calls)\n", p50, p99, all.size());
+  std::printf("throughput: %.0f tokens/s\n", double(calls_total * o.batch) / seconds);
+  std::printf(
+      "resident: %.0f MiB (the table's pages read so far count; the rest of its %.0f MiB "
+      "stays in the file)\n",
+      resident_mib(), table_mib);
+  return 0;
+}
+
+int write_demo(const std::string& path, long long n_keys) {
+  pkm::MemoryConfig c;
+  c.input_dim = 1024;
+  c.heads = 4;
+  c.n_keys = n_keys;
+  c.k_dim = 512;
+  c.knn = std::min<long long>(32, n_keys);
+  c.v_dim = 1024;
+  c.output_dim = 1024;
+  const pkm::MemoryLayer<float> layer(c, 1);
+  pkm::io::save_layer(path, layer);
+  std::printf("wrote %s: a random layer, %lld slots x %lld values\n", path.c_str(),
+              (long long)c.slots(), (long long)c.v_dim);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  std::string demo;
+  long long n_keys = 512;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) die(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--checkpoint") {
+      o.checkpoint = value();
+    } else if (a == "--write-demo") {
+      demo = value();
+    } else if (a == "--n-keys") {
+      n_keys = parse_count(a, value(), 2, 4096);
+    } else if (a == "--tokens") {
+      o.tokens = parse_count(a, value(), 1, 1LL << 40);
+    } else if (a == "--callers") {
+      o.callers = parse_count(a, value(), 1, 256);
+    } else if (a == "--threads") {
+      o.threads = parse_count(a, value(), 1, 1 << 20);
+      if (const std::string e = pkmcli::threads_error(o.threads); !e.empty()) die(e);
+    } else if (a == "--batch") {
+      o.batch = parse_count(a, value(), 1, 1 << 16);
+    } else {
+      die("unknown argument " + a +
+          " (serve_memory --write-demo FILE [--n-keys N] | --checkpoint FILE [--tokens N] "
+          "[--callers T] [--threads K] [--batch B])");
+    }
+  }
+  try {
+    if (!demo.empty()) return write_demo(demo, n_keys);
+    if (o.checkpoint.empty()) die("--checkpoint FILE (or --write-demo FILE) is required");
+    pkm::io::SafetensorsFile file(o.checkpoint);
+    const pkm::Dtype table = file.info("values.weight").dtype;
+    if (table == pkm::Dtype::bf16) return serve<pkm::bf16>(file, o, true);
+    return serve<float>(file, o, table == pkm::Dtype::f32);
+  } catch (const std::exception& e) {
+    die(e.what());
+  }
+}

@@ -12,6 +12,8 @@
 
 #include <pkm/pkm.hpp>
 
+#include "common.hpp"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -30,17 +32,7 @@ namespace {
 using pkm::Index;
 using MatF = pkm::RowMatrix<float>;
 
-pkm::MemoryConfig quickstart_shape() {
-  pkm::MemoryConfig c;
-  c.input_dim = 1024;
-  c.heads = 4;
-  c.n_keys = 512;
-  c.k_dim = 512;
-  c.knn = 32;
-  c.v_dim = 1024;
-  c.output_dim = 1024;
-  return c;
-}
+using pkmbench::quickstart_shape;
 
 /// Bytes per second of a streaming read of 1 GiB over the threads (the best of 3 passes).
 double stream_read_bandwidth() {
@@ -48,15 +40,10 @@ double stream_read_bandwidth() {
   std::vector<float> buf(static_cast<std::size_t>(n));
 #pragma omp parallel for schedule(static)
   for (Index i = 0; i < n; ++i) buf[static_cast<std::size_t>(i)] = float(i % 7);
-  constexpr Index kChunk = Index(1) << 16;
   double best = 0;
   for (int pass = 0; pass < 3; ++pass) {
     const auto t0 = std::chrono::steady_clock::now();
-    float total = 0;
-#pragma omp parallel for reduction(+ : total) schedule(static)
-    for (Index i = 0; i < n; i += kChunk)
-      total += Eigen::Map<const Eigen::VectorXf>(buf.data() + i, std::min(kChunk, n - i)).sum();
-    benchmark::DoNotOptimize(total);
+    benchmark::DoNotOptimize(pkmbench::stream_sum(buf.data(), n));
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, double(n) * sizeof(float) / s);
   }
@@ -83,10 +70,7 @@ struct DecodeFixture {
     if (!slot) {
       const auto c = quickstart_shape();
       pkm::ValueTable<T> table(c.slots(), c.v_dim);
-#pragma omp parallel for schedule(static)
-      for (Index r = 0; r < table.rows(); ++r)
-        for (Index d = 0; d < c.v_dim; ++d)
-          table.row(r)[d] = static_cast<T>(float((r * 31 + d) % 97) * 1e-3f - 0.05f);
+      pkmbench::fill(table);
       slot = std::make_unique<pkm::MemoryLayer<float, T>>(c, std::move(table), 11);
     }
     return *slot;

@@ -5,6 +5,8 @@
 #include <pkm/embedding_bag_ref.hpp>
 #include <pkm/pkm.hpp>
 
+#include "common.hpp"
+
 #include <dlfcn.h>
 #include <omp.h>
 
@@ -33,14 +35,7 @@ pkm::IndexMatrix random_indices(Index B, Index L, Index rows, std::uint64_t seed
   return idx;
 }
 
-/// Fills a table with small distinct values, fast (the benchmarks do not depend on them).
-template <class T>
-void fill(pkm::ValueTable<T>& t) {
-  const Index dim = t.dim();
-#pragma omp parallel for schedule(static)
-  for (Index r = 0; r < t.rows(); ++r)
-    for (Index d = 0; d < dim; ++d) t.row(r)[d] = static_cast<T>(float((r * 31 + d) % 97) * 1e-3f);
-}
+using pkmbench::fill;
 
 MatF softmax_like_weights(Index B, Index L) {
   MatF w = MatF::Constant(B, L, 1.0f / float(kBagKnn));
@@ -54,16 +49,7 @@ void BM_StreamRead(benchmark::State& state) {
   const Index n = Index(kTableBytes / sizeof(float));
   pkm::ValueTable<float> buf(n / 1024, 1024);
   fill(buf);
-  const float* p = buf.data();
-  constexpr Index kChunk = Index(1) << 16;  // 256 KiB per task
-  for (auto _ : state) {
-    float total = 0;
-#pragma omp parallel for reduction(+ : total) schedule(static)
-    for (Index i = 0; i < n; i += kChunk) {
-      total += Eigen::Map<const Eigen::VectorXf>(p + i, std::min(kChunk, n - i)).sum();
-    }
-    benchmark::DoNotOptimize(total);
-  }
+  for (auto _ : state) benchmark::DoNotOptimize(pkmbench::stream_sum(buf.data(), n));
   state.SetBytesProcessed(std::int64_t(state.iterations()) *
                           std::int64_t(n * Index(sizeof(float))));
 }
@@ -334,17 +320,7 @@ BENCHMARK_TEMPLATE(value_update, AdagradF, UpdateMode::fused)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
-pkm::MemoryConfig paper_scaled() {
-  pkm::MemoryConfig c;
-  c.input_dim = 1024;
-  c.heads = 4;
-  c.n_keys = 512;
-  c.k_dim = 512;
-  c.knn = 32;
-  c.v_dim = 1024;
-  c.output_dim = 1024;
-  return c;
-}
+using pkmbench::quickstart_shape;
 
 void BM_ProductKeyTopK(benchmark::State& state) {
   const Index n = 512, k = 32, calls = 2048 * 4;
@@ -368,7 +344,7 @@ BENCHMARK(BM_ProductKeyTopK)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 template <bool kBackward>
 void layer_bench(benchmark::State& state) {
-  const auto c = paper_scaled();
+  const auto c = quickstart_shape();
   const Index batch = 2048;
   pkm::MemoryLayer<float> layer(c, 7);
   MatF x(batch, c.input_dim), dout = MatF::Constant(batch, c.output_dim, 1e-3f),
@@ -396,7 +372,7 @@ BENCHMARK(BM_LayerForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime()
 /// 128 reads into 512^2 slots), counts only (0) or with the softmax mass (1). Compare its
 /// time with BM_LayerForward's.
 void BM_SlotStatisticsAdd(benchmark::State& state) {
-  const auto c = paper_scaled();
+  const auto c = quickstart_shape();
   const Index batch = 2048;
   pkm::MemoryLayer<float> layer(c, 7);
   MatF x(batch, c.input_dim), y(batch, c.output_dim);

@@ -67,8 +67,6 @@ std::vector<std::string> files_starting_with(const std::string& prefix) {
   return out;
 }
 
-/// The optimizer's state as a file, each tensor passed through edit(name, data, count) first.
-
 }  // namespace
 
 // ---- crashes and out-of-bounds access ---------------------------------------------------

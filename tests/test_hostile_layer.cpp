@@ -49,8 +49,6 @@ namespace {
 
 using pkmtest::raw_file;
 
-/// The optimizer's state as a file, each tensor passed through edit(name, data, count) first.
-
 pkm::SparseRowGrad<double> sparse(Index dim, std::vector<std::int64_t> rows, Index value_rows) {
   pkm::SparseRowGrad<double> g;
   g.dim = dim;

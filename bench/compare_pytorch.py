@@ -11,7 +11,8 @@ torch.matmul), and prints tokens/s (or rows/s, FLOP/s) for both and the ratio.
 
 --latency: a decoding model's forward instead, one call of 1, 8 or 64 tokens at a time:
 pkm_bench's BM_DecodeLatency (fp32 table) against the reference module in eval() under
-no_grad(), each call timed on its own, median and 99th percentile in microseconds.
+no_grad(), in fp32 and under bf16 autocast, each call timed on its own, median and 99th
+percentile in microseconds.
 
 Needs Debian's python3-torch (and libopenblas0-pthread for a fast torch GEMM). The shapes are
 pkm_bench's: d 1024, 4 heads, knn 32, k_dim 512, 512^2 slots x 1024 values (a 1 GiB table),
@@ -130,12 +131,12 @@ def percentiles(times_s):
     return t[len(t) // 2] * 1e6, t[min(len(t) - 1, len(t) * 99 // 100)] * 1e6
 
 
-def torch_latency(ref, batch, calls):
+def torch_latency(ref, batch, calls, autocast=False):
     torch.manual_seed(0)
     m = ref.Memory(**CONFIG).eval()
     xs = [torch.randn(batch, CONFIG["input_dim"]) for _ in range(64)]
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for i in range(10):
             m(xs[i % 64])
         for i in range(calls):
@@ -158,18 +159,21 @@ def latency(args):
     print("PyTorch %s, %d threads; pkm_bench %s" % (torch.__version__, torch.get_num_threads(),
                                                    args.pkm_bench))
     print()
-    print("| batch | pkm p50 | pkm p99 | limit | PyTorch p50 | PyTorch p99 | PyTorch / pkm (p50) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | pkm p50 | pkm p99 | limit | PyTorch p50 | PyTorch p99 | PyTorch / pkm (p50) "
+          "| PyTorch bf16 autocast p50 | autocast / pkm (p50) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for batch in sorted(pkm):
         calls = max(100, args.calls // batch)
         t50, t99 = torch_latency(ref, batch, calls)
+        a50, _ = torch_latency(ref, batch, calls, autocast=True)
         b = pkm[batch]
         rows.append(dict(batch=batch, pkm_p50_us=b["p50_us"], pkm_p99_us=b["p99_us"],
                          limit_us=b["limit_us"], torch_p50_us=t50, torch_p99_us=t99,
-                         torch_calls=calls, pkm_calls=b["calls"]))
-        print("| %d | %.0f µs | %.0f µs | %.0f µs | %.0f µs | %.0f µs | **%.2f×** |"
-              % (batch, b["p50_us"], b["p99_us"], b["limit_us"], t50, t99, t50 / b["p50_us"]))
+                         torch_autocast_p50_us=a50, torch_calls=calls, pkm_calls=b["calls"]))
+        print("| %d | %.0f µs | %.0f µs | %.0f µs | %.0f µs | %.0f µs | **%.2f×** | %.0f µs | **%.2f×** |"
+              % (batch, b["p50_us"], b["p99_us"], b["limit_us"], t50, t99, t50 / b["p50_us"],
+                 a50, a50 / b["p50_us"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

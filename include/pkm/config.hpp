@@ -7,8 +7,10 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "pkm/detail/checked.hpp"
+#include "pkm/dtype.hpp"
 
 namespace pkm {
 
@@ -33,6 +35,11 @@ struct MemoryConfig {
   bool qk_norm = false;          ///< normalise query halves and sub-keys before scoring
   /// Scale tau of the normalised scores; unset means sqrt(k_dim / 2).
   std::optional<double> qk_norm_scale;
+  /// Precision of the layer's matrix products (query, Memory+ and output projections, forward
+  /// and backward): Dtype::f32, or Dtype::bf16 — operands rounded to bf16, fp32 sums, fp32
+  /// parameters and activations (pkm/gemm_bf16.hpp; float layers only). The key search, the
+  /// read and the softmax stay fp32.
+  Dtype compute = Dtype::f32;
 
   /// Half of k_dim: the width of one sub-key.
   std::int64_t half() const { return k_dim / 2; }
@@ -54,7 +61,7 @@ struct MemoryConfig {
   /// group's fingerprint (pkm/distributed) are made from. A new field goes here too.
   auto fields() const {
     return std::tie(input_dim, heads, n_keys, k_dim, knn, v_dim, output_dim, memory_plus,
-                    value_projection, gating, query_bias, qk_norm, qk_norm_scale);
+                    value_projection, gating, query_bias, qk_norm, qk_norm_scale, compute);
   }
 
   /// Throws std::invalid_argument naming the first field out of range.
@@ -105,6 +112,10 @@ inline void MemoryConfig::validate() const {
                                 " must equal v_dim = " + std::to_string(v_dim) +
                                 " when value_projection = false");
   }
+  if (compute != Dtype::f32 && compute != Dtype::bf16) {
+    throw std::invalid_argument(std::string("pkm::MemoryConfig: compute = ") + dtype_name(compute) +
+                                " is not supported; expected F32 or BF16");
+  }
   if (qk_norm_scale) {
     const double s = *qk_norm_scale;
     // The scale is applied in the layer's scalar type, float included: it must be finite
@@ -115,6 +126,18 @@ inline void MemoryConfig::validate() const {
                                   " is out of range; expected a value > 0 that is finite and "
                                   "non-zero as a float");
     }
+  }
+}
+
+/// Throws std::invalid_argument where a layer of scalar type S cannot run c's compute
+/// precision (bf16 products are for float layers).
+template <class S>
+void check_compute(const MemoryConfig& c) {
+  if (c.compute != Dtype::f32 && !std::is_same_v<S, float>) {
+    throw std::invalid_argument(std::string("pkm::MemoryConfig: compute = ") +
+                                dtype_name(c.compute) +
+                                " needs a float layer; this layer's scalar is double "
+                                "(expected compute = F32)");
   }
 }
 

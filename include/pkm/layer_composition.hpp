@@ -60,7 +60,8 @@ void forward_begin(const char* who, const LayerParameters<Scalar>& p,
   cache.config = c;
   cache.query.resize(B, c.heads * c.k_dim);
   cache.read.resize(B, c.v_dim);
-  linear_forward<Scalar>(x, p.query_weight(), bias_or_null(p, Tensor::query_bias), cache.query);
+  linear_forward<Scalar>(x, p.query_weight(), bias_or_null(p, Tensor::query_bias), cache.query,
+                         c.compute);
   key_search_forward<Scalar>(c, p.keys(), cache.query, cache, cache.workspace.search);
 }
 
@@ -138,9 +139,9 @@ void backward_end(const LayerParameters<Scalar>& p, const ConstMatrixRef<Scalar>
   key_search_backward<Scalar>(c, p.keys(), cache.query, cache, ws.dscore, ws.dq, dparams.keys(),
                               ws.search);
   linear_backward_weights<Scalar>(x, ws.dq, dparams.query_weight(),
-                                  bias_or_null(dparams, Tensor::query_bias));
+                                  bias_or_null(dparams, Tensor::query_bias), c.compute);
   if (dx != nullptr) {
-    linear_backward_input<Scalar>(ws.dq, p.query_weight(), *dx, false);
+    linear_backward_input<Scalar>(ws.dq, p.query_weight(), *dx, false, c.compute);
     output_backward_input<Scalar>(p, ws.output, *dx);
   }
 }

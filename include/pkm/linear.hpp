@@ -5,15 +5,35 @@
 #pragma once
 
 #include "pkm/detail/parallel.hpp"
+#include "pkm/dtype.hpp"
 #include "pkm/gemm.hpp"
+#include "pkm/gemm_bf16.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm {
 
+namespace detail {
+/// pkm::gemm, or pkm::gemm_bf16 where `compute` is Dtype::bf16 (float only).
+template <class S>
+void gemm_in(Dtype compute, bool trans_a, bool trans_b, Index m, Index n, Index k, const S* a,
+             Index lda, const S* b, Index ldb, S beta, S* c, Index ldc) {
+  if (compute == Dtype::bf16) {
+    if constexpr (std::is_same_v<S, float>) {
+      return gemm_bf16(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+    } else {
+      throw std::invalid_argument("pkm: products in BF16 need float operands (these are double)");
+    }
+  }
+  gemm<S>(trans_a, trans_b, m, n, k, S(1), a, lda, b, ldb, beta, c, ldc);
+}
+}  // namespace detail
+
 /// y = x W^T (+ bias): x is B x in, W is out x in, bias (may be null) has `out` entries.
+/// Every function here computes its product in `compute`'s precision (Dtype::f32, or
+/// Dtype::bf16: pkm/gemm_bf16.hpp).
 template <class S>
 void linear_forward(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& w, const S* bias,
-                    MatrixRef<S> y) {
+                    MatrixRef<S> y, Dtype compute = Dtype::f32) {
   const Index B = x.rows(), out = w.rows();
   if (bias != nullptr) {
     const ConstVectorMap<S> b(bias, out);
@@ -21,8 +41,8 @@ void linear_forward(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& w, cons
       for (Index r = b0; r < b1; ++r) y.row(r) = b.transpose();
     });
   }
-  gemm<S>(false, true, B, out, x.cols(), S(1), x.data(), x.outerStride(), w.data(), w.outerStride(),
-          bias != nullptr ? S(1) : S(0), y.data(), y.outerStride());
+  detail::gemm_in<S>(compute, false, true, B, out, x.cols(), x.data(), x.outerStride(), w.data(),
+                     w.outerStride(), bias != nullptr ? S(1) : S(0), y.data(), y.outerStride());
 }
 
 /// dbias += the sum over the batch of dy's rows, in batch order per column.
@@ -38,18 +58,19 @@ void bias_backward(const ConstMatrixRef<S>& dy, S* dbias) {
 /// dW += dy^T x and dbias += sum over the batch of dy (dbias may be null).
 template <class S>
 void linear_backward_weights(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& dy,
-                             MatrixRef<S> dw, S* dbias) {
-  gemm<S>(true, false, dw.rows(), dw.cols(), x.rows(), S(1), dy.data(), dy.outerStride(), x.data(),
-          x.outerStride(), S(1), dw.data(), dw.outerStride());
+                             MatrixRef<S> dw, S* dbias, Dtype compute = Dtype::f32) {
+  detail::gemm_in<S>(compute, true, false, dw.rows(), dw.cols(), x.rows(), dy.data(),
+                     dy.outerStride(), x.data(), x.outerStride(), S(1), dw.data(), dw.outerStride());
   if (dbias != nullptr) bias_backward<S>(dy, dbias);
 }
 
 /// dx = dy W, or dx += dy W when `accumulate`.
 template <class S>
 void linear_backward_input(const ConstMatrixRef<S>& dy, const ConstMatrixRef<S>& w, MatrixRef<S> dx,
-                           bool accumulate) {
-  gemm<S>(false, false, dy.rows(), w.cols(), w.rows(), S(1), dy.data(), dy.outerStride(), w.data(),
-          w.outerStride(), accumulate ? S(1) : S(0), dx.data(), dx.outerStride());
+                           bool accumulate, Dtype compute = Dtype::f32) {
+  detail::gemm_in<S>(compute, false, false, dy.rows(), w.cols(), w.rows(), dy.data(),
+                     dy.outerStride(), w.data(), w.outerStride(), accumulate ? S(1) : S(0),
+                     dx.data(), dx.outerStride());
 }
 
 }  // namespace pkm

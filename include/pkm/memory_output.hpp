@@ -63,7 +63,7 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
   MatrixRef<S> o = c.gating ? MatrixRef<S>(cache.pre_gate) : out;
   if (c.memory_plus) {
     linear_forward<S>(x, p.swilu_weight(), detail::bias_or_null(p, Tensor::swilu_bias),
-                      cache.swilu_pre);
+                      cache.swilu_pre, c.compute);
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index b = b0; b < b1; ++b) {
         for (Index d = 0; d < c.v_dim; ++d)
@@ -71,10 +71,10 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
       }
     });
     linear_forward<S>(cache.hidden, p.value_proj_weight(),
-                      detail::bias_or_null(p, Tensor::value_proj_bias), o);
+                      detail::bias_or_null(p, Tensor::value_proj_bias), o, c.compute);
   } else if (c.value_projection) {
     linear_forward<S>(y, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias),
-                      o);
+                      o, c.compute);
   } else {
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       o.middleRows(b0, b1 - b0) = y.middleRows(b0, b1 - b0);
@@ -118,7 +118,7 @@ void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& y,
   const ConstMatrixRef<S> d_o = c.gating ? ConstMatrixRef<S>(ws.d_gated) : dout;
   if (c.memory_plus) {
     ws.du.resize(B, c.v_dim);
-    linear_backward_input<S>(d_o, p.value_proj_weight(), ws.du, false);
+    linear_backward_input<S>(d_o, p.value_proj_weight(), ws.du, false, c.compute);
     ws.d_swilu.resize(B, c.v_dim);
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index b = b0; b < b1; ++b) {
@@ -130,7 +130,7 @@ void output_backward(const LayerParameters<S>& p, const ConstMatrixRef<S>& y,
       }
     });
   } else if (c.value_projection) {
-    linear_backward_input<S>(d_o, p.value_proj_weight(), dy, false);
+    linear_backward_input<S>(d_o, p.value_proj_weight(), dy, false, c.compute);
   } else {
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       dy.middleRows(b0, b1 - b0) = d_o.middleRows(b0, b1 - b0);
@@ -156,12 +156,12 @@ void output_backward_weights(const LayerParameters<S>& p, const ConstMatrixRef<S
   const ConstMatrixRef<S> d_o = c.gating ? ConstMatrixRef<S>(ws.d_gated) : dout;
   if (c.memory_plus) {
     linear_backward_weights<S>(cache.hidden, d_o, dparams.value_proj_weight(),
-                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
+                               detail::bias_or_null(dparams, Tensor::value_proj_bias), c.compute);
     linear_backward_weights<S>(x, ws.d_swilu, dparams.swilu_weight(),
-                               detail::bias_or_null(dparams, Tensor::swilu_bias));
+                               detail::bias_or_null(dparams, Tensor::swilu_bias), c.compute);
   } else if (c.value_projection) {
     linear_backward_weights<S>(y, d_o, dparams.value_proj_weight(),
-                               detail::bias_or_null(dparams, Tensor::value_proj_bias));
+                               detail::bias_or_null(dparams, Tensor::value_proj_bias), c.compute);
   }
 }
 
@@ -171,7 +171,7 @@ void output_backward_input(const LayerParameters<S>& p, const OutputWorkspace<S>
                            MatrixRef<S> dx) {
   const MemoryConfig& c = p.config();
   if (dx.rows() == 0) return;
-  if (c.memory_plus) linear_backward_input<S>(ws.d_swilu, p.swilu_weight(), dx, true);
+  if (c.memory_plus) linear_backward_input<S>(ws.d_swilu, p.swilu_weight(), dx, true, c.compute);
   if (c.gating) {
     const ConstMatrixMap<S> dt_col(ws.dt.data(), dx.rows(), 1);
     linear_backward_input<S>(dt_col, p.matrix(Tensor::gate_weight), dx, true);

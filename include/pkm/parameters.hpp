@@ -144,6 +144,7 @@ class LayerParameters {
   /// Owning, all zeros. Validates the config.
   explicit LayerParameters(const MemoryConfig& config) : config_(config) {
     config_.validate();
+    check_compute<Scalar>(config_);
     std::size_t total = 0;
     std::array<std::size_t, kNumTensors> offsets{};
     for (int t = 0; t < kNumTensors; ++t) {
@@ -161,6 +162,7 @@ class LayerParameters {
   /// is null or an absent tensor's pointer is not.
   static LayerParameters view(const MemoryConfig& config, const ParameterBuffers<Scalar>& b) {
     config.validate();
+    check_compute<Scalar>(config);
     LayerParameters p;
     p.config_ = config;
     const std::array<Scalar*, kNumTensors> ptrs = {
@@ -212,6 +214,17 @@ class LayerParameters {
   const std::shared_ptr<detail::ModificationStamp>& stamp() const { return stamp_; }
 
   const MemoryConfig& config() const { return config_; }
+  /// Sets the precision of the layer's products (MemoryConfig::compute: Dtype::f32 or
+  /// Dtype::bf16) without touching any value: a checkpoint loaded in fp32 serves or trains
+  /// with bf16 products from here on. Throws std::invalid_argument (and changes nothing)
+  /// for another dtype or bf16 on a double layer.
+  void set_compute(Dtype compute) {
+    MemoryConfig c = config_;
+    c.compute = compute;
+    c.validate();
+    check_compute<Scalar>(c);
+    config_ = c;
+  }
   bool owns_storage() const { return storage_.size() > 0; }
   bool has(Tensor t) const { return ptr_[static_cast<int>(t)] != nullptr; }
   TensorShape shape(Tensor t) const { return tensor_shape(config_, t); }

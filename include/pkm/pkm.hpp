@@ -15,6 +15,7 @@
 #include "pkm/init.hpp"
 #include "pkm/activations.hpp"
 #include "pkm/gemm.hpp"
+#include "pkm/gemm_bf16.hpp"
 #include "pkm/linear.hpp"
 #include "pkm/qk_norm.hpp"
 #include "pkm/product_keys.hpp"

@@ -1,0 +1,168 @@
+// pkm/gemm_bf16.hpp — matrix products at the CPU's bf16 rate:
+//
+//   C (m x n) = alpha * op(A) * op(B) + beta * C,   A, B, C float, row-major (as pkm::gemm),
+//
+// with every element of A and B rounded to bf16 (nearest even) before it is multiplied, the
+// products (exact in fp32) summed in fp32. This is what torch.autocast(dtype=bfloat16) does
+// to a matmul on the CPU, and what the layer's products run as with MemoryConfig::compute =
+// Dtype::bf16 (pkm/linear.hpp). Inputs stay float: the rounding is fused into the packing of
+// the operands (detail/gemm_bf16_kernels.hpp), so a layer keeps one fp32 copy of its weights.
+//
+// Kernels, chosen at run time (one binary runs everywhere):
+//   avx512_bf16  vdpbf16ps (AMD Zen 4/5, Intel Cooper Lake and later): 32 products per
+//                instruction, twice the fp32 FMA rate.
+//   portable     the same arithmetic in plain C++, vectorised for the build's ISA (fp32
+//                FMAs on widened bf16): the path on CPUs without AVX512-BF16, and the
+//                emulation CI tests the fast kernel against.
+// bf16_kernel() picks the fast one where the CPU has it, unless the environment sets
+// PKM_BF16_KERNEL=portable.
+//
+// Determinism: C is cut into tiles whose bounds depend only on (m, n); each tile is computed
+// by one thread, its k loop in fixed chunks: the same bits with any thread count (on the same
+// kernel). A product of at most 8 rows by a matrix stored by rows (x W^T at a decoding batch)
+// reads A and B in place, rounding as it reads (detail/gemm_small.hpp): no packing, no
+// allocation; a token's bits are then the same alone or in a batch of up to 8.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "pkm/detail/aligned_buffer.hpp"
+#include "pkm/detail/gemm_bf16_kernels.hpp"
+#include "pkm/detail/gemm_small.hpp"
+#include "pkm/detail/parallel.hpp"
+#include "pkm/gemm.hpp"
+
+namespace pkm {
+
+enum class Bf16Kernel { avx512_bf16, portable };
+
+inline const char* bf16_kernel_name(Bf16Kernel k) {
+  return k == Bf16Kernel::avx512_bf16 ? "avx512_bf16" : "portable";
+}
+
+/// True when kernel `k` runs on this CPU (portable always does).
+inline bool bf16_kernel_available(Bf16Kernel k) {
+  return k == Bf16Kernel::portable || detail::cpu_has_avx512_bf16();
+}
+
+/// The kernel gemm_bf16 uses by default here: avx512_bf16 where the CPU has it, unless the
+/// environment variable PKM_BF16_KERNEL is "portable".
+inline Bf16Kernel bf16_kernel() {
+  const char* env = std::getenv("PKM_BF16_KERNEL");
+  if (env != nullptr && std::strcmp(env, "portable") == 0) return Bf16Kernel::portable;
+  return bf16_kernel_available(Bf16Kernel::avx512_bf16) ? Bf16Kernel::avx512_bf16
+                                                        : Bf16Kernel::portable;
+}
+
+namespace detail {
+
+/// Tiles of C one thread computes (multiples of the micro-tile), and k pairs per chunk: a
+/// B panel chunk (kBf16KcPairs x 64 pairs, 32 KiB) stays in L1 while the tile's A panels
+/// pass it.
+inline constexpr std::int64_t kBf16TileRows = kBf16MR * 32;  // 192
+inline constexpr std::int64_t kBf16TileCols = kBf16NR * 4;   // 256
+inline constexpr std::int64_t kBf16KcPairs = 128;
+
+/// Packs op(X)'s panels of R rows (R = MR for A: rows of op(A); R = NR for B: columns of
+/// op(B)) into `dst`, each panel pairs * R * 2 values. `rows` panels' worth of rows; element
+/// (r, p) of the panel-able matrix is x[r * s_row + p * s_k].
+template <int R>
+void pack_bf16_all(const float* x, std::int64_t s_row, std::int64_t s_k, std::int64_t rows,
+                   std::int64_t k, std::uint16_t* dst) {
+  const std::int64_t panels = (rows + R - 1) / R, size = (k + 1) / 2 * R * 2;
+  parallel_blocks(panels, 8, [&](std::int64_t p0, std::int64_t p1) {
+    for (std::int64_t p = p0; p < p1; ++p) {
+      pack_bf16_panel<R>(x + p * R * s_row, s_row, s_k, std::min<std::int64_t>(R, rows - p * R), k,
+                         dst + p * size);
+    }
+  });
+}
+
+inline void gemm_bf16_packed(std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                             const std::uint16_t* ap, const std::uint16_t* bp, float beta, float* c,
+                             std::int64_t ldc, Bf16Kernel kernel) {
+  constexpr int MR = kBf16MR, NR = kBf16NR;
+  const std::int64_t pairs = (k + 1) / 2;
+  const std::int64_t tm = (m + kBf16TileRows - 1) / kBf16TileRows;
+  const std::int64_t tn = (n + kBf16TileCols - 1) / kBf16TileCols;
+  auto tile = [&](std::int64_t t) {
+    const std::int64_t i0 = (t / tn) * kBf16TileRows, j0 = (t % tn) * kBf16TileCols;
+    const std::int64_t i1 = std::min(m, i0 + kBf16TileRows), j1 = std::min(n, j0 + kBf16TileCols);
+    alignas(64) float acc[MR * NR];
+    for (std::int64_t t0 = 0; t0 < pairs; t0 += kBf16KcPairs) {
+      const std::int64_t tc = std::min(kBf16KcPairs, pairs - t0);
+      for (std::int64_t j = j0; j < j1; j += NR) {
+        const std::uint16_t* bpanel = bp + (j / NR * pairs + t0) * NR * 2;
+        const std::int64_t nc = std::min<std::int64_t>(NR, j1 - j);
+        for (std::int64_t i = i0; i < i1; i += MR) {
+          const std::uint16_t* apanel = ap + (i / MR * pairs + t0) * MR * 2;
+#ifdef PKM_X86_BF16_KERNEL
+          if (kernel == Bf16Kernel::avx512_bf16)
+            bf16_tile_avx512(apanel, bpanel, tc, acc);
+          else
+#endif
+            bf16_tile_portable(apanel, bpanel, tc, acc);
+          const std::int64_t mr = std::min<std::int64_t>(MR, i1 - i);
+          for (std::int64_t r = 0; r < mr; ++r) {
+            float* crow = c + (i + r) * ldc + j;
+            const float* arow = acc + r * NR;
+            if (t0 > 0 || beta == 1.0f) {
+              for (std::int64_t q = 0; q < nc; ++q) crow[q] += alpha * arow[q];
+            } else if (beta == 0.0f) {
+              for (std::int64_t q = 0; q < nc; ++q) crow[q] = alpha * arow[q];
+            } else {
+              for (std::int64_t q = 0; q < nc; ++q) crow[q] = alpha * arow[q] + beta * crow[q];
+            }
+          }
+        }
+      }
+    }
+  };
+  const std::int64_t tiles = tm * tn;
+  struct None {};
+  blocks_in_team(
+      tiles, 1, [](int) { return None{}; },
+      [&](None&, std::int64_t t0, std::int64_t) { tile(t0); });
+}
+
+}  // namespace detail
+
+/// C (m x n) = alpha op(A) op(B) + beta C with A's and B's elements rounded to bf16 and fp32
+/// sums (see the top of this file). Arguments, the rules for alpha == 0, k == 0 and beta == 0,
+/// and the errors are pkm::gemm's; throws std::invalid_argument for a kernel this CPU lacks.
+inline void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                      float alpha, const float* a, std::int64_t lda, const float* b,
+                      std::int64_t ldb, float beta, float* c, std::int64_t ldc,
+                      Bf16Kernel kernel = bf16_kernel()) {
+  const bool reads_ab = k > 0 && alpha != 0.0f;
+  detail::check_gemm_args(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, reads_ab);
+  if (!bf16_kernel_available(kernel)) {
+    throw std::invalid_argument(std::string("pkm::gemm_bf16: kernel ") + bf16_kernel_name(kernel) +
+                                " is not available on this CPU (it lacks AVX512-BF16)");
+  }
+  if (m == 0 || n == 0) return;
+  if (!reads_ab) {  // pkm::gemm's rule: A and B are not read
+    gemm<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  if (!trans_a && trans_b && m <= detail::kSmallGemmRows)
+    return detail::gemm_small_nt<float, true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const std::int64_t pairs = (k + 1) / 2;
+  const std::int64_t pm = (m + detail::kBf16MR - 1) / detail::kBf16MR;
+  const std::int64_t pn = (n + detail::kBf16NR - 1) / detail::kBf16NR;
+  // Packed sizes: below 2^62 bytes since A and B passed the extent checks (k x m, k x n).
+  detail::AlignedBuffer<std::uint16_t> ap(static_cast<std::size_t>(pm * pairs * detail::kBf16MR * 2));
+  detail::AlignedBuffer<std::uint16_t> bp(static_cast<std::size_t>(pn * pairs * detail::kBf16NR * 2));
+  // op(A) element (i, p): A[i lda + p], or A[p lda + i] when transposed; op(B) element
+  // (p, j) seen as B-panel row j: B[j ldb + p], or B[p ldb + j] when not transposed.
+  detail::pack_bf16_all<detail::kBf16MR>(a, trans_a ? 1 : lda, trans_a ? lda : 1, m, k, ap.data());
+  detail::pack_bf16_all<detail::kBf16NR>(b, trans_b ? ldb : 1, trans_b ? 1 : ldb, n, k, bp.data());
+  detail::gemm_bf16_packed(m, n, k, alpha, ap.data(), bp.data(), beta, c, ldc, kernel);
+}
+
+}  // namespace pkm

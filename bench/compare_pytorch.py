@@ -66,7 +66,8 @@ def median_time(fn, reps, warmup=1):
 
 def run_pkm(bench, reps):
     filt = ("^(BM_StreamRead|BM_Gemm/.*|BM_LayerGemm/.*|BM_EmbeddingBag/fp32/1024|"
-            "BM_LayerForward|BM_LayerForwardBackward)/real_time$")
+            "BM_LayerForward|BM_LayerForwardBackward|BM_LayerForwardBf16|BM_LayerForwardBackwardBf16)"
+            "/real_time$")
     cmd = [bench, "--benchmark_filter=" + filt, "--benchmark_format=json",
            "--benchmark_repetitions=%d" % reps, "--benchmark_report_aggregates_only=true",
            "--benchmark_min_time=0.3"]
@@ -80,7 +81,7 @@ def run_pkm(bench, reps):
     return res
 
 
-def torch_layer(ref, reps, sparse):
+def torch_layer(ref, reps, sparse, autocast=False):
     torch.manual_seed(0)
     m = ref.Memory(**CONFIG)
     x = torch.randn(BATCH, CONFIG["input_dim"])
@@ -91,14 +92,15 @@ def torch_layer(ref, reps, sparse):
                                       softmax=F.softmax, silu=F.silu)
     try:
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 m(x)
 
         def fwd_bwd():
             for p in m.parameters():
                 p.grad = None
-            out, _, _ = m(x)
-            out.backward(dout)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out, _, _ = m(x)
+            out.float().backward(dout)
 
         t_fwd = median_time(fwd, reps) if not sparse else None
         t_fb = median_time(fwd_bwd, reps)
@@ -120,9 +122,11 @@ def torch_gather(reps):
     return median_time(run, reps, warmup=2), bags * bag
 
 
-def torch_gemm(reps):
-    a = torch.randn(2048, 1024)
-    b = torch.randn(2048, 1024)
+def torch_gemm(reps, dtype=torch.float32):
+    """torch.matmul at the layer's largest product; dtype bfloat16: bf16 tensors (converted
+    before timing, fp32 accumulation inside oneDNN), the best library bf16 GEMM here."""
+    a = torch.randn(2048, 1024).to(dtype)
+    b = torch.randn(2048, 1024).to(dtype)
     return median_time(lambda: a @ b.T, reps * 3, warmup=2), 2.0 * 2048 * 1024 * 2048
 
 
@@ -199,8 +203,11 @@ def main():
     print("PyTorch %s, %d threads" % (torch.__version__, torch.get_num_threads()))
     t_fwd, t_fb_dense = torch_layer(ref, args.repetitions, sparse=False)
     _, t_fb_sparse = torch_layer(ref, args.repetitions, sparse=True)
+    t_fwd_ac, t_fb_ac_dense = torch_layer(ref, args.repetitions, sparse=False, autocast=True)
+    _, t_fb_ac_sparse = torch_layer(ref, args.repetitions, sparse=True, autocast=True)
     t_gather, gather_rows = torch_gather(args.repetitions)
     t_gemm, gemm_flop = torch_gemm(args.repetitions)
+    t_gemm_bf16, _ = torch_gemm(args.repetitions, torch.bfloat16)
 
     def pkm_seconds(name):
         b = pkm[name]
@@ -223,7 +230,26 @@ def main():
     print()
     print("PyTorch forward+backward: dense value gradient %.1f ms, sparse %.1f ms (peer: the faster)"
           % (t_fb_dense * 1e3, t_fb_sparse * 1e3))
-    print("GEMM 2048 x 1024 x 2048: torch.matmul %.1f GFLOP/s" % (gemm_flop / t_gemm / 1e9))
+    t_fb_ac = min(t_fb_ac_dense, t_fb_ac_sparse)
+    if "BM_LayerForwardBf16" in pkm:
+        print()
+        print("bf16 products: pkm with MemoryConfig::compute = BF16, PyTorch under "
+              "torch.autocast(\"cpu\", dtype=torch.bfloat16); tokens/s")
+        print()
+        print("| work | pkm fp32 | pkm bf16 | PyTorch fp32 | PyTorch autocast | pkm bf16 / autocast "
+              "| pkm fp32 / autocast | pkm bf16 / pkm fp32 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for what, p32, p16, t32, t16 in [
+                ("layer forward", "BM_LayerForward", "BM_LayerForwardBf16", t_fwd, t_fwd_ac),
+                ("layer forward+backward", "BM_LayerForwardBackward", "BM_LayerForwardBackwardBf16",
+                 t_fb, t_fb_ac)]:
+            a32, a16 = BATCH / pkm_seconds(p32), BATCH / pkm_seconds(p16)
+            b32, b16 = BATCH / t32, BATCH / t16
+            print("| %s | %.4g | %.4g | %.4g | %.4g | **%.2f×** | %.2f× | %.2f× |"
+                  % (what, a32, a16, b32, b16, a16 / b16, a32 / b16, a16 / a32))
+        print()
+    print("GEMM 2048 x 1024 x 2048: torch.matmul %.1f GFLOP/s, on bf16 tensors %.1f GFLOP/s"
+          % (gemm_flop / t_gemm / 1e9, gemm_flop / t_gemm_bf16 / 1e9))
     for name in sorted(pkm):
         if name.startswith("BM_Gemm") or name.startswith("BM_LayerGemm"):
             print("  %s: %.1f GFLOP/s" % (name, pkm[name]["FLOP/s"] / 1e9))
@@ -233,7 +259,11 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"pkm": pkm, "torch": {"forward_s": t_fwd, "forward_backward_dense_s": t_fb_dense,
                                              "forward_backward_sparse_s": t_fb_sparse,
-                                             "embedding_bag_s": t_gather, "gemm_s": t_gemm},
+                                             "forward_autocast_s": t_fwd_ac,
+                                             "forward_backward_autocast_dense_s": t_fb_ac_dense,
+                                             "forward_backward_autocast_sparse_s": t_fb_ac_sparse,
+                                             "embedding_bag_s": t_gather, "gemm_s": t_gemm,
+                                             "gemm_bf16_s": t_gemm_bf16},
                        "table": rows}, f, indent=1)
 
 

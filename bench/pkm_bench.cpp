@@ -121,6 +121,11 @@ using GemmFn = void (*)(const GemmShape&, const float*, const float*, float*);
 void gemm_pkm(const GemmShape& s, const float* a, const float* b, float* c) {
   pkm::gemm<float>(false, true, s.m, s.n, s.k, 1.0f, a, s.k, b, s.k, 0.0f, c, s.n);
 }
+/// The same product with bf16 operands rounded while packed (pkm/gemm_bf16.hpp): float in,
+/// float out, as torch.autocast's matmul of float tensors.
+void gemm_pkm_bf16(const GemmShape& s, const float* a, const float* b, float* c) {
+  pkm::gemm_bf16(false, true, s.m, s.n, s.k, 1.0f, a, s.k, b, s.k, 0.0f, c, s.n);
+}
 
 /// Eigen's own (OpenMP-threaded) product of whole matrices: a library GEMM, outside pkm.
 void gemm_eigen_threaded(const GemmShape& s, const float* a, const float* b, float* c) {
@@ -200,6 +205,10 @@ void register_gemms() {
         ->UseRealTime();
   }
   benchmark::RegisterBenchmark("BM_Gemm/pkm", gemm_bench, largest_gemm(), gemm_pkm)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+  // Its peer is torch.matmul of bf16 tensors (bench/compare_pytorch.py).
+  benchmark::RegisterBenchmark("BM_Gemm/pkm_bf16", gemm_bench, largest_gemm(), gemm_pkm_bf16)
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
   for (const auto& [name, fn] : libs) {
@@ -342,9 +351,10 @@ void BM_ProductKeyTopK(benchmark::State& state) {
 }
 BENCHMARK(BM_ProductKeyTopK)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-template <bool kBackward>
+template <bool kBackward, pkm::Dtype kCompute = pkm::Dtype::f32>
 void layer_bench(benchmark::State& state) {
-  const auto c = quickstart_shape();
+  auto c = quickstart_shape();
+  c.compute = kCompute;
   const Index batch = 2048;
   pkm::MemoryLayer<float> layer(c, 7);
   MatF x(batch, c.input_dim), dout = MatF::Constant(batch, c.output_dim, 1e-3f),
@@ -367,6 +377,14 @@ void BM_LayerForward(benchmark::State& state) { layer_bench<false>(state); }
 void BM_LayerForwardBackward(benchmark::State& state) { layer_bench<true>(state); }
 BENCHMARK(BM_LayerForward)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LayerForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime();
+/// The same layer with its products in bf16 (MemoryConfig::compute = Dtype::bf16); the peer
+/// is the reference under torch.autocast("cpu", dtype=torch.bfloat16).
+void BM_LayerForwardBf16(benchmark::State& state) { layer_bench<false, pkm::Dtype::bf16>(state); }
+void BM_LayerForwardBackwardBf16(benchmark::State& state) {
+  layer_bench<true, pkm::Dtype::bf16>(state);
+}
+BENCHMARK(BM_LayerForwardBf16)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_LayerForwardBackwardBf16)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 /// Slot statistics left on in training: one add() of BM_LayerForward's cache (2048 tokens x
 /// 128 reads into 512^2 slots), counts only (0) or with the softmax mass (1). Compare its
@@ -393,8 +411,9 @@ BENCHMARK(BM_SlotStatisticsAdd)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->
 void register_decode_benchmarks();  // latency.cpp
 
 int main(int argc, char** argv) {
-  std::fprintf(stderr, "pkm_bench: %d OpenMP threads, GEMM backend %s\n", omp_get_max_threads(),
-               pkm::gemm_backend_name(pkm::gemm_backend()));
+  std::fprintf(stderr, "pkm_bench: %d OpenMP threads, GEMM backend %s, bf16 kernel %s\n",
+               omp_get_max_threads(), pkm::gemm_backend_name(pkm::gemm_backend()),
+               pkm::bf16_kernel_name(pkm::bf16_kernel()));
   register_gemms();
   register_gathers<float>("fp32");
   register_gathers<pkm::bf16>("bf16");

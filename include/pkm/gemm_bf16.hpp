@@ -28,10 +28,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
-#include "pkm/detail/aligned_buffer.hpp"
 #include "pkm/detail/gemm_bf16_kernels.hpp"
 #include "pkm/detail/gemm_small.hpp"
 #include "pkm/detail/parallel.hpp"
@@ -66,21 +67,29 @@ namespace detail {
 /// pass it.
 inline constexpr std::int64_t kBf16TileRows = kBf16MR * 32;  // 192
 inline constexpr std::int64_t kBf16TileCols = kBf16NR * 4;   // 256
-inline constexpr std::int64_t kBf16KcPairs = 128;
+inline constexpr std::int64_t kBf16KcPairs = 512;
 
-/// Packs op(X)'s panels of R rows (R = MR for A: rows of op(A); R = NR for B: columns of
-/// op(B)) into `dst`, each panel pairs * R * 2 values. `rows` panels' worth of rows; element
-/// (r, p) of the panel-able matrix is x[r * s_row + p * s_k].
+/// Packs the panels of R rows (R = MR for A: rows of op(A); R = NR for B: columns of op(B))
+/// of a matrix whose element (r, p) is x[r * s_row + p * s_k] (one of s_row, s_k is 1) into
+/// `dst`, panel after panel, each pairs(k) * R * 2 values. Packing is exact: any split over
+/// threads gives the same bytes.
 template <int R>
 void pack_bf16_all(const float* x, std::int64_t s_row, std::int64_t s_k, std::int64_t rows,
                    std::int64_t k, std::uint16_t* dst) {
-  const std::int64_t panels = (rows + R - 1) / R, size = (k + 1) / 2 * R * 2;
-  parallel_blocks(panels, 8, [&](std::int64_t p0, std::int64_t p1) {
-    for (std::int64_t p = p0; p < p1; ++p) {
-      pack_bf16_panel<R>(x + p * R * s_row, s_row, s_k, std::min<std::int64_t>(R, rows - p * R), k,
-                         dst + p * size);
-    }
-  });
+  const std::int64_t panels = (rows + R - 1) / R, pairs = (k + 1) / 2, size = pairs * R * 2;
+  if (s_k == 1) {  // rows contiguous along k: panel by panel
+    parallel_blocks(panels, 8, [&](std::int64_t p0, std::int64_t p1) {
+      for (std::int64_t p = p0; p < p1; ++p) {
+        pack_bf16_panel<R>(x + p * R * s_row, s_row, std::min<std::int64_t>(R, rows - p * R), k,
+                           dst + p * size);
+      }
+    });
+  } else {  // s_row == 1: each k index's row of all panels at once
+    parallel_blocks(pairs, 16, [&](std::int64_t t0, std::int64_t t1) {
+      std::vector<std::uint32_t> pair_row(static_cast<std::size_t>(panels * R));
+      pack_bf16_pairs<R>(x, s_k, rows, k, t0, t1, pair_row.data(), dst);
+    });
+  }
 }
 
 inline void gemm_bf16_packed(std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
@@ -156,13 +165,14 @@ inline void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n
   const std::int64_t pm = (m + detail::kBf16MR - 1) / detail::kBf16MR;
   const std::int64_t pn = (n + detail::kBf16NR - 1) / detail::kBf16NR;
   // Packed sizes: below 2^62 bytes since A and B passed the extent checks (k x m, k x n).
-  detail::AlignedBuffer<std::uint16_t> ap(static_cast<std::size_t>(pm * pairs * detail::kBf16MR * 2));
-  detail::AlignedBuffer<std::uint16_t> bp(static_cast<std::size_t>(pn * pairs * detail::kBf16NR * 2));
+  // Not zeroed: packing writes every element.
+  std::unique_ptr<std::uint16_t[]> ap(new std::uint16_t[static_cast<std::size_t>(pm * pairs * detail::kBf16MR * 2)]);
+  std::unique_ptr<std::uint16_t[]> bp(new std::uint16_t[static_cast<std::size_t>(pn * pairs * detail::kBf16NR * 2)]);
   // op(A) element (i, p): A[i lda + p], or A[p lda + i] when transposed; op(B) element
   // (p, j) seen as B-panel row j: B[j ldb + p], or B[p ldb + j] when not transposed.
-  detail::pack_bf16_all<detail::kBf16MR>(a, trans_a ? 1 : lda, trans_a ? lda : 1, m, k, ap.data());
-  detail::pack_bf16_all<detail::kBf16NR>(b, trans_b ? ldb : 1, trans_b ? 1 : ldb, n, k, bp.data());
-  detail::gemm_bf16_packed(m, n, k, alpha, ap.data(), bp.data(), beta, c, ldc, kernel);
+  detail::pack_bf16_all<detail::kBf16MR>(a, trans_a ? 1 : lda, trans_a ? lda : 1, m, k, ap.get());
+  detail::pack_bf16_all<detail::kBf16NR>(b, trans_b ? ldb : 1, trans_b ? 1 : ldb, n, k, bp.get());
+  detail::gemm_bf16_packed(m, n, k, alpha, ap.get(), bp.get(), beta, c, ldc, kernel);
 }
 
 }  // namespace pkm

@@ -420,12 +420,55 @@ def test_state_pickle_and_names(work):
                      "HashingMemory(%s)" % kwargs)
 
 
+def test_autocast_bf16():
+    """torch.autocast("cpu", dtype=torch.bfloat16) and bfloat16 input take pkm's bf16 products
+    (MemoryConfig::compute = BF16): the same bits as asking the operator for compute="BF16",
+    close to the fp32 layer, differentiable; another compute is refused."""
+    torch.manual_seed(7)
+    args = dict(input_dim=64, heads=2, n_keys=16, k_dim=32, knn=8, v_dim=48, output_dim=64)
+    _, mem = pair(args)
+    x = torch.randn(40, args["input_dim"])
+    with torch.no_grad():
+        y32 = mem(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yac = mem(x)
+        q = mem.query_proj.query_mlps[0]
+        ops = (mem.keys, q.weight, q.bias, mem.swilu_projection.weight, mem.swilu_projection.bias,
+               mem.value_proj.weight, mem.value_proj.bias, None, None, mem.values.weight,
+               args["heads"], args["knn"], False, None, True, None)
+        ybf = torch.ops.pkm.memory(x, *ops, "BF16")
+        yf = torch.ops.pkm.memory(x, *ops, "F32")
+        y16in = mem(x.bfloat16())
+    check(yac.dtype == torch.float32, "autocast: the output stays float32 (%s)" % yac.dtype)
+    check(torch.equal(yac, ybf), "autocast gives compute='BF16''s bits")
+    check(torch.equal(yf, y32), "compute='F32' is the default path")
+    check(not torch.equal(yac, y32) and rel(yac, y32) < 5e-2,
+          "autocast: close to fp32, not equal (%.3g)" % rel(yac, y32))
+    check(y16in.dtype == torch.bfloat16 and rel(y16in.float(), yac) < 1e-2,
+          "bfloat16 x: bfloat16 out, the bf16 path (%.3g)" % rel(y16in.float(), yac))
+    xr = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mem(xr)
+    y.sum().backward()
+    g16 = xr.grad.clone()
+    xr.grad = None
+    torch.ops.pkm.memory(xr, *ops, "BF16").sum().backward()
+    check(torch.equal(g16, xr.grad), "autocast backward: compute='BF16''s dx bits")
+    xr.grad = None
+    mem.zero_grad()
+    mem(xr).sum().backward()
+    # Loose: a slot swapped at a head's top-k edge moves dx through the scores' gradient too.
+    check(rel(g16, xr.grad) < 0.15, "autocast backward: dx close to fp32's (%.3g)" % rel(g16, xr.grad))
+    expect_error(ValueError, "compute = 'F16' is not supported",
+                 lambda: torch.ops.pkm.memory(x, *ops, "F16"), "compute='F16'")
+
+
 def main():
     pkm_torch.load_library(sys.argv[1] if len(sys.argv) > 1 else None)
     torch.set_num_threads(2)
     for t in (test_against_reference, test_btc_and_bf16, test_gradcheck, test_sparse_adam_and_fused,
               test_shared_values, test_bad_input, test_full_shapes, test_fused_twice_in_one_loss,
-              test_gradient_accumulation):
+              test_gradient_accumulation, test_autocast_bf16):
         t()
     test_state_pickle_and_names(sys.argv[3] if len(sys.argv) > 3 else "/tmp/pkm_torch_test")
     if len(sys.argv) > 3:

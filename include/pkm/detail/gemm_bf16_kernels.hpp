@@ -28,13 +28,14 @@
 
 namespace pkm::detail {
 
-/// The bits of bf16(x): round to nearest even; NaN stays a (quiet) NaN.
+/// The bits of bf16(x): round to nearest even; NaN stays a (quiet) NaN. Branch-free, so
+/// loops over it vectorise.
 inline std::uint16_t bf16_bits(float x) {
   std::uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
+  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const std::uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 /// The float a bf16 bit pattern stands for (exact).
@@ -52,44 +53,51 @@ inline float round_bf16(float x) { return bf16_float(bf16_bits(x)); }
 inline constexpr int kBf16MR = 6;
 inline constexpr int kBf16NR = 64;
 
-/// Packs rows [0, valid) of an R-row panel, element (r, p) = src[r * s_row + p * s_k] for
-/// p < k, into `dst` (pairs(k) * R * 2 values, layout above); rows past `valid` and the odd
-/// k's last pair half are zero.
+/// Packs rows [0, valid) of an R-row panel whose rows are contiguous along k: element (r, p)
+/// = src[r * s_row + p], p < k, into `dst` (pairs(k) * R * 2 values, layout above); rows past
+/// `valid` and the odd k's last pair half are zero. A run of a row is converted in one
+/// vectorised loop, then its pairs are stored 32 bits at a time, R pairs apart.
 template <int R>
-void pack_bf16_panel(const float* src, std::int64_t s_row, std::int64_t s_k, std::int64_t valid,
-                     std::int64_t k, std::uint16_t* dst) {
-  const std::int64_t pairs = (k + 1) / 2, full = k / 2;
-  if (valid < R || full < pairs)
+void pack_bf16_panel(const float* src, std::int64_t s_row, std::int64_t valid, std::int64_t k,
+                     std::uint16_t* dst) {
+  constexpr std::int64_t kRun = 256;  // elements converted at a time (even)
+  const std::int64_t pairs = (k + 1) / 2;
+  if (valid < R)
     std::memset(dst, 0, static_cast<std::size_t>(pairs) * R * 2 * sizeof(std::uint16_t));
-  if (s_k == 1 && R > 8) {  // rows contiguous along k, row by row
-    for (std::int64_t r = 0; r < valid; ++r) {
-      const float* row = src + r * s_row;
-      for (std::int64_t p = 0; p < k; ++p) dst[((p >> 1) * R + r) * 2 + (p & 1)] = bf16_bits(row[p]);
+  alignas(64) std::uint16_t run[kRun];
+  for (std::int64_t r = 0; r < valid; ++r) {
+    const float* row = src + r * s_row;
+    for (std::int64_t p0 = 0; p0 < k; p0 += kRun) {
+      const std::int64_t len = std::min(kRun, k - p0);
+      for (std::int64_t p = 0; p < len; ++p) run[p] = bf16_bits(row[p0 + p]);
+      if (len % 2 != 0) run[len] = 0;
+      for (std::int64_t t = 0; t < (len + 1) / 2; ++t)
+        std::memcpy(dst + ((p0 / 2 + t) * R + r) * 2, run + 2 * t, 4);
     }
-  } else if (s_k == 1) {  // a few rows contiguous along k: all at once, one 32-bit pair each
-    const float* rows[R];
-    for (int r = 0; r < R; ++r) rows[r] = src + std::min<std::int64_t>(r, valid - 1) * s_row;
-    for (std::int64_t t = 0; t < full; ++t) {
-      std::uint32_t out[R];
-      for (int r = 0; r < R; ++r) {
-        out[r] = std::uint32_t{bf16_bits(rows[r][2 * t])} |
-                 std::uint32_t{bf16_bits(rows[r][2 * t + 1])} << 16;
-      }
-      if (valid == R) {
-        std::memcpy(dst + t * R * 2, out, sizeof out);
-      } else {
-        for (std::int64_t r = 0; r < valid; ++r) std::memcpy(dst + (t * R + r) * 2, out + r, 4);
-      }
+  }
+}
+
+/// Packs pairs [t0, t1) of every R-row panel of a matrix stored the other way: element
+/// (r, p) = src[r + p * s_k] for r < rows, p < k. Panel q starts at dst + q * pairs(k) * R * 2.
+/// `pair_row` is scratch for panels * R values. Each k index's row is converted in one
+/// vectorised loop; each panel then takes R pairs (R * 4 bytes) of it.
+template <int R>
+void pack_bf16_pairs(const float* src, std::int64_t s_k, std::int64_t rows, std::int64_t k,
+                     std::int64_t t0, std::int64_t t1, std::uint32_t* pair_row,
+                     std::uint16_t* dst) {
+  const std::int64_t panels = (rows + R - 1) / R, size = (k + 1) / 2 * R * 2;
+  for (std::int64_t r = rows; r < panels * R; ++r) pair_row[r] = 0;
+  for (std::int64_t t = t0; t < t1; ++t) {
+    const float* even = src + 2 * t * s_k;
+    if (2 * t + 1 < k) {
+      const float* odd = even + s_k;
+      for (std::int64_t r = 0; r < rows; ++r)
+        pair_row[r] = std::uint32_t{bf16_bits(even[r])} | std::uint32_t{bf16_bits(odd[r])} << 16;
+    } else {
+      for (std::int64_t r = 0; r < rows; ++r) pair_row[r] = bf16_bits(even[r]);
     }
-    if (full < pairs) {
-      for (std::int64_t r = 0; r < valid; ++r) dst[(full * R + r) * 2] = bf16_bits(rows[r][k - 1]);
-    }
-  } else {  // each k index's R elements contiguous (s_row == 1)
-    for (std::int64_t p = 0; p < k; ++p) {
-      const float* col = src + p * s_k;
-      std::uint16_t* out = dst + (p >> 1) * R * 2 + (p & 1);
-      for (std::int64_t r = 0; r < valid; ++r) out[r * 2] = bf16_bits(col[r * s_row]);
-    }
+    for (std::int64_t q = 0; q < panels; ++q)
+      std::memcpy(dst + q * size + t * R * 2, pair_row + q * R, R * 4);
   }
 }
 

@@ -9,6 +9,7 @@
 // Python: pkm/torch/register.hpp registers this as torch.ops.pkm.memory (python/pkm_torch.py).
 #pragma once
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -38,6 +39,9 @@ struct LayerOptions {
   std::int64_t knn = 32;
   bool qk_norm = false;
   std::optional<double> qk_norm_scale;
+  /// Precision of the layer's products (MemoryConfig::compute). memory() also takes the bf16
+  /// path under torch.autocast("cpu", dtype=torch.bfloat16) and for bfloat16 x.
+  Dtype compute = Dtype::f32;
 };
 
 namespace detail {
@@ -80,6 +84,7 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
   c.knn = o.knn;
   c.qk_norm = o.qk_norm;
   c.qk_norm_scale = o.qk_norm_scale;
+  c.compute = o.compute;
   if (c.heads < 1 || p[0].size(0) % (2 * c.heads) != 0) {
     fail("keys has " + std::to_string(p[0].size(0)) +
          " rows, expected 2 heads n_keys with heads = " + std::to_string(c.heads));
@@ -231,6 +236,7 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     ctx->saved_data["qk_norm"] = o.qk_norm;
     ctx->saved_data["qk_norm_scale"] =
         o.qk_norm_scale ? c10::IValue(*o.qk_norm_scale) : c10::IValue();
+    ctx->saved_data["compute"] = static_cast<std::int64_t>(o.compute);
     ctx->saved_data["sparse"] = sparse_grad;
     ctx->saved_data["in_sizes"] = x_in.sizes();
     if (opt) {
@@ -255,6 +261,7 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     o.qk_norm = ctx->saved_data["qk_norm"].toBool();
     if (!ctx->saved_data["qk_norm_scale"].isNone())
       o.qk_norm_scale = ctx->saved_data["qk_norm_scale"].toDouble();
+    o.compute = static_cast<Dtype>(ctx->saved_data["compute"].toInt());
     const bool sparse = ctx->saved_data["sparse"].toBool();
     const MemoryConfig c = infer_config(x2, p, values, o);
     const torch::Tensor dout =
@@ -368,6 +375,10 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
 /// bfloat16 with float32 x and parameters (float64 throughout for gradcheck). sparse_grad:
 /// the table's gradient as a sparse COO tensor (else dense). opt: update the table inside
 /// backward with pkm's optimizer instead (its gradient is then None).
+/// The products run in bf16 (options.compute = Dtype::bf16, pkm/gemm_bf16.hpp) where options
+/// ask for it, inside torch.autocast("cpu", dtype=torch.bfloat16), or for a bfloat16 x with
+/// float32 parameters (x is widened to float32, the result narrowed back to bfloat16, both
+/// steps differentiable).
 inline torch::Tensor memory(const torch::Tensor& x, const torch::Tensor& keys,
                             const torch::Tensor& query_weight, const torch::Tensor& query_bias,
                             const torch::Tensor& swilu_weight, const torch::Tensor& swilu_bias,
@@ -379,9 +390,19 @@ inline torch::Tensor memory(const torch::Tensor& x, const torch::Tensor& keys,
   auto o = [](const torch::Tensor& t) {
     return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
   };
-  return detail::MemoryFunction::apply(
-      x, keys, query_weight, o(query_bias), o(swilu_weight), o(swilu_bias), o(value_proj_weight),
-      o(value_proj_bias), o(gate_weight), o(gate_bias), values, options, sparse_grad, opt);
+  LayerOptions opts = options;
+  const bool bf16_x = x.scalar_type() == torch::kBFloat16 && keys.scalar_type() == torch::kFloat;
+  if (bf16_x || (at::autocast::is_cpu_enabled() &&
+                 at::autocast::get_autocast_cpu_dtype() == at::kBFloat16 &&
+                 x.scalar_type() == torch::kFloat)) {
+    opts.compute = Dtype::bf16;
+  }
+  const torch::Tensor xin = bf16_x ? x.to(torch::kFloat) : x;
+  torch::Tensor out = detail::MemoryFunction::apply(
+      xin, keys, query_weight, o(query_bias), o(swilu_weight), o(swilu_bias),
+      o(value_proj_weight), o(value_proj_bias), o(gate_weight), o(gate_bias), values, opts,
+      sparse_grad, opt);
+  return bf16_x ? out.to(torch::kBFloat16) : out;
 }
 
 }  // namespace pkm::torch_ops

@@ -22,13 +22,19 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
                                const c10::optional<torch::Tensor>& gate_bias,
                                const torch::Tensor& values, std::int64_t heads, std::int64_t knn,
                                bool qk_norm, c10::optional<double> qk_norm_scale, bool sparse_grad,
-                               const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer) {
+                               const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer,
+                               const std::string& compute) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
   LayerOptions options;
   options.heads = heads;
   options.knn = knn;
   options.qk_norm = qk_norm;
   if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
+  const auto dtype = parse_dtype(compute);
+  if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
+    fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
+  }
+  options.compute = *dtype;
   return memory(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
                 t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias), values,
                 options, sparse_grad,
@@ -79,6 +85,6 @@ TORCH_LIBRARY(pkm, m) {
       "gate_weight, "
       "Tensor? gate_bias, Tensor values, int heads, int knn, bool qk_norm, float? qk_norm_scale, "
       "bool sparse_grad, "
-      "__torch__.torch.classes.pkm.ValueOptimizer? optimizer) -> Tensor",
+      "__torch__.torch.classes.pkm.ValueOptimizer? optimizer, str compute=\"F32\") -> Tensor",
       &pkm::torch_ops::detail::memory_op);
 }

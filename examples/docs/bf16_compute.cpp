@@ -1,0 +1,24 @@
+// docs/precision.md: the layer's products in bf16 (run in a folder holding memory.safetensors;
+// CTest copies tests/data/memplus.checkpoint.safetensors there).
+#include <cstdio>
+
+#include <pkm/io/checkpoint.hpp>
+
+int main() {
+  pkm::io::SafetensorsFile file("memory.safetensors");
+  auto fp32 = pkm::io::load_layer<float>(file);
+  const pkm::RowMatrix<float> x = pkm::RowMatrix<float>::Random(64, fp32.config().input_dim);
+  pkm::ForwardCache<float> cache;
+  const pkm::RowMatrix<float> y32 = fp32.forward(x, cache);
+  // [bf16_compute]
+  // The same checkpoint, its products (query, Memory+ and output projections, forward and
+  // backward) computed from bf16-rounded operands with fp32 sums; parameters stay fp32.
+  auto layer = pkm::io::load_layer<float>(file);
+  layer.params().set_compute(pkm::Dtype::bf16);  // or MemoryConfig::compute = pkm::Dtype::bf16
+  const pkm::RowMatrix<float> y = layer.forward(x, cache);
+  // [/bf16_compute]
+  const double rel = (y - y32).norm() / y32.norm();
+  std::printf("bf16 products (%s kernel): output within %.2g of fp32 (relative)\n",
+              pkm::bf16_kernel_name(pkm::bf16_kernel()), rel);
+  return rel > 0.0 && rel < 0.1 ? 0 : 1;
+}

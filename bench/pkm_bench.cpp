@@ -121,6 +121,11 @@ using GemmFn = void (*)(const GemmShape&, const float*, const float*, float*);
 void gemm_pkm(const GemmShape& s, const float* a, const float* b, float* c) {
   pkm::gemm<float>(false, true, s.m, s.n, s.k, 1.0f, a, s.k, b, s.k, 0.0f, c, s.n);
 }
+/// pkm::gemm on a named backend (the alternatives to the one gemm_backend() picks).
+template <pkm::GemmBackend kBackend>
+void gemm_pkm_on(const GemmShape& s, const float* a, const float* b, float* c) {
+  pkm::gemm<float>(false, true, s.m, s.n, s.k, 1.0f, a, s.k, b, s.k, 0.0f, c, s.n, kBackend);
+}
 /// The same product with bf16 operands rounded while packed (pkm/gemm_bf16.hpp): float in,
 /// float out, as torch.autocast's matmul of float tensors.
 void gemm_pkm_bf16(const GemmShape& s, const float* a, const float* b, float* c) {
@@ -207,6 +212,18 @@ void register_gemms() {
   benchmark::RegisterBenchmark("BM_Gemm/pkm", gemm_bench, largest_gemm(), gemm_pkm)
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
+  // The deterministic backends compiled in, each forced: the alternatives gemm_backend()
+  // chose among.
+  benchmark::RegisterBenchmark("BM_Gemm/pkm_eigen", gemm_bench, largest_gemm(),
+                               gemm_pkm_on<pkm::GemmBackend::eigen>)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+#if defined(PKM_WITH_BLIS)
+  benchmark::RegisterBenchmark("BM_Gemm/pkm_blis", gemm_bench, largest_gemm(),
+                               gemm_pkm_on<pkm::GemmBackend::blis>)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+#endif
   // Its peer is torch.matmul of bf16 tensors (bench/compare_pytorch.py).
   benchmark::RegisterBenchmark("BM_Gemm/pkm_bf16", gemm_bench, largest_gemm(), gemm_pkm_bf16)
       ->Unit(benchmark::kMillisecond)

@@ -52,6 +52,7 @@ struct Options : ModelOptions {
   std::string value_optimizer = "adam";  // adam | adagrad
   bool fused = true;
   std::string model = "both";  // dense | memory | both
+  pkm::Dtype compute = pkm::Dtype::f32;  // the memory layer's products: F32 or BF16
   std::string csv = "train_facts.csv";
 };
 
@@ -63,7 +64,8 @@ struct Options : ModelOptions {
                "         %s\n"
                "         [--dense-lr X] [--memory-lr X] [--value-lr X] [--value-clip X]\n"
                "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N] [--csv "
-               "FILE] [--help]\n"
+               "FILE]\n"
+               "         [--compute f32|bf16] [--help]\n"
                "Trains a model to recall facts and prints its progress; --csv FILE (default\n"
                "train_facts.csv in the current folder) gets one line per model and epoch.\n",
                ModelOptions::flags());
@@ -91,6 +93,9 @@ Options parse(int argc, char** argv) {
       if (v != "adam" && v != "adagrad")
         usage("--value-optimizer = '" + v + "', expected adam or adagrad");
       o.value_optimizer = v;
+    } else if (a == "--compute") {
+      if (v != "f32" && v != "bf16") usage("--compute = '" + v + "', expected f32 or bf16");
+      o.compute = v == "bf16" ? pkm::Dtype::bf16 : pkm::Dtype::f32;
     } else if (a == "--csv") {
       o.csv = v;
     } else if (a == "--epochs")
@@ -174,7 +179,8 @@ int main(int argc, char** argv) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   try {
     const Facts facts = make_facts(o);
-    const pkm::MemoryConfig mc = o.memory_config();
+    pkm::MemoryConfig mc = o.memory_config();
+    mc.compute = o.compute;
     // The dense FFN's hidden width: the same multiply-adds per token as the memory layer.
     const Index hidden = Index(std::llround(memory_macs_per_token(mc) / (3.0 * double(o.dim))));
 
@@ -210,10 +216,10 @@ int main(int argc, char** argv) {
     if (o.model != "dense") {
       std::printf(
           "memory: Memory+ layer, %lld^2 = %lld slots, %lld heads, knn %lld, k_dim %lld; AdamW lr "
-          "%g, clip %g;\n"
+          "%g, clip %g; products in %s;\n"
           "        values: %s, lr %g, clip %g, %s\n",
           (long long)mc.n_keys, (long long)mc.slots(), (long long)mc.heads, (long long)mc.knn,
-          (long long)mc.k_dim, o.memory_lr, o.clip,
+          (long long)mc.k_dim, o.memory_lr, o.clip, pkm::dtype_name(mc.compute),
           o.value_optimizer == "adam" ? "lazy Adam" : "row-wise Adagrad", o.value_lr, o.value_clip,
           o.fused ? "fused with the backward" : "backward then step");
       auto block = std::make_unique<MemoryBlock>(mc, o.seed + 5);

@@ -428,8 +428,17 @@ BENCHMARK(BM_SlotStatisticsAdd)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->
 void register_decode_benchmarks();  // latency.cpp
 
 int main(int argc, char** argv) {
-  std::fprintf(stderr, "pkm_bench: %d OpenMP threads, GEMM backend %s, bf16 kernel %s\n",
+  std::string alternatives;
+  for (pkm::GemmBackend g :
+       {pkm::GemmBackend::eigen, pkm::GemmBackend::blis, pkm::GemmBackend::openblas}) {
+    if (pkm::gemm_backend_available(g) && g != pkm::gemm_backend())
+      alternatives += std::string(alternatives.empty() ? "" : ", ") + pkm::gemm_backend_name(g);
+  }
+  std::fprintf(stderr,
+               "pkm_bench: %d OpenMP threads, GEMM backend %s (compiled in too: %s; "
+               "PKM_GEMM_BACKEND overrides; BM_Gemm/pkm_<backend> times each), bf16 kernel %s\n",
                omp_get_max_threads(), pkm::gemm_backend_name(pkm::gemm_backend()),
+               alternatives.empty() ? "none" : alternatives.c_str(),
                pkm::bf16_kernel_name(pkm::bf16_kernel()));
   register_gemms();
   register_gathers<float>("fp32");

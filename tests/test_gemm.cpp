@@ -324,3 +324,31 @@ TEST_CASE("gemm: leading dimensions whose extent wraps are refused", "[gemm][err
       Contains("wraps around the address space"));
   CHECK(c == std::vector<float>(16, 0.0f));
 }
+
+TEST_CASE("PKM_GEMM_BACKEND overrides the backend, and a name not compiled in or unknown is refused",
+          "[gemm][errors]") {
+  struct Env {
+    explicit Env(const char* v) { setenv("PKM_GEMM_BACKEND", v, 1); }
+    ~Env() { unsetenv("PKM_GEMM_BACKEND"); }
+  };
+  const pkm::GemmBackend chosen = pkm::gemm_backend();
+  CHECK(pkm::gemm_backend_available(chosen));
+  {
+    Env env("eigen");
+    CHECK(pkm::gemm_backend() == pkm::GemmBackend::eigen);
+  }
+  for (pkm::GemmBackend b : {pkm::GemmBackend::blis, pkm::GemmBackend::openblas}) {
+    Env env(pkm::gemm_backend_name(b));
+    if (pkm::gemm_backend_available(b))
+      CHECK(pkm::gemm_backend() == b);
+    else
+      CHECK_THROWS_WITH(pkm::gemm_backend(), Catch::Contains("was not compiled in"));
+  }
+  {
+    Env env("mkl");
+    CHECK_THROWS_WITH(pkm::gemm_backend(),
+                      Catch::Contains("PKM_GEMM_BACKEND = 'mkl' is not a backend; expected eigen, "
+                                      "blis or openblas"));
+  }
+  CHECK(pkm::gemm_backend() == chosen);
+}

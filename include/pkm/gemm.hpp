@@ -21,13 +21,15 @@
 // small-batch kernel (detail/gemm_small.hpp): no packing, no allocation, each element's bits
 // independent of the batch (up to 8 rows) and of the threads.
 //
-// With BLIS compiled in, `auto` uses it only where BLIS has a tuned kernel for the CPU it runs
-// on (BLIS 0.9 falls back to its slow generic kernel on CPUs it does not know, e.g. AMD family
-// 0x1A); otherwise the eigen backend. gemm_backend() says which one runs here.
+// With BLIS compiled in, `auto` picks by CPU family where pkm_bench measured both (a table in
+// gemm_backend()), else BLIS where it has a tuned kernel for the CPU (BLIS 0.9 falls back to
+// its slow generic kernel on CPUs it does not know, e.g. AMD family 0x1A), else eigen;
+// PKM_GEMM_BACKEND overrides. gemm_backend() says which one runs here.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
@@ -90,14 +92,63 @@ constexpr bool gemm_backend_available(GemmBackend b) {
   return false;
 }
 
-/// The backend pkm's ops use on this machine.
+namespace detail {
+/// The deterministic backend measured faster for pkm's products on this CPU's family, where
+/// pkm_bench has measured it (BM_Gemm/pkm_eigen against BM_Gemm/pkm_blis, the layer's
+/// largest product, 2 threads); otherwise none. A new measurement adds a row here.
+///   AMD family 0x19 (Zen 3/4; EPYC family 25 model 17, 2026-12-07): blis 164-189 GFLOP/s,
+///     eigen 147.
+///   Intel with AVX-512 (2026-11, one run): BLIS's skx kernel ~200 GFLOP/s, Eigen's own
+///     threaded product 274 (pkm's eigen tiles ran 1.05-1.16x that product where both were
+///     measured).
+///   AMD family 0x1A (Zen 5): BLIS 0.9 has no kernel for it (its generic one: ~60 against
+///     eigen's ~230); the BLIS rule below already gives eigen.
+inline bool measured_faster_backend(GemmBackend& out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_is("intel") && __builtin_cpu_supports("avx512f")) {
+    out = GemmBackend::eigen;
+    return true;
+  }
+  if (__builtin_cpu_is("amdfam19h")) {
+    out = GemmBackend::blis;
+    return true;
+  }
+#endif
+  (void)out;
+  return false;
+}
+}  // namespace detail
+
+/// The backend pkm's ops use on this machine:
+///  1. the environment variable PKM_GEMM_BACKEND (eigen, blis or openblas) where it is set;
+///     a backend not compiled in, or another name, is refused (std::invalid_argument);
+///  2. with OpenBLAS compiled in (PKM_BLAS=openblas), openblas;
+///  3. with BLIS compiled in: the backend measured faster on this CPU family (above), where it
+///     is compiled in and BLIS has a tuned kernel here; otherwise blis where BLIS has a tuned
+///     kernel for the CPU (on a CPU it does not know, BLIS runs a portable C kernel several
+///     times slower than Eigen's), else eigen;
+///  4. eigen.
 inline GemmBackend gemm_backend() {
+  if (const char* env = std::getenv("PKM_GEMM_BACKEND")) {
+    for (GemmBackend b : {GemmBackend::eigen, GemmBackend::blis, GemmBackend::openblas}) {
+      if (std::strcmp(env, gemm_backend_name(b)) != 0) continue;
+      if (!gemm_backend_available(b)) {
+        throw std::invalid_argument(std::string("pkm: PKM_GEMM_BACKEND = ") + env +
+                                    " was not compiled in (configure with PKM_BLAS=" + env + ")");
+      }
+      return b;
+    }
+    throw std::invalid_argument(std::string("pkm: PKM_GEMM_BACKEND = '") + env +
+                                "' is not a backend; expected eigen, blis or openblas");
+  }
 #if defined(PKM_WITH_OPENBLAS)
   return GemmBackend::openblas;
 #elif defined(PKM_WITH_BLIS)
-  // BLIS picks its kernels from the CPU id; on a CPU it does not know it runs a portable C
-  // kernel several times slower than Eigen's. Only a tuned sub-configuration is worth using.
-  return bli_arch_query_id() == BLIS_ARCH_GENERIC ? GemmBackend::eigen : GemmBackend::blis;
+  const bool blis_tuned = bli_arch_query_id() != BLIS_ARCH_GENERIC;
+  GemmBackend measured = GemmBackend::eigen;
+  if (detail::measured_faster_backend(measured))
+    return measured == GemmBackend::blis && !blis_tuned ? GemmBackend::eigen : measured;
+  return blis_tuned ? GemmBackend::blis : GemmBackend::eigen;
 #else
   return GemmBackend::eigen;
 #endif

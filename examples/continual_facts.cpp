@@ -84,7 +84,7 @@ Options parse(int argc, char** argv) {
     if (i + 1 >= argc) usage("flag " + a + " needs a value");
     const std::string v = argv[++i];
     auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
-    if (o.take(a, num)) continue;
+    if (o.take(a, num) || o.take_word(a, v, usage)) continue;
     if (a == "--csv")
       o.csv = v;
     else if (a == "--score") {
@@ -191,9 +191,9 @@ int main(int argc, char** argv) {
         omp_get_max_threads());
     std::printf(
         "model: d = %lld, Memory+ %lld^2 = %lld slots, %lld heads x knn %lld = %lld reads per "
-        "token\n",
+        "token, products in %s\n",
         (long long)o.dim, (long long)mc.n_keys, (long long)mc.slots(), (long long)mc.heads,
-        (long long)mc.knn, (long long)mc.bag_size());
+        (long long)mc.knn, (long long)mc.bag_size(), pkm::dtype_name(mc.compute));
     std::ofstream csv(o.csv);
     if (!csv) throw std::runtime_error("cannot write --csv file '" + o.csv + "'");
     csv << "method,top,epoch,seconds,learned,retained\n";

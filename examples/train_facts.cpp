@@ -52,7 +52,6 @@ struct Options : ModelOptions {
   std::string value_optimizer = "adam";  // adam | adagrad
   bool fused = true;
   std::string model = "both";  // dense | memory | both
-  pkm::Dtype compute = pkm::Dtype::f32;  // the memory layer's products: F32 or BF16
   std::string csv = "train_facts.csv";
 };
 
@@ -64,8 +63,7 @@ struct Options : ModelOptions {
                "         %s\n"
                "         [--dense-lr X] [--memory-lr X] [--value-lr X] [--value-clip X]\n"
                "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N] [--csv "
-               "FILE]\n"
-               "         [--compute f32|bf16] [--help]\n"
+               "FILE] [--help]\n"
                "Trains a model to recall facts and prints its progress; --csv FILE (default\n"
                "train_facts.csv in the current folder) gets one line per model and epoch.\n",
                ModelOptions::flags());
@@ -84,7 +82,7 @@ Options parse(int argc, char** argv) {
     if (i + 1 >= argc) usage("flag " + a + " needs a value");
     const std::string v = argv[++i];
     auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
-    if (o.take(a, num)) continue;
+    if (o.take(a, num) || o.take_word(a, v, usage)) continue;
     if (a == "--model") {
       if (v != "dense" && v != "memory" && v != "both")
         usage("--model = '" + v + "', expected dense, memory or both");
@@ -93,9 +91,6 @@ Options parse(int argc, char** argv) {
       if (v != "adam" && v != "adagrad")
         usage("--value-optimizer = '" + v + "', expected adam or adagrad");
       o.value_optimizer = v;
-    } else if (a == "--compute") {
-      if (v != "f32" && v != "bf16") usage("--compute = '" + v + "', expected f32 or bf16");
-      o.compute = v == "bf16" ? pkm::Dtype::bf16 : pkm::Dtype::f32;
     } else if (a == "--csv") {
       o.csv = v;
     } else if (a == "--epochs")
@@ -179,8 +174,7 @@ int main(int argc, char** argv) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   try {
     const Facts facts = make_facts(o);
-    pkm::MemoryConfig mc = o.memory_config();
-    mc.compute = o.compute;
+    const pkm::MemoryConfig mc = o.memory_config();
     // The dense FFN's hidden width: the same multiply-adds per token as the memory layer.
     const Index hidden = Index(std::llround(memory_macs_per_token(mc) / (3.0 * double(o.dim))));
 

@@ -207,7 +207,8 @@ TEST_CASE("compute = BF16: only float layers, set_compute switches it and refuse
   auto c = pkmtest::small_config();
   c.compute = pkm::Dtype::bf16;
   CHECK_NOTHROW(c.validate());
-  CHECK_THROWS_WITH(pkm::LayerParameters<double>(c), Contains("compute = BF16 needs a float layer"));
+  CHECK_THROWS_WITH(pkm::LayerParameters<double>(c),
+                    Contains("compute = BF16 needs a float layer"));
   c.compute = pkm::Dtype::f16;
   CHECK_THROWS_WITH(c.validate(), Contains("compute = F16 is not supported; expected F32 or BF16"));
   c.compute = pkm::Dtype::f32;
@@ -287,7 +288,8 @@ TEST_CASE("the bf16 layer: close to the fp32 layer forward and backward, its top
       std::vector<double> got(kn);
       for (Index j = 0; j < kn; ++j) got[j] = cache16.scores(b, h * kn + j);
       std::sort(got.begin(), got.end(), std::greater<double>());
-      for (Index j = 0; j < kn; ++j) REQUIRE(std::abs(got[j] - all[j]) < 1e-4 * (1 + std::abs(all[j])));
+      for (Index j = 0; j < kn; ++j)
+        REQUIRE(std::abs(got[j] - all[j]) < 1e-4 * (1 + std::abs(all[j])));
     }
   }
 

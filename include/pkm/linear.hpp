@@ -60,7 +60,8 @@ template <class S>
 void linear_backward_weights(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& dy,
                              MatrixRef<S> dw, S* dbias, Dtype compute = Dtype::f32) {
   detail::gemm_in<S>(compute, true, false, dw.rows(), dw.cols(), x.rows(), dy.data(),
-                     dy.outerStride(), x.data(), x.outerStride(), S(1), dw.data(), dw.outerStride());
+                     dy.outerStride(), x.data(), x.outerStride(), S(1), dw.data(),
+                     dw.outerStride());
   if (dbias != nullptr) bias_backward<S>(dy, dbias);
 }
 

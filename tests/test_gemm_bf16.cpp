@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -198,8 +199,10 @@ TEST_CASE("gemm_bf16: NaN reaches its row and column, alpha == 0 reads nothing, 
                                      C.data(), n, Bf16Kernel::avx512_bf16),
                       Contains("not available on this CPU"));
   }
+  CHECK(pkm::bf16_products_here() == pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16));
   KernelEnv env("portable");
   CHECK(pkm::bf16_kernel() == Bf16Kernel::portable);
+  CHECK(pkm::bf16_products_here());  // the emulation, asked for
 }
 
 TEST_CASE("compute = BF16: only float layers, set_compute switches it and refuses the rest",
@@ -224,6 +227,11 @@ TEST_CASE("compute = BF16: only float layers, set_compute switches it and refuse
 TEST_CASE("the bf16 layer: close to the fp32 layer forward and backward, its top-k exact over "
           "its own query, the same bits at any thread count",
           "[gemm_bf16][layer]") {
+  // Where the CPU lacks AVX512-BF16 the layer computes in fp32 unless the emulation is asked
+  // for: ask, so the bf16 path is what is tested on every CPU.
+  std::optional<KernelEnv> emulate;
+  if (!pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) emulate.emplace("portable");
+  REQUIRE(pkm::bf16_products_here());
   auto c = pkmtest::medium_config();
   c.input_dim = 96;  // products long enough for the packed kernel's k chunks and tiles
   const Index B = 260;

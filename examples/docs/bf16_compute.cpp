@@ -18,7 +18,9 @@ int main() {
   const pkm::RowMatrix<float> y = layer.forward(x, cache);
   // [/bf16_compute]
   const double rel = (y - y32).norm() / y32.norm();
-  std::printf("bf16 products (%s kernel): output within %.2g of fp32 (relative)\n",
-              pkm::bf16_kernel_name(pkm::bf16_kernel()), rel);
-  return rel > 0.0 && rel < 0.1 ? 0 : 1;
+  // Where the CPU lacks AVX512-BF16 the products stay fp32 (bf16 would be slower there).
+  std::printf("products in %s: output within %.2g of fp32 (relative)\n",
+              pkm::bf16_products_here() ? pkm::bf16_kernel_name(pkm::bf16_kernel()) : "fp32",
+              rel);
+  return rel < 0.1 ? 0 : 1;
 }

@@ -13,13 +13,15 @@
 namespace pkm {
 
 namespace detail {
-/// pkm::gemm, or pkm::gemm_bf16 where `compute` is Dtype::bf16 (float only).
+/// pkm::gemm, or pkm::gemm_bf16 where `compute` is Dtype::bf16 (float only) and bf16 products
+/// pay on this CPU (bf16_products_here(); elsewhere fp32).
 template <class S>
 void gemm_in(Dtype compute, bool trans_a, bool trans_b, Index m, Index n, Index k, const S* a,
              Index lda, const S* b, Index ldb, S beta, S* c, Index ldc) {
   if (compute == Dtype::bf16) {
     if constexpr (std::is_same_v<S, float>) {
-      return gemm_bf16(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+      if (bf16_products_here())
+        return gemm_bf16(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
     } else {
       throw std::invalid_argument("pkm: products in BF16 need float operands (these are double)");
     }

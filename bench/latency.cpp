@@ -56,10 +56,24 @@ double stream_read_bandwidth() {
 struct DecodeFixture {
   std::unique_ptr<pkm::MemoryLayer<float, float>> fp32;
   std::unique_ptr<pkm::MemoryLayer<float, pkm::bf16>> bf16;
+  /// The fp32 layer's parameters and table (a view, no second copy) with bf16 products.
+  std::unique_ptr<pkm::MemoryLayer<float, float>> fp32_bf16_products;
   std::map<int, double> bandwidth;
 
   template <class T>
-  const pkm::MemoryLayer<float, T>& layer() {
+  const pkm::MemoryLayer<float, T>& layer(bool bf16_products = false) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16_products) {
+        if (!fp32_bf16_products) {
+          const auto& base = layer<float>();
+          pkm::LayerParameters<float> p = base.params();
+          p.set_compute(pkm::Dtype::bf16);
+          fp32_bf16_products = std::make_unique<pkm::MemoryLayer<float, float>>(
+              std::move(p), base.values().view());
+        }
+        return *fp32_bf16_products;
+      }
+    }
     auto& slot = [this]() -> auto& {
       if constexpr (std::is_same_v<T, float>)
         return fp32;
@@ -84,11 +98,12 @@ struct DecodeFixture {
 
 /// One forward of `batch` tokens per iteration, with `threads` OpenMP threads.
 template <class T>
-void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch, int threads) {
+void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch, int threads,
+                    bool bf16_products = false) {
   const int saved_threads = omp_get_max_threads();
   omp_set_num_threads(threads);
   const auto c = quickstart_shape();
-  const auto& layer = fixture.layer<T>();
+  const auto& layer = fixture.layer<T>(bf16_products);
   // 64 different inputs, used in turn: each call searches and reads other rows.
   constexpr int kInputs = 64;
   std::vector<MatF> xs;
@@ -132,23 +147,27 @@ void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch
 
 }  // namespace
 
-/// Registers BM_DecodeLatency<float|bf16>/batch:{1,8,64}/threads:{1,2} (called by main).
+/// Registers BM_DecodeLatency<float|bf16|float_bf16_products>/batch:{1,8,64}/threads:{1,2}
+/// (called by main): an fp32 table, a bf16 table, and the fp32 table's layer computing its
+/// products in bf16 (MemoryConfig::compute).
 void register_decode_benchmarks() {
   auto fixture = std::make_shared<DecodeFixture>();
-  for (const char* type : {"float", "bf16"}) {
+  for (const char* type : {"float", "bf16", "float_bf16_products"}) {
     for (int threads : {1, 2}) {
       for (Index batch : {1, 8, 64}) {
         const std::string name = std::string("BM_DecodeLatency<") + type +
                                  ">/batch:" + std::to_string(batch) +
                                  "/threads:" + std::to_string(threads);
-        const bool fp32 = std::string(type) == "float";
-        benchmark::RegisterBenchmark(name.c_str(),
-                                     [fixture, fp32, batch, threads](benchmark::State& st) {
-                                       if (fp32)
-                                         decode_latency<float>(st, *fixture, batch, threads);
-                                       else
-                                         decode_latency<pkm::bf16>(st, *fixture, batch, threads);
-                                     })
+        const bool bf16_table = std::string(type) == "bf16";
+        const bool bf16_products = std::string(type) == "float_bf16_products";
+        benchmark::RegisterBenchmark(
+            name.c_str(),
+            [fixture, bf16_table, bf16_products, batch, threads](benchmark::State& st) {
+              if (bf16_table)
+                decode_latency<pkm::bf16>(st, *fixture, batch, threads);
+              else
+                decode_latency<float>(st, *fixture, batch, threads, bf16_products);
+            })
             ->Unit(benchmark::kMicrosecond)
             ->UseRealTime();
       }

@@ -61,7 +61,8 @@ struct ModelOptions {
   template <class Usage>
   bool take_word(const std::string& flag, const std::string& value, Usage&& usage) {
     if (flag != "--compute") return false;
-    if (value != "f32" && value != "bf16") usage("--compute = '" + value + "', expected f32 or bf16");
+    if (value != "f32" && value != "bf16")
+      usage("--compute = '" + value + "', expected f32 or bf16");
     compute = value == "bf16" ? pkm::Dtype::bf16 : pkm::Dtype::f32;
     return true;
   }

@@ -17,8 +17,8 @@
 // inputs as zero; the portable kernel does not.)
 #pragma once
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -28,8 +28,9 @@
 
 namespace pkm::detail {
 
-/// The bits of bf16(x): round to nearest even; NaN stays a (quiet) NaN. Branch-free, so
-/// loops over it vectorise.
+/// The bits of bf16(x): round to nearest even; NaN stays a (quiet) NaN — the bits of
+/// pkm::bf16(x) (Eigen's rounding; test_gemm_bf16.cpp compares them), written branch-free so
+/// the packing loops over it vectorise.
 inline std::uint16_t bf16_bits(float x) {
   std::uint32_t u;
   std::memcpy(&u, &x, sizeof u);

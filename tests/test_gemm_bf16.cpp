@@ -222,6 +222,37 @@ TEST_CASE("compute = BF16: only float layers, set_compute switches it and refuse
   CHECK_THROWS_WITH(pf.set_compute(pkm::Dtype::i64), Contains("compute = I64 is not supported"));
   pf.set_compute(pkm::Dtype::bf16);
   CHECK(pf.config().compute == pkm::Dtype::bf16);
+  // The linear op itself, called with another dtype or bf16 on double operands.
+  const MatF x = MatF::Ones(3, 4), w = MatF::Ones(5, 4);
+  MatF y = MatF::Zero(3, 5);
+  CHECK_THROWS_WITH(pkm::linear_forward<float>(x, w, nullptr, y, pkm::Dtype::f16),
+                    Contains("products in F16 are not supported; expected F32 or BF16"));
+  CHECK((y.array() == 0.0f).all());
+  using MatD = pkm::RowMatrix<double>;
+  const MatD xd = MatD::Ones(3, 4), wd = MatD::Ones(5, 4);
+  MatD yd = MatD::Zero(3, 5);
+  CHECK_THROWS_WITH(pkm::linear_forward<double>(xd, wd, nullptr, yd, pkm::Dtype::bf16),
+                    Contains("products in BF16 need float operands"));
+}
+
+TEST_CASE("the bf16 layer keeps a decoding batch (at most 8 tokens) in fp32 products",
+          "[gemm_bf16][layer][small_batch]") {
+  std::optional<KernelEnv> emulate;
+  if (!pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) emulate.emplace("portable");
+  auto c = pkmtest::medium_config();
+  pkm::MemoryLayer<float> fp32(c, 51), bf16(c, 51);
+  bf16.params().set_compute(pkm::Dtype::bf16);
+  pkm::ForwardCache<float> c32, c16;
+  for (Index batch : {1, 8, 9}) {
+    INFO("batch " << batch);
+    const MatF x = pkmtest::random_matrix(batch, c.input_dim, 52).cast<float>();
+    MatF y32(batch, c.output_dim), y16(batch, c.output_dim);
+    fp32.forward(x, y32, c32);
+    bf16.forward(x, y16, c16);
+    // Up to 8 tokens every forward product is the fp32 small-batch kernel's; from 9 on the
+    // projections run in bf16.
+    CHECK(same_bits(y16, y32) == (batch <= 8));
+  }
 }
 
 TEST_CASE("the bf16 layer: close to the fp32 layer forward and backward, its top-k exact over "

@@ -403,7 +403,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
   }
   // A few rows times a matrix stored by rows (the layer's forward at a small batch): the
   // small-batch kernel on the deterministic backends (detail/gemm_small.hpp).
-  if (!trans_a && trans_b && m <= detail::kSmallGemmRows && backend != GemmBackend::openblas)
+  if (detail::small_batch_product(trans_a, trans_b, m) && backend != GemmBackend::openblas)
     return detail::gemm_small_nt(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   switch (backend) {
     case GemmBackend::blis:

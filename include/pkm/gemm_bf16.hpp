@@ -19,9 +19,8 @@
 //
 // Determinism: C is cut into tiles whose bounds depend only on (m, n); each tile is computed
 // by one thread, its k loop in fixed chunks: the same bits with any thread count (on the same
-// kernel). A product of at most 8 rows by a matrix stored by rows (x W^T at a decoding batch)
-// reads A and B in place, rounding as it reads (detail/gemm_small.hpp): no packing, no
-// allocation; a token's bits are then the same alone or in a batch of up to 8.
+// kernel). Every product is packed (the packed operands are allocated per call): the layer
+// keeps its decoding batches of at most 8 tokens in fp32 instead (pkm/linear.hpp).
 #pragma once
 
 #include <algorithm>
@@ -34,7 +33,6 @@
 #include <vector>
 
 #include "pkm/detail/gemm_bf16_kernels.hpp"
-#include "pkm/detail/gemm_small.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/gemm.hpp"
 
@@ -99,9 +97,10 @@ void pack_bf16_all(const float* x, std::int64_t s_row, std::int64_t s_k, std::in
                            dst + p * size);
       }
     });
-  } else {  // s_row == 1: each k index's row of all panels at once
-    parallel_blocks(pairs, 16, [&](std::int64_t t0, std::int64_t t1) {
-      std::vector<std::uint32_t> pair_row(static_cast<std::size_t>(panels * R));
+  } else {  // s_row == 1: each k index's row of all panels at once, one scratch row a thread
+    using Row = std::vector<std::uint32_t>;
+    parallel_blocks_with<Row>(pairs, 16, [&](Row& pair_row, std::int64_t t0, std::int64_t t1) {
+      pair_row.resize(static_cast<std::size_t>(panels * R));
       pack_bf16_pairs<R>(x, s_k, rows, k, t0, t1, pair_row.data(), dst);
     });
   }
@@ -174,8 +173,6 @@ inline void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n
     gemm<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  if (!trans_a && trans_b && m <= detail::kSmallGemmRows)
-    return detail::gemm_small_nt<float, true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const std::int64_t pairs = (k + 1) / 2;
   const std::int64_t pm = (m + detail::kBf16MR - 1) / detail::kBf16MR;
   const std::int64_t pn = (n + detail::kBf16NR - 1) / detail::kBf16NR;

@@ -4,6 +4,10 @@
 // count whenever the GEMM backend keeps that promise (pkm/gemm.hpp).
 #pragma once
 
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
 #include "pkm/detail/parallel.hpp"
 #include "pkm/dtype.hpp"
 #include "pkm/gemm.hpp"
@@ -15,16 +19,21 @@ namespace pkm {
 namespace detail {
 /// pkm::gemm, or pkm::gemm_bf16 where `compute` is Dtype::bf16 (float only) and bf16 products
 /// pay: on this CPU (bf16_products_here(); elsewhere fp32), and not for x W^T at a decoding
-/// batch of at most kSmallGemmRows tokens. There the fp32 weights are read either way and
-/// rounding them only adds work: the small-batch kernel with rounding ran 1.37x (batch 1) and
-/// 2.15x (batch 8) slower than without, on Zen 4 at the quickstart shape.
+/// batch of at most kSmallGemmRows tokens (detail::small_batch_product). There the fp32
+/// weights are read either way, and rounding them only added work: the layer's forward with
+/// its small-batch products rounding to bf16 ran 1.37x (batch 1) and 2.15x (batch 8) slower
+/// than in fp32 (BM_DecodeLatency, 2 threads, AMD EPYC Zen 4). Throws std::invalid_argument
+/// for another `compute`, or bf16 with double operands.
 template <class S>
 void gemm_in(Dtype compute, bool trans_a, bool trans_b, Index m, Index n, Index k, const S* a,
              Index lda, const S* b, Index ldb, S beta, S* c, Index ldc) {
+  if (compute != Dtype::f32 && compute != Dtype::bf16) {
+    throw std::invalid_argument(std::string("pkm: products in ") + dtype_name(compute) +
+                                " are not supported; expected F32 or BF16");
+  }
   if (compute == Dtype::bf16) {
     if constexpr (std::is_same_v<S, float>) {
-      const bool decoding = !trans_a && trans_b && m <= kSmallGemmRows;
-      if (bf16_products_here() && !decoding)
+      if (bf16_products_here() && !small_batch_product(trans_a, trans_b, m))
         return gemm_bf16(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
     } else {
       throw std::invalid_argument("pkm: products in BF16 need float operands (these are double)");

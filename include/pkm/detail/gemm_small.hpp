@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "pkm/detail/gemm_bf16_kernels.hpp"
 #include "pkm/detail/parallel.hpp"
 
 namespace pkm::detail {
@@ -26,6 +25,12 @@ namespace pkm::detail {
 /// BLIS's packed products at the layer's shapes (2048 x 1024 weights, AMD Zen 5, 1 and 2
 /// threads: 1.0-4x); from 16 rows the packed kernels are faster.
 inline constexpr std::int64_t kSmallGemmRows = 8;
+
+/// True for the products the small-batch kernel takes: op(A) = A with at most kSmallGemmRows
+/// rows, op(B) = B^T (x W^T at a decoding batch).
+constexpr bool small_batch_product(bool trans_a, bool trans_b, std::int64_t m) {
+  return !trans_a && trans_b && m <= kSmallGemmRows;
+}
 /// Columns of C per parallel block.
 inline constexpr std::int64_t kSmallGemmColBlock = 64;
 
@@ -39,39 +44,31 @@ inline S sum_lanes16(const S* v) {
 
 /// The dot products of Q A rows a[0..Q) with R B rows b[0..R) over k elements, each in the
 /// fixed lane order described above; out[q * R + r] = the dot of a[q] with b[r]. Blocking Q x
-/// R shares each load among several products; it does not change any product's order. With
-/// kRoundBf16 (float only), every element is first rounded to bf16 (pkm::gemm_bf16's rule).
-template <int Q, int R, bool kRoundBf16, class S>
+/// R shares each load among several products; it does not change any product's order.
+template <int Q, int R, class S>
 inline void dots_fixed_order(const S* const* a, const S* const* b, std::int64_t k, S* out) {
   constexpr int L = 16;
-  auto in = [](S v) {
-    if constexpr (kRoundBf16)
-      return round_bf16(v);
-    else
-      return v;
-  };
   S acc[Q][R][L] = {};
   const std::int64_t full = k / L * L;
   for (std::int64_t p = 0; p < full; p += L) {
     for (int q = 0; q < Q; ++q) {
       for (int r = 0; r < R; ++r) {
 #pragma omp simd
-        for (int l = 0; l < L; ++l) acc[q][r][l] += in(a[q][p + l]) * in(b[r][p + l]);
+        for (int l = 0; l < L; ++l) acc[q][r][l] += a[q][p + l] * b[r][p + l];
       }
     }
   }
   for (std::int64_t p = full; p < k; ++p) {
     for (int q = 0; q < Q; ++q)
-      for (int r = 0; r < R; ++r) acc[q][r][p - full] += in(a[q][p]) * in(b[r][p]);
+      for (int r = 0; r < R; ++r) acc[q][r][p - full] += a[q][p] * b[r][p];
   }
   for (int q = 0; q < Q; ++q)
     for (int r = 0; r < R; ++r) out[q * R + r] = sum_lanes16(acc[q][r]);
 }
 
 /// C = alpha A B^T + beta C for A m x k (lda), B n x k (ldb), C m x n (ldc); beta == 0: C is
-/// not read. m <= kSmallGemmRows (the caller's choice; any m works). With kRoundBf16, A and B
-/// are rounded to bf16 as they are read (the products of pkm::gemm_bf16, fp32 sums).
-template <class S, bool kRoundBf16 = false>
+/// not read. m <= kSmallGemmRows (the caller's choice; any m works).
+template <class S>
 void gemm_small_nt(std::int64_t m, std::int64_t n, std::int64_t k, S alpha, const S* a,
                    std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c, std::int64_t ldc) {
   auto store = [&](std::int64_t i, std::int64_t j, S dot) {
@@ -88,7 +85,7 @@ void gemm_small_nt(std::int64_t m, std::int64_t n, std::int64_t k, S alpha, cons
       for (std::int64_t i = 0; i < m; ++i) {
         const S* ap[1] = {a + i * lda};
         S d[4];
-        dots_fixed_order<1, 4, kRoundBf16>(ap, bp, k, d);
+        dots_fixed_order<1, 4>(ap, bp, k, d);
         for (int r = 0; r < 4; ++r) store(i, j + r, d[r]);
       }
     }
@@ -97,7 +94,7 @@ void gemm_small_nt(std::int64_t m, std::int64_t n, std::int64_t k, S alpha, cons
       for (std::int64_t i = 0; i < m; ++i) {
         const S* ap[1] = {a + i * lda};
         S d[1];
-        dots_fixed_order<1, 1, kRoundBf16>(ap, bp, k, d);
+        dots_fixed_order<1, 1>(ap, bp, k, d);
         store(i, j, d[0]);
       }
     }

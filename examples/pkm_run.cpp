@@ -33,11 +33,7 @@ const char* kUsage =
 }
 
 long long to_int(const std::string& flag, const std::string& v, long long lo) {
-  char* end = nullptr;
-  const long long x = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || x < lo)
-    die(flag + " " + v + ": expected an integer >= " + std::to_string(lo));
-  return x;
+  return pkmcli::whole_number(flag, v, lo, LLONG_MAX, die);
 }
 }  // namespace
 

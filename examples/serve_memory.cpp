@@ -38,13 +38,7 @@ namespace {
 }
 
 long long parse_count(const std::string& flag, const std::string& v, long long lo, long long hi) {
-  char* end = nullptr;
-  const long long n = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n < lo || n > hi) {
-    die(flag + " " + v + ": expected a whole number in [" + std::to_string(lo) + ", " +
-        std::to_string(hi) + "]");
-  }
-  return n;
+  return pkmcli::whole_number(flag, v, lo, hi, die);
 }
 
 /// The process's resident memory in MiB (VmRSS of /proc/self/status), or -1.

@@ -13,9 +13,18 @@
 #include <type_traits>
 #include <vector>
 
+#include <omp.h>
+
 #include <pkm/pkm.hpp>
 
 namespace pkmtest {
+
+/// Sets the OpenMP thread count for a scope; restores it when the scope ends.
+struct ThreadCount {
+  int saved = omp_get_max_threads();
+  explicit ThreadCount(int n) { omp_set_num_threads(n); }
+  ~ThreadCount() { omp_set_num_threads(saved); }
+};
 
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
 inline constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();

@@ -27,15 +27,10 @@ using Catch::Contains;
 using pkm::Bf16Kernel;
 using pkm::Index;
 using pkmtest::same_bits;
+using Threads = pkmtest::ThreadCount;
 using MatF = pkm::RowMatrix<float>;
 
 namespace {
-
-struct Threads {
-  int saved = omp_get_max_threads();
-  explicit Threads(int n) { omp_set_num_threads(n); }
-  ~Threads() { omp_set_num_threads(saved); }
-};
 
 /// Sets PKM_BF16_KERNEL for the scope of a test.
 struct KernelEnv {

@@ -21,6 +21,7 @@
 using Catch::Contains;
 using pkm::Index;
 using pkmtest::same_bits;
+using pkmtest::ThreadCount;
 using MatF = pkm::RowMatrix<float>;
 
 namespace {
@@ -36,13 +37,6 @@ pkm::MemoryConfig small_batch_config() {
   c.output_dim = 21;
   return c;
 }
-
-/// Restores the OpenMP thread count when a test ends.
-struct ThreadCount {
-  int saved = omp_get_max_threads();
-  explicit ThreadCount(int n) { omp_set_num_threads(n); }
-  ~ThreadCount() { omp_set_num_threads(saved); }
-};
 
 }  // namespace
 

@@ -26,7 +26,7 @@ import sys
 import torch
 
 DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16",
-          torch.float16: "F16", torch.int64: "I64", torch.int32: "I32"}
+          torch.float16: "F16", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
 FROM_NAME = {v: k for k, v in DTYPES.items()}
 
 # The metadata keys pkm reads (pkm/io/checkpoint.hpp): what tensor shapes cannot say.

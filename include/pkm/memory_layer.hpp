@@ -31,6 +31,8 @@
 #include "pkm/layer_cache.hpp"
 #include "pkm/layer_composition.hpp"
 #include "pkm/parameters.hpp"
+#include "pkm/quantized_bag.hpp"
+#include "pkm/quantized_table.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_gradient.hpp"
@@ -38,36 +40,71 @@
 
 namespace pkm {
 
+namespace detail {
+template <class TableT>
+struct layer_table {
+  using type = ValueTable<TableT>;
+};
+template <>
+struct layer_table<Quantized> {
+  using type = QuantizedTable;
+};
+}  // namespace detail
+
+/// The table a layer with table type TableT reads: ValueTable<TableT>, or QuantizedTable for
+/// pkm::Quantized.
+template <class TableT>
+using layer_table_t = typename detail::layer_table<TableT>::type;
+
+namespace detail {
+/// The refusal of a backward through a quantized table.
+[[noreturn]] inline void refuse_quantized_backward(const char* who, Dtype format) {
+  throw std::invalid_argument(
+      std::string(who) + ": the value table is " + dtype_name(format) +
+      "; quantized tables serve inference only (train with an f32 or bf16 table, then "
+      "pkm::quantize it); nothing was changed");
+}
+}  // namespace detail
+
 /// A product-key memory layer with dense parameters of type Scalar (float for use, double for
-/// gradient checks) reading a value table stored as TableT. Its forward and backward entry
-/// points are pkm::LayerApi's (pkm/layer_api.hpp), the same as the memory-parallel layer's.
+/// gradient checks) reading a value table stored as TableT (float, bf16, fp16, double, or
+/// pkm::Quantized for a QuantizedTable: inference only, Scalar float). Its forward and backward
+/// entry points are pkm::LayerApi's (pkm/layer_api.hpp), the same as the memory-parallel
+/// layer's; a layer reading a quantized table refuses backward and backward_fused.
 template <class Scalar, class TableT = Scalar>
 class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, ForwardCache<Scalar>> {
   static_assert(std::is_floating_point_v<Scalar>,
                 "pkm::MemoryLayer: Scalar must be float or double");
+  static constexpr bool kQuantized = std::is_same_v<TableT, Quantized>;
+  static_assert(!kQuantized || std::is_same_v<Scalar, float>,
+                "pkm::MemoryLayer: a layer reading a quantized table computes in float");
   friend class LayerApi<MemoryLayer<Scalar, TableT>, Scalar, ForwardCache<Scalar>>;
 
  public:
   using scalar_type = Scalar;
   using table_type = TableT;
+  using table_storage = layer_table_t<TableT>;
 
   /// Owns all its parameters and its value table, initialised from `seed`.
   MemoryLayer(const MemoryConfig& config, std::uint64_t seed)
       : params_(config), values_(config.slots(), config.v_dim) {
+    static_assert(!kQuantized,
+                  "pkm::MemoryLayer: a quantized layer is made from a trained table "
+                  "(pkm::quantize), not from a seed");
     init_parameters(params_, seed);
     init_values(values_, seed);
   }
 
   /// Owns its dense parameters (initialised from `seed`) and reads `values`, typically a view
   /// of a table shared with other layers (`pool.view()`); pass an owning table with std::move.
-  MemoryLayer(const MemoryConfig& config, ValueTable<TableT>&& values, std::uint64_t seed)
+  MemoryLayer(const MemoryConfig& config, table_storage&& values, std::uint64_t seed)
       : params_(config), values_(std::move(values)) {
     check_table();
     init_parameters(params_, seed);
   }
 
   /// Uses the given parameters and table as they are (each owned or a view).
-  MemoryLayer(LayerParameters<Scalar> params, ValueTable<TableT>&& values)
+  MemoryLayer(LayerParameters<Scalar> params, table_storage&& values)
       : params_(std::move(params)), values_(std::move(values)) {
     params_.config().validate();
     check_table();
@@ -76,8 +113,8 @@ class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, Forward
   const MemoryConfig& config() const { return params_.config(); }
   LayerParameters<Scalar>& params() { return params_; }
   const LayerParameters<Scalar>& params() const { return params_; }
-  ValueTable<TableT>& values() { return values_; }
-  const ValueTable<TableT>& values() const { return values_; }
+  table_storage& values() { return values_; }
+  const table_storage& values() const { return values_; }
   /// The table's rows and the width of its rows (LayerApi's value gradients are of this shape).
   Index value_rows() const { return values_.rows(); }
   Index value_width() const { return values_.dim(); }
@@ -106,7 +143,7 @@ class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, Forward
                              Optimizer& opt, MatrixRef<Scalar>* dx);
 
   LayerParameters<Scalar> params_;
-  ValueTable<TableT> values_;
+  table_storage values_;
 };
 
 // The entry points that do the work are defined outside the class, so that they are not
@@ -120,8 +157,13 @@ void MemoryLayer<Scalar, TableT>::forward_core(const ConstMatrixRef<Scalar>& x,
   const char* who = "pkm::MemoryLayer::forward";
   composition::forward_begin(who, params_, x, out, cache);
   if (x.rows() > 0) {
-    embedding_bag<TableT, Scalar>(values_, cache.indices, cache.weights, cache.read);
-    detail::check_bag_read<TableT, Scalar>(who, values_, cache.indices, cache.read);
+    if constexpr (kQuantized) {
+      embedding_bag(values_, cache.indices, cache.weights, cache.read);
+      detail::check_bag_read(who, values_, cache.indices, cache.read);
+    } else {
+      embedding_bag<TableT, Scalar>(values_, cache.indices, cache.weights, cache.read);
+      detail::check_bag_read<TableT, Scalar>(who, values_, cache.indices, cache.read);
+    }
   }
   composition::forward_end(who, params_, x, out, cache);
 }
@@ -134,14 +176,19 @@ void MemoryLayer<Scalar, TableT>::backward_core(const ConstMatrixRef<Scalar>& x,
                                                 LayerParameters<Scalar>& dparams, Sink& sink,
                                                 MatrixRef<Scalar>* dx) const {
   const char* who = "pkm::MemoryLayer::backward";
-  composition::check_backward(who, params_, x, cache, dout, dparams, dx);
-  check_sink(sink, who, values_.rows(), values_.dim());
-  if (cache.batch == 0) return;
-  // The read's gradient first, without touching dparams; the sink takes the value gradient.
-  LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
-  embedding_bag_backward_to<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy, ws.dscore,
-                                            sink, ws.bag);
-  composition::backward_end(params_, x, cache, dout, dparams, dx);
+  if constexpr (kQuantized) {
+    (void)x, (void)cache, (void)dout, (void)dparams, (void)sink, (void)dx;
+    detail::refuse_quantized_backward(who, values_.format());
+  } else {
+    composition::check_backward(who, params_, x, cache, dout, dparams, dx);
+    check_sink(sink, who, values_.rows(), values_.dim());
+    if (cache.batch == 0) return;
+    // The read's gradient first, without touching dparams; the sink takes the value gradient.
+    LayerWorkspace<Scalar>& ws = composition::backward_begin(params_, cache, dout);
+    embedding_bag_backward_to<TableT, Scalar>(values_, cache.indices, cache.weights, ws.dy,
+                                              ws.dscore, sink, ws.bag);
+    composition::backward_end(params_, x, cache, dout, dparams, dx);
+  }
 }
 
 template <class Scalar, class TableT>
@@ -152,6 +199,10 @@ double MemoryLayer<Scalar, TableT>::backward_fused_core(const ConstMatrixRef<Sca
                                                         LayerParameters<Scalar>& dparams,
                                                         Optimizer& opt, MatrixRef<Scalar>* dx) {
   const char* who = "pkm::MemoryLayer::backward_fused";
+  if constexpr (kQuantized) {
+    (void)x, (void)cache, (void)dout, (void)dparams, (void)opt, (void)dx;
+    detail::refuse_quantized_backward(who, values_.format());
+  } else {
   composition::check_backward(who, params_, x, cache, dout, dparams, dx);
   opt.check_table(who, values_);  // before any gradient is written
   if (cache.batch == 0) return 0.0;
@@ -169,6 +220,7 @@ double MemoryLayer<Scalar, TableT>::backward_fused_core(const ConstMatrixRef<Sca
       values_, cache.indices, cache.weights, ws.dy, ws.dscore, opt, ws.bag);
   composition::backward_end(params_, x, cache, dout, dparams, dx);
   return norm;
+  }
 }
 
 }  // namespace pkm

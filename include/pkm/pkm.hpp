@@ -21,6 +21,8 @@
 #include "pkm/product_keys.hpp"
 #include "pkm/softmax.hpp"
 #include "pkm/embedding_bag.hpp"
+#include "pkm/quantized_table.hpp"
+#include "pkm/quantized_bag.hpp"
 #include "pkm/memory_layer.hpp"
 #include "pkm/optim/grad_clip.hpp"
 #include "pkm/optim/adamw.hpp"

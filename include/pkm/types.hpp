@@ -50,6 +50,8 @@ constexpr Dtype dtype_of() {
     return Dtype::f16;
   else if constexpr (std::is_same_v<T, std::int64_t>)
     return Dtype::i64;
+  else if constexpr (std::is_same_v<T, std::uint8_t>)
+    return Dtype::u8;
   else {
     static_assert(std::is_same_v<T, std::int32_t>, "pkm::dtype_of: no Dtype for this type");
     return Dtype::i32;

@@ -30,6 +30,11 @@ inline constexpr const char* kMetaQkNormScale = "qk_norm_scale";
 inline constexpr const char* kMetaShardBegin = "pkm_shard_column_begin";
 inline constexpr const char* kMetaShardEnd = "pkm_shard_column_end";
 inline constexpr const char* kMetaShardVDim = "pkm_shard_v_dim";
+/// A quantized value table (pkm/quantized_table.hpp): values.weight holds its rows as U8, shape
+/// (rows, row bytes); these keys (after LoadOptions::prefix) give the format's dtype_name and
+/// v_dim, which the row bytes alone do not fix (an int4 row of 7 or 8 values has 8 bytes).
+inline constexpr const char* kMetaValuesFormat = "pkm_values_format";
+inline constexpr const char* kMetaValuesDim = "pkm_values_dim";
 
 /// The columns a shard file holds.
 struct ShardRange {
@@ -112,6 +117,28 @@ inline void refuse_shard(const SafetensorsFile& f) {
   }
 }
 
+/// The quantized format of the table under `prefix`, from the metadata, or nothing for a
+/// table of float elements.
+inline std::optional<Dtype> values_format(const SafetensorsFile& f, const std::string& prefix) {
+  const auto& meta = f.metadata();
+  const auto it = meta.find(prefix + kMetaValuesFormat);
+  const std::string name = prefix + "values.weight";
+  if (it == meta.end()) {
+    if (f.has(name) && f.info(name).dtype == Dtype::u8) {
+      bad_checkpoint(f, "tensor '" + name + "' is U8 but __metadata__ has no '" + prefix +
+                            kMetaValuesFormat + "' naming its quantized format");
+    }
+    return std::nullopt;
+  }
+  const auto d = parse_quantized_dtype(it->second);
+  if (!d) {
+    bad_checkpoint(f, "__metadata__ '" + prefix + kMetaValuesFormat + "' = \"" +
+                          clip(it->second, 48) +
+                          "\"; expected INT8_ROWWISE, INT4_ROWWISE or FP8_E4M3_ROWWISE");
+  }
+  return d;
+}
+
 /// The shape of tensor t as safetensors writes it: rank 1 for biases, 2 otherwise.
 inline std::vector<std::int64_t> file_shape(const MemoryConfig& c, Tensor t) {
   const TensorShape s = tensor_shape(c, t);
@@ -148,6 +175,35 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
                                   " rows; expected n_keys^2 for some n_keys");
   }
   c.v_dim = values.shape[1];
+  const std::optional<Dtype> quantized = detail::values_format(f, p);
+  if (quantized) {
+    if (values.dtype != Dtype::u8) {
+      detail::bad_checkpoint(f, "tensor '" + p + "values.weight' has dtype " +
+                                    dtype_name(values.dtype) + "; a " + dtype_name(*quantized) +
+                                    " table is stored as U8 rows");
+    }
+    if (detail::shard_range(f)) {
+      detail::bad_checkpoint(f, "a column shard cannot hold a quantized table");
+    }
+    const auto it = f.metadata().find(p + kMetaValuesDim);
+    if (it == f.metadata().end()) {
+      detail::bad_checkpoint(f, "__metadata__ has no '" + p + kMetaValuesDim +
+                                    "' (v_dim of the quantized table)");
+    }
+    const std::int64_t dim = detail::parse_int(f, p + kMetaValuesDim, it->second);
+    if (dim < 1 || dim > (std::int64_t{1} << 40)) {
+      detail::bad_checkpoint(f, "__metadata__ '" + p + kMetaValuesDim + "' = " +
+                                    std::to_string(dim) + "; expected 1 to 2^40");
+    }
+    const Index rb = quantized_row_bytes(*quantized, dim);
+    if (values.shape[1] != rb) {
+      detail::bad_checkpoint(f, "tensor '" + p + "values.weight' has rows of " +
+                                    std::to_string(values.shape[1]) + " bytes; a " +
+                                    dtype_name(*quantized) + " row of " + std::to_string(dim) +
+                                    " values has " + std::to_string(rb));
+    }
+    c.v_dim = dim;
+  }
   if (const auto shard =
           detail::shard_range(f)) {  // a column shard: the table's width from the metadata
     if (values.shape[1] != shard->width()) {
@@ -220,7 +276,7 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
                                     dtype_name(info.dtype) + "; expected a float dtype");
     }
   }
-  if (!is_float(values.dtype)) {
+  if (!quantized && !is_float(values.dtype)) {
     detail::bad_checkpoint(f, "tensor 'values.weight' has dtype " +
                                   std::string(dtype_name(values.dtype)) +
                                   "; expected a float dtype");
@@ -239,15 +295,64 @@ LayerParameters<Scalar> load_parameters(const SafetensorsFile& f, const MemoryCo
   return params;
 }
 
+namespace detail {
+/// load_parameters, with a non-finite parameter refused (std::invalid_argument naming it).
+template <class Scalar>
+LayerParameters<Scalar> load_checked_parameters(const SafetensorsFile& f, const MemoryConfig& c,
+                                                const std::string& prefix, const char* who) {
+  LayerParameters<Scalar> params = load_parameters<Scalar>(f, c, prefix);
+  try {
+    check_parameters_finite(who, params);
+  } catch (const std::runtime_error& e) {
+    bad_checkpoint(f, e.what());
+  }
+  return params;
+}
+}  // namespace detail
+
 /// Loads a layer: parameters as Scalar, the value table converted to TableT (e.g. a BF16
 /// table kept as pkm::bf16, or converted to float). Everything is copied out of the file
 /// (with pread: a file truncated meanwhile gives std::runtime_error), then checked: a
 /// parameter or table value that is NaN or infinite (after conversion) throws
 /// std::invalid_argument naming the tensor and the row or element.
+namespace detail {
+/// Refuses a quantized file for a float TableT and a float file for pkm::Quantized.
+template <class TableT>
+void check_table_kind(const SafetensorsFile& f, const std::string& prefix) {
+  const std::optional<Dtype> q = values_format(f, prefix);
+  if constexpr (std::is_same_v<TableT, Quantized>) {
+    if (!q) {
+      bad_checkpoint(f, "tensor '" + prefix + "values.weight' is not quantized (" +
+                            dtype_name(f.info(prefix + "values.weight").dtype) +
+                            "); quantize it first (pkm::quantize, pkm_quantize) or load it with a "
+                            "float table type");
+    }
+  } else {
+    if (q) {
+      bad_checkpoint(f, "tensor '" + prefix + "values.weight' is a " + dtype_name(*q) +
+                            " table; load it with TableT = pkm::Quantized (inference only)");
+    }
+  }
+}
+}  // namespace detail
+
 template <class Scalar, class TableT = Scalar>
 MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptions& opt = {}) {
   detail::refuse_shard(f);
+  detail::check_table_kind<TableT>(f, opt.prefix);
   const MemoryConfig c = infer_config(f, opt);
+  if constexpr (std::is_same_v<TableT, Quantized>) {
+    const Dtype format = *detail::values_format(f, opt.prefix);
+    QuantizedTable table(format, c.slots(), c.v_dim);
+    f.read(opt.prefix + "values.weight", table.data(), static_cast<std::size_t>(table.bytes()));
+    if (const Index r = first_invalid_row(table); r >= 0) {
+      detail::bad_checkpoint(f, "tensor '" + opt.prefix + "values.weight' row " +
+                                    std::to_string(r) + " is not a valid " + dtype_name(format) +
+                                    " row (a NaN or infinite scale or bias, or an fp8 NaN code)");
+    }
+    LayerParameters<Scalar> params = detail::load_checked_parameters<Scalar>(f, c, opt.prefix, "load_layer");
+    return MemoryLayer<Scalar, TableT>(std::move(params), std::move(table));
+  } else {
   ValueTable<TableT> table(c.slots(), c.v_dim);
   f.read(opt.prefix + "values.weight", table.data(), static_cast<std::size_t>(c.slots() * c.v_dim));
   if (const Index r = first_non_finite_row(table); r >= 0) {
@@ -255,13 +360,9 @@ MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptio
                                   " holds a non-finite value (as " +
                                   dtype_name(dtype_of<TableT>()) + ")");
   }
-  LayerParameters<Scalar> params = load_parameters<Scalar>(f, c, opt.prefix);
-  try {
-    check_parameters_finite("load_layer", params);
-  } catch (const std::runtime_error& e) {
-    detail::bad_checkpoint(f, e.what());
-  }
+  LayerParameters<Scalar> params = detail::load_checked_parameters<Scalar>(f, c, opt.prefix, "load_layer");
   return MemoryLayer<Scalar, TableT>(std::move(params), std::move(table));
+  }
 }
 
 /// Loads a layer whose value table is a view into the file's mapping: no copy of the table.
@@ -274,8 +375,15 @@ MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptio
 template <class Scalar, class TableT = Scalar>
 MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOptions& opt = {}) {
   detail::refuse_shard(f);
+  detail::check_table_kind<TableT>(f, opt.prefix);
   const MemoryConfig c = infer_config(f, opt);
   const TensorInfo& v = f.info(opt.prefix + "values.weight");
+  if constexpr (std::is_same_v<TableT, Quantized>) {
+    LayerParameters<Scalar> params = detail::load_checked_parameters<Scalar>(f, c, opt.prefix, "load_layer_mapped");
+    return MemoryLayer<Scalar, TableT>(
+        std::move(params), QuantizedTable::view(*detail::values_format(f, opt.prefix),
+                                                f.mutable_bytes(v), c.slots(), c.v_dim));
+  } else {
   if (v.dtype != dtype_of<TableT>()) {
     detail::bad_checkpoint(f, "values.weight is " + std::string(dtype_name(v.dtype)) +
                                   "; mapping it needs " + dtype_name(dtype_of<TableT>()) +
@@ -286,18 +394,33 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
     detail::bad_checkpoint(
         f, "values.weight is not aligned for its dtype in the file; use load_layer");
   }
-  LayerParameters<Scalar> params = load_parameters<Scalar>(f, c, opt.prefix);
-  try {
-    check_parameters_finite("load_layer_mapped", params);
-  } catch (const std::runtime_error& e) {
-    detail::bad_checkpoint(f, e.what());
-  }
+  LayerParameters<Scalar> params = detail::load_checked_parameters<Scalar>(f, c, opt.prefix, "load_layer_mapped");
   return MemoryLayer<Scalar, TableT>(
       std::move(params),
       ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
+  }
 }
 
 namespace detail {
+/// pkm's metadata of a layer's config (not prefixed).
+inline void add_metadata(SafetensorsWriter& w, const MemoryConfig& c) {
+  w.set_metadata(kMetaKnn, std::to_string(c.knn));
+  w.set_metadata(kMetaQkNorm, c.qk_norm ? "true" : "false");
+  if (c.qk_norm_scale) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.17g", *c.qk_norm_scale);
+    w.set_metadata(kMetaQkNormScale, buf);
+  }
+}
+/// Adds the dense parameters under the reference names.
+template <class Scalar>
+void add_dense(SafetensorsWriter& w, const LayerParameters<Scalar>& params,
+               const std::string& prefix) {
+  params.for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
+    w.add(prefix + tensor_name(t), file_shape(params.config(), t), m.data());
+  });
+}
+
 /// Adds dense parameters and a value table (the whole table or a column shard) under the
 /// reference names, with pkm's metadata. The table must be contiguous.
 template <class Scalar, class TableT>
@@ -309,19 +432,30 @@ void add_parts(SafetensorsWriter& w, const LayerParameters<Scalar>& params,
                                 std::to_string(values.stride()) +
                                 "; saving needs a contiguous table");
   }
-  params.for_each([&](Tensor t, ConstMatrixMap<Scalar> m) {
-    w.add(prefix + tensor_name(t), file_shape(c, t), m.data());
-  });
+  add_dense(w, params, prefix);
   w.add(prefix + "values.weight", {values.rows(), values.dim()},
         static_cast<const TableT*>(values.data()));
-  w.set_metadata(kMetaKnn, std::to_string(c.knn));
-  w.set_metadata(kMetaQkNorm, c.qk_norm ? "true" : "false");
-  if (c.qk_norm_scale) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "%.17g", *c.qk_norm_scale);
-    w.set_metadata(kMetaQkNormScale, buf);
-  }
+  add_metadata(w, c);
 }
+
+/// As above for a quantized table: its rows as U8, its format and v_dim in the metadata.
+template <class Scalar>
+void add_parts(SafetensorsWriter& w, const LayerParameters<Scalar>& params,
+               const QuantizedTable& values, const std::string& prefix) {
+  const MemoryConfig& c = params.config();
+  if (values.stride() != values.row_bytes()) {
+    throw std::invalid_argument("pkm::io::add_layer: the quantized table has rows " +
+                                std::to_string(values.stride()) + " bytes apart; saving needs "
+                                "packed rows of " + std::to_string(values.row_bytes()));
+  }
+  add_dense(w, params, prefix);
+  w.add(prefix + "values.weight", {values.rows(), values.row_bytes()},
+        static_cast<const std::uint8_t*>(values.data()));
+  w.set_metadata(prefix + kMetaValuesFormat, dtype_name(values.format()));
+  w.set_metadata(prefix + kMetaValuesDim, std::to_string(values.dim()));
+  add_metadata(w, c);
+}
+
 }  // namespace detail
 
 /// Adds the layer's tensors, named prefix + the reference names, to `w`, with the metadata

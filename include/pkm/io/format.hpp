@@ -101,6 +101,12 @@ T load_element(const std::uint8_t* p, Dtype d, std::size_t i) {
       std::memcpy(&v, p + 4 * i, 4);
       return static_cast<T>(v);
     }
+    case Dtype::u8:
+      return static_cast<T>(p[i]);
+    case Dtype::int8_rowwise:  // never a tensor's dtype (the parser takes element dtypes only)
+    case Dtype::int4_rowwise:
+    case Dtype::fp8_rowwise:
+      break;
   }
   return T{};
 }

@@ -44,12 +44,11 @@ struct ParityResult {
   void write(const std::string& path) const { writer().write(path); }
 };
 
-/// Runs the layer of `checkpoint` in fp32 on `input` (tensor "x", B x input_dim, and
-/// optionally "dy", B x output_dim). Throws std::invalid_argument on a bad checkpoint or input.
-inline ParityResult run_parity(const SafetensorsFile& checkpoint, const SafetensorsFile& input,
-                               const LoadOptions& options = {}) {
+namespace detail {
+template <class TableT>
+ParityResult run_parity_with(const MemoryLayer<float, TableT>& layer, const SafetensorsFile& input,
+                             const LoadOptions& options) {
   ParityResult r;
-  auto layer = load_layer<float, float>(checkpoint, options);
   const MemoryConfig& c = layer.config();
   r.config = c;
   auto matrix = [&](const std::string& name, Index cols, const char* what) {
@@ -84,6 +83,12 @@ inline ParityResult run_parity(const SafetensorsFile& checkpoint, const Safetens
   add_f32("scores", {B, c.heads, c.knn}, cache.weights.data(), cache.weights.size());
 
   if (input.has("dy")) {
+    if constexpr (std::is_same_v<TableT, Quantized>) {
+      throw std::invalid_argument("input '" + input.path() +
+                                  "' holds dy, but the checkpoint's value table is " +
+                                  dtype_name(layer.values().format()) +
+                                  ": quantized tables serve inference only (no gradients)");
+    } else {
     if (input.info("dy").shape.size() != 2 || input.info("dy").shape[0] != B) {
       throw std::invalid_argument("input '" + input.path() + "': tensor 'dy' has shape " +
                                   input.info("dy").shape_string() + ", expected [" +
@@ -102,8 +107,22 @@ inline ParityResult run_parity(const SafetensorsFile& checkpoint, const Safetens
     g.values.add_to(dense);
     add_f32("grad." + options.prefix + "values.weight", {c.slots(), c.v_dim}, dense.data(),
             dense.size());
+    }
   }
   return r;
+}
+}  // namespace detail
+
+/// Runs the layer of `checkpoint` in fp32 on `input` (tensor "x", B x input_dim, and
+/// optionally "dy", B x output_dim). A checkpoint with a quantized table runs forward only
+/// (dy is refused). Throws std::invalid_argument on a bad checkpoint or input.
+inline ParityResult run_parity(const SafetensorsFile& checkpoint, const SafetensorsFile& input,
+                               const LoadOptions& options = {}) {
+  if (detail::values_format(checkpoint, options.prefix)) {
+    return detail::run_parity_with(load_layer<float, Quantized>(checkpoint, options), input,
+                                   options);
+  }
+  return detail::run_parity_with(load_layer<float, float>(checkpoint, options), input, options);
 }
 
 }  // namespace pkm::io

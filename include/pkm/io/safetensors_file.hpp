@@ -126,6 +126,36 @@ class SafetensorsFile {
     });
   }
 
+  /// Copies the tensor's bytes as they are in the file (end - begin bytes) into `out`, with
+  /// pread.
+  void read_raw(const TensorInfo& t, void* out) const {
+    copy_out(t.begin, out, static_cast<std::size_t>(t.end - t.begin), t.name);
+  }
+
+  /// Converts elements [first, first + count) of the tensor into `out` (as read() does, with
+  /// pread): for going through a large tensor a block of rows at a time. Throws
+  /// std::out_of_range for a range outside the tensor.
+  template <class T>
+  void read_range(const std::string& name, std::uint64_t first, std::size_t count, T* out) const {
+    const TensorInfo& t = info(name);
+    const auto numel = static_cast<std::uint64_t>(t.numel());
+    checked_info<T>(name, static_cast<std::size_t>(numel));
+    if (first > numel || count > numel - first) {
+      throw std::out_of_range(label_ + ": tensor '" + detail::clip(name) + "': elements [" +
+                              std::to_string(first) + ", +" + std::to_string(count) +
+                              ") are outside its " + std::to_string(numel));
+    }
+    if (count == 0) return;
+    const std::size_t esize = dtype_size(t.dtype);
+    if (t.dtype == dtype_of<T>()) {
+      copy_out(t.begin + first * esize, out, count * esize, name);
+      return;
+    }
+    std::vector<std::uint8_t> buf(count * esize);
+    copy_out(t.begin + first * esize, buf.data(), buf.size(), name);
+    for (std::size_t i = 0; i < count; ++i) out[i] = detail::load_element<T>(buf.data(), t.dtype, i);
+  }
+
   /// Calls fn(values, first, n) for consecutive chunks of the tensor's elements converted to
   /// T (values[i] is element first + i): for checking values without holding a copy.
   template <class T, class F>
@@ -175,7 +205,7 @@ class SafetensorsFile {
       throw std::invalid_argument(
           label_ + ": tensor '" + detail::clip(name) + "' has dtype " + dtype_name(t.dtype) +
           ", expected " +
-          (want_float ? "a float dtype (F32, F64, BF16, F16)" : "an integer dtype (I64, I32)"));
+          (want_float ? "a float dtype (F32, F64, BF16, F16)" : "an integer dtype (I64, I32, U8)"));
     }
     return t;
   }
@@ -266,7 +296,7 @@ class SafetensorsFile {
       const auto parsed = parse_dtype(dt->get<std::string>());
       if (!parsed)
         fail_tensor(name, "unknown dtype '" + detail::clip(dt->get<std::string>()) +
-                              "'; expected F32, F64, BF16, F16, I64 or I32");
+                              "'; expected F32, F64, BF16, F16, I64, I32 or U8");
       t.dtype = *parsed;
       const auto sh = v.find("shape");
       if (sh == v.end() || !sh->is_array()) fail_tensor(name, "missing shape");

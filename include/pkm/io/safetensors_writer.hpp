@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <random>
 #include <stdexcept>
@@ -30,7 +31,38 @@ class SafetensorsWriter {
  public:
   void add(const std::string& name, Dtype dtype, std::vector<std::int64_t> shape,
            const void* data) {
-    const char* who = "pkm::io::SafetensorsWriter::add";
+    const std::uint64_t bytes = checked_entry("pkm::io::SafetensorsWriter::add", name, dtype, shape);
+    if (bytes > 0 && data == nullptr) {
+      throw std::invalid_argument("pkm::io::SafetensorsWriter::add: tensor '" +
+                                  detail::clip(name) + "' has null data");
+    }
+    entries_[name] = Entry{dtype, std::move(shape), data, bytes, 0, {}};
+  }
+  /// Adds a tensor whose bytes are made while the file is written: fill(offset, out, n) writes
+  /// the n bytes at `offset` of the tensor into out, for consecutive chunks of at most
+  /// `chunk_bytes` (a multiple of a row's bytes, so that each chunk is whole rows). For
+  /// converting a table a block of rows at a time without holding it; an exception from fill
+  /// abandons the write (the file at the path stays as it was).
+  void add_generated(const std::string& name, Dtype dtype, std::vector<std::int64_t> shape,
+                     std::uint64_t chunk_bytes,
+                     std::function<void(std::uint64_t, std::uint8_t*, std::size_t)> fill) {
+    const char* who = "pkm::io::SafetensorsWriter::add_generated";
+    const std::uint64_t bytes = checked_entry(who, name, dtype, shape);
+    if (chunk_bytes == 0 || chunk_bytes > (std::uint64_t{1} << 32) || !fill) {
+      throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) +
+                                  "' needs a fill function and chunks of 1 byte to 4 GiB");
+    }
+    entries_[name] = Entry{dtype, std::move(shape), nullptr, bytes, chunk_bytes, std::move(fill)};
+  }
+  template <class T>
+  void add(const std::string& name, std::vector<std::int64_t> shape, const T* data) {
+    add(name, dtype_of<T>(), std::move(shape), data);
+  }
+
+ private:
+  /// Checks a new entry's name and shape; returns its bytes.
+  std::uint64_t checked_entry(const char* who, const std::string& name, Dtype dtype,
+                              const std::vector<std::int64_t>& shape) const {
     if (name.empty() || name == "__metadata__") {
       throw std::invalid_argument(std::string(who) + ": invalid tensor name '" + name + "'");
     }
@@ -58,16 +90,16 @@ class SafetensorsWriter {
                                   "' of shape " + detail::clip(shape_string(shape)) +
                                   " needs more than 2^62 bytes");
     }
-    if (*bytes > 0 && data == nullptr) {
+    if (dtype_size(dtype) == 0) {
       throw std::invalid_argument(std::string(who) + ": tensor '" + detail::clip(name) +
-                                  "' has null data");
+                                  "' has dtype " + dtype_name(dtype) +
+                                  ", which is not an element dtype (a file holds quantized rows "
+                                  "as U8)");
     }
-    entries_[name] = Entry{dtype, std::move(shape), data, *bytes};
+    return *bytes;
   }
-  template <class T>
-  void add(const std::string& name, std::vector<std::int64_t> shape, const T* data) {
-    add(name, dtype_of<T>(), std::move(shape), data);
-  }
+
+ public:
   void set_metadata(const std::string& key, const std::string& value) {
     const char* who = "pkm::io::SafetensorsWriter::set_metadata";
     check_utf8(who, "metadata key", key);
@@ -141,6 +173,7 @@ class SafetensorsWriter {
       fail("setting the permissions of the file replacing");
     }
     bool ok = true;
+    try {
     emit(h, [&](const void* p, std::size_t n) {
       const auto* b = static_cast<const std::uint8_t*>(p);
       while (ok && n > 0) {
@@ -154,6 +187,11 @@ class SafetensorsWriter {
         n -= static_cast<std::size_t>(r);
       }
     });
+    } catch (...) {  // a generated tensor's fill failed: no new file
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      throw;
+    }
     if (!ok) fail("writing");
     if (::fsync(fd) != 0) fail("flushing");
     if (::close(fd) != 0) {
@@ -205,7 +243,17 @@ class SafetensorsWriter {
     sink(len, 8);
     sink(h.data(), h.size());
     for (const auto& [name, e] : entries_) {
-      if (e.bytes > 0) sink(e.data, static_cast<std::size_t>(e.bytes));
+      if (e.bytes == 0) continue;
+      if (!e.fill) {
+        sink(e.data, static_cast<std::size_t>(e.bytes));
+        continue;
+      }
+      std::vector<std::uint8_t> chunk(static_cast<std::size_t>(std::min(e.chunk, e.bytes)));
+      for (std::uint64_t off = 0; off < e.bytes; off += e.chunk) {
+        const auto n = static_cast<std::size_t>(std::min(e.chunk, e.bytes - off));
+        e.fill(off, chunk.data(), n);
+        sink(chunk.data(), n);
+      }
     }
   }
 
@@ -214,6 +262,8 @@ class SafetensorsWriter {
     std::vector<std::int64_t> shape;
     const void* data;
     std::uint64_t bytes;
+    std::uint64_t chunk;  ///< for a generated tensor: bytes per call of fill
+    std::function<void(std::uint64_t, std::uint8_t*, std::size_t)> fill;
   };
   std::map<std::string, Entry> entries_;
   std::map<std::string, std::string> metadata_;

@@ -90,6 +90,92 @@ void register_gathers(const char* dtype) {
   }
 }
 
+/// A quantized table of the rows BM_EmbeddingBag/fp32's 1 GiB table has at this dim, its
+/// codes and scales made up (valid rows; the read's speed does not depend on the values).
+pkm::QuantizedTable bench_quantized_table(pkm::Dtype format, Index rows, Index dim) {
+  pkm::QuantizedTable t(format, rows, dim);
+  const Index vb = format == pkm::Dtype::int4_rowwise ? (dim + 1) / 2 : dim;
+#pragma omp parallel for schedule(static)
+  for (Index r = 0; r < rows; ++r) {
+    std::uint8_t* row = t.row(r);
+    for (Index d = 0; d < vb; ++d) row[d] = std::uint8_t((r * 31 + d) % 97);  // fp8: no NaN code
+    if (format == pkm::Dtype::int4_rowwise) {
+      pkm::detail::store_f16(row + vb, 1e-3f);
+      pkm::detail::store_f16(row + vb + 2, -0.01f);
+    } else {
+      pkm::detail::store_f32(row + vb, 1e-3f);
+      if (format == pkm::Dtype::int8_rowwise) pkm::detail::store_f32(row + vb + 4, -0.01f);
+    }
+  }
+  return t;
+}
+
+/// pkm's read over the same rows as BM_EmbeddingBag/fp32 (4096 tokens x 4 heads x 32 rows),
+/// stored quantized: rows/s against the fp32 read's, bytes/s (the rows' bytes with their
+/// scales) against BM_StreamRead's.
+void quantized_gather(benchmark::State& state, pkm::Dtype format) {
+  const Index dim = state.range(0), batch = 4096;
+  const Index rows = Index(kTableBytes / (sizeof(float) * dim));
+  const pkm::QuantizedTable table = bench_quantized_table(format, rows, dim);
+  const auto idx = random_indices(batch, kBag, rows, 3);
+  const MatF w = softmax_like_weights(batch, kBag);
+  MatF out(batch, dim);
+  for (auto _ : state) {
+    pkm::embedding_bag(table, idx, w, out);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double rows_read = double(state.iterations()) * double(batch * kBag);
+  state.SetBytesProcessed(std::int64_t(rows_read * double(table.row_bytes())));
+  state.counters["rows/s"] = benchmark::Counter(rows_read, benchmark::Counter::kIsRate);
+}
+
+void register_quantized_gathers() {
+  for (pkm::Dtype f : pkm::kQuantizedDtypes) {
+    const std::string name = std::string("BM_EmbeddingBag/") +
+                             (f == pkm::Dtype::int8_rowwise   ? "int8"
+                              : f == pkm::Dtype::int4_rowwise ? "int4"
+                                                              : "fp8");
+    for (Index dim : {256, 1024, 4096}) {
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [f](benchmark::State& st) { quantized_gather(st, f); })
+          ->Arg(dim)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
+  }
+}
+
+/// The quickstart layer's forward (BM_LayerForward's batch) with its table quantized: tokens/s
+/// and the table's bytes, against BM_LayerForward's fp32 table.
+void quantized_layer_forward(benchmark::State& state, pkm::Dtype format) {
+  const auto c = pkmbench::quickstart_shape();
+  const Index batch = 2048;
+  pkm::MemoryLayer<float> full(c, 7);
+  const pkm::MemoryLayer<float, pkm::Quantized> layer(full.params(),
+                                                      pkm::quantize(full.values(), format));
+  full.values() = pkm::ValueTable<float>(1, 1);  // free the fp32 table: only the quantized one
+  MatF x(batch, c.input_dim);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = float(std::sin(0.37 * double(i)));
+  pkm::ForwardCache<float> cache;
+  MatF y(batch, c.output_dim);
+  for (auto _ : state) {
+    layer.forward(x, y, cache);
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetItemsProcessed(std::int64_t(state.iterations()) * batch);
+  state.counters["table_MiB"] = double(layer.values().bytes()) / double(1 << 20);
+}
+
+void register_quantized_layers() {
+  for (pkm::Dtype f : pkm::kQuantizedDtypes) {
+    const std::string name = std::string("BM_LayerForwardQuantized/") + pkm::dtype_name(f);
+    benchmark::RegisterBenchmark(name.c_str(),
+                                 [f](benchmark::State& st) { quantized_layer_forward(st, f); })
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
+}
+
 void BM_EmbeddingBagNaive(benchmark::State& state) { gather<float, true>(state); }
 BENCHMARK(BM_EmbeddingBagNaive)
     ->Arg(256)
@@ -436,14 +522,17 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr,
                "pkm_bench: %d OpenMP threads, GEMM backend %s (compiled in too: %s; "
-               "PKM_GEMM_BACKEND overrides; BM_Gemm/pkm_<backend> times each), bf16 kernel %s\n",
+               "PKM_GEMM_BACKEND overrides; BM_Gemm/pkm_<backend> times each), bf16 kernel %s, "
+               "quantized read kernel %s\n",
                omp_get_max_threads(), pkm::gemm_backend_name(pkm::gemm_backend()),
                alternatives.empty() ? "none" : alternatives.c_str(),
-               pkm::bf16_kernel_name(pkm::bf16_kernel()));
+               pkm::bf16_kernel_name(pkm::bf16_kernel()), pkm::quant_kernel_name(pkm::quant_kernel()));
   register_gemms();
   register_gathers<float>("fp32");
   register_gathers<pkm::bf16>("bf16");
   register_gathers<pkm::fp16>("fp16");
+  register_quantized_gathers();
+  register_quantized_layers();
   register_decode_benchmarks();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -279,8 +280,26 @@ class MemoryBlock final : public Block {
   /// What the last forward read (for slot statistics and selection).
   const pkm::ForwardCache<float>& cache() const { return cache_; }
 
-  void forward(const Mat& x, Mat& out) override { layer_.forward(x, out, cache_); }
+  /// From now on the forward reads a copy of the table quantized to `format` (inference only:
+  /// a training step is refused), or the trained table again (std::nullopt). Returns the
+  /// bytes of the table the forward reads.
+  Index serve_quantized(std::optional<pkm::Dtype> format) {
+    quantized_.reset();
+    if (!format) return Index(sizeof(float)) * layer_.values().rows() * layer_.values().dim();
+    quantized_ = std::make_unique<pkm::MemoryLayer<float, pkm::Quantized>>(
+        layer_.params(), pkm::quantize(layer_.values(), *format));
+    return quantized_->values().bytes();
+  }
+
+  void forward(const Mat& x, Mat& out) override {
+    if (quantized_) {
+      quantized_->forward(x, out, cache_);
+    } else {
+      layer_.forward(x, out, cache_);
+    }
+  }
   void backward(const Mat& x, const Mat& dout, Mat& dx) override {
+    if (quantized_) throw std::logic_error("MemoryBlock: serving a quantized table; no training");
     if (!update_) throw std::logic_error("MemoryBlock: no value optimizer set");
     update_->backward(layer_, x, cache_, dout, grads_, dx);
   }
@@ -328,6 +347,7 @@ class MemoryBlock final : public Block {
   }
 
   pkm::MemoryLayer<float> layer_;
+  std::unique_ptr<pkm::MemoryLayer<float, pkm::Quantized>> quantized_;
   pkm::LayerGradients<float> grads_;
   std::unique_ptr<UpdateBase> update_;
   pkm::ForwardCache<float> cache_;

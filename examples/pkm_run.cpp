@@ -4,6 +4,8 @@
 //
 //   pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors
 //           [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--prefix P] [--threads N]
+//           [--forward-only]
+// A checkpoint whose value table is quantized (pkm_quantize) runs forward only.
 #include <pkm/io/parity.hpp>
 #include <pkm/io/paths.hpp>
 
@@ -21,11 +23,13 @@ const char* kUsage =
     "usage: pkm_run --checkpoint CKPT.safetensors --input IN.safetensors --output OUT.safetensors\n"
     "               [--knn K] [--qk-norm | --no-qk-norm] [--qk-norm-scale S] [--prefix P] "
     "[--threads N]\n"
+    "               [--forward-only]\n"
     "IN holds x (B, input_dim) and optionally dy (B, output_dim). OUT gets y, indices, scores\n"
     "and, with dy, dx and grad.<name> for every checkpoint tensor. --knn, --qk-norm and\n"
     "--qk-norm-scale override the checkpoint's __metadata__ (mem_knn, qk_norm, qk_norm_scale).\n"
     "--prefix P reads the layer's tensors as P + the reference names (a layer inside a whole\n"
-    "model's checkpoint, e.g. layers.4.memory.).\n";
+    "model's checkpoint, e.g. layers.4.memory.). --forward-only leaves IN's dy aside. A\n"
+    "checkpoint whose table is quantized (pkm_quantize: int8, int4, fp8) runs forward only.\n";
 
 [[noreturn]] void die(const std::string& msg) {
   std::fprintf(stderr, "pkm_run: %s\n", msg.c_str());
@@ -40,6 +44,7 @@ long long to_int(const std::string& flag, const std::string& v, long long lo) {
 int main(int argc, char** argv) {
   std::string checkpoint, input, output;
   pkm::io::LoadOptions options;
+  bool forward_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -88,7 +93,7 @@ int main(int argc, char** argv) {
   }
   try {
     const pkm::io::SafetensorsFile ckpt(checkpoint), in(input);
-    const pkm::io::ParityResult r = pkm::io::run_parity(ckpt, in, options);
+    const pkm::io::ParityResult r = pkm::io::run_parity(ckpt, in, options, forward_only);
     r.write(output);
     const auto& c = r.config;
     std::fprintf(stderr,

@@ -120,6 +120,7 @@ struct Result {
   double accuracy = 0, seconds = 0;
   double macs = 0;
   Index active = 0, total = 0;
+  Index table_bytes = 0;  ///< memory: the bytes of the value table the forward reads
 };
 
 Result train(const std::string& label, Model& m, const Facts& f, const Options& o,
@@ -200,6 +201,21 @@ int main(int argc, char** argv) {
       r.active = m.block().active_params();
       r.total = m.block().total_params();
       results.push_back(r);
+      // The trained memory served from a quantized table (train in fp32, quantize, serve).
+      if (auto* mb = dynamic_cast<MemoryBlock*>(&m.block())) {
+        results.back().table_bytes = mb->serve_quantized(std::nullopt);
+        for (pkm::Dtype f : pkm::kQuantizedDtypes) {
+          Result q = r;
+          q.table_bytes = mb->serve_quantized(f);
+          q.label = label + ", " + pkm::dtype_name(f) + " table";
+          q.accuracy = evaluate(m, facts, 4096);
+          q.seconds = 0;
+          std::fprintf(stderr, "%-7s served from its table quantized to %s: recalled %5.1f%%\n",
+                       label.c_str(), pkm::dtype_name(f), 100.0 * q.accuracy);
+          results.push_back(q);
+        }
+        mb->serve_quantized(std::nullopt);
+      }
     };
     if (o.model != "memory") {
       std::mt19937_64 rng(o.seed + 3);
@@ -232,14 +248,20 @@ int main(int argc, char** argv) {
     }
 
     std::printf(
-        "\n| block | MACs/token | active params | total params | facts recalled | train time |\n");
-    std::printf("|---|---:|---:|---:|---:|---:|\n");
+        "\n| block | MACs/token | active params | total params | facts recalled | train time | "
+        "value table |\n");
+    std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
     for (const Result& r : results) {
-      std::printf("| %s | %.0f | %lld | %lld | %.1f%% (%lld) | %.1f s |\n", r.label.c_str(), r.macs,
-                  (long long)r.active, (long long)r.total, 100.0 * r.accuracy,
-                  (long long)std::llround(r.accuracy * double(facts.size())), r.seconds);
+      char table[32] = "-";
+      if (r.table_bytes > 0)
+        std::snprintf(table, sizeof table, "%.2f MiB", double(r.table_bytes) / double(1 << 20));
+      char train_time[32] = "(served)";
+      if (r.seconds > 0) std::snprintf(train_time, sizeof train_time, "%.1f s", r.seconds);
+      std::printf("| %s | %.0f | %lld | %lld | %.1f%% (%lld) | %s | %s |\n", r.label.c_str(),
+                  r.macs, (long long)r.active, (long long)r.total, 100.0 * r.accuracy,
+                  (long long)std::llround(r.accuracy * double(facts.size())), train_time, table);
     }
-    if (results.size() == 2 && results[0].accuracy > 0) {
+    if (o.model == "both" && results.size() >= 2 && results[0].accuracy > 0) {
       std::printf("\nMemory+ recalls %.2fx the facts of the dense FFN at matched compute.\n",
                   results[1].accuracy / results[0].accuracy);
     }

@@ -47,7 +47,7 @@ struct ParityResult {
 namespace detail {
 template <class TableT>
 ParityResult run_parity_with(const MemoryLayer<float, TableT>& layer, const SafetensorsFile& input,
-                             const LoadOptions& options) {
+                             const LoadOptions& options, bool forward_only) {
   ParityResult r;
   const MemoryConfig& c = layer.config();
   r.config = c;
@@ -82,12 +82,13 @@ ParityResult run_parity_with(const MemoryLayer<float, TableT>& layer, const Safe
                                             cache.indices.data() + cache.indices.size())});
   add_f32("scores", {B, c.heads, c.knn}, cache.weights.data(), cache.weights.size());
 
-  if (input.has("dy")) {
+  if (input.has("dy") && !forward_only) {
     if constexpr (std::is_same_v<TableT, Quantized>) {
       throw std::invalid_argument("input '" + input.path() +
                                   "' holds dy, but the checkpoint's value table is " +
                                   dtype_name(layer.values().format()) +
-                                  ": quantized tables serve inference only (no gradients)");
+                                  ": quantized tables serve inference only (no gradients; "
+                                  "--forward-only / forward_only leaves dy aside)");
     } else {
     if (input.info("dy").shape.size() != 2 || input.info("dy").shape[0] != B) {
       throw std::invalid_argument("input '" + input.path() + "': tensor 'dy' has shape " +
@@ -114,15 +115,17 @@ ParityResult run_parity_with(const MemoryLayer<float, TableT>& layer, const Safe
 }  // namespace detail
 
 /// Runs the layer of `checkpoint` in fp32 on `input` (tensor "x", B x input_dim, and
-/// optionally "dy", B x output_dim). A checkpoint with a quantized table runs forward only
-/// (dy is refused). Throws std::invalid_argument on a bad checkpoint or input.
+/// optionally "dy", B x output_dim; `forward_only` leaves dy aside). A checkpoint with a
+/// quantized table runs forward only: its dy is refused unless forward_only. Throws
+/// std::invalid_argument on a bad checkpoint or input.
 inline ParityResult run_parity(const SafetensorsFile& checkpoint, const SafetensorsFile& input,
-                               const LoadOptions& options = {}) {
+                               const LoadOptions& options = {}, bool forward_only = false) {
   if (detail::values_format(checkpoint, options.prefix)) {
     return detail::run_parity_with(load_layer<float, Quantized>(checkpoint, options), input,
-                                   options);
+                                   options, forward_only);
   }
-  return detail::run_parity_with(load_layer<float, float>(checkpoint, options), input, options);
+  return detail::run_parity_with(load_layer<float, float>(checkpoint, options), input, options,
+                                 forward_only);
 }
 
 }  // namespace pkm::io

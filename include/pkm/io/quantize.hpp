@@ -36,7 +36,7 @@ struct QuantizeReport {
 inline QuantizeReport quantize_checkpoint(const std::string& in_path, const std::string& out_path,
                                           Dtype format, const std::string& prefix = "") {
   const char* who = "pkm::io::quantize_checkpoint";
-  detail::check_quantized_format(who, format);
+  pkm::detail::check_quantized_format(who, format);
   check_outputs(who, {{"output", out_path}}, {{"input", in_path}});
   const SafetensorsFile in(in_path);
   const std::string table = prefix + "values.weight";

@@ -73,9 +73,11 @@ int main(int argc, char** argv) {
       const long long n = to_int(a, value(), 1);
       if (const std::string e = pkmcli::threads_error(n); !e.empty()) die(e);
       omp_set_num_threads(int(n));
-    } else if (a == "--prefix")
+    } else if (a == "--prefix") {
       options.prefix = value();
-    else if (a == "-h" || a == "--help") {
+    } else if (a == "--forward-only") {
+      forward_only = true;
+    } else if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
       return 0;
     } else {

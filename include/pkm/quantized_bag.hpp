@@ -75,8 +75,11 @@ inline QuantKernel quant_kernel() {
 
 namespace detail {
 /// One token's read with kernel k (no checks).
+/// next_idx: the next token's rows, to prefetch while this one is summed (or null);
+/// prefetched: this token's rows were prefetched so by the previous token.
 inline void quant_bag_sum(QuantKernel k, const QuantizedTable& t, const std::int64_t* idx,
-                          const float* w, Index bag, float* out) {
+                          const float* w, Index bag, float* out,
+                          const std::int64_t* next_idx = nullptr, bool prefetched = false) {
   const QuantRowFormat f = quant_row_format(t.format(), t.dim());
 #ifdef PKM_QUANT_X86
   auto simd = [&](auto kernel_for) {
@@ -93,15 +96,15 @@ inline void quant_bag_sum(QuantKernel k, const QuantizedTable& t, const std::int
     }
   };
   if (k == QuantKernel::avx512) {
-    simd([&](auto F) { quant_bag_avx512<decltype(F)::value>(f, t.data(), t.stride(), idx, w, bag, out); });
+    simd([&](auto F) { quant_bag_avx512<decltype(F)::value>(f, t.data(), t.stride(), idx, w, bag, out, next_idx, prefetched); });
     return;
   }
   if (k == QuantKernel::avx2) {
-    simd([&](auto F) { quant_bag_avx2<decltype(F)::value>(f, t.data(), t.stride(), idx, w, bag, out); });
+    simd([&](auto F) { quant_bag_avx2<decltype(F)::value>(f, t.data(), t.stride(), idx, w, bag, out, next_idx, prefetched); });
     return;
   }
 #else
-  (void)k;
+  (void)k, (void)next_idx, (void)prefetched;
 #endif
   const float beta = quant_bias_term(f, t.data(), t.stride(), idx, w, bag);
   quant_bag_tail(f, t.data(), t.stride(), idx, w, bag, 0, beta, out);
@@ -127,7 +130,8 @@ inline void embedding_bag(const QuantizedTable& table, const ConstIndexRef& indi
   detail::parallel_blocks(indices.rows(), 8, [&](Index begin, Index end) {
     for (Index b = begin; b < end; ++b) {
       detail::quant_bag_sum(kernel, table, indices.row(b).data(), weights.row(b).data(), bag,
-                            out.row(b).data());
+                            out.row(b).data(), b + 1 < end ? indices.row(b + 1).data() : nullptr,
+                            b > begin);
     }
   });
 }

@@ -7,7 +7,7 @@
 //   avx512    16 codes widened a step, 256 columns held in sixteen registers across the bag,
 //   avx2      8 codes a step, 64 columns in eight registers,
 //   portable  plain C++ (std::fma), for any CPU and as the reference,
-// each prefetching the next rows' column block ahead. The SIMD kernels are compiled with
+// each prefetching whole rows ahead while it sums the first column block. The SIMD kernels are compiled with
 // target attributes and chosen at run time (one binary runs on any x86-64).
 //
 // Widening: int8 bytes zero-extend to int32 then convert; int4 nibbles are first spread to
@@ -16,6 +16,7 @@
 // 256 (exact: a power of two).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -113,32 +114,46 @@ inline void quant_bag_tail(const QuantRowFormat& f, const std::uint8_t* base, In
   }
 }
 
-/// Rows ahead the SIMD kernels prefetch (their column block of each).
-inline constexpr Index kQuantPrefetchRows = 8;
+/// How far ahead the SIMD kernels prefetch, in bytes of whole rows: while they sum the first
+/// column block they prefetch row l + ahead whole (codes, scale, bias), ahead = this / the
+/// row's bytes (2 to 16 rows), so the first block streams whole rows from memory and the
+/// later blocks find them in L2 (a bag of 128 rows of up to 4 KiB stays there).
+inline constexpr Index kQuantPrefetchBytes = 4096;
+
+inline Index quant_prefetch_rows(const QuantRowFormat& f) {
+  const Index row = f.value_bytes + (f.format == Dtype::int8_rowwise ? 8 : 4);
+  return std::max<Index>(2, std::min<Index>(16, kQuantPrefetchBytes / row));
+}
 
 #ifdef PKM_QUANT_X86
+/// Prefetches the row's bytes [0, bytes) into L2.
 inline void quant_prefetch(const std::uint8_t* p, Index bytes) {
   for (Index off = 0; off < bytes; off += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + bytes - 1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(p + bytes - 1), _MM_HINT_T1);
 }
 
 #define PKM_QUANT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define PKM_QUANT_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-/// 16 codes of columns [d, d + 16) widened to float (d a multiple of 16).
+/// The bytes of column d's code (d even for int4).
 template <Dtype F>
-PKM_QUANT_AVX512 inline __m512 quant_load16(const std::uint8_t* row, Index d) {
+constexpr Index quant_code_offset(Index d) {
+  return F == Dtype::int4_rowwise ? d / 2 : d;
+}
+
+/// The 16 codes at p (the bytes of columns [d, d + 16), d a multiple of 16) widened to float.
+template <Dtype F>
+PKM_QUANT_AVX512 inline __m512 quant_load16(const std::uint8_t* p) {
   if constexpr (F == Dtype::int8_rowwise) {
-    return _mm512_cvtepi32_ps(
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   } else if constexpr (F == Dtype::int4_rowwise) {
-    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d / 2)));
+    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     const __m128i bytes = _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(0x0F)),
                                        _mm_slli_epi16(_mm_srli_epi16(w, 4), 8));
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
   } else {
-    const __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+    const __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(h, 7),
                                             _mm256_set1_epi16(static_cast<short>(0xBF80))));
   }
@@ -147,33 +162,62 @@ PKM_QUANT_AVX512 inline __m512 quant_load16(const std::uint8_t* row, Index d) {
 template <Dtype F>
 PKM_QUANT_AVX512 void quant_bag_avx512(const QuantRowFormat& f, const std::uint8_t* base,
                                        Index stride, const std::int64_t* idx, const float* w,
-                                       Index bag, float* out) {
-  constexpr Index kAhead = kQuantPrefetchRows;
+                                       Index bag, float* out,
+                                       const std::int64_t* next_idx, bool prefetched) {
+  const Index ahead = quant_prefetch_rows(f);
+  const Index row_bytes = f.value_bytes + (F == Dtype::int8_rowwise ? 8 : 4);
   const Index dim = f.dim;
-  const Index bytes_per_256 = F == Dtype::int4_rowwise ? 128 : 256;
   const float beta = quant_bias_term(f, base, stride, idx, w, bag);
   const __m512 vbeta = _mm512_set1_ps(beta);
   const bool add_beta = F != Dtype::fp8_rowwise;
   Index d0 = 0;
+  // The next token's rows are prefetched while this token's are summed, one every `blocks`
+  // iterations over all the column blocks (its rows then wait in L2); the first token of a
+  // thread's run prefetches its own rows `ahead` rows ahead in the first block instead.
+  const Index blocks = std::max<Index>(1, dim / 256);
+  Index step = 0;
   for (; d0 + 256 <= dim; d0 += 256) {
     __m512 acc[16];
     for (auto& a : acc) a = _mm512_setzero_ps();
-    const Index off = F == Dtype::int4_rowwise ? d0 / 2 : d0;
     for (Index l = 0; l < bag; ++l) {
-      if (l + kAhead < bag) {
-        const std::uint8_t* next = base + idx[l + kAhead] * stride;
-        quant_prefetch(next + off, bytes_per_256);
-        if (d0 == 0) quant_prefetch(next + f.value_bytes, 8);
-      }
+      if (!prefetched && d0 == 0 && l + ahead < bag)
+        quant_prefetch(base + idx[l + ahead] * stride, row_bytes);
+      if (next_idx != nullptr && step % blocks == 0) quant_prefetch(base + next_idx[step / blocks] * stride, row_bytes);
+      ++step;
       const std::uint8_t* row = base + idx[l] * stride;
       float c, wb;
       quant_row_coefficients(f, row, w[l], c, wb);
       const __m512 x = _mm512_set1_ps(c);
-      for (int j = 0; j < 16; ++j)
-        acc[j] = _mm512_fmadd_ps(x, quant_load16<F>(row, d0 + 16 * j), acc[j]);
+      const std::uint8_t* p = row + quant_code_offset<F>(d0);
+      if constexpr (F == Dtype::int4_rowwise) {
+        // 32 columns per 16 bytes: the low nibbles (even columns) in acc[2j], the high ones
+        // (odd columns) in acc[2j + 1], interleaved when stored.
+        for (int j = 0; j < 8; ++j) {
+          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+          acc[2 * j] = _mm512_fmadd_ps(x, lo, acc[2 * j]);
+          acc[2 * j + 1] = _mm512_fmadd_ps(x, hi, acc[2 * j + 1]);
+        }
+      } else {
+        for (int j = 0; j < 16; ++j)
+          acc[j] = _mm512_fmadd_ps(x, quant_load16<F>(p + 16 * j), acc[j]);
+      }
     }
-    for (int j = 0; j < 16; ++j)
-      _mm512_storeu_ps(out + d0 + 16 * j, add_beta ? _mm512_add_ps(acc[j], vbeta) : acc[j]);
+    if constexpr (F == Dtype::int4_rowwise) {
+      const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i second =
+          _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      for (int j = 0; j < 8; ++j) {
+        const __m512 a = _mm512_permutex2var_ps(acc[2 * j], first, acc[2 * j + 1]);
+        const __m512 b = _mm512_permutex2var_ps(acc[2 * j], second, acc[2 * j + 1]);
+        _mm512_storeu_ps(out + d0 + 32 * j, _mm512_add_ps(a, vbeta));
+        _mm512_storeu_ps(out + d0 + 32 * j + 16, _mm512_add_ps(b, vbeta));
+      }
+    } else {
+      for (int j = 0; j < 16; ++j)
+        _mm512_storeu_ps(out + d0 + 16 * j, add_beta ? _mm512_add_ps(acc[j], vbeta) : acc[j]);
+    }
   }
   for (; d0 + 16 <= dim; d0 += 16) {
     __m512 acc = _mm512_setzero_ps();
@@ -181,28 +225,27 @@ PKM_QUANT_AVX512 void quant_bag_avx512(const QuantRowFormat& f, const std::uint8
       const std::uint8_t* row = base + idx[l] * stride;
       float c, wb;
       quant_row_coefficients(f, row, w[l], c, wb);
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(c), quant_load16<F>(row, d0), acc);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(c), quant_load16<F>(row + quant_code_offset<F>(d0)), acc);
     }
     _mm512_storeu_ps(out + d0, add_beta ? _mm512_add_ps(acc, vbeta) : acc);
   }
   if (d0 < dim) quant_bag_tail(f, base, stride, idx, w, bag, d0, beta, out);
 }
 
-/// 8 codes of columns [d, d + 8) widened to float (d a multiple of 8).
+/// The 8 codes at p (the bytes of columns [d, d + 8), d a multiple of 8) widened to float.
 template <Dtype F>
-PKM_QUANT_AVX2 inline __m256 quant_load8(const std::uint8_t* row, Index d) {
+PKM_QUANT_AVX2 inline __m256 quant_load8(const std::uint8_t* p) {
   if constexpr (F == Dtype::int8_rowwise) {
-    return _mm256_cvtepi32_ps(
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d))));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   } else if constexpr (F == Dtype::int4_rowwise) {
     std::int32_t four;
-    std::memcpy(&four, row + d / 2, 4);
+    std::memcpy(&four, p, 4);
     const __m128i w = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(four));
     const __m128i bytes = _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(0x0F)),
                                        _mm_slli_epi16(_mm_srli_epi16(w, 4), 8));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
   } else {
-    const __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)));
+    const __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return _mm256_cvtph_ps(
         _mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16(static_cast<short>(0xBF80))));
   }
@@ -211,33 +254,57 @@ PKM_QUANT_AVX2 inline __m256 quant_load8(const std::uint8_t* row, Index d) {
 template <Dtype F>
 PKM_QUANT_AVX2 void quant_bag_avx2(const QuantRowFormat& f, const std::uint8_t* base,
                                    Index stride, const std::int64_t* idx, const float* w,
-                                   Index bag, float* out) {
-  constexpr Index kAhead = kQuantPrefetchRows;
+                                   Index bag, float* out,
+                                       const std::int64_t* next_idx, bool prefetched) {
+  const Index ahead = quant_prefetch_rows(f);
+  const Index row_bytes = f.value_bytes + (F == Dtype::int8_rowwise ? 8 : 4);
   const Index dim = f.dim;
-  const Index bytes_per_64 = F == Dtype::int4_rowwise ? 32 : 64;
   const float beta = quant_bias_term(f, base, stride, idx, w, bag);
   const __m256 vbeta = _mm256_set1_ps(beta);
   const bool add_beta = F != Dtype::fp8_rowwise;
   Index d0 = 0;
+  // The next token's rows are prefetched while this token's are summed, one every `blocks`
+  // iterations over all the column blocks (its rows then wait in L2); the first token of a
+  // thread's run prefetches its own rows `ahead` rows ahead in the first block instead.
+  const Index blocks = std::max<Index>(1, dim / 64);
+  Index step = 0;
   for (; d0 + 64 <= dim; d0 += 64) {
     __m256 acc[8];
     for (auto& a : acc) a = _mm256_setzero_ps();
-    const Index off = F == Dtype::int4_rowwise ? d0 / 2 : d0;
     for (Index l = 0; l < bag; ++l) {
-      if (l + kAhead < bag) {
-        const std::uint8_t* next = base + idx[l + kAhead] * stride;
-        quant_prefetch(next + off, bytes_per_64);
-        if (d0 == 0) quant_prefetch(next + f.value_bytes, 8);
-      }
+      if (!prefetched && d0 == 0 && l + ahead < bag)
+        quant_prefetch(base + idx[l + ahead] * stride, row_bytes);
+      if (next_idx != nullptr && step % blocks == 0) quant_prefetch(base + next_idx[step / blocks] * stride, row_bytes);
+      ++step;
       const std::uint8_t* row = base + idx[l] * stride;
       float c, wb;
       quant_row_coefficients(f, row, w[l], c, wb);
       const __m256 x = _mm256_set1_ps(c);
-      for (int j = 0; j < 8; ++j)
-        acc[j] = _mm256_fmadd_ps(x, quant_load8<F>(row, d0 + 8 * j), acc[j]);
+      const std::uint8_t* p = row + quant_code_offset<F>(d0);
+      if constexpr (F == Dtype::int4_rowwise) {
+        // 16 columns per 8 bytes: even columns (low nibbles) in acc[2j], odd in acc[2j + 1].
+        for (int j = 0; j < 4; ++j) {
+          const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j)));
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0x0F)));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+          acc[2 * j] = _mm256_fmadd_ps(x, lo, acc[2 * j]);
+          acc[2 * j + 1] = _mm256_fmadd_ps(x, hi, acc[2 * j + 1]);
+        }
+      } else {
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(x, quant_load8<F>(p + 8 * j), acc[j]);
+      }
     }
-    for (int j = 0; j < 8; ++j)
-      _mm256_storeu_ps(out + d0 + 8 * j, add_beta ? _mm256_add_ps(acc[j], vbeta) : acc[j]);
+    if constexpr (F == Dtype::int4_rowwise) {
+      for (int j = 0; j < 4; ++j) {
+        const __m256 lo = _mm256_unpacklo_ps(acc[2 * j], acc[2 * j + 1]);
+        const __m256 hi = _mm256_unpackhi_ps(acc[2 * j], acc[2 * j + 1]);
+        _mm256_storeu_ps(out + d0 + 16 * j, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), vbeta));
+        _mm256_storeu_ps(out + d0 + 16 * j + 8, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x31), vbeta));
+      }
+    } else {
+      for (int j = 0; j < 8; ++j)
+        _mm256_storeu_ps(out + d0 + 8 * j, add_beta ? _mm256_add_ps(acc[j], vbeta) : acc[j]);
+    }
   }
   for (; d0 + 8 <= dim; d0 += 8) {
     __m256 acc = _mm256_setzero_ps();
@@ -245,7 +312,7 @@ PKM_QUANT_AVX2 void quant_bag_avx2(const QuantRowFormat& f, const std::uint8_t* 
       const std::uint8_t* row = base + idx[l] * stride;
       float c, wb;
       quant_row_coefficients(f, row, w[l], c, wb);
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(c), quant_load8<F>(row, d0), acc);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(c), quant_load8<F>(row + quant_code_offset<F>(d0)), acc);
     }
     _mm256_storeu_ps(out + d0, add_beta ? _mm256_add_ps(acc, vbeta) : acc);
   }

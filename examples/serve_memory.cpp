@@ -9,8 +9,9 @@
 //                [--batch 1]
 //
 // The demo layer has the quickstart's shape (d = 1024, 4 heads, knn 32, k_dim 512, v_dim
-// 1024; --n-keys 512 gives a 1 GiB fp32 table). A bf16 table is mapped as bf16; other
-// dtypes are loaded (converted) instead of mapped.
+// 1024; --n-keys 512 gives a 1 GiB fp32 table). A bf16 table is mapped as bf16, and a
+// quantized one (pkm_quantize: int8, int4, fp8) as it is; other dtypes are loaded (converted)
+// instead of mapped.
 #include <pkm/io/checkpoint.hpp>
 #include <pkm/pkm.hpp>
 
@@ -22,10 +23,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cli.hpp"
@@ -41,14 +44,32 @@ long long parse_count(const std::string& flag, const std::string& v, long long l
   return pkmcli::whole_number(flag, v, lo, hi, die);
 }
 
-/// The process's resident memory in MiB (VmRSS of /proc/self/status), or -1.
-double resident_mib() {
+/// The process's memory in MiB from /proc/self/status ("VmRSS:" resident now, "VmHWM:" its
+/// peak), or -1.
+double status_mib(const char* key) {
   std::ifstream in("/proc/self/status");
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;
+    if (line.rfind(key, 0) == 0) return std::atof(line.c_str() + std::strlen(key)) / 1024.0;
   }
   return -1;
+}
+
+template <class TableT>
+double table_bytes(const pkm::MemoryLayer<float, TableT>& layer) {
+  if constexpr (std::is_same_v<TableT, pkm::Quantized>) {
+    return double(layer.values().bytes());
+  } else {
+    return double(layer.values().rows()) * double(layer.values().dim()) * double(sizeof(TableT));
+  }
+}
+template <class TableT>
+const char* table_dtype(const pkm::MemoryLayer<float, TableT>& layer) {
+  if constexpr (std::is_same_v<TableT, pkm::Quantized>) {
+    return pkm::dtype_name(layer.values().format());
+  } else {
+    return pkm::dtype_name(pkm::dtype_of<TableT>());
+  }
 }
 
 struct Options {
@@ -61,9 +82,9 @@ int serve(pkm::io::SafetensorsFile& file, const Options& o, bool mapped) {
   const auto layer = mapped ? pkm::io::load_layer_mapped<float, TableT>(file)
                             : pkm::io::load_layer<float, TableT>(file);
   const pkm::MemoryConfig& c = layer.config();
-  const double table_mib = double(c.slots()) * double(c.v_dim) * double(sizeof(TableT)) / (1 << 20);
+  const double table_mib = table_bytes(layer) / (1 << 20);
   std::printf("layer: %lld slots x %lld values (%s, %.0f MiB, %s), d %lld, %lld heads, knn %lld\n",
-              (long long)c.slots(), (long long)c.v_dim, pkm::dtype_name(pkm::dtype_of<TableT>()),
+              (long long)c.slots(), (long long)c.v_dim, table_dtype(layer),
               table_mib, mapped ? "mapped from the file" : "loaded", (long long)c.input_dim,
               (long long)c.heads, (long long)c.knn);
   std::printf(
@@ -117,9 +138,9 @@ int serve(pkm::io::SafetensorsFile& file, const Options& o, bool mapped) {
   std::printf("latency per call: p50 %.0f us, p99 %.0f us (%zu calls)\n", p50, p99, all.size());
   std::printf("throughput: %.0f tokens/s\n", double(calls_total * o.batch) / seconds);
   std::printf(
-      "resident: %.0f MiB (the table's pages read so far count; the rest of its %.0f MiB "
-      "stays in the file)\n",
-      resident_mib(), table_mib);
+      "resident: %.0f MiB, peak %.0f MiB (the table's pages read so far count; the rest of its "
+      "%.0f MiB stays in the file)\n",
+      status_mib("VmRSS:"), status_mib("VmHWM:"), table_mib);
   return 0;
 }
 
@@ -177,6 +198,8 @@ int main(int argc, char** argv) {
     if (o.checkpoint.empty()) die("--checkpoint FILE (or --write-demo FILE) is required");
     pkm::io::SafetensorsFile file(o.checkpoint);
     const pkm::Dtype table = file.info("values.weight").dtype;
+    if (file.metadata().count(pkm::io::kMetaValuesFormat))
+      return serve<pkm::Quantized>(file, o, true);
     if (table == pkm::Dtype::bf16) return serve<pkm::bf16>(file, o, true);
     return serve<float>(file, o, table == pkm::Dtype::f32);
   } catch (const std::exception& e) {

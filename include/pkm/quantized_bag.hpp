@@ -106,8 +106,7 @@ inline void quant_bag_sum(QuantKernel k, const QuantizedTable& t, const std::int
 #else
   (void)k, (void)next_idx, (void)prefetched;
 #endif
-  const float beta = quant_bias_term(f, t.data(), t.stride(), idx, w, bag);
-  quant_bag_tail(f, t.data(), t.stride(), idx, w, bag, 0, beta, out);
+  quant_bag_portable(f, t.data(), t.stride(), idx, w, bag, out);
 }
 }  // namespace detail
 

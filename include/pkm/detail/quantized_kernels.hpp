@@ -98,19 +98,61 @@ inline float quant_bias_term(const QuantRowFormat& f, const std::uint8_t* base, 
 }
 
 /// Columns [d0, dim) the plain way: out[d] = (sum_l c_l q_l(d)) + beta, in the same order.
-inline void quant_bag_tail(const QuantRowFormat& f, const std::uint8_t* base, Index stride,
-                           const std::int64_t* idx, const float* w, Index bag, Index d0,
-                           float beta, float* out) {
+template <Dtype F>
+void quant_bag_tail(const QuantRowFormat& f, const std::uint8_t* base, Index stride,
+                    const std::int64_t* idx, const float* w, Index bag, Index d0, float beta,
+                    float* out) {
+  float fp8[256];  // the widened value of each fp8 code
+  if constexpr (F == Dtype::fp8_rowwise) {
+    for (int code = 0; code < 256; ++code) {
+      const auto c = static_cast<std::uint8_t>(code);
+      fp8[code] = quant_code_widened(F, &c, 0);
+    }
+  }
   for (Index d = d0; d < f.dim; ++d) out[d] = 0.0f;
   for (Index l = 0; l < bag; ++l) {
     const std::uint8_t* row = base + idx[l] * stride;
     float c, wb;
     quant_row_coefficients(f, row, w[l], c, wb);
-    for (Index d = d0; d < f.dim; ++d)
-      out[d] = std::fma(c, quant_code_widened(f.format, row, d), out[d]);
+    Index d = d0;
+    if constexpr (F == Dtype::int4_rowwise) {  // d0 is even: a byte's two columns a step
+      for (; d + 2 <= f.dim; d += 2) {
+        const unsigned byte = row[d / 2];
+        out[d] = std::fma(c, static_cast<float>(byte & 0xF), out[d]);
+        out[d + 1] = std::fma(c, static_cast<float>(byte >> 4), out[d + 1]);
+      }
+    }
+    for (; d < f.dim; ++d) {
+      float q;
+      if constexpr (F == Dtype::int8_rowwise) {
+        q = static_cast<float>(row[d]);
+      } else if constexpr (F == Dtype::int4_rowwise) {
+        q = static_cast<float>((row[d / 2] >> (4 * (d % 2))) & 0xF);
+      } else {
+        q = fp8[row[d]];
+      }
+      out[d] = std::fma(c, q, out[d]);
+    }
   }
-  if (f.format != Dtype::fp8_rowwise) {
+  if constexpr (F != Dtype::fp8_rowwise) {
     for (Index d = d0; d < f.dim; ++d) out[d] += beta;
+  }
+}
+
+/// The portable kernel: the whole row the plain way.
+inline void quant_bag_portable(const QuantRowFormat& f, const std::uint8_t* base, Index stride,
+                               const std::int64_t* idx, const float* w, Index bag, float* out) {
+  const float beta = quant_bias_term(f, base, stride, idx, w, bag);
+  switch (f.format) {
+    case Dtype::int8_rowwise:
+      quant_bag_tail<Dtype::int8_rowwise>(f, base, stride, idx, w, bag, 0, beta, out);
+      return;
+    case Dtype::int4_rowwise:
+      quant_bag_tail<Dtype::int4_rowwise>(f, base, stride, idx, w, bag, 0, beta, out);
+      return;
+    default:
+      quant_bag_tail<Dtype::fp8_rowwise>(f, base, stride, idx, w, bag, 0, beta, out);
+      return;
   }
 }
 
@@ -229,7 +271,7 @@ PKM_QUANT_AVX512 void quant_bag_avx512(const QuantRowFormat& f, const std::uint8
     }
     _mm512_storeu_ps(out + d0, add_beta ? _mm512_add_ps(acc, vbeta) : acc);
   }
-  if (d0 < dim) quant_bag_tail(f, base, stride, idx, w, bag, d0, beta, out);
+  if (d0 < dim) quant_bag_tail<F>(f, base, stride, idx, w, bag, d0, beta, out);
 }
 
 /// The 8 codes at p (the bytes of columns [d, d + 8), d a multiple of 8) widened to float.
@@ -316,7 +358,7 @@ PKM_QUANT_AVX2 void quant_bag_avx2(const QuantRowFormat& f, const std::uint8_t* 
     }
     _mm256_storeu_ps(out + d0, add_beta ? _mm256_add_ps(acc, vbeta) : acc);
   }
-  if (d0 < dim) quant_bag_tail(f, base, stride, idx, w, bag, d0, beta, out);
+  if (d0 < dim) quant_bag_tail<F>(f, base, stride, idx, w, bag, d0, beta, out);
 }
 
 #undef PKM_QUANT_AVX512

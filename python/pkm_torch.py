@@ -350,3 +350,97 @@ class HashingMemory(torch.nn.Module):
     def dense_parameters(self):
         """Every parameter but the table (for a dense optimizer beside a sparse or fused one)."""
         return [p for n, p in self.named_parameters() if n != "values.weight"]
+
+
+_FORMATS = {"int8": "INT8_ROWWISE", "int4": "INT4_ROWWISE", "fp8": "FP8_E4M3_ROWWISE"}
+
+
+class QuantizedHashingMemory(torch.nn.Module):
+    """A trained ``HashingMemory`` served from its value table quantized to int8, int4 or fp8
+    rows (pkm's row-wise formats, docs/quantization.md): forward only.
+
+        served = pkm_torch.QuantizedHashingMemory(trained_memory, "int8").eval()
+        with torch.no_grad():
+            y = served(x)
+
+    The table becomes the uint8 buffer ``values.weight`` (rows of
+    ``torch.ops.pkm.quantize_values``: int8 and int4 are FBGEMM's fused row-wise layouts); the
+    dense parameters are copied, with the reference's names, and need no gradient. The format
+    and v_dim are the module's extra state, so ``state_dict()`` / ``load_state_dict()`` round
+    trip (load into a module made from any HashingMemory of the same shape). A call where
+    autograd would need a gradient (``x.requires_grad`` with grad mode on) raises ValueError:
+    quantized tables serve inference only. Under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    the products run in bf16, as ``HashingMemory``'s do.
+    """
+
+    def __init__(self, memory, format="int8"):
+        super().__init__()
+        load_library()
+        if format not in _FORMATS and format not in _FORMATS.values():
+            raise ValueError("QuantizedHashingMemory: format = %r, expected one of %s" % (format, sorted(_FORMATS)))
+        if not isinstance(memory, HashingMemory):
+            raise ValueError("QuantizedHashingMemory: quantizes a pkm_torch.HashingMemory, got %s" % type(memory))
+        self.format = _FORMATS.get(format, format)
+        for name in ("input_dim", "output_dim", "heads", "knn", "k_dim", "n_keys", "v_dim", "qk_norm",
+                     "qk_norm_scale"):
+            setattr(self, name, getattr(memory, name))
+        with torch.no_grad():
+            self.keys = torch.nn.Parameter(memory.keys.detach().clone(), requires_grad=False)
+            self.query_proj = _QueryProj(self.input_dim, self.heads * self.k_dim,
+                                         memory.query_proj.query_mlps[0].bias is not None)
+            self.query_proj.load_state_dict(memory.query_proj.state_dict())
+            self.swilu_projection = self._copy(memory.swilu_projection)
+            self.value_proj = self._copy(memory.value_proj)
+            self.gating = self._copy(memory.gating)
+            self.values = torch.nn.Module()
+            self.values.register_buffer("weight", torch.ops.pkm.quantize_values(memory.values.weight.detach(),
+                                                                                self.format))
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @staticmethod
+    def _copy(linear):
+        if linear is None:
+            return None
+        out = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        out.load_state_dict(linear.state_dict())
+        return out
+
+    def table_bytes(self):
+        """Bytes of the quantized table."""
+        return self.values.weight.numel()
+
+    def forward(self, x):
+        q = self.query_proj.query_mlps[0]
+
+        def wb(layer):
+            return (None, None) if layer is None else (layer.weight, layer.bias)
+
+        w1, b1 = wb(self.swilu_projection)
+        w2, b2 = wb(self.value_proj)
+        wg, bg = wb(self.gating)
+        return torch.ops.pkm.memory_quantized(x, self.keys, q.weight, q.bias, w1, b1, w2, b2, wg, bg,
+                                              self.values.weight, self.format, self.v_dim, self.heads, self.knn,
+                                              self.qk_norm, self.qk_norm_scale)
+
+    def get_extra_state(self):
+        return {"format": self.format, "v_dim": self.v_dim}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or state.get("format") not in _FORMATS.values() or state.get("v_dim") != self.v_dim:
+            raise ValueError("QuantizedHashingMemory: extra state %r, expected a format of %s and v_dim %d" %
+                             (state, sorted(_FORMATS.values()), self.v_dim))
+        self.format = state["format"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The table's row bytes depend on the format: take the loaded buffer's shape as it is.
+        key = prefix + "values.weight"
+        if key in state_dict and state_dict[key].dtype == torch.uint8:
+            self.values.weight = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def __setstate__(self, state):
+        load_library()
+        super().__setstate__(state)

@@ -376,22 +376,28 @@ inline Index first_invalid_row(const QuantizedTable& table) {
   return -1;
 }
 
-/// The table quantized row by row to `format` (see quantize_row), from a table of float, bf16
-/// or fp16. Throws std::invalid_argument naming the lowest row that cannot be quantized
-/// (NaN, infinity, int4 out of range); the input is never changed.
+/// Quantizes `table` row by row (see quantize_row) into `out`, a table of the same rows and
+/// dim in any format (owned, or a view of the caller's memory: a tensor, a file's bytes).
+/// Throws std::invalid_argument naming the lowest row that cannot be quantized (NaN,
+/// infinity, int4 out of range); then `out` may hold some rows already. The input is never
+/// changed.
 template <class T>
-QuantizedTable quantize(const ValueTable<T>& table, Dtype format) {
+void quantize(const ValueTable<T>& table, QuantizedTable& out) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>,
                 "pkm::quantize: tables of float, bf16 or fp16");
-  detail::check_quantized_format("pkm::quantize", format);
-  QuantizedTable out(format, table.rows(), table.dim());
+  if (out.rows() != table.rows() || out.dim() != table.dim()) {
+    throw std::invalid_argument("pkm::quantize: out is " + std::to_string(out.rows()) + " x " +
+                                std::to_string(out.dim()) + ", expected the table's " +
+                                std::to_string(table.rows()) + " x " +
+                                std::to_string(table.dim()));
+  }
   constexpr Index kBlock = 1024;
   const Index rows = table.rows();
   std::vector<std::string> errors(static_cast<std::size_t>((rows + kBlock - 1) / kBlock));
   detail::parallel_blocks(rows, kBlock, [&](Index r0, Index r1) {
     for (Index r = r0; r < r1; ++r) {
       try {
-        quantize_row(format, table.row(r), table.dim(), out.row(r), r);
+        quantize_row(out.format(), table.row(r), table.dim(), out.row(r), r);
       } catch (const std::invalid_argument& e) {
         errors[static_cast<std::size_t>(r0 / kBlock)] = e.what();
         return;
@@ -401,6 +407,16 @@ QuantizedTable quantize(const ValueTable<T>& table, Dtype format) {
   for (const std::string& e : errors) {
     if (!e.empty()) throw std::invalid_argument(e);
   }
+}
+
+/// The table quantized row by row to `format` (see quantize_row), from a table of float, bf16
+/// or fp16. Throws std::invalid_argument naming the lowest row that cannot be quantized
+/// (NaN, infinity, int4 out of range); the input is never changed.
+template <class T>
+QuantizedTable quantize(const ValueTable<T>& table, Dtype format) {
+  detail::check_quantized_format("pkm::quantize", format);
+  QuantizedTable out(format, table.rows(), table.dim());
+  quantize(table, out);
   return out;
 }
 

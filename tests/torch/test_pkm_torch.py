@@ -466,12 +466,77 @@ def test_autocast_bf16():
                  lambda: torch.ops.pkm.memory(x, *ops, "F16"), "compute='F16'")
 
 
+def dequantized_int8(rows, v_dim):
+    """The float table an INT8_ROWWISE uint8 tensor holds, decoded here from its bytes: v_dim
+    codes, then fp32 scale and fp32 bias (FBGEMM's fused 8-bit row-wise layout)."""
+    codes = rows[:, :v_dim].float()
+    tail = rows[:, v_dim:v_dim + 8].contiguous().view(torch.float32)
+    return codes * tail[:, :1] + tail[:, 1:2]
+
+
+def test_quantized_serving():
+    """QuantizedHashingMemory: a trained module served from its int8 / int4 / fp8 table, forward
+    only; the int8 bytes decoded here give the same outputs; state_dict round trips (format
+    included); gradients, bad formats and bad rows are refused."""
+    import copy
+    torch.manual_seed(11)
+    for name in ("memplus", "gated", "noqbias_qknorm"):
+        args = CONFIGS[name]
+        _, mem = pair(args)
+        x = torch.randn(3, 5, args["input_dim"])
+        with torch.no_grad():
+            y = mem(x)
+        for fmt, tol in (("int8", 0.02), ("int4", 0.2), ("fp8", 0.08)):
+            q = pkm_torch.QuantizedHashingMemory(mem, fmt)
+            with torch.no_grad():
+                yq = q(x)
+            check(yq.shape == y.shape and rel(yq, y) < tol,
+                  "%s %s: close to the fp32 module (%.3g)" % (name, fmt, rel(yq, y)))
+            check(q.values.weight.dtype == torch.uint8 and q.values.weight.shape[0] == mem.values.weight.shape[0],
+                  "%s %s: the table is uint8 rows %s" % (name, fmt, tuple(q.values.weight.shape)))
+            if fmt == "int8":
+                ref = copy.deepcopy(mem)
+                ref.values.weight.data = dequantized_int8(q.values.weight, args["v_dim"])
+                with torch.no_grad():
+                    yd = ref(x)
+                check(rel(yq, yd) < 1e-5, "%s int8: the bytes decoded in Python give the output (%.3g)" %
+                      (name, rel(yq, yd)))
+            # state_dict round trip into a module made from another memory of this shape.
+            _, other = pair(args)
+            q2 = pkm_torch.QuantizedHashingMemory(other, "int8" if fmt != "int8" else "int4")
+            q2.load_state_dict(q.state_dict(), strict=True)
+            with torch.no_grad():
+                check(torch.equal(q2(x), yq) and q2.format == q.format,
+                      "%s %s: state_dict round trip, format included" % (name, fmt))
+                check(torch.equal(copy.deepcopy(q)(x), yq), "%s %s: deepcopy" % (name, fmt))
+    _, mem = pair(CONFIGS["memplus"])
+    q = pkm_torch.QuantizedHashingMemory(mem, "int8")
+    x = torch.randn(4, 16, requires_grad=True)
+    expect_error(ValueError, "inference only", lambda: q(x), "a quantized forward that needs a gradient")
+    with torch.no_grad():
+        check(q(x).shape == (4, 16), "the same call under no_grad runs")
+    with torch.inference_mode():
+        check(q(x.detach()).shape == (4, 16), "and under inference_mode")
+    expect_error(ValueError, "format", lambda: pkm_torch.QuantizedHashingMemory(mem, "int3"), "format int3")
+    expect_error(ValueError, "expected 'int8', 'int4' or 'fp8'",
+                 lambda: torch.ops.pkm.quantize_values(mem.values.weight, "int2"), "quantize_values int2")
+    bad = mem.values.weight.detach().clone()
+    bad[5, 3] = float("nan")
+    expect_error(ValueError, "row 5", lambda: torch.ops.pkm.quantize_values(bad, "int8"), "a NaN row")
+    qm = mem.query_proj.query_mlps[0]
+    with torch.no_grad():
+        expect_error(ValueError, "bytes", lambda: torch.ops.pkm.memory_quantized(
+            x, mem.keys, qm.weight, qm.bias, mem.swilu_projection.weight, mem.swilu_projection.bias,
+            mem.value_proj.weight, mem.value_proj.bias, None, None, q.values.weight[:, :-1].contiguous(),
+            "int8", 12, 4, 4, False, None), "rows of the wrong width")
+
+
 def main():
     pkm_torch.load_library(sys.argv[1] if len(sys.argv) > 1 else None)
     torch.set_num_threads(2)
     for t in (test_against_reference, test_btc_and_bf16, test_gradcheck, test_sparse_adam_and_fused,
               test_shared_values, test_bad_input, test_full_shapes, test_fused_twice_in_one_loss,
-              test_gradient_accumulation, test_autocast_bf16):
+              test_gradient_accumulation, test_autocast_bf16, test_quantized_serving):
         t()
     test_state_pickle_and_names(sys.argv[3] if len(sys.argv) > 3 else "/tmp/pkm_torch_test")
     if len(sys.argv) > 3:

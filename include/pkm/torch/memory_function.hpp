@@ -50,9 +50,9 @@ namespace detail {
 using ParamTensors = std::array<torch::Tensor, kNumTensors>;
 
 /// The config the tensors describe, each checked: CPU, contiguous, the dtype of x, and the
-/// full shape the config gives it.
+/// full shape the config gives it; the table has `rows` rows of `v_dim` values.
 inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
-                                 const torch::Tensor& values, const LayerOptions& o) {
+                                 std::int64_t rows, std::int64_t v_dim, const LayerOptions& o) {
   auto check = [&](const torch::Tensor& t, const char* name) {
     if (!t.defined()) return;
     if (!t.device().is_cpu())
@@ -70,15 +70,11 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
          "; expected float32 (or float64 for gradcheck)");
   }
   for (int t = 0; t < kNumTensors; ++t) check(p[t], tensor_name(Tensor(t)));
-  if (!values.device().is_cpu())
-    fail("values is on " + values.device().str() + "; pkm's torch ops run on the CPU");
   if (x.dim() < 1) fail("x is a scalar; expected (..., input_dim)");
   if (!p[0].defined() || p[0].dim() != 2)
     fail("keys must be a 2-d tensor (2 heads n_keys, k_dim / 2)");
   if (!p[1].defined() || p[1].dim() != 2)
     fail("query weight must be a 2-d tensor (heads k_dim, input_dim)");
-  if (values.dim() != 2 || values.stride(1) != 1)
-    fail("values must be a 2-d tensor with unit column stride, got " + shape_of(values));
   MemoryConfig c;
   c.heads = o.heads;
   c.knn = o.knn;
@@ -96,7 +92,7 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
     fail("x has " + std::to_string(x.size(-1)) + " columns, expected input_dim = " +
          std::to_string(c.input_dim) + " (the query weight's columns)");
   }
-  c.v_dim = values.size(1);
+  c.v_dim = v_dim;
   const torch::Tensor& w2 = p[int(Tensor::value_proj_weight)];
   if (w2.defined() && w2.dim() != 2) {
     fail(std::string(tensor_name(Tensor::value_proj_weight)) + " has shape " + shape_of(w2) +
@@ -108,8 +104,8 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
   c.gating = p[int(Tensor::gate_weight)].defined();
   c.output_dim = c.value_projection ? w2.size(0) : c.v_dim;
   c.validate();
-  if (values.size(0) != c.slots()) {
-    fail("values has " + std::to_string(values.size(0)) +
+  if (rows != c.slots()) {
+    fail("values has " + std::to_string(rows) +
          " rows, expected n_keys^2 = " + std::to_string(c.slots()));
   }
   for (int t = 0; t < kNumTensors; ++t) {
@@ -129,6 +125,16 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
     }
   }
   return c;
+}
+
+/// infer_config for a table of float elements `values`.
+inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
+                                 const torch::Tensor& values, const LayerOptions& o) {
+  if (!values.device().is_cpu())
+    fail("values is on " + values.device().str() + "; pkm's torch ops run on the CPU");
+  if (values.dim() != 2 || values.stride(1) != 1)
+    fail("values must be a 2-d tensor with unit column stride, got " + shape_of(values));
+  return infer_config(x, p, values.size(0), values.size(1), o);
 }
 
 /// Validates a layer's config as MemoryConfig does (the PyTorch module's constructor calls it:
@@ -375,6 +381,15 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
 /// bfloat16 with float32 x and parameters (float64 throughout for gradcheck). sparse_grad:
 /// the table's gradient as a sparse COO tensor (else dense). opt: update the table inside
 /// backward with pkm's optimizer instead (its gradient is then None).
+namespace detail {
+/// True inside torch.autocast("cpu", dtype=torch.bfloat16) for a float32 x.
+inline bool autocast_bf16(const torch::Tensor& x) {
+  return at::autocast::is_cpu_enabled() &&
+         at::autocast::get_autocast_cpu_dtype() == at::kBFloat16 &&
+         x.scalar_type() == torch::kFloat;
+}
+}  // namespace detail
+
 /// The products run in bf16 (options.compute = Dtype::bf16, pkm/gemm_bf16.hpp) where options
 /// ask for it, inside torch.autocast("cpu", dtype=torch.bfloat16), or for a bfloat16 x with
 /// float32 parameters (x is widened to float32, the result narrowed back to bfloat16, both
@@ -392,17 +407,101 @@ inline torch::Tensor memory(const torch::Tensor& x, const torch::Tensor& keys,
   };
   LayerOptions opts = options;
   const bool bf16_x = x.scalar_type() == torch::kBFloat16 && keys.scalar_type() == torch::kFloat;
-  if (bf16_x || (at::autocast::is_cpu_enabled() &&
-                 at::autocast::get_autocast_cpu_dtype() == at::kBFloat16 &&
-                 x.scalar_type() == torch::kFloat)) {
-    opts.compute = Dtype::bf16;
-  }
+  if (bf16_x || detail::autocast_bf16(x)) opts.compute = Dtype::bf16;
   const torch::Tensor xin = bf16_x ? x.to(torch::kFloat) : x;
   torch::Tensor out = detail::MemoryFunction::apply(
       xin, keys, query_weight, o(query_bias), o(swilu_weight), o(swilu_bias),
       o(value_proj_weight), o(value_proj_bias), o(gate_weight), o(gate_bias), values, opts,
       sparse_grad, opt);
   return bf16_x ? out.to(torch::kBFloat16) : out;
+}
+
+/// A float table (float32, bfloat16 or float16, 2-d) quantized row by row to `format`
+/// (pkm::quantize): a new uint8 tensor of (rows, quantized_row_bytes(format, v_dim)).
+inline torch::Tensor quantize_values(const torch::Tensor& values, Dtype format) {
+  pkm::detail::check_quantized_format("pkm.quantize_values", format);
+  if (!values.device().is_cpu() || values.dim() != 2 || values.size(0) < 1 || values.size(1) < 1)
+    detail::fail("values must be a non-empty 2-d CPU tensor, got " + detail::shape_of(values));
+  const torch::Tensor v = values.detach().contiguous();
+  const std::int64_t rows = v.size(0), dim = v.size(1);
+  torch::Tensor out = torch::empty({rows, quantized_row_bytes(format, dim)}, torch::kUInt8);
+  QuantizedTable q = QuantizedTable::view(format, out.data_ptr<std::uint8_t>(), rows, dim);
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    quantize(ValueTable<T>::view(reinterpret_cast<T*>(v.data_ptr()), rows, dim), q);
+  };
+  switch (v.scalar_type()) {
+    case torch::kFloat:
+      run(float{});
+      break;
+    case torch::kBFloat16:
+      run(bf16{});
+      break;
+    case torch::kHalf:
+      run(fp16{});
+      break;
+    default:
+      detail::fail(std::string("values is ") + c10::toString(v.scalar_type()) +
+           "; expected float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+/// The layer's forward reading a quantized table: `rows` (uint8, n_keys^2 x
+/// quantized_row_bytes(format, v_dim), as quantize_values makes it) holds the table's rows.
+/// Inference only: refused (std::invalid_argument, Python's ValueError) where autograd would
+/// need a gradient (x or a parameter requires grad with grad mode on). bf16 products as
+/// memory() chooses them. Each call allocates its own cache.
+inline torch::Tensor memory_quantized(const torch::Tensor& x, const torch::Tensor& keys,
+                                      const torch::Tensor& query_weight,
+                                      const torch::Tensor& query_bias,
+                                      const torch::Tensor& swilu_weight,
+                                      const torch::Tensor& swilu_bias,
+                                      const torch::Tensor& value_proj_weight,
+                                      const torch::Tensor& value_proj_bias,
+                                      const torch::Tensor& gate_weight,
+                                      const torch::Tensor& gate_bias, const torch::Tensor& rows,
+                                      Dtype format, std::int64_t v_dim,
+                                      const LayerOptions& options) {
+  pkm::detail::check_quantized_format("pkm.memory_quantized", format);
+  const detail::ParamTensors p{keys,       query_weight,      query_bias,
+                               swilu_weight, swilu_bias,      value_proj_weight,
+                               value_proj_bias, gate_weight,  gate_bias};
+  if (torch::GradMode::is_enabled()) {
+    bool grad = x.requires_grad();
+    for (const auto& t : p) grad = grad || (t.defined() && t.requires_grad());
+    if (grad) {
+      detail::fail("the value table is " + std::string(dtype_name(format)) +
+           ": quantized tables serve inference only; run under torch.no_grad() or "
+           "torch.inference_mode() (no gradient reaches x or the parameters)");
+    }
+  }
+  if (!rows.device().is_cpu() || rows.scalar_type() != torch::kUInt8 || rows.dim() != 2 ||
+      !rows.is_contiguous()) {
+    detail::fail("the quantized rows must be a contiguous 2-d uint8 CPU tensor, got " +
+         std::string(c10::toString(rows.scalar_type())) + " " + detail::shape_of(rows));
+  }
+  if (v_dim < 1 || rows.size(1) != quantized_row_bytes(format, v_dim)) {
+    detail::fail("the quantized rows are " + std::to_string(rows.size(1)) + " bytes; a " +
+         dtype_name(format) + " row of v_dim = " + std::to_string(v_dim) + " values has " +
+         (v_dim < 1 ? std::string("no size") : std::to_string(quantized_row_bytes(format, v_dim))));
+  }
+  LayerOptions o = options;
+  if (detail::autocast_bf16(x)) o.compute = Dtype::bf16;
+  const torch::Tensor xc = x.contiguous();
+  const MemoryConfig c = detail::infer_config(xc, p, rows.size(0), v_dim, o);
+  if (xc.scalar_type() != torch::kFloat) detail::fail("x must be float32 for a quantized table");
+  const torch::Tensor x2 = xc.reshape({-1, c.input_dim});
+  torch::Tensor out = torch::empty({x2.size(0), c.output_dim}, xc.options());
+  const MemoryLayer<float, Quantized> layer(
+      detail::view_params<float>(c, p),
+      QuantizedTable::view(format, rows.data_ptr<std::uint8_t>(), rows.size(0), v_dim));
+  ForwardCache<float> cache;
+  layer.forward(MatrixMap<float>(x2.data_ptr<float>(), x2.size(0), c.input_dim),
+                MatrixMap<float>(out.data_ptr<float>(), out.size(0), c.output_dim), cache);
+  std::vector<std::int64_t> shape(xc.sizes().begin(), xc.sizes().end());
+  shape.back() = c.output_dim;
+  return out.reshape(shape);
 }
 
 }  // namespace pkm::torch_ops

@@ -1,5 +1,6 @@
 // pkm/torch/register.hpp — registers pkm's memory layer with PyTorch's dispatcher as
-// torch.ops.pkm.memory, and pkm's value optimizer as torch.classes.pkm.ValueOptimizer.
+// torch.ops.pkm.memory (and, reading a quantized table, torch.ops.pkm.memory_quantized with
+// torch.ops.pkm.quantize_values), and pkm's value optimizer as torch.classes.pkm.ValueOptimizer.
 // Include it in exactly one translation unit of a shared library (src/pkm_torch_ops.cpp is
 // that library: CMake target pkm_torch_ops, loaded by python/pkm_torch.py). C++ code calls
 // pkm::torch_ops::memory directly and needs no registration.
@@ -39,6 +40,38 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
                 t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias), values,
                 options, sparse_grad,
                 optimizer ? *optimizer : c10::intrusive_ptr<ValueOptimizer>());
+}
+inline Dtype quantized_format(const std::string& format) {
+  const auto d = parse_quantized_dtype(format);
+  if (!d) fail("format = '" + format + "' is not supported; expected 'int8', 'int4' or 'fp8'");
+  return *d;
+}
+
+inline torch::Tensor memory_quantized_op(
+    const torch::Tensor& x, const torch::Tensor& keys, const torch::Tensor& query_weight,
+    const c10::optional<torch::Tensor>& query_bias,
+    const c10::optional<torch::Tensor>& swilu_weight,
+    const c10::optional<torch::Tensor>& swilu_bias,
+    const c10::optional<torch::Tensor>& value_proj_weight,
+    const c10::optional<torch::Tensor>& value_proj_bias,
+    const c10::optional<torch::Tensor>& gate_weight, const c10::optional<torch::Tensor>& gate_bias,
+    const torch::Tensor& rows, const std::string& format, std::int64_t v_dim, std::int64_t heads,
+    std::int64_t knn, bool qk_norm, c10::optional<double> qk_norm_scale,
+    const std::string& compute) {
+  auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
+  LayerOptions options;
+  options.heads = heads;
+  options.knn = knn;
+  options.qk_norm = qk_norm;
+  if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
+  const auto dtype = parse_dtype(compute);
+  if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
+    fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
+  }
+  options.compute = *dtype;
+  return memory_quantized(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
+                          t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias),
+                          rows, quantized_format(format), v_dim, options);
 }
 }  // namespace pkm::torch_ops::detail
 
@@ -87,4 +120,15 @@ TORCH_LIBRARY(pkm, m) {
       "bool sparse_grad, "
       "__torch__.torch.classes.pkm.ValueOptimizer? optimizer, str compute=\"F32\") -> Tensor",
       &pkm::torch_ops::detail::memory_op);
+  m.def("quantize_values(Tensor values, str format) -> Tensor",
+        [](const torch::Tensor& values, const std::string& format) {
+          return pkm::torch_ops::quantize_values(
+              values, pkm::torch_ops::detail::quantized_format(format));
+        });
+  m.def(
+      "memory_quantized(Tensor x, Tensor keys, Tensor query_weight, Tensor? query_bias, Tensor? "
+      "swilu_weight, Tensor? swilu_bias, Tensor? value_proj_weight, Tensor? value_proj_bias, "
+      "Tensor? gate_weight, Tensor? gate_bias, Tensor rows, str format, int v_dim, int heads, "
+      "int knn, bool qk_norm, float? qk_norm_scale, str compute=\"F32\") -> Tensor",
+      &pkm::torch_ops::detail::memory_quantized_op);
 }

@@ -31,6 +31,9 @@ FROM_NAME = {v: k for k, v in DTYPES.items()}
 
 # The metadata keys pkm reads (pkm/io/checkpoint.hpp): what tensor shapes cannot say.
 META_KNN, META_QK_NORM, META_QK_NORM_SCALE = "mem_knn", "qk_norm", "qk_norm_scale"
+# A quantized table (pkm_torch.QuantizedHashingMemory, docs/quantization.md): values.weight holds
+# uint8 rows; these keys (after the layer's prefix) give its format and v_dim.
+META_VALUES_FORMAT, META_VALUES_DIM = "pkm_values_format", "pkm_values_dim"
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -67,7 +70,7 @@ class MalformedFile(ValueError):
 
 
 MAX_HEADER_BYTES = 100 << 20  # the C++ reader's limit
-ITEMSIZE = {"F32": 4, "F64": 8, "BF16": 2, "F16": 2, "I64": 8, "I32": 4}
+ITEMSIZE = {"F32": 4, "F64": 8, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1}
 
 
 def _is_count(v):
@@ -75,7 +78,7 @@ def _is_count(v):
 
 
 def read_safetensors(path):
-    """Returns ({name: tensor}, metadata) of a safetensors file (F32, F64, BF16, F16, I64, I32).
+    """Returns ({name: tensor}, metadata) of a safetensors file (F32, F64, BF16, F16, I64, I32, U8).
     Raises MalformedFile for what pkm's C++ reader refuses: a header that is not a JSON object
     or runs past the file, an unknown dtype, a shape that is not a list of counts, data_offsets
     that are not [begin, end] inside the data section, that span other than the shape needs, or
@@ -107,7 +110,7 @@ def read_safetensors(path):
             bad(f"tensor '{name}': entry is not an object")
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if dtype not in ITEMSIZE:
-            bad(f"tensor '{name}': unknown dtype {dtype!r}; expected F32, F64, BF16, F16, I64 or I32")
+            bad(f"tensor '{name}': unknown dtype {dtype!r}; expected F32, F64, BF16, F16, I64, I32 or U8")
         if not isinstance(shape, list) or len(shape) > 64 or not all(_is_count(d) for d in shape):
             bad(f"tensor '{name}': shape {shape!r} is not a list of at most 64 non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
@@ -139,7 +142,8 @@ def export_memory(module_or_state_dict, path, knn, qk_norm=False, qk_norm_scale=
                   extra_metadata=None):
     """Writes a memory layer for pkm: every tensor of the state_dict (a whole model's too: pkm
     then loads the layer under `prefix`, LoadOptions::prefix / pkm_run --prefix) and the
-    metadata pkm needs (knn, qk-norm and its scale). Checks that the layer's tensors are there."""
+    metadata pkm needs (knn, qk-norm and its scale; for a pkm_torch.QuantizedHashingMemory, its
+    table's format and v_dim). Checks that the layer's tensors are there."""
     sd = module_or_state_dict.state_dict() if hasattr(module_or_state_dict, "state_dict") else module_or_state_dict
     for required in ("keys", "values.weight", "query_proj.query_mlps.0.weight"):
         if prefix + required not in sd:
@@ -147,6 +151,10 @@ def export_memory(module_or_state_dict, path, knn, qk_norm=False, qk_norm_scale=
     meta = {META_KNN: int(knn), META_QK_NORM: "true" if qk_norm else "false"}
     if qk_norm_scale is not None:
         meta[META_QK_NORM_SCALE] = repr(float(qk_norm_scale))
+    extra = sd.get(prefix + "_extra_state")  # a QuantizedHashingMemory's format and v_dim
+    if isinstance(extra, dict) and "format" in extra:
+        meta[prefix + META_VALUES_FORMAT] = extra["format"]
+        meta[prefix + META_VALUES_DIM] = str(int(extra["v_dim"]))
     meta.update(extra_metadata or {})
     # pkm_torch's fused optimizer state (prefix + "fused_optimizer.*") is training state, not the
     # layer: it stays out of the exported layer.

@@ -228,6 +228,19 @@ def test_train_then_load_in_cpp(pkm_run, work):
         y = mem(x)
     check(rel(got["y"], y) < 1e-5, "the saved layer loads in pkm's C++ side (pkm_run) with the same output (%.2g)" %
           rel(got["y"], y))
+    # Served from an int4 table: exported, then pkm_run (forward only) gives the module's output.
+    q = pkm_torch.QuantizedHashingMemory(mem, "int4")
+    qckpt = os.path.join(work, "trained-int4.safetensors")
+    pkm_export.export_memory(q, qckpt, knn=args["knn"])
+    subprocess.run([pkm_run, "--checkpoint", qckpt, "--input", inp, "--output", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    got, _ = pkm_export.read_safetensors(out)
+    back, meta = pkm_export.read_safetensors(qckpt)
+    with torch.no_grad():
+        yq = q(x)
+    check(rel(got["y"], yq) < 1e-6 and meta.get("pkm_values_format") == "INT4_ROWWISE" and
+          back["values.weight"].dtype == torch.uint8,
+          "an exported int4 module runs in pkm_run with the module's output (%.2g)" % rel(got["y"], yq))
 
 
 def expect_error(kind, msg, fn, what):

@@ -1,6 +1,6 @@
 // libFuzzer target for everything pkm reads from a file: the safetensors parser, tensor reads
-// with conversion, the checkpoint loader (config inference, load_layer, one forward) and the
-// optimizer-state loaders. Any exception other than the documented std::invalid_argument /
+// with conversion, the checkpoint loader (config inference, load_layer with a float or a
+// quantized table, one forward) and the optimizer-state loaders. Any exception other than the documented std::invalid_argument /
 // std::out_of_range / std::runtime_error (and std::bad_alloc) escapes and counts as a crash, as
 // do sanitizer reports. Built by PKM_FUZZ=ON with clang; scripts/fuzz.sh runs it.
 #include <cstddef>
@@ -51,6 +51,18 @@ void run(const pkm::io::SafetensorsFile& f) {
     const auto out = layer.forward(x, cache);
     pkm::LayerGradients<float> grads(c);
     layer.backward(x, cache, out, grads);
+  });
+  documented_errors_only([&] {  // a quantized table (pkm_values_format in the metadata)
+    pkm::io::LoadOptions opt;
+    const pkm::MemoryConfig c = pkm::io::infer_config(f, opt);
+    if (c.slots() * c.v_dim > kMaxElements || c.input_dim * c.heads * c.k_dim > kMaxElements)
+      return;
+    const auto layer = pkm::io::load_layer<float, pkm::Quantized>(f, opt);
+    pkm::RowMatrix<float> x = pkm::RowMatrix<float>::Constant(2, c.input_dim, 0.5f);
+    pkm::ForwardCache<float> cache;
+    const auto out = layer.forward(x, cache);
+    pkm::LayerGradients<float> grads(c);
+    layer.backward(x, cache, out, grads);  // refused: inference only
   });
   documented_errors_only([&] {
     pkm::optim::LazyAdam<float> adam(4, 3);

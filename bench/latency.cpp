@@ -58,7 +58,19 @@ struct DecodeFixture {
   std::unique_ptr<pkm::MemoryLayer<float, pkm::bf16>> bf16;
   /// The fp32 layer's parameters and table (a view, no second copy) with bf16 products.
   std::unique_ptr<pkm::MemoryLayer<float, float>> fp32_bf16_products;
+  /// The fp32 layer's parameters with its table quantized, per format.
+  std::map<pkm::Dtype, std::unique_ptr<pkm::MemoryLayer<float, pkm::Quantized>>> quantized;
   std::map<int, double> bandwidth;
+
+  const pkm::MemoryLayer<float, pkm::Quantized>& quantized_layer(pkm::Dtype format) {
+    auto& slot = quantized[format];
+    if (!slot) {
+      const auto& base = layer<float>();
+      slot = std::make_unique<pkm::MemoryLayer<float, pkm::Quantized>>(
+          base.params(), pkm::quantize(base.values(), format));
+    }
+    return *slot;
+  }
 
   template <class T>
   const pkm::MemoryLayer<float, T>& layer(bool bf16_products = false) {
@@ -96,14 +108,14 @@ struct DecodeFixture {
   }
 };
 
-/// One forward of `batch` tokens per iteration, with `threads` OpenMP threads.
-template <class T>
-void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch, int threads,
-                    bool bf16_products = false) {
+/// One forward of `batch` tokens per iteration, with `threads` OpenMP threads; a table row
+/// is `row_bytes` bytes.
+template <class Layer>
+void decode_latency_of(benchmark::State& state, DecodeFixture& fixture, const Layer& layer,
+                       double row_bytes, Index batch, int threads) {
   const int saved_threads = omp_get_max_threads();
   omp_set_num_threads(threads);
   const auto c = quickstart_shape();
-  const auto& layer = fixture.layer<T>(bf16_products);
   // 64 different inputs, used in turn: each call searches and reads other rows.
   constexpr int kInputs = 64;
   std::vector<MatF> xs;
@@ -118,8 +130,7 @@ void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch
   double dense_bytes = 0;
   layer.params().for_each(
       [&](pkm::Tensor, pkm::ConstMatrixMap<float> m) { dense_bytes += double(m.size()) * 4; });
-  const double bytes =
-      dense_bytes + double(batch * c.bag_size() * c.v_dim) * sizeof(T);  // rows: at most these
+  const double bytes = dense_bytes + double(batch * c.bag_size()) * row_bytes;  // at most these
   const double bandwidth = fixture.bandwidth_at(threads);
 
   std::vector<double> us;
@@ -145,14 +156,22 @@ void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch
   omp_set_num_threads(saved_threads);
 }
 
+template <class T>
+void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch, int threads,
+                    bool bf16_products = false) {
+  decode_latency_of(state, fixture, fixture.layer<T>(bf16_products),
+                    double(quickstart_shape().v_dim) * sizeof(T), batch, threads);
+}
+
 }  // namespace
 
-/// Registers BM_DecodeLatency<float|bf16|float_bf16_products>/batch:{1,8,64}/threads:{1,2}
-/// (called by main): an fp32 table, a bf16 table, and the fp32 table's layer computing its
-/// products in bf16 (MemoryConfig::compute).
+/// Registers BM_DecodeLatency<float|bf16|float_bf16_products|int8|int4|fp8>/batch:{1,8,64}/
+/// threads:{1,2} (called by main): an fp32 table, a bf16 table, the fp32 table's layer
+/// computing its products in bf16 (MemoryConfig::compute), and the fp32 layer served from its
+/// table quantized (docs/quantization.md).
 void register_decode_benchmarks() {
   auto fixture = std::make_shared<DecodeFixture>();
-  for (const char* type : {"float", "bf16", "float_bf16_products"}) {
+  for (const char* type : {"float", "bf16", "float_bf16_products", "int8", "int4", "fp8"}) {
     for (int threads : {1, 2}) {
       for (Index batch : {1, 8, 64}) {
         const std::string name = std::string("BM_DecodeLatency<") + type +
@@ -160,13 +179,19 @@ void register_decode_benchmarks() {
                                  "/threads:" + std::to_string(threads);
         const bool bf16_table = std::string(type) == "bf16";
         const bool bf16_products = std::string(type) == "float_bf16_products";
+        const auto format = pkm::parse_quantized_dtype(type);
         benchmark::RegisterBenchmark(
             name.c_str(),
-            [fixture, bf16_table, bf16_products, batch, threads](benchmark::State& st) {
-              if (bf16_table)
+            [fixture, bf16_table, bf16_products, format, batch, threads](benchmark::State& st) {
+              if (format) {
+                const auto& layer = fixture->quantized_layer(*format);
+                decode_latency_of(st, *fixture, layer, double(layer.values().row_bytes()), batch,
+                                  threads);
+              } else if (bf16_table) {
                 decode_latency<pkm::bf16>(st, *fixture, batch, threads);
-              else
+              } else {
                 decode_latency<float>(st, *fixture, batch, threads, bf16_products);
+              }
             })
             ->Unit(benchmark::kMicrosecond)
             ->UseRealTime();

@@ -1,5 +1,5 @@
 // No heap allocation per call on the small-batch forward once a caller's ForwardCache is warm:
-// the layer at batch 1 and 8, with 1 and 2 threads, fp32 and bf16 tables, fp32 and bf16
+// the layer at batch 1 and 8, with 1 and 2 threads, fp32, bf16 and quantized tables, fp32 and bf16
 // products. At batch 64 the
 // products are Eigen's (or BLIS's) packed GEMMs, which may allocate their packing buffers (or,
 // BLIS single-threaded, its per-call thread objects) on every product: there the count is
@@ -14,6 +14,7 @@
 // 11 per call at batch 64.
 #include <atomic>
 #include <cstdio>
+#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -71,10 +72,25 @@ int posix_memalign(void** out, std::size_t a, std::size_t n) {
 
 namespace {
 
+/// The layer with a table of TableT (pkm::Quantized: the fp32 layer's table quantized to
+/// `format`).
 template <class TableT>
-long allocations_per_call(const pkm::MemoryConfig& cfg, pkm::Index batch, int threads) {
+pkm::MemoryLayer<float, TableT> make_layer(const pkm::MemoryConfig& cfg, pkm::Dtype format) {
+  if constexpr (std::is_same_v<TableT, pkm::Quantized>) {
+    const pkm::MemoryLayer<float> full(cfg, 3);
+    return pkm::MemoryLayer<float, pkm::Quantized>(full.params(),
+                                                   pkm::quantize(full.values(), format));
+  } else {
+    (void)format;
+    return pkm::MemoryLayer<float, TableT>(cfg, 3);
+  }
+}
+
+template <class TableT>
+long allocations_per_call(const pkm::MemoryConfig& cfg, pkm::Index batch, int threads,
+                          pkm::Dtype format = pkm::Dtype::int8_rowwise) {
   omp_set_num_threads(threads);
-  pkm::MemoryLayer<float, TableT> layer(cfg, 3);
+  const auto layer = make_layer<TableT>(cfg, format);
   pkm::RowMatrix<float> x = pkm::RowMatrix<float>::Random(batch, cfg.input_dim);
   pkm::RowMatrix<float> out(batch, cfg.output_dim);
   pkm::ForwardCache<float> cache;
@@ -120,6 +136,13 @@ int main() {
       const long products = 1 + 2 * cfg.heads + 2;
       const long allowed = batch <= 8 ? 0 : products * 20;
       failures += (f > allowed) + (h > allowed);
+      if (batch <= 8) {  // quantized tables: the read allocates nothing either
+        for (pkm::Dtype format : pkm::kQuantizedDtypes) {
+          const long q = allocations_per_call<pkm::Quantized>(cfg, batch, threads, format);
+          std::printf("  %s table: %ld\n", pkm::dtype_name(format), q);
+          failures += q > 0;
+        }
+      }
       if (batch <= 8) {  // bf16 products: the small-batch kernel rounds in place, no packing
         pkm::MemoryConfig c16 = cfg;
         c16.compute = pkm::Dtype::bf16;

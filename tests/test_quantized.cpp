@@ -13,6 +13,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <pkm/memory_layer.hpp>
@@ -468,4 +469,45 @@ TEST_CASE("quantized layer: forward near the fp32 layer's, bits of the quantized
     using QuantizedLayer = pkm::MemoryLayer<float, pkm::Quantized>;
     CHECK_THROWS_AS(QuantizedLayer(full.params(), std::move(small)), std::invalid_argument);
   }
+}
+
+TEST_CASE("a quantized table shared by two layers, read from several threads at once, with bf16 "
+          "products",
+          "[quantized]") {
+  const pkm::MemoryConfig c = pkmtest::medium_config();
+  pkm::MemoryLayer<float> a(c, 21), b(c, 22);
+  const pkm::QuantizedTable pool = pkm::quantize(a.values(), Dtype::fp8_rowwise);
+  // Two layers, their own dense parameters, one table (views: no copy).
+  const pkm::MemoryLayer<float, pkm::Quantized> qa(a.params(), pool.view()), qb(b.params(), pool.view());
+  CHECK(qa.values().data() == pool.data());
+  CHECK(qb.values().data() == pool.data());
+  const MatF x = pkmtest::random_matrix(24, c.input_dim, 4).cast<float>();
+  pkm::ForwardCache<float> ca, cb;
+  const MatF ya = qa.forward(x, ca), yb = qb.forward(x, cb);
+  CHECK(!same_bits(ya, yb));
+  // The const forward from four threads at once, each with its own cache: the same bits.
+  std::vector<MatF> outs(4);
+  std::vector<std::thread> pool_threads;
+  for (int t = 0; t < 4; ++t) {
+    pool_threads.emplace_back([&, t] {
+      pkm::ForwardCache<float> cache;
+      outs[std::size_t(t)] = (t % 2 ? qb : qa).forward(x, cache);
+    });
+  }
+  for (auto& th : pool_threads) th.join();
+  for (int t = 0; t < 4; ++t) CHECK(same_bits(outs[std::size_t(t)], t % 2 ? yb : ya));
+  // bf16 products with a quantized table: the products change (bf16 query), the read is the
+  // quantized read of the slots that query found.
+  pkm::LayerParameters<float> p16 = a.params();
+  p16.set_compute(Dtype::bf16);
+  setenv("PKM_BF16_KERNEL", "portable", 1);  // bf16 products on any CPU
+  const pkm::MemoryLayer<float, pkm::Quantized> q16(std::move(p16), pool.view());
+  pkm::ForwardCache<float> c16;
+  const MatF y16 = q16.forward(x, c16);
+  unsetenv("PKM_BF16_KERNEL");
+  CHECK(!same_bits(y16, ya));
+  CHECK(y16.allFinite());
+  MatF read(24, c.v_dim);
+  pkm::embedding_bag(pool, c16.indices, c16.weights, read);
+  CHECK(same_bits(read, c16.read));
 }

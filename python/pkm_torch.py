@@ -240,6 +240,9 @@ class HashingMemory(torch.nn.Module):
         self.mem_share_values = mem_share_values
         self._fused = None
         self._fused_impl = None
+        # Kept between inference calls (no_grad / inference_mode): the forward's buffers and the
+        # parameters' finiteness check, redone only when a parameter tensor changes.
+        self._state = torch.classes.pkm.ForwardState()
         self.keys = torch.nn.Parameter(torch.empty(2 * self.heads * self.n_keys, self.k_dim // 2))
         shape = (self.n_keys * self.n_keys, self.v_dim)
         if values is None and mem_share_values and HashingMemory.VALUES is not None:
@@ -313,7 +316,8 @@ class HashingMemory(torch.nn.Module):
         if self.gating is not None:
             wg, bg = self.gating.weight, self.gating.bias
         y = torch.ops.pkm.memory(x, self.keys, q.weight, q.bias, w1, b1, w2, b2, wg, bg, self.values.weight,
-                                 self.heads, self.knn, self.qk_norm, self.qk_norm_scale, self.sparse, self._fused_impl)
+                                 self.heads, self.knn, self.qk_norm, self.qk_norm_scale, self.sparse, self._fused_impl,
+                                 "F32", self._state)
         if self.value_dropout > 0.0:
             y = F.dropout(y, p=self.value_dropout, training=self.training)
         return y
@@ -381,6 +385,7 @@ class QuantizedHashingMemory(torch.nn.Module):
         if not isinstance(memory, HashingMemory):
             raise ValueError("QuantizedHashingMemory: quantizes a pkm_torch.HashingMemory, got %s" % type(memory))
         self.format = _FORMATS.get(format, format)
+        self._state = torch.classes.pkm.ForwardState()
         for name in ("input_dim", "output_dim", "heads", "knn", "k_dim", "n_keys", "v_dim", "qk_norm",
                      "qk_norm_scale"):
             setattr(self, name, getattr(memory, name))
@@ -421,7 +426,7 @@ class QuantizedHashingMemory(torch.nn.Module):
         wg, bg = wb(self.gating)
         return torch.ops.pkm.memory_quantized(x, self.keys, q.weight, q.bias, w1, b1, w2, b2, wg, bg,
                                               self.values.weight, self.format, self.v_dim, self.heads, self.knn,
-                                              self.qk_norm, self.qk_norm_scale)
+                                              self.qk_norm, self.qk_norm_scale, "F32", self._state)
 
     def get_extra_state(self):
         return {"format": self.format, "v_dim": self.v_dim}

@@ -160,6 +160,15 @@ class LayerParameters {
 
   /// Views caller-owned buffers. Throws std::invalid_argument if a present tensor's pointer
   /// is null or an absent tensor's pointer is not.
+  /// As above, sharing `stamp` (detail::ModificationStamp): a caller that knows the buffers did
+  /// not change since a previous view passed the finiteness check (the PyTorch operator tracks
+  /// its tensors' versions) hands the same stamp again, and the check is not repeated.
+  static LayerParameters view(const MemoryConfig& config, const ParameterBuffers<Scalar>& b,
+                              std::shared_ptr<detail::ModificationStamp> stamp) {
+    LayerParameters p = view(config, b);
+    if (stamp) p.stamp_ = std::move(stamp);
+    return p;
+  }
   static LayerParameters view(const MemoryConfig& config, const ParameterBuffers<Scalar>& b) {
     config.validate();
     check_compute<Scalar>(config);

@@ -544,12 +544,55 @@ def test_quantized_serving():
             "int8", 12, 4, 4, False, None), "rows of the wrong width")
 
 
+def test_inference_state():
+    """Under no_grad the module reuses its ForwardState (cache, parameter check): the same bits
+    as the autograd path at every batch size, a parameter changed in place is checked again
+    (a NaN put there is refused), and a copy runs on its own state."""
+    import copy
+    import threading
+    torch.manual_seed(3)
+    _, mem = pair(CONFIGS["gated"])
+    xs = [torch.randn(b, 16) for b in (1, 64, 1, 8, 64)]
+    want = [mem(x).detach() for x in xs]  # grad mode on, parameters require grad: autograd path
+    with torch.no_grad():
+        got = [mem(x) for x in xs]
+    check(all(torch.equal(a, b) for a, b in zip(got, want)),
+          "no_grad with the module's state: the autograd path's bits at batch 1, 64, 1, 8, 64")
+    with torch.no_grad():
+        keys = mem.keys.clone()
+        mem.keys.add_(0.01)  # in place: bumps the tensor's version
+        y_moved = mem(xs[0])
+        mem.keys.copy_(keys)
+    check(not torch.equal(y_moved, want[0]), "a parameter changed in place changes the output")
+    with torch.no_grad():
+        saved = mem.keys[0, 0].item()
+        mem.keys[0, 0] = float("nan")
+        expect_error(RuntimeError, "parameter 'keys' holds nan", lambda: mem(xs[0]),
+                     "a NaN written in place after the state's check")
+        mem.keys[0, 0] = saved
+        check(torch.equal(mem(xs[0]), want[0]), "and the repaired parameter gives the first bits")
+        other = copy.deepcopy(mem)
+        check(torch.equal(other(xs[1]), want[1]), "a deep copy runs with a state of its own")
+    results = [None] * 4
+
+    def call(i):
+        with torch.no_grad():
+            results[i] = mem(xs[1])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check(all(torch.equal(r, want[1]) for r in results), "four threads sharing the module get the same bits")
+
+
 def main():
     pkm_torch.load_library(sys.argv[1] if len(sys.argv) > 1 else None)
     torch.set_num_threads(2)
     for t in (test_against_reference, test_btc_and_bf16, test_gradcheck, test_sparse_adam_and_fused,
               test_shared_values, test_bad_input, test_full_shapes, test_fused_twice_in_one_loss,
-              test_gradient_accumulation, test_autocast_bf16, test_quantized_serving):
+              test_gradient_accumulation, test_autocast_bf16, test_quantized_serving, test_inference_state):
         t()
     test_state_pickle_and_names(sys.argv[3] if len(sys.argv) > 3 else "/tmp/pkm_torch_test")
     if len(sys.argv) > 3:

@@ -154,7 +154,8 @@ inline void check_config(std::int64_t input_dim, std::int64_t output_dim, std::i
 }
 
 template <class S>
-LayerParameters<S> view_params(const MemoryConfig& c, const ParamTensors& p) {
+LayerParameters<S> view_params(const MemoryConfig& c, const ParamTensors& p,
+                               std::shared_ptr<pkm::detail::ModificationStamp> stamp = nullptr) {
   auto ptr = [&](Tensor t) {
     return p[int(t)].defined() ? p[int(t)].template data_ptr<S>() : nullptr;
   };
@@ -168,7 +169,7 @@ LayerParameters<S> view_params(const MemoryConfig& c, const ParamTensors& p) {
   b.value_proj_bias = ptr(Tensor::value_proj_bias);
   b.gate_weight = ptr(Tensor::gate_weight);
   b.gate_bias = ptr(Tensor::gate_bias);
-  return LayerParameters<S>::view(c, b);
+  return LayerParameters<S>::view(c, b, std::move(stamp));
 }
 
 template <class S>
@@ -201,6 +202,75 @@ torch::Tensor tensor_of(PageBuffer<S>& pages, std::vector<std::int64_t> shape,
   S* data = pages.release();
   return torch::from_blob(
       data, shape, [bytes](void* p) { PageBuffer<S>::free_pages(p, bytes); }, o);
+}
+
+}  // namespace detail
+
+/// What a module keeps between its inference calls (torch.classes.pkm.ForwardState): the
+/// forward's cache, its buffers sized once, and the parameters' finiteness, checked once per
+/// change of the tensors (their data pointers and autograd versions: in-place ops and
+/// optimizer steps bump them; writes through `.data` do not). Used where no gradient flows
+/// (grad mode off, or nothing requires grad); one caller at a time, and a second caller
+/// meanwhile gets a fresh cache and check of its own.
+struct ForwardState : torch::CustomClassHolder {
+  std::mutex mutex;
+  ForwardCache<float> cache;
+
+  /// The stamp for the views of these tensors: the same one (already checked) when none of
+  /// them changed since the last call, else a fresh one. Call with the mutex held.
+  std::shared_ptr<pkm::detail::ModificationStamp> stamp_for(const detail::ParamTensors& p,
+                                                            const MemoryConfig& c) {
+    bool same = stamp_ != nullptr && c == config_;
+    for (int t = 0; t < kNumTensors; ++t) {
+      const void* ptr = p[t].defined() ? p[t].data_ptr() : nullptr;
+      const std::int64_t version = p[t].defined() ? std::int64_t(p[t]._version()) : -1;
+      same = same && ptr == ptrs_[t] && version == versions_[t];
+      ptrs_[t] = ptr;
+      versions_[t] = version;
+    }
+    if (!same) {
+      stamp_ = std::make_shared<pkm::detail::ModificationStamp>();
+      config_ = c;
+    }
+    return stamp_;
+  }
+
+ private:
+  std::shared_ptr<pkm::detail::ModificationStamp> stamp_;
+  MemoryConfig config_;
+  std::array<const void*, kNumTensors> ptrs_{};
+  std::array<std::int64_t, kNumTensors> versions_{};
+};
+
+namespace detail {
+
+/// True when autograd would want a gradient from this call.
+inline bool wants_grad(const torch::Tensor& x, const ParamTensors& p, const torch::Tensor& values) {
+  if (!torch::GradMode::is_enabled()) return false;
+  bool g = x.requires_grad() || (values.defined() && values.requires_grad());
+  for (const auto& t : p) g = g || (t.defined() && t.requires_grad());
+  return g;
+}
+
+/// The forward of `layer_of(params)` on x (float32) outside autograd, with `state`'s cache and
+/// finiteness stamp where it is free (else a cache of this call's own).
+template <class MakeLayer>
+torch::Tensor stateful_forward(ForwardState& state, const torch::Tensor& x_in,
+                               const ParamTensors& p, const MemoryConfig& c,
+                               MakeLayer&& layer_of) {
+  const torch::Tensor x = x_in.contiguous();
+  const torch::Tensor x2 = x.reshape({-1, c.input_dim});
+  torch::Tensor out = torch::empty({x2.size(0), c.output_dim}, x.options());
+  std::unique_lock<std::mutex> lock(state.mutex, std::try_to_lock);
+  ForwardCache<float> own;
+  ForwardCache<float>& cache = lock.owns_lock() ? state.cache : own;
+  const auto layer = layer_of(view_params<float>(c, p, lock.owns_lock() ? state.stamp_for(p, c)
+                                                                          : nullptr));
+  layer.forward(MatrixMap<float>(x2.data_ptr<float>(), x2.size(0), c.input_dim),
+                MatrixMap<float>(out.data_ptr<float>(), out.size(0), c.output_dim), cache);
+  std::vector<std::int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = c.output_dim;
+  return out.reshape(shape);
 }
 
 class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
@@ -401,7 +471,8 @@ inline torch::Tensor memory(const torch::Tensor& x, const torch::Tensor& keys,
                             const torch::Tensor& value_proj_bias, const torch::Tensor& gate_weight,
                             const torch::Tensor& gate_bias, const torch::Tensor& values,
                             const LayerOptions& options, bool sparse_grad = true,
-                            const c10::intrusive_ptr<ValueOptimizer>& opt = {}) {
+                            const c10::intrusive_ptr<ValueOptimizer>& opt = {},
+                            const c10::intrusive_ptr<ForwardState>& state = {}) {
   auto o = [](const torch::Tensor& t) {
     return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
   };
@@ -409,6 +480,22 @@ inline torch::Tensor memory(const torch::Tensor& x, const torch::Tensor& keys,
   const bool bf16_x = x.scalar_type() == torch::kBFloat16 && keys.scalar_type() == torch::kFloat;
   if (bf16_x || detail::autocast_bf16(x)) opts.compute = Dtype::bf16;
   const torch::Tensor xin = bf16_x ? x.to(torch::kFloat) : x;
+  const detail::ParamTensors p{keys,       query_weight,      query_bias,
+                               swilu_weight, swilu_bias,      value_proj_weight,
+                               value_proj_bias, gate_weight,  gate_bias};
+  // Inference with a module's state: no autograd node, the state's cache and parameter check.
+  if (state && !opt && xin.scalar_type() == torch::kFloat && xin.device().is_cpu() &&
+      !detail::wants_grad(xin, p, values) &&
+      (values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kBFloat16)) {
+    const MemoryConfig c = detail::infer_config(xin.contiguous(), p, values, opts);
+    torch::Tensor out = detail::dispatch(xin, values, [&](auto, auto t) {
+      using T = decltype(t);
+      return detail::stateful_forward(*state, xin, p, c, [&](LayerParameters<float> params) {
+        return MemoryLayer<float, T>(std::move(params), detail::view_table<T>(values));
+      });
+    });
+    return bf16_x ? out.to(torch::kBFloat16) : out;
+  }
   torch::Tensor out = detail::MemoryFunction::apply(
       xin, keys, query_weight, o(query_bias), o(swilu_weight), o(swilu_bias),
       o(value_proj_weight), o(value_proj_bias), o(gate_weight), o(gate_bias), values, opts,
@@ -451,7 +538,7 @@ inline torch::Tensor quantize_values(const torch::Tensor& values, Dtype format) 
 /// quantized_row_bytes(format, v_dim), as quantize_values makes it) holds the table's rows.
 /// Inference only: refused (std::invalid_argument, Python's ValueError) where autograd would
 /// need a gradient (x or a parameter requires grad with grad mode on). bf16 products as
-/// memory() chooses them. Each call allocates its own cache.
+/// memory() chooses them. With a module's `state`, its cache and parameter check are reused.
 inline torch::Tensor memory_quantized(const torch::Tensor& x, const torch::Tensor& keys,
                                       const torch::Tensor& query_weight,
                                       const torch::Tensor& query_bias,
@@ -462,7 +549,8 @@ inline torch::Tensor memory_quantized(const torch::Tensor& x, const torch::Tenso
                                       const torch::Tensor& gate_weight,
                                       const torch::Tensor& gate_bias, const torch::Tensor& rows,
                                       Dtype format, std::int64_t v_dim,
-                                      const LayerOptions& options) {
+                                      const LayerOptions& options,
+                                      const c10::intrusive_ptr<ForwardState>& state = {}) {
   pkm::detail::check_quantized_format("pkm.memory_quantized", format);
   const detail::ParamTensors p{keys,       query_weight,      query_bias,
                                swilu_weight, swilu_bias,      value_proj_weight,
@@ -491,17 +579,12 @@ inline torch::Tensor memory_quantized(const torch::Tensor& x, const torch::Tenso
   const torch::Tensor xc = x.contiguous();
   const MemoryConfig c = detail::infer_config(xc, p, rows.size(0), v_dim, o);
   if (xc.scalar_type() != torch::kFloat) detail::fail("x must be float32 for a quantized table");
-  const torch::Tensor x2 = xc.reshape({-1, c.input_dim});
-  torch::Tensor out = torch::empty({x2.size(0), c.output_dim}, xc.options());
-  const MemoryLayer<float, Quantized> layer(
-      detail::view_params<float>(c, p),
-      QuantizedTable::view(format, rows.data_ptr<std::uint8_t>(), rows.size(0), v_dim));
-  ForwardCache<float> cache;
-  layer.forward(MatrixMap<float>(x2.data_ptr<float>(), x2.size(0), c.input_dim),
-                MatrixMap<float>(out.data_ptr<float>(), out.size(0), c.output_dim), cache);
-  std::vector<std::int64_t> shape(xc.sizes().begin(), xc.sizes().end());
-  shape.back() = c.output_dim;
-  return out.reshape(shape);
+  ForwardState own;  // without a module's state: this call's own cache and check
+  return detail::stateful_forward(state ? *state : own, xc, p, c, [&](LayerParameters<float> params) {
+    return MemoryLayer<float, Quantized>(
+        std::move(params),
+        QuantizedTable::view(format, rows.data_ptr<std::uint8_t>(), rows.size(0), v_dim));
+  });
 }
 
 }  // namespace pkm::torch_ops

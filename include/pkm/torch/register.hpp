@@ -24,7 +24,8 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
                                const torch::Tensor& values, std::int64_t heads, std::int64_t knn,
                                bool qk_norm, c10::optional<double> qk_norm_scale, bool sparse_grad,
                                const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer,
-                               const std::string& compute) {
+                               const std::string& compute,
+                               const c10::optional<c10::intrusive_ptr<ForwardState>>& state) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
   LayerOptions options;
   options.heads = heads;
@@ -39,7 +40,8 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
   return memory(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
                 t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias), values,
                 options, sparse_grad,
-                optimizer ? *optimizer : c10::intrusive_ptr<ValueOptimizer>());
+                optimizer ? *optimizer : c10::intrusive_ptr<ValueOptimizer>(),
+                state ? *state : c10::intrusive_ptr<ForwardState>());
 }
 inline Dtype quantized_format(const std::string& format) {
   const auto d = parse_quantized_dtype(format);
@@ -57,7 +59,7 @@ inline torch::Tensor memory_quantized_op(
     const c10::optional<torch::Tensor>& gate_weight, const c10::optional<torch::Tensor>& gate_bias,
     const torch::Tensor& rows, const std::string& format, std::int64_t v_dim, std::int64_t heads,
     std::int64_t knn, bool qk_norm, c10::optional<double> qk_norm_scale,
-    const std::string& compute) {
+    const std::string& compute, const c10::optional<c10::intrusive_ptr<ForwardState>>& state) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
   LayerOptions options;
   options.heads = heads;
@@ -71,12 +73,19 @@ inline torch::Tensor memory_quantized_op(
   options.compute = *dtype;
   return memory_quantized(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
                           t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias),
-                          rows, quantized_format(format), v_dim, options);
+                          rows, quantized_format(format), v_dim, options,
+                          state ? *state : c10::intrusive_ptr<ForwardState>());
 }
 }  // namespace pkm::torch_ops::detail
 
 TORCH_LIBRARY(pkm, m) {
+  using pkm::torch_ops::ForwardState;
   using pkm::torch_ops::ValueOptimizer;
+  // A module's inference state: nothing to save (a copy or an unpickled module starts afresh).
+  m.class_<ForwardState>("ForwardState")
+      .def(torch::init<>())
+      .def_pickle([](const c10::intrusive_ptr<ForwardState>&) { return std::int64_t{0}; },
+                  [](std::int64_t) { return c10::make_intrusive<ForwardState>(); });
   m.class_<ValueOptimizer>("ValueOptimizer")
       .def(torch::init<std::string, std::int64_t, std::int64_t, double, double, double, double,
                        double, double, bool>())
@@ -118,7 +127,8 @@ TORCH_LIBRARY(pkm, m) {
       "gate_weight, "
       "Tensor? gate_bias, Tensor values, int heads, int knn, bool qk_norm, float? qk_norm_scale, "
       "bool sparse_grad, "
-      "__torch__.torch.classes.pkm.ValueOptimizer? optimizer, str compute=\"F32\") -> Tensor",
+      "__torch__.torch.classes.pkm.ValueOptimizer? optimizer, str compute=\"F32\", "
+      "__torch__.torch.classes.pkm.ForwardState? state=None) -> Tensor",
       &pkm::torch_ops::detail::memory_op);
   m.def("quantize_values(Tensor values, str format) -> Tensor",
         [](const torch::Tensor& values, const std::string& format) {
@@ -129,6 +139,7 @@ TORCH_LIBRARY(pkm, m) {
       "memory_quantized(Tensor x, Tensor keys, Tensor query_weight, Tensor? query_bias, Tensor? "
       "swilu_weight, Tensor? swilu_bias, Tensor? value_proj_weight, Tensor? value_proj_bias, "
       "Tensor? gate_weight, Tensor? gate_bias, Tensor rows, str format, int v_dim, int heads, "
-      "int knn, bool qk_norm, float? qk_norm_scale, str compute=\"F32\") -> Tensor",
+      "int knn, bool qk_norm, float? qk_norm_scale, str compute=\"F32\", "
+      "__torch__.torch.classes.pkm.ForwardState? state=None) -> Tensor",
       &pkm::torch_ops::detail::memory_quantized_op);
 }

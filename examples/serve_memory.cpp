@@ -6,7 +6,12 @@
 //
 //   serve_memory --write-demo memory.safetensors [--n-keys 512]   # a random layer to serve
 //   serve_memory --checkpoint memory.safetensors [--tokens 2000] [--callers 1] [--threads 2]
-//                [--batch 1]
+//                [--batch 1] [--fetch page_faults|random|early] [--cold] [--disk-limit S]
+//
+// --fetch says how the mapped table's rows come from the disk (pkm/io/mapped_table.hpp);
+// --cold drops the file's pages from the page cache before decoding (posix_fadvise DONTNEED),
+// as after a reboot; --disk-limit S first measures, for S seconds, what the disk itself gives:
+// 4 KiB random reads of the file at queue depth 32 (32 threads, O_DIRECT, no page cache).
 //
 // The demo layer has the quickstart's shape (d = 1024, 4 heads, knn 32, k_dim 512, v_dim
 // 1024; --n-keys 512 gives a 1 GiB fp32 table). A bf16 table is mapped as bf16, and a
@@ -15,7 +20,9 @@
 #include <pkm/io/checkpoint.hpp>
 #include <pkm/pkm.hpp>
 
+#include <fcntl.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,8 +30,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -75,18 +84,81 @@ const char* table_dtype(const pkm::MemoryLayer<float, TableT>& layer) {
 struct Options {
   std::string checkpoint;
   long long tokens = 2000, callers = 1, threads = 2, batch = 1;
+  pkm::io::TableFetch fetch = pkm::io::TableFetch::page_faults;
+  bool cold = false;
+  double disk_seconds = 0;
 };
+
+/// The disk's own limit, outside pkm: 4 KiB reads at random 4 KiB-aligned offsets of the file,
+/// 32 at a time (32 threads, each one read in flight), through O_DIRECT so that no page cache
+/// serves them. Prints reads per second and MB/s.
+void disk_limit(const std::string& path, double seconds) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  if (fd < 0) {
+    std::printf("disk limit: cannot open the file with O_DIRECT (%s); not measured\n",
+                std::strerror(errno));
+    return;
+  }
+  const off_t blocks = ::lseek(fd, 0, SEEK_END) / 4096;
+  std::atomic<long long> reads{0};
+  std::atomic<bool> stop{false}, failed{false};
+  std::vector<std::thread> pool;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int t = 0; t < 32 && blocks > 0; ++t) {
+    pool.emplace_back([&, t] {
+      std::vector<unsigned char> space(2 * 4096);  // O_DIRECT wants a 4 KiB-aligned buffer
+      unsigned char* buf = space.data() + (4096 - reinterpret_cast<std::uintptr_t>(space.data()) % 4096) % 4096;
+      std::mt19937_64 rng(std::uint64_t(t) * 7919 + 1);
+      while (!stop) {
+        const off_t at = off_t(rng() % std::uint64_t(blocks)) * 4096;
+        if (::pread(fd, buf, 4096, at) != 4096) {
+          failed = true;
+          return;
+        }
+        ++reads;
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& t : pool) t.join();
+  ::close(fd);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (failed || reads == 0) {
+    std::printf("disk limit: O_DIRECT reads failed here; not measured\n");
+    return;
+  }
+  std::printf("disk limit: %.0f random 4 KiB reads/s at queue depth 32 (%.0f MB/s), O_DIRECT\n",
+              double(reads) / s, double(reads) * 4096 / s / 1e6);
+}
+
+/// Drops the file's pages from the page cache (those no process has mapped), as a cold start.
+void drop_cached(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) die("cannot open " + path + " to drop its cached pages");
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+}
 
 template <class TableT>
 int serve(pkm::io::SafetensorsFile& file, const Options& o, bool mapped) {
-  const auto layer = mapped ? pkm::io::load_layer_mapped<float, TableT>(file)
+  pkm::io::LoadOptions load;
+  load.fetch = o.fetch;
+  const auto layer = mapped ? pkm::io::load_layer_mapped<float, TableT>(file, load)
                             : pkm::io::load_layer<float, TableT>(file);
   const pkm::MemoryConfig& c = layer.config();
   const double table_mib = table_bytes(layer) / (1 << 20);
+  const std::string how = mapped ? std::string("mapped from the file, fetch ") +
+                                       pkm::io::table_fetch_name(o.fetch)
+                                 : std::string("loaded");
   std::printf("layer: %lld slots x %lld values (%s, %.0f MiB, %s), d %lld, %lld heads, knn %lld\n",
               (long long)c.slots(), (long long)c.v_dim, table_dtype(layer),
-              table_mib, mapped ? "mapped from the file" : "loaded", (long long)c.input_dim,
+              table_mib, how.c_str(), (long long)c.input_dim,
               (long long)c.heads, (long long)c.knn);
+  if (o.cold) {
+    drop_cached(o.checkpoint);
+    std::printf("cold: the file's pages were dropped from the page cache\n");
+  }
   std::printf(
       "decoding %lld tokens, %lld per call, from %lld caller thread(s) x %lld OpenMP "
       "thread(s)\n",
@@ -105,8 +177,11 @@ int serve(pkm::io::SafetensorsFile& file, const Options& o, bool mapped) {
       pkm::RowMatrix<float> x(o.batch, c.input_dim), y(o.batch, c.output_dim);
       auto& mine = latency[static_cast<std::size_t>(id)];
       for (long long call = id; call < calls_total && !failed; call += o.callers) {
-        for (pkm::Index e = 0; e < x.size(); ++e)  // a different "hidden state" per call
-          x.data()[e] = float(std::sin(0.01 * double(e) + 0.7 * double(call)));
+        // A different random "hidden state" per call (seeded by the call: the same run
+        // whatever the callers), so the tokens read rows all over the table.
+        std::mt19937_64 rng(std::uint64_t(call) + 1);
+        std::normal_distribution<float> normal;
+        for (pkm::Index e = 0; e < x.size(); ++e) x.data()[e] = normal(rng);
         const auto a = std::chrono::steady_clock::now();
         layer.forward(x, y, cache);
         mine.push_back(
@@ -187,15 +262,27 @@ int main(int argc, char** argv) {
       if (const std::string e = pkmcli::threads_error(o.threads); !e.empty()) die(e);
     } else if (a == "--batch") {
       o.batch = parse_count(a, value(), 1, 1 << 16);
+    } else if (a == "--fetch") {
+      const std::string v = value();
+      if (v == "page_faults") o.fetch = pkm::io::TableFetch::page_faults;
+      else if (v == "random") o.fetch = pkm::io::TableFetch::random;
+      else if (v == "early") o.fetch = pkm::io::TableFetch::early;
+      else die("--fetch " + v + ": expected page_faults, random or early");
+    } else if (a == "--cold") {
+      o.cold = true;
+    } else if (a == "--disk-limit") {
+      o.disk_seconds = double(parse_count(a, value(), 1, 600));
     } else {
       die("unknown argument " + a +
           " (serve_memory --write-demo FILE [--n-keys N] | --checkpoint FILE [--tokens N] "
-          "[--callers T] [--threads K] [--batch B])");
+          "[--callers T] [--threads K] [--batch B] [--fetch page_faults|random|early] [--cold] "
+          "[--disk-limit S])");
     }
   }
   try {
     if (!demo.empty()) return write_demo(demo, n_keys);
     if (o.checkpoint.empty()) die("--checkpoint FILE (or --write-demo FILE) is required");
+    if (o.disk_seconds > 0) disk_limit(o.checkpoint, o.disk_seconds);
     pkm::io::SafetensorsFile file(o.checkpoint);
     const pkm::Dtype table = file.info("values.weight").dtype;
     if (file.metadata().count(pkm::io::kMetaValuesFormat))

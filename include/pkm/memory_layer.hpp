@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "pkm/config.hpp"
@@ -33,6 +34,7 @@
 #include "pkm/parameters.hpp"
 #include "pkm/quantized_bag.hpp"
 #include "pkm/quantized_table.hpp"
+#include "pkm/row_fetch.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
 #include "pkm/value_gradient.hpp"
@@ -119,6 +121,13 @@ class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, Forward
   Index value_rows() const { return values_.rows(); }
   Index value_width() const { return values_.dim(); }
 
+  /// The hook each forward calls with the rows it is about to read (pkm/row_fetch.hpp); an
+  /// empty one (the default) is not called. pkm::io::load_layer_mapped sets one that checks
+  /// the file and, if asked, fetches the rows early. Copies of the layer share the hook's
+  /// state through whatever the hook holds.
+  void set_row_fetch(RowFetch fetch) { fetch_ = std::move(fetch); }
+  const RowFetch& row_fetch() const { return fetch_; }
+
  private:
   void check_table() const {
     const MemoryConfig& c = config();
@@ -144,6 +153,7 @@ class MemoryLayer : public LayerApi<MemoryLayer<Scalar, TableT>, Scalar, Forward
 
   LayerParameters<Scalar> params_;
   table_storage values_;
+  RowFetch fetch_;
 };
 
 // The entry points that do the work are defined outside the class, so that they are not
@@ -157,6 +167,7 @@ void MemoryLayer<Scalar, TableT>::forward_core(const ConstMatrixRef<Scalar>& x,
   const char* who = "pkm::MemoryLayer::forward";
   composition::forward_begin(who, params_, x, out, cache);
   if (x.rows() > 0) {
+    if (fetch_) fetch_(cache.indices.data(), static_cast<Index>(cache.indices.size()));
     if constexpr (kQuantized) {
       embedding_bag(values_, cache.indices, cache.weights, cache.read);
       detail::check_bag_read(who, values_, cache.indices, cache.read);

@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "pkm/io/mapped_table.hpp"
 #include "pkm/io/safetensors.hpp"
 #include "pkm/memory_layer.hpp"
 
@@ -50,6 +51,8 @@ struct LoadOptions {
   /// Prepended to every tensor name (a layer inside a whole model's checkpoint, e.g.
   /// "layers.4.memory.").
   std::string prefix;
+  /// load_layer_mapped: how the table's rows come from the disk (pkm/io/mapped_table.hpp).
+  TableFetch fetch = TableFetch::page_faults;
 };
 
 namespace detail {
@@ -366,9 +369,10 @@ MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptio
 }
 
 /// Loads a layer whose value table is a view into the file's mapping: no copy of the table.
-/// The file's dtype must be TableT's and its data aligned for TableT; `f` (or a copy of it)
-/// must outlive the layer, and the file must not be truncated meanwhile (SIGBUS: see
-/// safetensors.hpp). Writes to the table (fine-tuning) stay in memory, never in the file.
+/// The file's dtype must be TableT's and its data aligned for TableT. The layer keeps the
+/// mapping alive (its RowFetch hook holds a copy of `f`), and each forward first checks that
+/// the file was not truncated or rewritten meanwhile (runtime_error, not SIGBUS); opt.fetch
+/// chooses how the rows come from the disk (pkm/io/mapped_table.hpp). Writes to the table (fine-tuning) stay in memory, never in the file.
 /// The dense parameters are checked as by load_layer; the table is not scanned (that would
 /// read all of it): forward checks the rows it reads, and pkm::first_non_finite_row checks
 /// it all on demand.
@@ -380,9 +384,13 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
   const TensorInfo& v = f.info(opt.prefix + "values.weight");
   if constexpr (std::is_same_v<TableT, Quantized>) {
     LayerParameters<Scalar> params = detail::load_checked_parameters<Scalar>(f, c, opt.prefix, "load_layer_mapped");
-    return MemoryLayer<Scalar, TableT>(
-        std::move(params), QuantizedTable::view(*detail::values_format(f, opt.prefix),
-                                                f.mutable_bytes(v), c.slots(), c.v_dim));
+    const Dtype format = *detail::values_format(f, opt.prefix);
+    MemoryLayer<Scalar, TableT> layer(
+        std::move(params), QuantizedTable::view(format, f.mutable_bytes(v), c.slots(), c.v_dim));
+    layer.set_row_fetch(MappedTableFetch(f, v, c.slots(),
+                                         std::uint64_t(quantized_row_bytes(format, c.v_dim)),
+                                         opt.fetch));
+    return layer;
   } else {
   if (v.dtype != dtype_of<TableT>()) {
     detail::bad_checkpoint(f, "values.weight is " + std::string(dtype_name(v.dtype)) +
@@ -395,9 +403,12 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
         f, "values.weight is not aligned for its dtype in the file; use load_layer");
   }
   LayerParameters<Scalar> params = detail::load_checked_parameters<Scalar>(f, c, opt.prefix, "load_layer_mapped");
-  return MemoryLayer<Scalar, TableT>(
+  MemoryLayer<Scalar, TableT> layer(
       std::move(params),
       ValueTable<TableT>::view(reinterpret_cast<TableT*>(p), c.slots(), c.v_dim));
+  layer.set_row_fetch(MappedTableFetch(
+      f, v, c.slots(), std::uint64_t(c.v_dim) * sizeof(TableT), opt.fetch));
+  return layer;
   }
 }
 

@@ -45,6 +45,7 @@ struct Bytes {
   std::vector<std::uint8_t> owned;
   bool mapped = false;
   int fd = -1;
+  struct stat opened {};  ///< the file's identity when opened (check_unchanged)
   Bytes() = default;
   Bytes(const Bytes&) = delete;
   Bytes& operator=(const Bytes&) = delete;
@@ -66,6 +67,7 @@ class SafetensorsFile {
     struct stat st {};
     if (::fstat(bytes->fd, &st) != 0) fail(std::string("cannot stat: ") + std::strerror(errno));
     if (!S_ISREG(st.st_mode)) fail("not a regular file");
+    bytes->opened = st;
     bytes->size = static_cast<std::size_t>(st.st_size);
     if (bytes->size > 0) {
       void* p = ::mmap(nullptr, bytes->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, bytes->fd, 0);
@@ -109,6 +111,48 @@ class SafetensorsFile {
   const std::uint8_t* bytes(const TensorInfo& t) const { return data_begin() + t.begin; }
   /// Writable raw bytes: the mapping is private, so writes never reach the file.
   std::uint8_t* mutable_bytes(const TensorInfo& t) { return data_begin() + t.begin; }
+
+  /// Throws std::runtime_error if the file is no longer as it was opened: shortened, or written
+  /// since (its size or modification time changed). Reading a mapped page past a shortened
+  /// file's end raises SIGBUS, so a mapped layer's forward calls this before each read
+  /// (pkm/io/mapped_table.hpp). A file replaced by renaming another over it passes: the
+  /// mapping still holds the old file, intact. Nothing to check for a file held in memory.
+  void check_unchanged() const {
+    if (bytes_->fd < 0) return;
+    struct stat st {};
+    if (::fstat(bytes_->fd, &st) != 0) fail(std::string("cannot stat: ") + std::strerror(errno));
+    const struct stat& was = bytes_->opened;
+    if (static_cast<std::size_t>(st.st_size) != bytes_->size) {
+      fail("the file is now " + std::to_string(st.st_size) + " bytes, it had " +
+           std::to_string(bytes_->size) + " when opened: it was truncated or rewritten while "
+           "mapped (replace a mapped file by renaming a new one over it)");
+    }
+    if (st.st_mtim.tv_sec != was.st_mtim.tv_sec || st.st_mtim.tv_nsec != was.st_mtim.tv_nsec) {
+      fail("the file was written since it was opened (its modification time changed): it "
+           "was rewritten while mapped (replace a mapped file by renaming a new one over it)");
+    }
+  }
+
+  /// Asks the kernel to start reading bytes [offset, offset + length) of tensor `t`'s data
+  /// into the page cache, without waiting (posix_fadvise WILLNEED). Nothing for a file held
+  /// in memory; the range is clipped to the tensor.
+  void will_need(const TensorInfo& t, std::uint64_t offset, std::uint64_t length) const {
+    if (bytes_->fd < 0 || offset >= t.end - t.begin) return;
+    length = std::min(length, t.end - t.begin - offset);
+    const std::uint64_t at = 8 + header_size_ + t.begin + offset;
+    ::posix_fadvise(bytes_->fd, static_cast<off_t>(at), static_cast<off_t>(length),
+                    POSIX_FADV_WILLNEED);  // advice: a failure only loses the early start
+  }
+
+  /// Tells the kernel the mapping of tensor `t` is read at random (madvise MADV_RANDOM): a page
+  /// fault then reads that page alone instead of a read-ahead window around it.
+  void advise_random(const TensorInfo& t) const {
+    if (!bytes_->mapped || t.end == t.begin) return;
+    const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto first = reinterpret_cast<std::uintptr_t>(data_begin() + t.begin) / page * page;
+    const auto last = reinterpret_cast<std::uintptr_t>(data_begin() + t.end);
+    ::madvise(reinterpret_cast<void*>(first), last - first, MADV_RANDOM);  // advice only
+  }
 
   /// Converts the tensor's elements into `out` (count must equal its element count). Floats
   /// convert among F32/F64/BF16/F16, integers among I64/I32; float <-> integer is refused.

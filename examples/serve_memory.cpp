@@ -7,11 +7,13 @@
 //   serve_memory --write-demo memory.safetensors [--n-keys 512]   # a random layer to serve
 //   serve_memory --checkpoint memory.safetensors [--tokens 2000] [--callers 1] [--threads 2]
 //                [--batch 1] [--fetch page_faults|random|early] [--cold] [--disk-limit S]
+//                [--max-seconds S]
 //
 // --fetch says how the mapped table's rows come from the disk (pkm/io/mapped_table.hpp);
 // --cold drops the file's pages from the page cache before decoding (posix_fadvise DONTNEED),
 // as after a reboot; --disk-limit S first measures, for S seconds, what the disk itself gives:
-// 4 KiB random reads of the file at queue depth 32 (32 threads, O_DIRECT, no page cache).
+// 4 KiB random reads of the file at queue depth 32 (32 threads, O_DIRECT, no page cache);
+// --max-seconds S stops the decode loop after S seconds (the throughput counts the calls made).
 //
 // The demo layer has the quickstart's shape (d = 1024, 4 heads, knn 32, k_dim 512, v_dim
 // 1024; --n-keys 512 gives a 1 GiB fp32 table). A bf16 table is mapped as bf16, and a
@@ -87,6 +89,7 @@ struct Options {
   pkm::io::TableFetch fetch = pkm::io::TableFetch::page_faults;
   bool cold = false;
   double disk_seconds = 0;
+  double max_seconds = 0;  ///< stop issuing calls after this long (0: never)
 };
 
 /// The disk's own limit, outside pkm: 4 KiB reads at random 4 KiB-aligned offsets of the file,
@@ -177,6 +180,9 @@ int serve(pkm::io::SafetensorsFile& file, const Options& o, bool mapped) {
       pkm::RowMatrix<float> x(o.batch, c.input_dim), y(o.batch, c.output_dim);
       auto& mine = latency[static_cast<std::size_t>(id)];
       for (long long call = id; call < calls_total && !failed; call += o.callers) {
+        if (o.max_seconds > 0 && std::chrono::duration<double>(
+                                     std::chrono::steady_clock::now() - t0).count() > o.max_seconds)
+          break;
         // A different random "hidden state" per call (seeded by the call: the same run
         // whatever the callers), so the tokens read rows all over the table.
         std::mt19937_64 rng(std::uint64_t(call) + 1);
@@ -211,7 +217,11 @@ int serve(pkm::io::SafetensorsFile& file, const Options& o, bool mapped) {
   const double p50 = all[all.size() / 2],
                p99 = all[std::min(all.size() - 1, all.size() * 99 / 100)];
   std::printf("latency per call: p50 %.0f us, p99 %.0f us (%zu calls)\n", p50, p99, all.size());
-  std::printf("throughput: %.0f tokens/s\n", double(calls_total * o.batch) / seconds);
+  if (static_cast<long long>(all.size()) < calls_total) {
+    std::printf("stopped after %.0f s (--max-seconds): %zu of %lld calls made\n", seconds,
+                all.size(), calls_total);
+  }
+  std::printf("throughput: %.0f tokens/s\n", double(all.size()) * double(o.batch) / seconds);
   std::printf(
       "resident: %.0f MiB, peak %.0f MiB (the table's pages read so far count; the rest of its "
       "%.0f MiB stays in the file)\n",
@@ -268,6 +278,8 @@ int main(int argc, char** argv) {
       else if (v == "random") o.fetch = pkm::io::TableFetch::random;
       else if (v == "early") o.fetch = pkm::io::TableFetch::early;
       else die("--fetch " + v + ": expected page_faults, random or early");
+    } else if (a == "--max-seconds") {
+      o.max_seconds = double(parse_count(a, value(), 1, 1 << 20));
     } else if (a == "--cold") {
       o.cold = true;
     } else if (a == "--disk-limit") {
@@ -276,7 +288,7 @@ int main(int argc, char** argv) {
       die("unknown argument " + a +
           " (serve_memory --write-demo FILE [--n-keys N] | --checkpoint FILE [--tokens N] "
           "[--callers T] [--threads K] [--batch B] [--fetch page_faults|random|early] [--cold] "
-          "[--disk-limit S])");
+          "[--disk-limit S] [--max-seconds S])");
     }
   }
   try {

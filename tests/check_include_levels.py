@@ -16,7 +16,7 @@ LEVELS = [
     ("ops", ["gemm.hpp", "gemm_bf16.hpp", "linear.hpp", "qk_norm.hpp", "product_keys.hpp", "softmax.hpp", "key_search.hpp",
              "embedding_bag.hpp", "quantized_bag.hpp", "memory_output.hpp", "value_gradient.hpp", "row_accumulator.hpp",
              "embedding_bag_ref.hpp", "product_keys_ref.hpp", "activations.hpp"]),
-    ("composition", ["layer_cache.hpp", "layer_composition.hpp", "layer_api.hpp"]),
+    ("composition", ["layer_cache.hpp", "layer_composition.hpp", "layer_api.hpp", "row_fetch.hpp"]),
     ("layers", ["memory_layer.hpp"]),
     ("training", ["optim/*", "row_mask.hpp", "slot_statistics.hpp", "slot_selection.hpp"]),
     ("around", ["io/*", "distributed/*", "distributed.hpp", "torch/*", "cuda/*", "pkm.hpp", "precompiled.hpp"]),

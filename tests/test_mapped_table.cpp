@@ -132,8 +132,8 @@ TEST_CASE("a mapped layer keeps its file's mapping alive by itself", "[mapped][i
   CHECK(pkmtest::same_bits(layer.forward(x, cache), full.forward(x, cache)));
 }
 
-TEST_CASE("a mapped file truncated or rewritten gives a clear error, never SIGBUS; one replaced "
-          "by a rename keeps serving the old table",
+TEST_CASE("a mapped file truncated or rewritten gives a clear error, never SIGBUS, and one "
+          "replaced by a rename keeps serving the old table",
           "[mapped][io][errors]") {
   const auto c = pkmtest::medium_config();
   const pkm::MemoryLayer<float> full(c, 7);

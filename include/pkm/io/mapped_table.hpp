@@ -11,13 +11,16 @@
 //   TableFetch::random        faults read only the page touched (madvise MADV_RANDOM)
 //   TableFetch::early         as random, and the rows a forward will read are requested with
 //                             posix_fadvise(WILLNEED) as soon as the search has chosen them, so
-//                             their reads are in flight together while the read runs
+//                             their reads are in flight together while the read runs; when
+//                             8 rows sampled from the forward's are all in memory already
+//                             (mincore), the table is taken to be warm and nothing is requested
 //
 // Whatever the choice, each forward first checks that the file has not been truncated or
 // rewritten since it was opened (SafetensorsFile::check_unchanged): a runtime_error instead of
 // SIGBUS. docs/serving.md has the measurements behind the choice.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -62,7 +65,7 @@ class MappedTableFetch {
 
   void operator()(const Index* rows, Index count) const {
     file_.check_unchanged();
-    if (fetch_ != TableFetch::early) return;
+    if (fetch_ != TableFetch::early || count == 0 || sampled_resident(rows, count)) return;
     constexpr std::uint64_t kPage = 4096;
     std::uint64_t last_page = ~std::uint64_t(0);
     for (Index i = 0; i < count; ++i) {
@@ -76,6 +79,20 @@ class MappedTableFetch {
   }
 
  private:
+  /// Whether kSample rows spread evenly over the list are all in memory already: then the
+  /// table is taken to be warm and no fetch is requested (a system call per row costs as much
+  /// as the read of a cached row). A few cold rows the sample misses are faulted in.
+  bool sampled_resident(const Index* rows, Index count) const {
+    constexpr Index kSample = 8;
+    const Index step = std::max<Index>(1, count / kSample);
+    for (Index i = step / 2; i < count; i += step) {
+      const Index r = rows[i];
+      if (r < 0 || r >= rows_) continue;
+      if (!file_.resident(table_, std::uint64_t(r) * row_bytes_, row_bytes_)) return false;
+    }
+    return true;
+  }
+
   SafetensorsFile file_;
   TensorInfo table_;
   Index rows_;

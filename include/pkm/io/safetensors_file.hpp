@@ -144,6 +144,25 @@ class SafetensorsFile {
                     POSIX_FADV_WILLNEED);  // advice: a failure only loses the early start
   }
 
+  /// Whether bytes [offset, offset + length) of tensor `t`'s data are in memory now (mincore
+  /// over their pages): reading them through the mapping will not wait for the disk. Always
+  /// true for a file held in memory; the range is clipped to the tensor.
+  bool resident(const TensorInfo& t, std::uint64_t offset, std::uint64_t length) const {
+    if (!bytes_->mapped || offset >= t.end - t.begin) return true;
+    length = std::min(length, t.end - t.begin - offset);
+    const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto at = reinterpret_cast<std::uintptr_t>(data_begin() + t.begin + offset);
+    const std::uintptr_t first = at / page * page, end = at + length;
+    unsigned char in[4];  // a row of up to 3 pages at once; longer ones page by page
+    for (std::uintptr_t p = first; p < end; p += 4 * page) {
+      const std::size_t pages = std::min<std::size_t>(4, (end - p + page - 1) / page);
+      if (::mincore(reinterpret_cast<void*>(p), pages * page, in) != 0) return false;
+      for (std::size_t i = 0; i < pages; ++i)
+        if (!(in[i] & 1)) return false;
+    }
+    return true;
+  }
+
   /// Tells the kernel the mapping of tensor `t` is read at random (madvise MADV_RANDOM): a page
   /// fault then reads that page alone instead of a read-ahead window around it.
   void advise_random(const TensorInfo& t) const {

@@ -1,7 +1,9 @@
 // facts_model.hpp — the model and the fact data of the fact-recall examples (train_facts,
-// continual_facts): a synthetic fact set (a, b, r) -> object, and a model that embeds the
-// three words, applies one residual block (a dense SwiGLU FFN or a pkm Memory+ layer) and
-// reads out the object. Shared by the examples, not part of pkm.
+// continual_facts, dict_facts): a fact is a few input symbols (the synthetic facts' words a, b
+// and relation r; a dictionary word's letters and a position) and one object; the model
+// embeds each input slot's symbol in a small table of its own, sums them, applies one residual
+// block (a dense SwiGLU FFN or a pkm Memory+ layer) and reads out the object. Shared by the
+// examples, not part of pkm.
 #pragma once
 
 #include <pkm/pkm.hpp>
@@ -15,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <random>
@@ -31,9 +34,17 @@ using pkm::Index;
 
 // ---- the fact set ------------------------------------------------------------------------
 
+/// Facts of `slots` input symbols each: fact i's are input[i * slots .. i * slots + slots).
 struct Facts {
-  std::vector<std::int32_t> a, b, r, object;
-  Index size() const { return Index(a.size()); }
+  Index slots = 0;
+  std::vector<std::int32_t> input, object;
+  Index size() const { return Index(object.size()); }
+  const std::int32_t* in(Index i) const { return input.data() + i * slots; }
+  void add(std::initializer_list<std::int32_t> symbols, std::int32_t o) { add(symbols.begin(), o); }
+  void add(const std::int32_t* symbols, std::int32_t o) {
+    input.insert(input.end(), symbols, symbols + slots);
+    object.push_back(o);
+  }
 };
 
 /// What both examples take with the same flags: the fact set's and the model's sizes, the
@@ -114,17 +125,57 @@ struct ModelOptions {
   }
 };
 
+/// The training flags of the examples that train a dense and a memory model side by side
+/// (train_facts, dict_facts).
+struct TrainOptions {
+  Index batch = 512;
+  int epochs = 20;
+  double dense_lr = 3e-3;   // AdamW, every parameter of the dense model
+  double memory_lr = 1e-3;  // AdamW, the memory model's dense parameters (query, keys, W1, W2, ...)
+  double value_lr = 0.1;    // the value table's own rate (lazy Adam or row-wise Adagrad)
+  double value_clip = 1.0;  // value gradient norm clip (its own)
+  std::string model = "both";  // dense | memory | both
+
+  static const char* training_flags() {
+    return "[--model dense|memory|both] [--epochs N] [--batch N]\n"
+           "         [--dense-lr X] [--memory-lr X] [--value-lr X] [--value-clip X]";
+  }
+  /// Takes `flag` if it is one of these (num(lo) parses its value as a number >= lo;
+  /// usage(error) exits).
+  template <class Num, class Usage>
+  bool take_training(const std::string& flag, const std::string& value, Num&& num, Usage&& usage) {
+    if (flag == "--model") {
+      if (value != "dense" && value != "memory" && value != "both")
+        usage("--model = '" + value + "', expected dense, memory or both");
+      model = value;
+    } else if (flag == "--epochs")
+      epochs = int(num(1, 1e6));
+    else if (flag == "--batch")
+      batch = Index(num(1, 1e7));
+    else if (flag == "--dense-lr")
+      dense_lr = num(0);
+    else if (flag == "--memory-lr")
+      memory_lr = num(0);
+    else if (flag == "--value-lr")
+      value_lr = num(0);
+    else if (flag == "--value-clip")
+      value_clip = num(0);
+    else
+      return false;
+    return true;
+  }
+};
+
 /// Every (a, b, r) with a random object; the same seed gives the same facts everywhere.
 inline Facts make_facts(const ModelOptions& s) {
   std::mt19937_64 rng(s.seed);
   Facts f;
+  f.slots = 3;
   for (Index a = 0; a < s.vocab; ++a) {
     for (Index b = 0; b < s.vocab; ++b) {
       for (Index r = 0; r < s.relations; ++r) {
-        f.a.push_back(std::int32_t(a));
-        f.b.push_back(std::int32_t(b));
-        f.r.push_back(std::int32_t(r));
-        f.object.push_back(std::int32_t(rng() % std::uint64_t(s.objects)));
+        f.add({std::int32_t(a), std::int32_t(b), std::int32_t(r)},
+              std::int32_t(rng() % std::uint64_t(s.objects)));
       }
     }
   }
@@ -134,12 +185,8 @@ inline Facts make_facts(const ModelOptions& s) {
 /// The facts f[ids[0]], f[ids[1]], ...
 inline Facts subset(const Facts& f, const std::vector<std::int64_t>& ids) {
   Facts out;
-  for (auto i : ids) {
-    out.a.push_back(f.a[std::size_t(i)]);
-    out.b.push_back(f.b[std::size_t(i)]);
-    out.r.push_back(f.r[std::size_t(i)]);
-    out.object.push_back(f.object[std::size_t(i)]);
-  }
+  out.slots = f.slots;
+  for (auto i : ids) out.add(f.in(i), f.object[std::size_t(i)]);
   return out;
 }
 
@@ -362,22 +409,28 @@ struct Step {
 
 class Model {
  public:
+  /// The synthetic facts' model: slots a, b (vocab words each) and r (relations words).
   Model(const ModelOptions& o, double lr, std::unique_ptr<Block> block, std::mt19937_64& rng)
-      : block_(std::move(block)),
-        ea_(normal_matrix(o.vocab, o.dim, 1.0 / std::sqrt(3.0), rng)),
-        eb_(normal_matrix(o.vocab, o.dim, 1.0 / std::sqrt(3.0), rng)),
-        er_(normal_matrix(o.relations, o.dim, 1.0 / std::sqrt(3.0), rng)),
-        wo_(normal_matrix(o.objects, o.dim, 1.0 / std::sqrt(double(o.dim)), rng)),
-        bo_(Mat::Zero(1, o.objects)),
-        gea_(Mat::Zero(o.vocab, o.dim)),
-        geb_(Mat::Zero(o.vocab, o.dim)),
-        ger_(Mat::Zero(o.relations, o.dim)),
-        gwo_(Mat::Zero(o.objects, o.dim)),
-        gbo_(Mat::Zero(1, o.objects)),
-        opt_(adam_options(lr, o.clip)) {
-    opt_.add("embed.a", ea_, gea_);
-    opt_.add("embed.b", eb_, geb_);
-    opt_.add("embed.r", er_, ger_);
+      : Model({o.vocab, o.vocab, o.relations}, o.objects, o.dim, lr, o.clip, std::move(block),
+              rng) {}
+  /// One embedding table per input slot, of slot_vocab[s] symbols; `objects` outputs.
+  Model(const std::vector<Index>& slot_vocab, Index objects, Index dim, double lr, double clip,
+        std::unique_ptr<Block> block, std::mt19937_64& rng)
+      : block_(std::move(block)), opt_(adam_options(lr, clip)) {
+    const double stddev = 1.0 / std::sqrt(double(slot_vocab.size()));
+    for (Index v : slot_vocab) {
+      embed_.push_back(normal_matrix(v, dim, stddev, rng));
+      gembed_.push_back(Mat::Zero(v, dim));
+    }
+    wo_ = normal_matrix(objects, dim, 1.0 / std::sqrt(double(dim)), rng);
+    bo_ = Mat::Zero(1, objects);
+    gwo_ = Mat::Zero(objects, dim);
+    gbo_ = Mat::Zero(1, objects);
+    for (std::size_t s = 0; s < embed_.size(); ++s) {
+      opt_.add(slot_vocab.size() == 3 ? std::string("embed.") + "abr"[s]
+                                      : "embed." + std::to_string(s),
+               embed_[s], gembed_[s]);
+    }
     opt_.add("out.weight", wo_, gwo_);
     opt_.add("out.bias", bo_, gbo_);
     block_->register_dense(opt_);
@@ -390,25 +443,30 @@ class Model {
   void set_update_dense(bool on) { update_dense_ = on; }
   /// Copies every parameter of `other` (a model of the same shape and block) into this one.
   void copy_weights_from(const Model& other) {
-    ea_ = other.ea_;
-    eb_ = other.eb_;
-    er_ = other.er_;
+    for (std::size_t s = 0; s < embed_.size(); ++s) embed_[s] = other.embed_[s];
     wo_ = other.wo_;
     bo_ = other.bo_;
     block_->copy_weights_from(*other.block_);
   }
-  Index embedding_params() const { return ea_.size() + eb_.size() + er_.size(); }
+  Index embedding_params() const {
+    Index n = 0;
+    for (const Mat& e : embed_) n += e.size();
+    return n;
+  }
   Index head_params() const { return wo_.size() + bo_.size(); }
 
   /// Forward over facts[ids], and (train) backward and one optimizer step; before_backward,
   /// if set, runs between the forward and the backward (to look at what the forward read).
+  /// hits, if given, gets for each of the B facts whether its object was the best logit.
   Step run(const Facts& f, const std::int64_t* ids, Index B, bool train,
-           const std::function<void()>& before_backward = {}) {
-    const Index d = ea_.cols(), O = wo_.rows();
+           const std::function<void()>& before_backward = {}, char* hits = nullptr) {
+    const Index d = wo_.cols(), O = wo_.rows(), S = Index(embed_.size());
+    if (f.slots != S) throw std::invalid_argument("Model::run: facts of the wrong slot count");
     x_.resize(B, d);
     for (Index i = 0; i < B; ++i) {
-      const auto t = ids[i];
-      x_.row(i) = ea_.row(f.a[t]) + eb_.row(f.b[t]) + er_.row(f.r[t]);
+      const std::int32_t* in = f.in(ids[i]);
+      x_.row(i) = embed_[0].row(in[0]);
+      for (Index s = 1; s < S; ++s) x_.row(i) += embed_[std::size_t(s)].row(in[s]);
     }
     fx_.resize(B, d);
     block_->forward(x_, fx_);
@@ -439,6 +497,7 @@ class Model {
       s.loss_sum += loss[i];
       s.correct += hit[i];
     }
+    if (hits) std::copy(hit.begin(), hit.end(), hits);
     if (!train) return s;
 
     if (before_backward) before_backward();
@@ -451,10 +510,8 @@ class Model {
     block_->backward(x_, dh_, dx_);  // the memory block also updates its values here
     dx_ += dh_;                      // the residual path
     for (Index i = 0; i < B; ++i) {
-      const auto t = ids[i];
-      gea_.row(f.a[t]) += dx_.row(i);
-      geb_.row(f.b[t]) += dx_.row(i);
-      ger_.row(f.r[t]) += dx_.row(i);
+      const std::int32_t* in = f.in(ids[i]);
+      for (Index s = 0; s < S; ++s) gembed_[std::size_t(s)].row(in[s]) += dx_.row(i);
     }
     if (update_dense_) opt_.step();
     return s;
@@ -469,8 +526,8 @@ class Model {
   }
 
   std::unique_ptr<Block> block_;
-  Mat ea_, eb_, er_, wo_, bo_;
-  Mat gea_, geb_, ger_, gwo_, gbo_;
+  std::vector<Mat> embed_, gembed_;  // one table per input slot, and its gradient
+  Mat wo_, bo_, gwo_, gbo_;
   pkm::optim::AdamW<float> opt_;
   bool update_dense_ = true;
   Mat x_, fx_, h_, logits_, dh_, dx_;
@@ -490,6 +547,37 @@ inline void progress(const char* label, int epoch, int epochs, double frac, doub
   std::fprintf(stderr, "\r%-7s epoch %2d/%d [%s] loss %.3f  acc %5.1f%%  %5.1f s ", label, epoch,
                epochs, bar.c_str(), loss, 100.0 * acc, secs);
   std::fflush(stderr);
+}
+
+/// One training epoch over every fact: `order` (the facts' ids, kept from epoch to epoch) is
+/// shuffled with rng, then trained on in batches, with a progress bar on a terminal. Returns the
+/// training loss and accuracy summed over the epoch; `seconds` gets the epoch's training time
+/// added.
+inline Step train_epoch(Model& m, const Facts& f, std::vector<std::int64_t>& order, Index batch,
+                        std::mt19937_64& rng, const char* label, int epoch, int epochs,
+                        double& seconds) {
+  for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
+  const bool tty = isatty(fileno(stderr));
+  const double te = now();
+  Step total;
+  Index seen = 0, steps = 0;
+  for (Index s = 0; s < f.size(); s += batch) {
+    const Index B = std::min(batch, f.size() - s);
+    const Step st = m.run(f, order.data() + s, B, true);
+    total.loss_sum += st.loss_sum;
+    total.correct += st.correct;
+    seen += B;
+    if (tty && (++steps % 20 == 0 || seen == f.size())) {
+      progress(label, epoch, epochs, double(seen) / double(f.size()), total.loss_sum / double(seen),
+               double(total.correct) / double(seen), seconds + now() - te);
+    }
+  }
+  seconds += now() - te;
+  if (!tty) {
+    progress(label, epoch, epochs, 1.0, total.loss_sum / double(std::max<Index>(seen, 1)),
+             double(total.correct) / double(std::max<Index>(seen, 1)), seconds);
+  }
+  return total;
 }
 
 /// Accuracy over every fact, in batches, without training.

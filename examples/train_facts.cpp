@@ -40,18 +40,12 @@ using namespace facts;  // the model and data code, shared with continual_facts
 
 // ---- options -------------------------------------------------------------------------------
 
-struct Options : ModelOptions {
-  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads
-  Index batch = 512;
-  int epochs = 20;
+struct Options : ModelOptions, TrainOptions {
+  // + vocab, relations, objects, dim, heads, n_keys, k_dim, knn, clip, seed, threads;
+  // + model, epochs, batch, dense_lr, memory_lr, value_lr, value_clip
   int eval_every = 5;
-  double dense_lr = 3e-3;   // AdamW, every parameter of the dense model
-  double memory_lr = 1e-3;  // AdamW, the memory model's dense parameters (query, keys, W1, W2, ...)
-  double value_lr = 0.1;    // the value table's own rate (lazy Adam or row-wise Adagrad)
-  double value_clip = 1.0;  // value gradient norm clip (its own)
   std::string value_optimizer = "adam";  // adam | adagrad
   bool fused = true;
-  std::string model = "both";  // dense | memory | both
   std::string csv = "train_facts.csv";
 };
 
@@ -59,14 +53,13 @@ struct Options : ModelOptions {
   std::FILE* out = error.empty() ? stdout : stderr;
   if (!error.empty()) std::fprintf(out, "error: %s\n", error.c_str());
   std::fprintf(out,
-               "usage: train_facts [--model dense|memory|both] [--epochs N] [--batch N]\n"
+               "usage: train_facts %s\n"
                "         %s\n"
-               "         [--dense-lr X] [--memory-lr X] [--value-lr X] [--value-clip X]\n"
                "         [--value-optimizer adam|adagrad] [--no-fused] [--eval-every N] [--csv "
                "FILE] [--help]\n"
                "Trains a model to recall facts and prints its progress; --csv FILE (default\n"
                "train_facts.csv in the current folder) gets one line per model and epoch.\n",
-               ModelOptions::flags());
+               TrainOptions::training_flags(), ModelOptions::flags());
   std::exit(error.empty() ? 0 : 2);
 }
 
@@ -82,31 +75,15 @@ Options parse(int argc, char** argv) {
     if (i + 1 >= argc) usage("flag " + a + " needs a value");
     const std::string v = argv[++i];
     auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
-    if (o.take(a, num) || o.take_word(a, v, usage)) continue;
-    if (a == "--model") {
-      if (v != "dense" && v != "memory" && v != "both")
-        usage("--model = '" + v + "', expected dense, memory or both");
-      o.model = v;
-    } else if (a == "--value-optimizer") {
+    if (o.take(a, num) || o.take_word(a, v, usage) || o.take_training(a, v, num, usage)) continue;
+    if (a == "--value-optimizer") {
       if (v != "adam" && v != "adagrad")
         usage("--value-optimizer = '" + v + "', expected adam or adagrad");
       o.value_optimizer = v;
     } else if (a == "--csv") {
       o.csv = v;
-    } else if (a == "--epochs")
-      o.epochs = int(num(1));
-    else if (a == "--eval-every")
+    } else if (a == "--eval-every")
       o.eval_every = int(num(1));
-    else if (a == "--batch")
-      o.batch = Index(num(1));
-    else if (a == "--dense-lr")
-      o.dense_lr = num(0);
-    else if (a == "--memory-lr")
-      o.memory_lr = num(0);
-    else if (a == "--value-lr")
-      o.value_lr = num(0);
-    else if (a == "--value-clip")
-      o.value_clip = num(0);
     else
       usage("unknown flag " + a);
   }
@@ -130,30 +107,13 @@ Result train(const std::string& label, Model& m, const Facts& f, const Options& 
   std::mt19937_64 rng(o.seed + 99);
   std::vector<std::int64_t> order(std::size_t(f.size()));
   for (Index i = 0; i < f.size(); ++i) order[std::size_t(i)] = i;
-  const bool tty = isatty(fileno(stderr));
   double train_time = 0;
   for (int e = 1; e <= o.epochs; ++e) {
-    for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
-    const double te = now();
-    double loss = 0;
-    Index correct = 0, seen = 0, steps = 0;
-    for (Index s = 0; s < f.size(); s += o.batch) {
-      const Index B = std::min(o.batch, f.size() - s);
-      const Step st = m.run(f, order.data() + s, B, true);
-      loss += st.loss_sum;
-      correct += st.correct;
-      seen += B;
-      if (tty && (++steps % 20 == 0 || seen == f.size())) {
-        progress(label.c_str(), e, o.epochs, double(seen) / double(f.size()), loss / double(seen),
-                 double(correct) / double(seen), train_time + now() - te);
-      }
-    }
-    train_time += now() - te;
+    const Step st = train_epoch(m, f, order, o.batch, rng, label.c_str(), e, o.epochs, train_time);
+    const double loss = st.loss_sum;
+    const Index correct = st.correct, seen = f.size();
     double eval = -1;
     if (e % o.eval_every == 0 || e == o.epochs) eval = evaluate(m, f, 4096);
-    if (!tty)
-      progress(label.c_str(), e, o.epochs, 1.0, loss / double(seen), double(correct) / double(seen),
-               train_time);
     if (eval >= 0) std::fprintf(stderr, " recalled %5.1f%%", 100.0 * eval);
     std::fprintf(stderr, "\n");
     csv << label << ',' << e << ',' << train_time << ',' << loss / double(seen) << ','

@@ -8,12 +8,16 @@ set -euo pipefail
 # --fuzz adds clang with libFuzzer and its OpenMP runtime, for scripts/fuzz.sh.
 # --torch adds PyTorch and libtorch (python3-torch libtorch-dev), for pkm::torch, the operator
 # library python/pkm_torch.py loads, and the PyTorch tests (skipped without them).
-packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libblis-openmp-dev libopenmpi-dev openmpi-bin)
+# zlib1g-dev: the real-data example dict_facts reads compressed dictd dictionaries with it.
+# --data adds the real data of docs/real_data.md: FreeDict's English-German dictionary and GCIDE
+# (dict-freedict-eng-deu dict-gcide: GPL/AGPL data, read where Debian installs it, /usr/share/dictd).
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libblis-openmp-dev libopenmpi-dev openmpi-bin zlib1g-dev)
 for option in "$@"; do
   case "$option" in
     --fuzz) packages+=(clang libclang-rt-14-dev libomp-dev) ;;
     --torch) packages+=(python3-torch libtorch-dev) ;;
-    *) echo "install-deps.sh: unknown option $option (expected --fuzz or --torch)" >&2; exit 2 ;;
+    --data) packages+=(dict-freedict-eng-deu dict-gcide) ;;
+    *) echo "install-deps.sh: unknown option $option (expected --fuzz, --torch or --data)" >&2; exit 2 ;;
   esac
 done
 missing=()

@@ -7,24 +7,11 @@ seen, one line per model.
 
 The CSV has model,seconds,steps,tokens,val_bpb. Needs gnuplot (Debian: gnuplot-nox).
 """
-import csv
-import os
-import sys
-
-from plot_training import data_file, run_gnuplot
+from plot_training import data_file, read_runs, run_gnuplot
 
 
 def main():
-    if len(sys.argv) not in (2, 3):
-        sys.exit(__doc__)
-    src = sys.argv[1]
-    out = sys.argv[2] if len(sys.argv) == 3 else os.path.splitext(src)[0] + ".png"
-    runs = {}
-    with open(src) as f:
-        for row in csv.DictReader(f):
-            runs.setdefault(row["model"], []).append(row)
-    if not runs:
-        sys.exit("no rows in " + src)
+    runs, out = read_runs(__doc__)
     files = [(m, data_file(["%s %.4f %s" % (r["seconds"], float(r["tokens"]) / 1e6, r["val_bpb"]) for r in rows]))
              for m, rows in runs.items()]
     colors = ["#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]

@@ -31,9 +31,11 @@ def run_gnuplot(script, out, data_files):
     print("wrote", out)
 
 
-def main():
+def read_runs(doc):
+    """(the CSV named on the command line grouped by its model column, the output path): exits
+    with `doc` on wrong arguments and with a message on an empty file."""
     if len(sys.argv) not in (2, 3):
-        sys.exit(__doc__)
+        sys.exit(doc)
     src = sys.argv[1]
     out = sys.argv[2] if len(sys.argv) == 3 else os.path.splitext(src)[0] + ".png"
     runs = {}
@@ -42,6 +44,11 @@ def main():
             runs.setdefault(row["model"], []).append(row)
     if not runs:
         sys.exit("no rows in " + src)
+    return runs, out
+
+
+def main():
+    runs, out = read_runs(__doc__)
     files = []
     for model, rows in runs.items():
         # columns: epoch, seconds, loss, running train accuracy %, recalled % (or NaN)

@@ -412,6 +412,12 @@ MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile& f, const LoadOpti
   }
 }
 
+/// The same from a file object the caller does not keep: the layer holds the mapping itself.
+template <class Scalar, class TableT = Scalar>
+MemoryLayer<Scalar, TableT> load_layer_mapped(SafetensorsFile&& f, const LoadOptions& opt = {}) {
+  return load_layer_mapped<Scalar, TableT>(f, opt);
+}
+
 namespace detail {
 /// pkm's metadata of a layer's config (not prefixed).
 inline void add_metadata(SafetensorsWriter& w, const MemoryConfig& c) {

@@ -372,7 +372,8 @@ MemoryLayer<Scalar, TableT> load_layer(const SafetensorsFile& f, const LoadOptio
 /// The file's dtype must be TableT's and its data aligned for TableT. The layer keeps the
 /// mapping alive (its RowFetch hook holds a copy of `f`), and each forward first checks that
 /// the file was not truncated or rewritten meanwhile (runtime_error, not SIGBUS); opt.fetch
-/// chooses how the rows come from the disk (pkm/io/mapped_table.hpp). Writes to the table (fine-tuning) stay in memory, never in the file.
+/// chooses how the rows come from the disk (pkm/io/mapped_table.hpp). Writes to the table
+/// (fine-tuning) stay in memory, never in the file.
 /// The dense parameters are checked as by load_layer; the table is not scanned (that would
 /// read all of it): forward checks the rows it reads, and pkm::first_non_finite_row checks
 /// it all on demand.

@@ -61,20 +61,13 @@ class MappedTableFetch {
     if (fetch_ != TableFetch::page_faults) file_.advise_random(table_);
   }
 
-  TableFetch fetch() const { return fetch_; }
-
   void operator()(const Index* rows, Index count) const {
     file_.check_unchanged();
     if (fetch_ != TableFetch::early || count == 0 || sampled_resident(rows, count)) return;
-    constexpr std::uint64_t kPage = 4096;
-    std::uint64_t last_page = ~std::uint64_t(0);
     for (Index i = 0; i < count; ++i) {
       const Index r = rows[i];
-      if (r < 0 || r >= rows_) continue;  // the read refuses it
-      const std::uint64_t at = std::uint64_t(r) * row_bytes_;
-      if (at / kPage == last_page && (at + row_bytes_ - 1) / kPage == last_page) continue;
-      last_page = (at + row_bytes_ - 1) / kPage;
-      file_.will_need(table_, at, row_bytes_);
+      if (r >= 0 && r < rows_)  // a row out of range is the read's to refuse
+        file_.will_need(table_, std::uint64_t(r) * row_bytes_, row_bytes_);
     }
   }
 

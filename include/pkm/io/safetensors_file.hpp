@@ -12,8 +12,10 @@
 // SafetensorsFile (or a layer viewing its mapping) is alive — reading a page past the new end
 // of a mapped file raises SIGBUS, for pkm as for any program. read() does not go through the
 // mapping: it copies with pread(), so a file truncated under it gives std::runtime_error, not
-// a crash. pkm's own writer never truncates in place: it writes a temporary file and renames
-// it over the target, so a mapped old version stays intact.
+// a crash; a layer from load_layer_mapped calls check_unchanged() before each read, so a file
+// truncated or rewritten between forwards gives std::runtime_error too. pkm's own writer never
+// truncates in place: it writes a temporary file and renames it over the target, so a mapped
+// old version stays intact.
 #pragma once
 
 #include <algorithm>
@@ -149,15 +151,12 @@ class SafetensorsFile {
   /// true for a file held in memory; the range is clipped to the tensor.
   bool resident(const TensorInfo& t, std::uint64_t offset, std::uint64_t length) const {
     if (!bytes_->mapped || offset >= t.end - t.begin) return true;
-    length = std::min(length, t.end - t.begin - offset);
-    const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-    const auto at = reinterpret_cast<std::uintptr_t>(data_begin() + t.begin + offset);
-    const std::uintptr_t first = at / page * page, end = at + length;
-    unsigned char in[4];  // a row of up to 3 pages at once; longer ones page by page
-    for (std::uintptr_t p = first; p < end; p += 4 * page) {
-      const std::size_t pages = std::min<std::size_t>(4, (end - p + page - 1) / page);
-      if (::mincore(reinterpret_cast<void*>(p), pages * page, in) != 0) return false;
-      for (std::size_t i = 0; i < pages; ++i)
+    const MappedPages r = pages(t, offset, std::min(length, t.end - t.begin - offset));
+    unsigned char in[4];  // a row of up to 3 pages at once; longer ones 4 pages at a time
+    for (std::uintptr_t p = r.first; p < r.end; p += 4 * r.page) {
+      const std::size_t n = std::min<std::size_t>(4, (r.end - p + r.page - 1) / r.page);
+      if (::mincore(reinterpret_cast<void*>(p), n * r.page, in) != 0) return false;
+      for (std::size_t i = 0; i < n; ++i)
         if (!(in[i] & 1)) return false;
     }
     return true;
@@ -167,10 +166,8 @@ class SafetensorsFile {
   /// fault then reads that page alone instead of a read-ahead window around it.
   void advise_random(const TensorInfo& t) const {
     if (!bytes_->mapped || t.end == t.begin) return;
-    const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-    const auto first = reinterpret_cast<std::uintptr_t>(data_begin() + t.begin) / page * page;
-    const auto last = reinterpret_cast<std::uintptr_t>(data_begin() + t.end);
-    ::madvise(reinterpret_cast<void*>(first), last - first, MADV_RANDOM);  // advice only
+    const MappedPages r = pages(t, 0, t.end - t.begin);
+    ::madvise(reinterpret_cast<void*>(r.first), r.end - r.first, MADV_RANDOM);  // advice only
   }
 
   /// Converts the tensor's elements into `out` (count must equal its element count). Floats
@@ -279,6 +276,17 @@ class SafetensorsFile {
     return (it != tensors_.end() && it->name == name) ? &*it : nullptr;
   }
   std::uint8_t* data_begin() const { return bytes_->data + 8 + header_size_; }
+
+  /// The mapping's bytes [offset, offset + length) of tensor t, from the start of their first
+  /// page (what madvise and mincore take).
+  struct MappedPages {
+    std::uintptr_t first, end, page;
+  };
+  MappedPages pages(const TensorInfo& t, std::uint64_t offset, std::uint64_t length) const {
+    const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto at = reinterpret_cast<std::uintptr_t>(data_begin() + t.begin + offset);
+    return {at / page * page, at + length, page};
+  }
 
   /// Copies `n` bytes at `offset` of the file (pread: a file shorter than when it was opened
   /// gives std::runtime_error, never SIGBUS) or of the in-memory bytes.

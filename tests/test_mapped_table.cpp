@@ -2,6 +2,7 @@
 // ways rows come from the disk (pkm/io/mapped_table.hpp), and a file changed under the mapping.
 #include <catch2/catch.hpp>
 
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <stdexcept>
@@ -25,6 +26,22 @@ namespace {
 std::string mapped_path(const std::string& name) {
   return "pkm_test_mapped_" + name + ".safetensors";
 }
+
+/// A float layer made from `seed`, saved as pkm_test_mapped_<name>.safetensors; the file is
+/// removed when the test ends, pass or fail.
+struct SavedLayer {
+  pkm::MemoryConfig c;
+  pkm::MemoryLayer<float> layer;
+  std::string path;
+  SavedLayer(const std::string& name, std::uint64_t seed,
+             pkm::MemoryConfig config = pkmtest::medium_config())
+      : c(config), layer(config, seed), path(mapped_path(name)) {
+    pkm::io::save_layer(path, layer);
+  }
+  SavedLayer(const SavedLayer&) = delete;
+  SavedLayer& operator=(const SavedLayer&) = delete;
+  ~SavedLayer() { std::remove(path.c_str()); }
+};
 
 /// Sets the file's modification time to 2020, so that a write now changes it whatever the
 /// clock's granularity.
@@ -84,10 +101,10 @@ TEST_CASE("a layer's RowFetch hook gets the rows the read will touch, before the
 
 TEST_CASE("a mapped table gives the loaded table's bits with every way of fetching, cold or warm",
           "[mapped][io]") {
-  const auto c = pkmtest::medium_config();
-  const pkm::MemoryLayer<float> full(c, 5);
-  const std::string path = mapped_path("fetch");
-  pkm::io::save_layer(path, full);
+  const SavedLayer saved("fetch", 5);
+  const auto& c = saved.c;
+  const pkm::MemoryLayer<float>& full = saved.layer;
+  const std::string& path = saved.path;
   const auto x = inputs(c, 9, 2);
   pkm::ForwardCache<float> cache;
   const pkm::RowMatrix<float> want = full.forward(x, cache);
@@ -112,15 +129,14 @@ TEST_CASE("a mapped table gives the loaded table's bits with every way of fetchi
       CHECK(pkmtest::same_bits(qlayer.forward(x, cache), qwant));
     }
   }
-  std::remove(path.c_str());
   std::remove(qpath.c_str());
 }
 
 TEST_CASE("a mapped layer keeps its file's mapping alive by itself", "[mapped][io]") {
-  const auto c = pkmtest::medium_config();
-  const pkm::MemoryLayer<float> full(c, 6);
-  const std::string path = mapped_path("alive");
-  pkm::io::save_layer(path, full);
+  const SavedLayer saved("alive", 6);
+  const auto& c = saved.c;
+  const pkm::MemoryLayer<float>& full = saved.layer;
+  const std::string& path = saved.path;
   const auto x = inputs(c, 3, 4);
   pkm::ForwardCache<float> cache;
   auto layer = [&] {
@@ -135,13 +151,12 @@ TEST_CASE("a mapped layer keeps its file's mapping alive by itself", "[mapped][i
 TEST_CASE("a mapped file truncated or rewritten gives a clear error, never SIGBUS, and one "
           "replaced by a rename keeps serving the old table",
           "[mapped][io][errors]") {
-  const auto c = pkmtest::medium_config();
-  const pkm::MemoryLayer<float> full(c, 7);
-  const std::string path = mapped_path("changed");
+  const SavedLayer saved("changed", 7);
+  const auto& c = saved.c;
+  const std::string& path = saved.path;
   const auto x = inputs(c, 4, 9);
   pkm::ForwardCache<float> cache;
-  const pkm::RowMatrix<float> want = full.forward(x, cache);
-  pkm::io::save_layer(path, full);
+  const pkm::RowMatrix<float> want = saved.layer.forward(x, cache);
   age_file(path);
   SafetensorsFile f(path);
   const auto before = static_cast<std::size_t>(std::ifstream(path, std::ios::ate).tellg());
@@ -176,19 +191,15 @@ TEST_CASE("a mapped file truncated or rewritten gives a clear error, never SIGBU
     }
     CHECK_THROWS_WITH(layer.forward(x, cache), Contains("rewritten while mapped"));
   }
-  std::remove(path.c_str());
 }
 
 TEST_CASE("MappedTableFetch refuses rows that do not fit the tensor", "[mapped][errors]") {
-  const auto c = pkmtest::small_config();
-  const pkm::MemoryLayer<float> full(c, 1);
-  const std::string path = mapped_path("fit");
-  pkm::io::save_layer(path, full);
-  SafetensorsFile f(path);
+  const SavedLayer saved("fit", 1, pkmtest::small_config());
+  const auto& c = saved.c;
+  SafetensorsFile f(saved.path);
   const pkm::io::TensorInfo& v = f.info("values.weight");
   CHECK_NOTHROW(pkm::io::MappedTableFetch(f, v, c.slots(), 4 * c.v_dim, TableFetch::early));
   CHECK_THROWS_WITH(pkm::io::MappedTableFetch(f, v, c.slots() + 1, 4 * c.v_dim, TableFetch::early),
                     Contains("do not fit tensor 'values.weight'"));
   CHECK_THROWS_AS(pkm::io::MappedTableFetch(f, v, -1, 4, TableFetch::early), std::invalid_argument);
-  std::remove(path.c_str());
 }

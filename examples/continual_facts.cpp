@@ -26,7 +26,6 @@
 #include <functional>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -78,27 +77,17 @@ struct Options : ModelOptions {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "-h" || a == "--help") usage("");
-    if (i + 1 >= argc) usage("flag " + a + " needs a value");
-    const std::string v = argv[++i];
-    auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
-    if (o.take(a, num) || o.take_word(a, v, usage)) continue;
+  parse_flags(argc, argv, usage, {}, [&](const std::string& a, const std::string& v, auto& num) {
+    if (o.take(a, num) || o.take_word(a, v, usage)) return true;
     if (a == "--csv")
       o.csv = v;
     else if (a == "--score") {
       if (v != "tf_idf" && v != "count" && v != "kl")
         usage("--score = '" + v + "', expected tf_idf, count or kl");
       o.score = v;
-    } else if (a == "--tops") {
-      o.tops.clear();
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ',')) o.tops.push_back(Index(flag_number(a, item, 1, usage)));
-      if (o.tops.empty())
-        usage("--tops = '" + v + "', expected a comma-separated list of slot counts");
-    } else if (a == "--vocab")
+    } else if (a == "--tops")
+      o.tops = flag_list(a, v, 1, HUGE_VAL, "slot counts", usage);
+    else if (a == "--vocab")
       o.vocab = Index(num(2));
     else if (a == "--new-facts")
       o.new_facts = Index(num(1));
@@ -123,8 +112,9 @@ Options parse(int argc, char** argv) {
     else if (a == "--sgd-lr")
       o.sgd_lr = num(0);
     else
-      usage("unknown flag " + a);
-  }
+      return false;
+    return true;
+  });
   if (o.new_facts >= o.vocab * o.vocab * o.relations) {
     usage("--new-facts = " + std::to_string(o.new_facts) + ", expected fewer than the " +
           std::to_string(o.vocab * o.vocab * o.relations) + " facts of the set");

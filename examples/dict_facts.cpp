@@ -27,7 +27,6 @@
 #include <map>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -70,33 +69,25 @@ Options parse(int argc, char** argv) {
   o.dim = 128;
   o.n_keys = 256;
   o.epochs = 12;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "-h" || a == "--help") usage("");
-    if (i + 1 >= argc) usage("flag " + a + " needs a value");
-    const std::string v = argv[++i];
-    auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
+  parse_flags(argc, argv, usage, {}, [&](const std::string& a, const std::string& v, auto& num) {
     if (a == "--vocab" || a == "--relations" || a == "--objects")
       usage("unknown flag " + a + " (the dictionary sets the vocabulary)");
-    if (o.take(a, num) || o.take_word(a, v, usage) || o.take_training(a, v, num, usage)) continue;
+    if (o.take(a, num) || o.take_word(a, v, usage) || o.take_training(a, v, num, usage)) return true;
     if (a == "--dict") {
       o.dict = v;
     } else if (a == "--sizes") {
-      o.sizes.clear();
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ','))
-        o.sizes.push_back(Index(flag_number("--sizes", item, 1, usage, 1e8)));
-      if (o.sizes.empty()) usage("--sizes needs at least one size");
+      o.sizes = flag_list(a, v, 1, 1e8, "pair counts", usage);
     } else if (a == "--csv") {
       o.csv = v;
-    } else if (a == "--heldout")
+    } else if (a == "--heldout") {
       o.heldout = Index(num(0, 1e7));
-    else if (a == "--max-len")
+    } else if (a == "--max-len") {
       o.max_len = Index(num(1, 64));
-    else
-      usage("unknown flag " + a);
-  }
+    } else {
+      return false;
+    }
+    return true;
+  });
   return o;
 }
 

@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -211,6 +212,39 @@ double flag_number(const std::string& flag, const std::string& text, double lo, 
           (hi < HUGE_VAL ? " and <= " + std::to_string(hi) : std::string()));
   }
   return d;
+}
+
+/// A comma-separated list of numbers >= lo (and <= hi) given to `flag`, or usage(message)
+/// (which exits) on a bad item or an empty list; `what` names the items in the message.
+template <class Usage>
+std::vector<Index> flag_list(const std::string& flag, const std::string& text, double lo, double hi,
+                             const char* what, Usage&& usage) {
+  std::vector<Index> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(Index(flag_number(flag, item, lo, usage, hi)));
+  if (out.empty()) usage(flag + " = '" + text + "', expected a comma-separated list of " + what);
+  return out;
+}
+
+/// Reads the command line as flags: `--flag value` pairs, and the valueless flags named in
+/// `switches`. take(flag, value, num) takes each one it knows (value is empty for a switch;
+/// num(lo[, hi]) parses the value as a number in range) and returns whether it knew it.
+/// -h / --help gives usage(""); a missing value or an unknown flag gives usage(error).
+template <class Usage, class Take>
+void parse_flags(int argc, char** argv, Usage&& usage, std::initializer_list<const char*> switches,
+                 Take&& take) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "-h" || a == "--help") usage("");
+    std::string v;
+    if (std::find(switches.begin(), switches.end(), a) == switches.end()) {
+      if (i + 1 >= argc) usage("flag " + a + " needs a value");
+      v = argv[++i];
+    }
+    auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
+    if (!take(a, v, num)) usage("unknown flag " + a);
+  }
 }
 
 /// Multiply-adds per token of a Memory+ layer (the top-k's comparisons not counted).
@@ -426,11 +460,8 @@ class Model {
     bo_ = Mat::Zero(1, objects);
     gwo_ = Mat::Zero(objects, dim);
     gbo_ = Mat::Zero(1, objects);
-    for (std::size_t s = 0; s < embed_.size(); ++s) {
-      opt_.add(slot_vocab.size() == 3 ? std::string("embed.") + "abr"[s]
-                                      : "embed." + std::to_string(s),
-               embed_[s], gembed_[s]);
-    }
+    for (std::size_t s = 0; s < embed_.size(); ++s)
+      opt_.add("embed." + std::to_string(s), embed_[s], gembed_[s]);
     opt_.add("out.weight", wo_, gwo_);
     opt_.add("out.bias", bo_, gbo_);
     block_->register_dense(opt_);

@@ -65,28 +65,23 @@ struct Options : ModelOptions, TrainOptions {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
+  parse_flags(argc, argv, usage, {"--no-fused"}, [&](const std::string& a, const std::string& v, auto& num) {
+    if (o.take(a, num) || o.take_word(a, v, usage) || o.take_training(a, v, num, usage)) return true;
     if (a == "--no-fused") {
       o.fused = false;
-      continue;
-    }
-    if (a == "-h" || a == "--help") usage("");
-    if (i + 1 >= argc) usage("flag " + a + " needs a value");
-    const std::string v = argv[++i];
-    auto num = [&](double lo, double hi = HUGE_VAL) { return flag_number(a, v, lo, usage, hi); };
-    if (o.take(a, num) || o.take_word(a, v, usage) || o.take_training(a, v, num, usage)) continue;
-    if (a == "--value-optimizer") {
+    } else if (a == "--value-optimizer") {
       if (v != "adam" && v != "adagrad")
         usage("--value-optimizer = '" + v + "', expected adam or adagrad");
       o.value_optimizer = v;
     } else if (a == "--csv") {
       o.csv = v;
-    } else if (a == "--eval-every")
+    } else if (a == "--eval-every") {
       o.eval_every = int(num(1));
-    else
-      usage("unknown flag " + a);
-  }
+    } else {
+      return false;
+    }
+    return true;
+  });
   return o;
 }
 

@@ -45,6 +45,14 @@ inline pkm::MemoryConfig small_config() {
 }
 
 /// A layer big enough for threads and blocks to matter.
+/// The bf16 GEMM kernels this CPU runs: portable, and avx512_bf16 where it has AVX512-BF16.
+inline std::vector<pkm::Bf16Kernel> bf16_kernels_here() {
+  std::vector<pkm::Bf16Kernel> k{pkm::Bf16Kernel::portable};
+  if (pkm::bf16_kernel_available(pkm::Bf16Kernel::avx512_bf16))
+    k.push_back(pkm::Bf16Kernel::avx512_bf16);
+  return k;
+}
+
 inline pkm::MemoryConfig medium_config() {
   pkm::MemoryConfig c;
   c.input_dim = 48;

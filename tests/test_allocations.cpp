@@ -143,7 +143,8 @@ int main() {
           failures += q > 0;
         }
       }
-      if (batch <= 8) {  // bf16 products: the small-batch kernel rounds in place, no packing
+      if (batch <= 8) {  // bf16 products: the weights packed once, the batch's rows packed
+                         // into the cache's scratch
         pkm::MemoryConfig c16 = cfg;
         c16.compute = pkm::Dtype::bf16;
         const long b = allocations_per_call<float>(c16, batch, threads);

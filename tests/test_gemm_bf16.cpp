@@ -38,12 +38,6 @@ struct KernelEnv {
   ~KernelEnv() { unsetenv("PKM_BF16_KERNEL"); }
 };
 
-std::vector<Bf16Kernel> kernels_here() {
-  std::vector<Bf16Kernel> k{Bf16Kernel::portable};
-  if (pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) k.push_back(Bf16Kernel::avx512_bf16);
-  return k;
-}
-
 double bf(float v) { return static_cast<double>(pkm::detail::round_bf16(v)); }
 
 /// C = alpha op(A) op(B) + beta C checked element by element against the double product of
@@ -115,7 +109,7 @@ TEST_CASE("gemm_bf16 equals the double product of the rounded operands, every ke
   // small-batch path (m <= 8, A by rows, B by rows).
   const Shape shapes[] = {{1, 1, 1},   {2, 3, 1},    {7, 65, 13},  {8, 70, 33},
                           {9, 64, 2},  {13, 129, 300}, {200, 300, 257}, {6, 1, 600}};
-  for (Bf16Kernel kernel : kernels_here()) {
+  for (Bf16Kernel kernel : pkmtest::bf16_kernels_here()) {
     for (const Shape& s : shapes) {
       for (int ta = 0; ta < 2; ++ta) {
         for (int tb = 0; tb < 2; ++tb) {
@@ -144,7 +138,7 @@ TEST_CASE("gemm_bf16 gives the same bits with 1 and 2 threads, and inside the ca
   const Index m = 400, n = 520, k = 300;
   const MatF A = pkmtest::random_matrix(m, k, 21).cast<float>();
   const MatF B = pkmtest::random_matrix(n, k, 22).cast<float>();
-  for (Bf16Kernel kernel : kernels_here()) {
+  for (Bf16Kernel kernel : pkmtest::bf16_kernels_here()) {
     INFO(pkm::bf16_kernel_name(kernel));
     MatF one(m, n), two(m, n), nested(m, n);
     {
@@ -228,26 +222,6 @@ TEST_CASE("compute = BF16: only float layers, set_compute switches it and refuse
   MatD yd = MatD::Zero(3, 5);
   CHECK_THROWS_WITH(pkm::linear_forward<double>(xd, wd, nullptr, yd, pkm::Dtype::bf16),
                     Contains("products in BF16 need float operands"));
-}
-
-TEST_CASE("the bf16 layer keeps a decoding batch (at most 8 tokens) in fp32 products",
-          "[gemm_bf16][layer][small_batch]") {
-  std::optional<KernelEnv> emulate;
-  if (!pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) emulate.emplace("portable");
-  auto c = pkmtest::medium_config();
-  pkm::MemoryLayer<float> fp32(c, 51), bf16(c, 51);
-  bf16.params().set_compute(pkm::Dtype::bf16);
-  pkm::ForwardCache<float> c32, c16;
-  for (Index batch : {1, 8, 9}) {
-    INFO("batch " << batch);
-    const MatF x = pkmtest::random_matrix(batch, c.input_dim, 52).cast<float>();
-    MatF y32(batch, c.output_dim), y16(batch, c.output_dim);
-    fp32.forward(x, y32, c32);
-    bf16.forward(x, y16, c16);
-    // Up to 8 tokens every forward product is the fp32 small-batch kernel's; from 9 on the
-    // projections run in bf16.
-    CHECK(same_bits(y16, y32) == (batch <= 8));
-  }
 }
 
 TEST_CASE("the bf16 layer: close to the fp32 layer forward and backward, its top-k exact over "

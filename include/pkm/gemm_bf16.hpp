@@ -19,8 +19,9 @@
 //
 // Determinism: C is cut into tiles whose bounds depend only on (m, n); each tile is computed
 // by one thread, its k loop in fixed chunks: the same bits with any thread count (on the same
-// kernel). Every product is packed (the packed operands are allocated per call): the layer
-// keeps its decoding batches of at most 8 tokens in fp32 instead (pkm/linear.hpp).
+// kernel). Both operands are packed per call (the packed operands are allocated per call),
+// unless B is a weight packed once (PackedBf16Matrix, gemm_bf16_nt): the layer's forward
+// keeps its weights packed that way (pkm/packed_weights.hpp).
 #pragma once
 
 #include <algorithm>
@@ -106,16 +107,21 @@ void pack_bf16_all(const float* x, std::int64_t s_row, std::int64_t s_k, std::in
   }
 }
 
+/// C = alpha A B + beta C from the packed panels of A (m rows) and B (n columns). An element's
+/// value depends only on its row of A, its column of B and k (fixed k chunks, added to C in
+/// order), not on m or on how C is cut into tiles; a decoding batch (m <= kSmallGemmRows)
+/// gets tiles one micro-tile wide, so that its few rows still spread over the threads.
 inline void gemm_bf16_packed(std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                              const std::uint16_t* ap, const std::uint16_t* bp, float beta, float* c,
                              std::int64_t ldc, Bf16Kernel kernel) {
   constexpr int MR = kBf16MR, NR = kBf16NR;
   const std::int64_t pairs = (k + 1) / 2;
+  const std::int64_t tile_cols = m <= kSmallGemmRows ? NR : kBf16TileCols;
   const std::int64_t tm = (m + kBf16TileRows - 1) / kBf16TileRows;
-  const std::int64_t tn = (n + kBf16TileCols - 1) / kBf16TileCols;
+  const std::int64_t tn = (n + tile_cols - 1) / tile_cols;
   auto tile = [&](std::int64_t t) {
-    const std::int64_t i0 = (t / tn) * kBf16TileRows, j0 = (t % tn) * kBf16TileCols;
-    const std::int64_t i1 = std::min(m, i0 + kBf16TileRows), j1 = std::min(n, j0 + kBf16TileCols);
+    const std::int64_t i0 = (t / tn) * kBf16TileRows, j0 = (t % tn) * tile_cols;
+    const std::int64_t i1 = std::min(m, i0 + kBf16TileRows), j1 = std::min(n, j0 + tile_cols);
     alignas(64) float acc[MR * NR];
     for (std::int64_t t0 = 0; t0 < pairs; t0 += kBf16KcPairs) {
       const std::int64_t tc = std::min(kBf16KcPairs, pairs - t0);
@@ -154,6 +160,99 @@ inline void gemm_bf16_packed(std::int64_t m, std::int64_t n, std::int64_t k, flo
 }
 
 }  // namespace detail
+
+/// A matrix W (n x k, row-major, leading dimension ldw) rounded to bf16 and packed once as
+/// the B operand of x W^T: gemm_bf16_nt with it gives gemm_bf16(false, true, ..., W, ...)'s
+/// bits without reading W's floats or packing them again (half the bytes, no packing per
+/// call). It is a copy: later changes of W do not reach it (pkm/packed_weights.hpp keeps a
+/// layer's copies current). An empty one (default) packs nothing.
+class PackedBf16Matrix {
+ public:
+  PackedBf16Matrix() = default;
+  /// Throws std::invalid_argument for negative sizes, ldw < max(1, k), a null W that is not
+  /// empty, or a packed size beyond 2^62 bytes.
+  PackedBf16Matrix(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw)
+      : n_(n), k_(k), src_(w) {
+    const char* who = "pkm::PackedBf16Matrix";
+    if (n < 0 || k < 0 || ldw < std::max<std::int64_t>(1, k)) {
+      throw std::invalid_argument(std::string(who) + ": W is " + std::to_string(n) + " x " +
+                                  std::to_string(k) + " with ldw = " + std::to_string(ldw) +
+                                  "; expected sizes >= 0 and ldw >= max(1, k)");
+    }
+    if (n == 0 || k == 0) return;
+    if (w == nullptr) throw std::invalid_argument(std::string(who) + ": W is null");
+    const std::int64_t panels = (n + detail::kBf16NR - 1) / detail::kBf16NR;
+    const std::int64_t pair_cols = detail::checked_mul(who, "pairs(k) x 2", (k + 1) / 2, 2);
+    const std::int64_t size = detail::checked_mul(
+        who, "packed elements", detail::checked_mul(who, "panels x 64", panels, detail::kBf16NR),
+        pair_cols, detail::kMaxBytes / sizeof(std::uint16_t));
+    panels_.reset(new std::uint16_t[static_cast<std::size_t>(size)]);
+    detail::pack_bf16_all<detail::kBf16NR>(w, ldw, 1, n, k, panels_.get());
+  }
+  std::int64_t rows() const { return n_; }
+  std::int64_t cols() const { return k_; }
+  /// The W it was packed from (compared, never read, by the layer's products).
+  const float* source() const { return src_; }
+  const std::uint16_t* panels() const { return panels_.get(); }
+  /// Bytes held (the packed copy).
+  std::int64_t bytes() const {
+    const std::int64_t panels = (n_ + detail::kBf16NR - 1) / detail::kBf16NR;
+    return panels_ ? panels * detail::kBf16NR * ((k_ + 1) / 2) * 2 * 2 : 0;
+  }
+
+ private:
+  std::int64_t n_ = 0, k_ = 0;
+  const float* src_ = nullptr;
+  std::unique_ptr<std::uint16_t[]> panels_;
+};
+
+/// C (m x n) = alpha x W^T + beta C with W packed beforehand (n = w.rows(), k = w.cols()):
+/// the bits of gemm_bf16(false, true, m, n, k, alpha, x, lda, W, ldw, beta, c, ldc, kernel) at
+/// any m and thread count. `x_pack` is scratch for x's packed rows: grown when too small, so a
+/// caller reusing it allocates nothing once it has seen the largest batch. The rules for
+/// alpha == 0, k == 0 and beta == 0 are pkm::gemm's. Throws std::invalid_argument for bad
+/// sizes, leading dimensions or pointers, C sharing an element with x, or a kernel this CPU
+/// lacks.
+inline void gemm_bf16_nt(std::int64_t m, float alpha, const float* x, std::int64_t lda,
+                         const PackedBf16Matrix& w, float beta, float* c, std::int64_t ldc,
+                         std::vector<std::uint16_t>& x_pack, Bf16Kernel kernel = bf16_kernel()) {
+  const std::int64_t n = w.rows(), k = w.cols();
+  auto fail = [](const std::string& what) {
+    throw std::invalid_argument("pkm::gemm_bf16_nt: " + what);
+  };
+  if (m < 0) fail("m = " + std::to_string(m) + "; expected m >= 0");
+  if (lda < std::max<std::int64_t>(1, k))
+    fail("lda = " + std::to_string(lda) + " < k = " + std::to_string(k));
+  if (ldc < std::max<std::int64_t>(1, n))
+    fail("ldc = " + std::to_string(ldc) + " < n = " + std::to_string(n));
+  if (m > 0 && n > 0 && (c == nullptr || (k > 0 && x == nullptr)))
+    fail("null matrix pointer for a non-empty product");
+  if (!bf16_kernel_available(kernel)) {
+    fail(std::string("kernel ") + bf16_kernel_name(kernel) +
+         " is not available on this CPU (it lacks AVX512-BF16)");
+  }
+  if (m == 0 || n == 0) return;
+  const bool reads_ab = k > 0 && alpha != 0.0f;
+  const detail::StoredMatrix<float> A{x, m, k, lda}, C{c, m, n, ldc};
+  (void)C.extent("C");
+  if (reads_ab && detail::share_elements(A, C))
+    fail("C overlaps x; expected an output that shares no element with x");
+  if (!reads_ab) {  // A and B are not read; C = beta C (0: not read)
+    for (std::int64_t i = 0; i < m; ++i) {
+      float* row = c + i * ldc;
+      if (beta == 0.0f)
+        std::fill(row, row + n, 0.0f);
+      else if (beta != 1.0f)
+        for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
+    }
+    return;
+  }
+  const std::int64_t pm = (m + detail::kBf16MR - 1) / detail::kBf16MR;
+  const auto a_size = static_cast<std::size_t>(pm * ((k + 1) / 2) * detail::kBf16MR * 2);
+  if (x_pack.size() < a_size) x_pack.resize(a_size);
+  detail::pack_bf16_all<detail::kBf16MR>(x, lda, 1, m, k, x_pack.data());
+  detail::gemm_bf16_packed(m, n, k, alpha, x_pack.data(), w.panels(), beta, c, ldc, kernel);
+}
 
 /// C (m x n) = alpha op(A) op(B) + beta C with A's and B's elements rounded to bf16 and fp32
 /// sums (see the top of this file). Arguments, the rules for alpha == 0, k == 0 and beta == 0,

@@ -7,6 +7,7 @@
 #include "pkm/embedding_bag.hpp"
 #include "pkm/key_search.hpp"
 #include "pkm/memory_output.hpp"
+#include "pkm/packed_weights.hpp"
 #include "pkm/parameters.hpp"
 #include "pkm/sparse_grad.hpp"
 #include "pkm/types.hpp"
@@ -35,6 +36,7 @@ struct ForwardCache : KeySearchCache<Scalar>, OutputCache<Scalar> {
   Index batch = -1;                          ///< tokens of the last forward; -1 before the first
   RowMatrix<Scalar> query;                   ///< B x (H k_dim): q = Wq x + bq
   RowMatrix<Scalar> read;                    ///< B x v_dim: y = sum of weighted value rows
+  ProductScratch products;                   ///< the packed bf16 weights, during a forward
   mutable LayerWorkspace<Scalar> workspace;  ///< scratch of forward and backward
 };
 

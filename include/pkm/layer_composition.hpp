@@ -22,6 +22,7 @@
 #include "pkm/layer_cache.hpp"
 #include "pkm/linear.hpp"
 #include "pkm/memory_output.hpp"
+#include "pkm/packed_weights.hpp"
 #include "pkm/parameters.hpp"
 #include "pkm/types.hpp"
 
@@ -60,8 +61,11 @@ void forward_begin(const char* who, const LayerParameters<Scalar>& p,
   cache.config = c;
   cache.query.resize(B, c.heads * c.k_dim);
   cache.read.resize(B, c.v_dim);
+  // The packed bf16 weights where the products are bf16 ones (made once per change of p).
+  cache.products.packed = packed_weights(p);
   linear_forward<Scalar>(x, p.query_weight(), bias_or_null(p, Tensor::query_bias), cache.query,
-                         c.compute);
+                         c.compute, cache.products.packed ? &cache.products.packed->query : nullptr,
+                         &cache.products.x_pack);
   key_search_forward<Scalar>(c, p.keys(), cache.query, cache, cache.workspace.search);
 }
 
@@ -71,7 +75,8 @@ template <class Scalar>
 void forward_end(const char* who, const LayerParameters<Scalar>& p, const ConstMatrixRef<Scalar>& x,
                  MatrixRef<Scalar> out, ForwardCache<Scalar>& cache) {
   const Index B = x.rows();
-  output_forward<Scalar>(p, x, cache.read, out, cache);
+  output_forward<Scalar>(p, x, cache.read, out, cache, &cache.products);
+  cache.products.packed.reset();  // a later change of p may free them
   parallel_blocks(B, kTokenBlock, [&](Index b0, Index b1) {
     for (Index b = b0; b < b1; ++b) {
       if (!all_finite(out.row(b).data(), out.cols())) {

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "pkm/detail/parallel.hpp"
 #include "pkm/dtype.hpp"
@@ -22,7 +23,8 @@ namespace detail {
 /// batch of at most kSmallGemmRows tokens (detail::small_batch_product). There the fp32
 /// weights are read either way, and rounding them only added work: the layer's forward with
 /// its small-batch products rounding to bf16 ran 1.37x (batch 1) and 2.15x (batch 8) slower
-/// than in fp32 (BM_DecodeLatency, 2 threads, AMD EPYC Zen 4). Throws std::invalid_argument
+/// than in fp32 (BM_DecodeLatency, 2 threads, AMD EPYC Zen 4). The layer's forward passes
+/// its weights packed once instead (linear_forward's `packed`), and is bf16 at every batch. Throws std::invalid_argument
 /// for another `compute`, or bf16 with double operands.
 template <class S>
 void gemm_in(Dtype compute, bool trans_a, bool trans_b, Index m, Index n, Index k, const S* a,
@@ -46,15 +48,39 @@ void gemm_in(Dtype compute, bool trans_a, bool trans_b, Index m, Index n, Index 
 /// y = x W^T (+ bias): x is B x in, W is out x in, bias (may be null) has `out` entries.
 /// Every function here computes its product in `compute`'s precision (Dtype::f32, or
 /// Dtype::bf16: pkm/gemm_bf16.hpp).
+///
+/// `packed` (may be null) is W rounded to bf16 and packed beforehand (pkm/packed_weights.hpp)
+/// for bf16 products with `x_pack` as scratch: then every batch size, decoding ones included,
+/// runs the bf16 kernel on it, with the bits of packing W on this call. Throws
+/// std::invalid_argument (writing nothing) when `packed` was not made from `w`, compute is not
+/// BF16, or `x_pack` is null.
 template <class S>
 void linear_forward(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& w, const S* bias,
-                    MatrixRef<S> y, Dtype compute = Dtype::f32) {
+                    MatrixRef<S> y, Dtype compute = Dtype::f32,
+                    const PackedBf16Matrix* packed = nullptr,
+                    std::vector<std::uint16_t>* x_pack = nullptr) {
   const Index B = x.rows(), out = w.rows();
+  if (packed != nullptr) {
+    if (!std::is_same_v<S, float> || compute != Dtype::bf16 || x_pack == nullptr ||
+        packed->source() != static_cast<const void*>(w.data()) || packed->rows() != out ||
+        packed->cols() != w.cols() || x.cols() != w.cols() ||
+        w.outerStride() != w.cols()) {
+      throw std::invalid_argument(
+          "pkm::linear_forward: the packed weight is not W's (or compute is not BF16, or no "
+          "scratch was given); expected a PackedBf16Matrix made from this W");
+    }
+  }
   if (bias != nullptr) {
     const ConstVectorMap<S> b(bias, out);
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index r = b0; r < b1; ++r) y.row(r) = b.transpose();
     });
+  }
+  if constexpr (std::is_same_v<S, float>) {
+    if (packed != nullptr) {
+      return gemm_bf16_nt(B, 1.0f, x.data(), x.outerStride(), *packed, bias != nullptr ? 1.0f : 0.0f,
+                          y.data(), y.outerStride(), *x_pack);
+    }
   }
   detail::gemm_in<S>(compute, false, true, B, out, x.cols(), x.data(), x.outerStride(), w.data(),
                      w.outerStride(), bias != nullptr ? S(1) : S(0), y.data(), y.outerStride());

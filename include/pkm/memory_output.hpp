@@ -14,6 +14,7 @@
 #include "pkm/config.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/linear.hpp"
+#include "pkm/packed_weights.hpp"
 #include "pkm/parameters.hpp"
 #include "pkm/types.hpp"
 
@@ -46,9 +47,18 @@ auto bias_or_null(Params& p, Tensor t) -> decltype(p.data(t)) {
 }  // namespace detail
 
 /// Forward: writes out (B x output_dim) from x (B x input_dim) and the read y (B x v_dim).
+/// `products` (may be null): the packed bf16 weights and scratch of the layer's forward
+/// (pkm/packed_weights.hpp); without it the products pack their weights on every call.
 template <class S>
 void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
-                    const ConstMatrixRef<S>& y, MatrixRef<S> out, OutputCache<S>& cache) {
+                    const ConstMatrixRef<S>& y, MatrixRef<S> out, OutputCache<S>& cache,
+                    ProductScratch* products = nullptr) {
+  const detail::PackedLayerWeights* packed =
+      products != nullptr ? products->packed.get() : nullptr;
+  std::vector<std::uint16_t>* x_pack = products != nullptr ? &products->x_pack : nullptr;
+  auto packed_w = [&](const PackedBf16Matrix detail::PackedLayerWeights::*m) {
+    return packed != nullptr ? &(packed->*m) : nullptr;
+  };
   const MemoryConfig& c = p.config();
   const Index B = x.rows();
   if (c.memory_plus) {
@@ -63,7 +73,8 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
   MatrixRef<S> o = c.gating ? MatrixRef<S>(cache.pre_gate) : out;
   if (c.memory_plus) {
     linear_forward<S>(x, p.swilu_weight(), detail::bias_or_null(p, Tensor::swilu_bias),
-                      cache.swilu_pre, c.compute);
+                      cache.swilu_pre, c.compute, packed_w(&detail::PackedLayerWeights::swilu),
+                      x_pack);
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index b = b0; b < b1; ++b) {
         for (Index d = 0; d < c.v_dim; ++d)
@@ -71,10 +82,11 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
       }
     });
     linear_forward<S>(cache.hidden, p.value_proj_weight(),
-                      detail::bias_or_null(p, Tensor::value_proj_bias), o, c.compute);
+                      detail::bias_or_null(p, Tensor::value_proj_bias), o, c.compute,
+                      packed_w(&detail::PackedLayerWeights::value_proj), x_pack);
   } else if (c.value_projection) {
     linear_forward<S>(y, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias),
-                      o, c.compute);
+                      o, c.compute, packed_w(&detail::PackedLayerWeights::value_proj), x_pack);
   } else {
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       o.middleRows(b0, b1 - b0) = y.middleRows(b0, b1 - b0);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -97,6 +98,8 @@ struct ParameterBuffers {
 };
 
 namespace detail {
+struct PackedLayerWeights;  // pkm/packed_weights.hpp
+
 /// When a LayerParameters' values were last changed and last found finite: a counter bumped by
 /// every non-const access, and the counter's value at the last check that found every value
 /// finite. Shared by the parameters and the optimizers they are registered with (which write
@@ -119,10 +122,25 @@ class ModificationStamp {
   void record_checked(std::uint64_t version) const {
     checked_.store(version, std::memory_order_relaxed);
   }
+  /// The layer's weights packed for bf16 products (pkm/packed_weights.hpp) if they were made
+  /// at `version`, else null. Kept here so that every view sharing the stamp (the PyTorch
+  /// operator's calls) shares them and any change of the values makes them stale.
+  std::shared_ptr<const PackedLayerWeights> packed(std::uint64_t version) const {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return packed_version_ == version ? packed_ : nullptr;
+  }
+  void set_packed(std::shared_ptr<const PackedLayerWeights> p, std::uint64_t version) const {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    packed_ = std::move(p);
+    packed_version_ = version;
+  }
 
  private:
   std::atomic<std::uint64_t> version_{0};
   mutable std::atomic<std::uint64_t> checked_{kNever};
+  mutable std::mutex mutex_;
+  mutable std::shared_ptr<const PackedLayerWeights> packed_;
+  mutable std::uint64_t packed_version_ = kNever;
 };
 }  // namespace detail
 

@@ -17,6 +17,7 @@
 #include "pkm/gemm.hpp"
 #include "pkm/gemm_bf16.hpp"
 #include "pkm/linear.hpp"
+#include "pkm/packed_weights.hpp"
 #include "pkm/qk_norm.hpp"
 #include "pkm/product_keys.hpp"
 #include "pkm/softmax.hpp"

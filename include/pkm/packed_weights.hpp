@@ -1,0 +1,89 @@
+// pkm/packed_weights.hpp — a float layer's forward weights (Wq, W1, W2) rounded to bf16 and
+// packed for its products once per change of the parameters, when its products are bf16
+// ones (MemoryConfig::compute = Dtype::bf16 on a CPU with AVX512-BF16, or its emulation).
+//
+// Without them every forward reads each fp32 weight and packs it into bf16 panels again:
+// 2 x the bytes of a bf16 copy, plus the packing, on every call. That cost does not shrink
+// with the batch, so a decoding model (1-64 tokens a call) paid more for it than for the
+// products. The packed copies cost half the weights' fp32 bytes in memory; they give the
+// same bits as packing on every call.
+//
+// They are kept on the parameters' ModificationStamp with the version they were made at:
+// every non-const access to the parameters and every optimizer step makes them stale, and
+// the next forward packs again. (Code that writes the values through pointers of its own
+// calls LayerParameters::mark_modified(), as it already must for the finiteness check.)
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "pkm/dtype.hpp"
+#include "pkm/gemm_bf16.hpp"
+#include "pkm/parameters.hpp"
+
+namespace pkm {
+
+namespace detail {
+/// The packed copies of one version of a layer's forward weights; an absent tensor's is empty.
+struct PackedLayerWeights {
+  PackedBf16Matrix query;       ///< Wq
+  PackedBf16Matrix swilu;       ///< W1 (Memory+)
+  PackedBf16Matrix value_proj;  ///< W2
+};
+}  // namespace detail
+
+/// What a forward's products use: the packed weights, held for the whole call (a concurrent
+/// change of the parameters cannot free them under it), and scratch for the batch's packed
+/// rows, reused from call to call. Part of the ForwardCache.
+struct ProductScratch {
+  std::shared_ptr<const detail::PackedLayerWeights> packed;
+  std::vector<std::uint16_t> x_pack;
+};
+
+/// The forward weights of `p` packed for bf16 products at p's current values: the copies made
+/// for this version of the values if there are any, else made now (and kept for the next
+/// forward). Null where the forward's products are not bf16 ones: compute F32, double
+/// parameters, a CPU without AVX512-BF16 (unless PKM_BF16_KERNEL=portable), or a
+/// moved-from LayerParameters.
+template <class S>
+std::shared_ptr<const detail::PackedLayerWeights> packed_weights(const LayerParameters<S>& p) {
+  if constexpr (!std::is_same_v<S, float>) {
+    (void)p;
+    return nullptr;
+  } else {
+    if (p.config().compute != Dtype::bf16 || !bf16_products_here() || !p.stamp()) return nullptr;
+    const detail::ModificationStamp& stamp = *p.stamp();
+    const std::uint64_t version = stamp.version();
+    constexpr Tensor kTensors[3] = {Tensor::query_weight, Tensor::swilu_weight,
+                                    Tensor::value_proj_weight};
+    auto member = [](auto& packed, int i) -> auto& {
+      return i == 0 ? packed.query : i == 1 ? packed.swilu : packed.value_proj;
+    };
+    // Made from these very buffers (a view re-pointed under the same stamp packs again).
+    auto made_from_p = [&](const detail::PackedLayerWeights& packed) {
+      for (int i = 0; i < 3; ++i) {
+        const PackedBf16Matrix& m = member(packed, i);
+        if (!p.has(kTensors[i])) {
+          if (m.rows() != 0) return false;
+          continue;
+        }
+        const auto w = p.matrix(kTensors[i]);
+        if (m.source() != w.data() || m.rows() != w.rows() || m.cols() != w.cols()) return false;
+      }
+      return true;
+    };
+    if (auto packed = stamp.packed(version); packed && made_from_p(*packed)) return packed;
+    auto made = std::make_shared<detail::PackedLayerWeights>();
+    for (int i = 0; i < 3; ++i) {
+      if (!p.has(kTensors[i])) continue;
+      const auto w = p.matrix(kTensors[i]);
+      member(*made, i) = PackedBf16Matrix(w.data(), w.rows(), w.cols(), w.cols());
+    }
+    stamp.set_packed(made, version);
+    return made;
+  }
+}
+
+}  // namespace pkm

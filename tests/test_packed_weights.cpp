@@ -1,0 +1,291 @@
+// Weights packed once for bf16 products (PackedBf16Matrix, gemm_bf16_nt; a layer's copies in
+// pkm/packed_weights.hpp): the bits of packing on every call at any batch and thread count,
+// the layer's copies made again after every kind of change of its parameters, shared by
+// concurrent callers, and bad arguments refused.
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <pkm/gemm_bf16.hpp>
+#include <pkm/memory_layer.hpp>
+#include <pkm/optim/adamw.hpp>
+#include <pkm/packed_weights.hpp>
+
+#include "support.hpp"
+
+using Catch::Contains;
+using pkm::Bf16Kernel;
+using pkm::Index;
+using pkmtest::same_bits;
+using MatF = pkm::RowMatrix<float>;
+
+namespace {
+
+/// Sets PKM_BF16_KERNEL=portable for the scope of a test where the CPU lacks AVX512-BF16, so
+/// that the layer's products are bf16 ones (emulated) on every machine.
+struct Bf16ProductsHere {
+  std::optional<bool> set;
+  Bf16ProductsHere() {
+    if (!pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) {
+      setenv("PKM_BF16_KERNEL", "portable", 1);
+      set = true;
+    }
+  }
+  ~Bf16ProductsHere() {
+    if (set) unsetenv("PKM_BF16_KERNEL");
+  }
+};
+
+pkm::MemoryConfig bf16_config() {
+  pkm::MemoryConfig c = pkmtest::medium_config();
+  c.compute = pkm::Dtype::bf16;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("gemm_bf16_nt with W packed once gives gemm_bf16's bits at every batch and thread count",
+          "[packed_weights][gemm_bf16]") {
+  // Decoding batches (1-8: tiles one micro-tile wide), a micro-tile edge (6), a tile edge
+  // (192), odd k, k past one chunk (1024 pairs), n past a panel and a tile.
+  struct Shape {
+    Index n, k;
+  };
+  for (Bf16Kernel kernel : pkmtest::bf16_kernels_here()) {
+    for (const Shape s : {Shape{1, 1}, Shape{65, 13}, Shape{300, 257}, Shape{70, 2051}}) {
+      const MatF W = pkmtest::random_matrix(s.n, s.k + 3, 31).cast<float>();  // ldw = k + 3
+      const pkm::PackedBf16Matrix packed(W.data(), s.n, s.k, s.k + 3);
+      CHECK(packed.rows() == s.n);
+      CHECK(packed.cols() == s.k);
+      std::vector<std::uint16_t> scratch;
+      for (Index m : {0, 1, 5, 8, 9, 64, 200}) {
+        for (float beta : {0.0f, 1.0f, 0.5f}) {
+          INFO(pkm::bf16_kernel_name(kernel) << " m " << m << " n " << s.n << " k " << s.k
+                                             << " beta " << beta);
+          const MatF X = pkmtest::random_matrix(m, s.k + 1, 32, 2.0).cast<float>();
+          const MatF C0 = pkmtest::random_matrix(m, s.n + 2, 33).cast<float>();
+          MatF want = C0, one = C0, two = C0;
+          pkm::gemm_bf16(false, true, m, s.n, s.k, -0.5f, X.data(), s.k + 1, W.data(), s.k + 3,
+                         beta, want.data(), s.n + 2, kernel);
+          {
+            pkmtest::ThreadCount t(1);
+            pkm::gemm_bf16_nt(m, -0.5f, X.data(), s.k + 1, packed, beta, one.data(), s.n + 2,
+                              scratch, kernel);
+          }
+          {
+            pkmtest::ThreadCount t(2);
+            pkm::gemm_bf16_nt(m, -0.5f, X.data(), s.k + 1, packed, beta, two.data(), s.n + 2,
+                              scratch, kernel);
+          }
+          CHECK(same_bits(one, want));
+          CHECK(same_bits(two, want));
+        }
+      }
+      // Each row's bits do not depend on the batch it came in: a decoding token alone equals
+      // the same token in a batch of 200.
+      const MatF X = pkmtest::random_matrix(200, s.k, 34).cast<float>();
+      MatF all(200, s.n), alone(1, s.n);
+      pkm::gemm_bf16_nt(200, 1.0f, X.data(), s.k, packed, 0.0f, all.data(), s.n, scratch, kernel);
+      for (Index r : {0, 7, 199}) {
+        pkm::gemm_bf16_nt(1, 1.0f, X.row(r).data(), s.k, packed, 0.0f, alone.data(), s.n, scratch,
+                          kernel);
+        CHECK(same_bits(alone, all.row(r)));
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm_bf16_nt and PackedBf16Matrix refuse bad arguments and write nothing",
+          "[packed_weights][gemm_bf16][hostile]") {
+  const MatF W = pkmtest::random_matrix(10, 8, 41).cast<float>();
+  CHECK_THROWS_WITH(pkm::PackedBf16Matrix(W.data(), 10, 8, 7),
+                    Contains("ldw = 7; expected sizes >= 0 and ldw >= max(1, k)"));
+  CHECK_THROWS_WITH(pkm::PackedBf16Matrix(W.data(), -1, 8, 8), Contains("W is -1 x 8"));
+  CHECK_THROWS_WITH(pkm::PackedBf16Matrix(nullptr, 10, 8, 8), Contains("W is null"));
+  CHECK_THROWS_WITH(pkm::PackedBf16Matrix(W.data(), std::int64_t{1} << 40, std::int64_t{1} << 40,
+                                          std::int64_t{1} << 40),
+                    Contains("is out of range"));
+  CHECK(pkm::PackedBf16Matrix(nullptr, 0, 8, 8).rows() == 0);  // empty: nothing to read
+
+  const pkm::PackedBf16Matrix packed(W.data(), 10, 8, 8);
+  MatF x = pkmtest::random_matrix(3, 8, 42).cast<float>();
+  MatF c = MatF::Constant(3, 10, 7.0f);
+  std::vector<std::uint16_t> scratch;
+  auto untouched = [&] { return (c.array() == 7.0f).all(); };
+  CHECK_THROWS_WITH(pkm::gemm_bf16_nt(3, 1, x.data(), 7, packed, 0, c.data(), 10, scratch),
+                    Contains("lda = 7 < k = 8"));
+  CHECK_THROWS_WITH(pkm::gemm_bf16_nt(3, 1, x.data(), 8, packed, 0, c.data(), 9, scratch),
+                    Contains("ldc = 9 < n = 10"));
+  CHECK_THROWS_WITH(pkm::gemm_bf16_nt(-1, 1, x.data(), 8, packed, 0, c.data(), 10, scratch),
+                    Contains("m = -1"));
+  CHECK_THROWS_WITH(pkm::gemm_bf16_nt(3, 1, nullptr, 8, packed, 0, c.data(), 10, scratch),
+                    Contains("null matrix pointer"));
+  CHECK(untouched());
+  // C over x's own rows: x would be overwritten while it is read.
+  MatF xc = pkmtest::random_matrix(3, 10, 43).cast<float>();
+  CHECK_THROWS_WITH(pkm::gemm_bf16_nt(3, 1, xc.data(), 10, packed, 0, xc.data(), 10, scratch),
+                    Contains("C overlaps x"));
+  if (!pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) {
+    CHECK_THROWS_WITH(pkm::gemm_bf16_nt(3, 1, x.data(), 8, packed, 0, c.data(), 10, scratch,
+                                        Bf16Kernel::avx512_bf16),
+                      Contains("lacks AVX512-BF16"));
+  }
+  // alpha == 0: C = beta C, x not read (NaN in x stays out).
+  x(0, 0) = std::numeric_limits<float>::quiet_NaN();
+  pkm::gemm_bf16_nt(3, 0.0f, x.data(), 8, packed, 0.5f, c.data(), 10, scratch);
+  CHECK((c.array() == 3.5f).all());
+
+  // linear_forward refuses a packed copy of another W, or the wrong compute, before writing.
+  const MatF W2 = W;
+  MatF y = MatF::Constant(3, 10, 7.0f);
+  const MatF xx = pkmtest::random_matrix(3, 8, 44).cast<float>();
+  CHECK_THROWS_WITH(pkm::linear_forward<float>(xx, W2, nullptr, y, pkm::Dtype::bf16, &packed,
+                                               &scratch),
+                    Contains("the packed weight is not W's"));
+  CHECK_THROWS_WITH(pkm::linear_forward<float>(xx, W, nullptr, y, pkm::Dtype::f32, &packed,
+                                               &scratch),
+                    Contains("the packed weight is not W's"));
+  CHECK_THROWS_WITH(pkm::linear_forward<float>(xx, W, nullptr, y, pkm::Dtype::bf16, &packed,
+                                               nullptr),
+                    Contains("the packed weight is not W's"));
+  CHECK((y.array() == 7.0f).all());
+}
+
+TEST_CASE("the bf16 layer packs its weights once per change, and every change packs them again",
+          "[packed_weights][layer]") {
+  Bf16ProductsHere here;
+  const auto c = bf16_config();
+  pkm::MemoryLayer<float> layer(c, 51);
+  pkm::ForwardCache<float> cache;
+  const MatF x = pkmtest::random_matrix(5, c.input_dim, 52).cast<float>();
+  MatF y(5, c.output_dim), want(5, c.output_dim);
+  // The reference: a copy of the layer (its own stamp, nothing packed yet) run once.
+  auto fresh_output = [&] {
+    const pkm::MemoryLayer<float> copy(layer.params(), layer.values().view());
+    pkm::ForwardCache<float> fresh;
+    copy.forward(x, want, fresh);
+    return want;
+  };
+
+  layer.forward(x, y, cache);
+  const auto first = pkm::packed_weights(std::as_const(layer).params());
+  REQUIRE(first != nullptr);
+  CHECK(first->query.rows() == c.heads * c.k_dim);
+  CHECK(first->swilu.rows() == c.v_dim);
+  CHECK(first->value_proj.rows() == c.output_dim);
+  CHECK(cache.products.packed == nullptr);  // the forward does not pin them
+  layer.forward(x, y, cache);
+  CHECK(pkm::packed_weights(std::as_const(layer).params()) == first);  // not packed again
+  CHECK(same_bits(y, fresh_output()));
+
+  // A non-const access marks the parameters changed: the next forward packs again.
+  layer.params().query_weight()(0, 0) += 1.0f;
+  layer.forward(x, y, cache);
+  const auto second = pkm::packed_weights(std::as_const(layer).params());
+  CHECK(second != first);
+  CHECK(same_bits(y, fresh_output()));
+
+  // An optimizer step writes through its own pointers and marks the stamp.
+  pkm::LayerParameters<float> grads(c);
+  pkm::optim::AdamW<float> opt(pkm::optim::AdamOptions{1e-2});
+  opt.add("mem.", layer.params(), grads);
+  grads.matrix(pkm::Tensor::swilu_weight).setConstant(0.1f);
+  const MatF before = y;
+  opt.step();
+  layer.forward(x, y, cache);
+  CHECK(pkm::packed_weights(std::as_const(layer).params()) != second);
+  CHECK_FALSE(same_bits(y, before));
+  CHECK(same_bits(y, fresh_output()));
+
+  // A view of the caller's buffers: writes there are announced with mark_modified().
+  pkm::LayerParameters<float> owned(c);
+  pkm::init_parameters(owned, 53);
+  pkm::ParameterBuffers<float> b;
+  b.keys = owned.data(pkm::Tensor::keys);
+  b.query_weight = owned.data(pkm::Tensor::query_weight);
+  b.query_bias = owned.data(pkm::Tensor::query_bias);
+  b.swilu_weight = owned.data(pkm::Tensor::swilu_weight);
+  b.swilu_bias = owned.data(pkm::Tensor::swilu_bias);
+  b.value_proj_weight = owned.data(pkm::Tensor::value_proj_weight);
+  b.value_proj_bias = owned.data(pkm::Tensor::value_proj_bias);
+  pkm::MemoryLayer<float> viewing(pkm::LayerParameters<float>::view(c, b),
+                                  layer.values().view());
+  MatF v1(5, c.output_dim), v2(5, c.output_dim), v3(5, c.output_dim);
+  viewing.forward(x, v1, cache);
+  b.value_proj_weight[3] *= -2.0f;  // the caller's own write
+  viewing.params().mark_modified();
+  viewing.forward(x, v2, cache);
+  CHECK_FALSE(same_bits(v1, v2));
+  const pkm::MemoryLayer<float> copy(viewing.params(), layer.values().view());
+  copy.forward(x, v3, cache);
+  CHECK(same_bits(v2, v3));
+}
+
+TEST_CASE("the bf16 layer's products are bf16 at every batch: a token alone gives its bits in a "
+          "batch, and differs from fp32 products",
+          "[packed_weights][layer][small_batch]") {
+  Bf16ProductsHere here;
+  const auto c = bf16_config();
+  const pkm::MemoryLayer<float> bf16(c, 61);
+  pkm::LayerParameters<float> p32 = bf16.params();
+  p32.set_compute(pkm::Dtype::f32);
+  const pkm::MemoryLayer<float> fp32(std::move(p32), bf16.values().view());
+  pkm::ForwardCache<float> cache;
+  const MatF x = pkmtest::random_matrix(8, c.input_dim, 62).cast<float>();
+  MatF batch(8, c.output_dim), alone(1, c.output_dim), f32(1, c.output_dim);
+  bf16.forward(x, batch, cache);
+  for (Index r = 0; r < 8; ++r) {
+    INFO("token " << r);
+    bf16.forward(x.row(r), alone, cache);
+    CHECK(same_bits(alone, batch.row(r)));
+    fp32.forward(x.row(r), f32, cache);
+    CHECK_FALSE(same_bits(alone, f32));  // the products were rounded
+  }
+}
+
+TEST_CASE("the bf16 layer from several threads at once: the serial bits",
+          "[packed_weights][layer][threads]") {
+  Bf16ProductsHere here;
+  const auto c = bf16_config();
+  const pkm::MemoryLayer<float> layer(c, 71);
+  constexpr int kThreads = 4;
+  std::vector<MatF> xs, serial, parallel;
+  for (int t = 0; t < kThreads; ++t) {
+    xs.push_back(pkmtest::random_matrix(3 + t, c.input_dim, 72 + t).cast<float>());
+    serial.emplace_back(3 + t, c.output_dim);
+    parallel.emplace_back(3 + t, c.output_dim);
+  }
+  {
+    pkm::ForwardCache<float> cache;
+    for (int t = 0; t < kThreads; ++t) layer.forward(xs[t], serial[t], cache);
+  }
+  const pkm::MemoryLayer<float> twin(layer.params(), layer.values().view());  // nothing packed
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      pkm::ForwardCache<float> cache;
+      for (int rep = 0; rep < 20; ++rep) twin.forward(xs[t], parallel[t], cache);
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) CHECK(same_bits(parallel[t], serial[t]));
+  CHECK(pkm::packed_weights(twin.params()) != nullptr);
+}
+
+TEST_CASE("fp32 layers, double layers and CPUs without bf16 products pack nothing",
+          "[packed_weights][layer]") {
+  const pkm::MemoryLayer<float> f32(pkmtest::medium_config(), 81);
+  CHECK(pkm::packed_weights(f32.params()) == nullptr);
+  const pkm::MemoryLayer<double> f64(pkmtest::medium_config(), 81);
+  CHECK(pkm::packed_weights(f64.params()) == nullptr);
+  if (!pkm::bf16_products_here()) {
+    const pkm::MemoryLayer<float> b(bf16_config(), 81);
+    CHECK(pkm::packed_weights(b.params()) == nullptr);
+  }
+}

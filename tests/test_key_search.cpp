@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -111,5 +112,66 @@ TEST_CASE(
     CHECK(sq.checked > 20);
     CHECK(sk.checked > 20);
     for (const auto& f : fails) FAIL_CHECK(f);
+  }
+}
+
+TEST_CASE("key search of a decoding batch (every head at once): brute force's top-k, and the "
+          "bits of one product per head",
+          "[key_search][small_batch]") {
+  pkm::MemoryConfig c = pkmtest::small_config();
+  c.heads = 3;
+  c.n_keys = 70;  // column blocks of 64 and 6, groups of 4 and 2 left over
+  c.k_dim = 10;
+  c.knn = 4;
+  for (bool qk_norm : {false, true}) {
+    c.qk_norm = qk_norm;
+    for (Index B : {1, 5, 8}) {
+      INFO("qk_norm " << qk_norm << ", batch " << B);
+      const Mat keys = random_matrix(2 * c.heads * c.n_keys, c.half(), 21);
+      const Mat q = random_matrix(B, c.heads * c.k_dim, 22);
+      pkm::KeySearchCache<double> cache;
+      pkm::KeySearchWorkspace<double> ws;
+      pkm::key_search_forward<double>(c, keys, q, cache, ws);
+      for (Index b = 0; b < B; ++b) {
+        for (Index h = 0; h < c.heads; ++h) {
+          const Best want = brute_force(c, keys, q, b, h);
+          for (Index m = 0; m < c.knn; ++m) {
+            CHECK(cache.indices(b, h * c.knn + m) == want.slots[std::size_t(m)]);
+            CHECK(cache.scores(b, h * c.knn + m) ==
+                  Approx(want.scores[std::size_t(m)]).epsilon(1e-12));
+          }
+        }
+      }
+      if (qk_norm) continue;
+      // In float, the bits of the per-head path: each head's two half-score rows by
+      // pkm::gemm (its small-batch kernel at this batch), then the top-k and softmax.
+      using MatF = pkm::RowMatrix<float>;
+      const MatF kf = keys.cast<float>(), qf = q.cast<float>();
+      pkm::KeySearchCache<float> cf;
+      pkm::KeySearchWorkspace<float> wf;
+      pkm::key_search_forward<float>(c, kf, qf, cf, wf);
+      const Index n = c.n_keys, half = c.half(), k = c.knn;
+      MatF s(B, 2 * n);
+      pkm::ProductKeyScratch<float> sc;
+      for (Index h = 0; h < c.heads; ++h) {
+        for (Index t = 0; t < 2; ++t) {
+          pkm::gemm<float>(false, true, B, n, half, 1.0f, qf.data() + h * c.k_dim + t * half,
+                           qf.cols(), kf.data() + (2 * h + t) * n * half, half, 0.0f,
+                           s.data() + t * n, 2 * n);
+        }
+        for (Index b = 0; b < B; ++b) {
+          std::vector<Index> idx(std::size_t(k), 0);
+          std::vector<float> sco(static_cast<std::size_t>(k)), w(static_cast<std::size_t>(k));
+          pkm::product_key_topk(s.row(b).data(), s.row(b).data() + n, n, k, idx.data(),
+                                sco.data(), sc);
+          pkm::softmax_forward(sco.data(), k, w.data());
+          for (Index m = 0; m < k; ++m) {
+            CHECK(cf.indices(b, h * k + m) == idx[std::size_t(m)]);
+            CHECK(std::memcmp(&cf.scores(b, h * k + m), &sco[std::size_t(m)], 4) == 0);
+            CHECK(std::memcmp(&cf.weights(b, h * k + m), &w[std::size_t(m)], 4) == 0);
+          }
+        }
+      }
+    }
   }
 }

@@ -50,6 +50,7 @@ template <class S>
 struct KeySearchWorkspace {
   RowMatrix<S> query_hat;    ///< chunk x (H k_dim): tau q / |q| (qk_norm only)
   RowMatrix<S> half_scores;  ///< chunk x 2 n_keys: one head's two half-score rows per token
+                             ///< (chunk x 2 H n_keys, every head's, for a decoding batch)
   std::vector<ProductKeyScratch<S>> topk;  ///< one per thread: the top-k's candidate lists
   std::vector<detail::RowContribution<S>> key_items;  ///< backward: (key row, token, coef)
   detail::GroupScratch<S> group;
@@ -118,7 +119,9 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
   const Index chunk =
       std::min(kSearchChunk, B);  // buffers sized once: a last, shorter chunk reuses them
   if (c.qk_norm) ws.query_hat.resize(chunk, H * kd);
-  ws.half_scores.resize(chunk, 2 * n);
+  // A decoding batch (one chunk) takes every head's scores at once (below).
+  const bool small = B <= detail::kSmallGemmRows && gemm_backend() != GemmBackend::openblas;
+  ws.half_scores.resize(chunk, small ? 2 * H * n : 2 * n);
   for (Index c0 = 0; c0 < B; c0 += kSearchChunk) {
     const Index nb = std::min(kSearchChunk, B - c0);
     // The query rows the scores use: q itself, or tau q / |q| per half (tau folded in).
@@ -140,6 +143,63 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
       q = ws.query_hat.data();
       ldq = ws.query_hat.outerStride();
     }
+    // Token b, head h: the exact top-k over its two half-score rows (`row`, 2 n values) and
+    // the softmax of the k scores.
+    auto search = [&](ProductKeyScratch<S>& sc, Index b, Index h, const S* row) {
+      if (!detail::all_finite(row, 2 * n))
+        detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
+      const Index col = h * k;
+      product_key_topk(row, row + n, n, k, &cache.indices(c0 + b, col), &cache.scores(c0 + b, col),
+                       sc);
+      // Two finite half scores can still add up to an infinity.
+      if (!detail::all_finite(&cache.scores(c0 + b, col), k)) {
+        throw std::runtime_error(
+            "pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
+            std::to_string(h) +
+            ": a score (the sum of two finite half scores) overflows; the "
+            "query or the sub-keys are too large");
+      }
+      softmax_forward(&cache.scores(c0 + b, col), k, &cache.weights(c0 + b, col));
+    };
+    if (small) {
+      // A decoding batch: every head's half scores in one parallel region, then every (head,
+      // token)'s top-k in another, instead of three regions per head, whose waits cost more
+      // than the work at this size. Each score is the small-batch kernel's fixed-order dot
+      // product: the bits pkm::gemm gives these rows (detail/gemm_small.hpp).
+      S* s = ws.half_scores.data();
+      const Index ld = 2 * H * n, blocks = (n + detail::kSmallGemmColBlock - 1) /
+                                           detail::kSmallGemmColBlock;
+      detail::parallel_blocks(2 * H * blocks, 1, [&](Index i0, Index i1) {
+        for (Index i = i0; i < i1; ++i) {
+          const Index p = i / blocks;  // head h = p / 2, half t = p % 2
+          const Index j0 = (i % blocks) * detail::kSmallGemmColBlock;
+          const Index j1 = std::min(n, j0 + detail::kSmallGemmColBlock);
+          const S* kp = K + p * n * half;
+          for (Index b = 0; b < nb; ++b) {
+            const S* qp[1] = {q + b * ldq + p * half};
+            S* out = s + b * ld + p * n;
+            Index j = j0;
+            for (; j + 4 <= j1; j += 4) {
+              const S* bp[4] = {kp + j * half, kp + (j + 1) * half, kp + (j + 2) * half,
+                                kp + (j + 3) * half};
+              detail::dots_fixed_order<1, 4>(qp, bp, half, out + j);
+            }
+            for (; j < j1; ++j) {
+              const S* bp[1] = {kp + j * half};
+              detail::dots_fixed_order<1, 1>(qp, bp, half, out + j);
+            }
+          }
+        }
+      });
+      detail::parallel_blocks_pooled(
+          H * nb, 1, ws.topk, [&](ProductKeyScratch<S>& sc, Index i0, Index i1) {
+            for (Index i = i0; i < i1; ++i) {
+              const Index h = i / nb, b = i % nb;
+              search(sc, b, h, s + b * ld + 2 * h * n);
+            }
+          });
+      continue;
+    }
     S* s = ws.half_scores.data();
     for (Index h = 0; h < H; ++h) {
       for (Index t = 0; t < 2; ++t) {
@@ -148,23 +208,7 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
       }
       detail::parallel_blocks_pooled(
           nb, kSearchBlock, ws.topk, [&](ProductKeyScratch<S>& sc, Index b0, Index b1) {
-            for (Index b = b0; b < b1; ++b) {
-              const S* row = s + b * 2 * n;
-              if (!detail::all_finite(row, 2 * n))
-                detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
-              const Index col = h * k;
-              product_key_topk(row, row + n, n, k, &cache.indices(c0 + b, col),
-                               &cache.scores(c0 + b, col), sc);
-              // Two finite half scores can still add up to an infinity.
-              if (!detail::all_finite(&cache.scores(c0 + b, col), k)) {
-                throw std::runtime_error(
-                    "pkm::key_search_forward: token " + std::to_string(c0 + b) + ", head " +
-                    std::to_string(h) +
-                    ": a score (the sum of two finite half scores) overflows; the "
-                    "query or the sub-keys are too large");
-              }
-              softmax_forward(&cache.scores(c0 + b, col), k, &cache.weights(c0 + b, col));
-            }
+            for (Index b = b0; b < b1; ++b) search(sc, b, h, s + b * 2 * n);
           });
     }
   }

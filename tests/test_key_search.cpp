@@ -58,6 +58,22 @@ Best brute_force(const pkm::MemoryConfig& c, const Mat& keys, const Mat& q, Inde
   return r;
 }
 
+/// Every token's and head's indices, scores and weights in `cache` against brute_force.
+void check_against_brute_force(const pkm::MemoryConfig& c, const Mat& keys, const Mat& q,
+                               const pkm::KeySearchCache<double>& cache) {
+  for (Index b = 0; b < q.rows(); ++b) {
+    for (Index h = 0; h < c.heads; ++h) {
+      const Best want = brute_force(c, keys, q, b, h);
+      for (Index m = 0; m < c.knn; ++m) {
+        CHECK(cache.indices(b, h * c.knn + m) == want.slots[std::size_t(m)]);
+        CHECK(cache.scores(b, h * c.knn + m) == Approx(want.scores[std::size_t(m)]).epsilon(1e-12));
+        CHECK(cache.weights(b, h * c.knn + m) ==
+              Approx(want.weights[std::size_t(m)]).epsilon(1e-12));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -77,18 +93,7 @@ TEST_CASE(
     pkm::KeySearchCache<double> cache;
     pkm::KeySearchWorkspace<double> ws;
     pkm::key_search_forward<double>(c, keys, q, cache, ws);
-    for (Index b = 0; b < B; ++b) {
-      for (Index h = 0; h < c.heads; ++h) {
-        const Best want = brute_force(c, keys, q, b, h);
-        for (Index m = 0; m < c.knn; ++m) {
-          CHECK(cache.indices(b, h * c.knn + m) == want.slots[std::size_t(m)]);
-          CHECK(cache.scores(b, h * c.knn + m) ==
-                Approx(want.scores[std::size_t(m)]).epsilon(1e-12));
-          CHECK(cache.weights(b, h * c.knn + m) ==
-                Approx(want.weights[std::size_t(m)]).epsilon(1e-12));
-        }
-      }
-    }
+    check_against_brute_force(c, keys, q, cache);
     // Backward of L = sum(dw * weights).
     const Mat dw = random_matrix(B, c.bag_size(), 13);
     Mat dscore = dw, dq(B, c.heads * c.k_dim);
@@ -132,16 +137,7 @@ TEST_CASE("key search of a decoding batch (every head at once): brute force's to
       pkm::KeySearchCache<double> cache;
       pkm::KeySearchWorkspace<double> ws;
       pkm::key_search_forward<double>(c, keys, q, cache, ws);
-      for (Index b = 0; b < B; ++b) {
-        for (Index h = 0; h < c.heads; ++h) {
-          const Best want = brute_force(c, keys, q, b, h);
-          for (Index m = 0; m < c.knn; ++m) {
-            CHECK(cache.indices(b, h * c.knn + m) == want.slots[std::size_t(m)]);
-            CHECK(cache.scores(b, h * c.knn + m) ==
-                  Approx(want.scores[std::size_t(m)]).epsilon(1e-12));
-          }
-        }
-      }
+      check_against_brute_force(c, keys, q, cache);
       if (qk_norm) continue;
       // In float, the bits of the per-head path: each head's two half-score rows by
       // pkm::gemm (its small-batch kernel at this batch), then the top-k and softmax.

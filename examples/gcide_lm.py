@@ -16,10 +16,11 @@ headword (a fixed hash: about 5 % of headwords, every entry under them, are vali
 knowledge probe: the loss, in bits per byte, of each sampled definition given its headword
 (the entry's text after the headword), on held-in (trained) and held-out entries.
 
---variants also trains, for --variant-minutes each, the variants the literature says matter
-that pkm supports: no Memory+ gate (the plain product-key memory), and qk-norm (keys and
-queries normalised before the scores). Csordas et al.'s non-softmax activation is not
-available in pkm (its scores always go through a softmax).
+--variants also trains, for --variant-minutes each, the variants the literature says matter:
+no Memory+ gate (the plain product-key memory), qk-norm (keys and queries normalised before
+the scores), and Csordas et al.'s ReLU over the selected scores instead of the softmax
+(score_activation="relu"), alone and with qk-norm; then the Memory+ and dense models for the
+same short budget. --model none trains the variants only.
 """
 import argparse
 import csv
@@ -132,7 +133,7 @@ class Block(torch.nn.Module):
 
 
 class ByteLM(torch.nn.Module):
-    def __init__(self, args, kind, qk_norm=False, memory_plus=True):
+    def __init__(self, args, kind, qk_norm=False, memory_plus=True, score_activation="softmax"):
         super().__init__()
         d = args.dim
         self.embed = torch.nn.Embedding(256, d)
@@ -145,7 +146,8 @@ class ByteLM(torch.nn.Module):
                 import pkm_torch
                 pkm_torch.load_library(args.torch_library)
                 self.memory = pkm_torch.HashingMemory(d, d, n_keys=args.n_keys, heads=args.mem_heads, knn=args.knn,
-                                                      k_dim=args.k_dim, memory_plus=memory_plus, qk_norm=qk_norm)
+                                                      k_dim=args.k_dim, memory_plus=memory_plus, qk_norm=qk_norm,
+                                                      score_activation=score_activation)
                 ffn = self.memory
             elif i == args.layers // 2:
                 ffn = SwiGLU(d, round(mem_macs / (3 * d)))  # the same multiply-adds as the memory
@@ -263,7 +265,8 @@ def main():
     p.add_argument("--dict", default="/usr/share/dictd/gcide", help="a dictd dictionary (GCIDE by default)")
     p.add_argument("--minutes", type=float, default=6.0, help="training time of each model")
     p.add_argument("--csv", default="gcide_lm.csv")
-    p.add_argument("--variants", action="store_true", help="also train the memory variants (no gate, qk-norm)")
+    p.add_argument("--variants", action="store_true",
+                   help="also train the memory variants (no gate, qk-norm, relu, relu + qk-norm)")
     p.add_argument("--variant-minutes", type=float, default=2.0)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -278,7 +281,8 @@ def main():
     p.add_argument("--dense-lr", type=float, default=3e-3, help="AdamW, the dense model")
     p.add_argument("--memory-lr", type=float, default=3e-3, help="AdamW, the memory model's dense parameters")
     p.add_argument("--value-lr", type=float, default=1e-2, help="the memory's value table (pkm's lazy Adam)")
-    p.add_argument("--model", choices=["dense", "memory", "both"], default="both")
+    p.add_argument("--model", choices=["dense", "memory", "both", "none"], default="both",
+                   help="the models trained for --minutes (none: only --variants)")
     p.add_argument("--eval-seconds", type=float, default=20.0)
     p.add_argument("--val-windows", type=int, default=256)
     p.add_argument("--probe", type=int, default=400, help="entries per side of the knowledge probe")
@@ -319,6 +323,8 @@ def main():
                                  args.memory_lr, args.value_lr))
         if args.variants:
             for label, variant in (("memory, no gate", {"memory_plus": False}), ("memory, qk-norm", {"qk_norm": True}),
+                                   ("memory, relu", {"score_activation": "relu"}),
+                                   ("memory, relu + qk-norm", {"score_activation": "relu", "qk_norm": True}),
                                    ("memory (short)", {})):
                 results.append(train(args, "memory", label, args.variant_minutes, train_stream, val_batch, probes, w,
                                      args.memory_lr, args.value_lr, **variant))

@@ -31,6 +31,7 @@ FROM_NAME = {v: k for k, v in DTYPES.items()}
 
 # The metadata keys pkm reads (pkm/io/checkpoint.hpp): what tensor shapes cannot say.
 META_KNN, META_QK_NORM, META_QK_NORM_SCALE = "mem_knn", "qk_norm", "qk_norm_scale"
+META_SCORE_ACTIVATION = "score_activation"
 # A quantized table (pkm_torch.QuantizedHashingMemory, docs/quantization.md): values.weight holds
 # uint8 rows; these keys (after the layer's prefix) give its format and v_dim.
 META_VALUES_FORMAT, META_VALUES_DIM = "pkm_values_format", "pkm_values_dim"
@@ -139,11 +140,14 @@ def read_safetensors(path):
 
 
 def export_memory(module_or_state_dict, path, knn, qk_norm=False, qk_norm_scale=None, prefix="",
-                  extra_metadata=None):
+                  extra_metadata=None, score_activation="softmax"):
     """Writes a memory layer for pkm: every tensor of the state_dict (a whole model's too: pkm
     then loads the layer under `prefix`, LoadOptions::prefix / pkm_run --prefix) and the
-    metadata pkm needs (knn, qk-norm and its scale; for a pkm_torch.QuantizedHashingMemory, its
-    table's format and v_dim). Checks that the layer's tensors are there."""
+    metadata pkm needs (knn, qk-norm and its scale, a score activation other than softmax; for
+    a pkm_torch.QuantizedHashingMemory, its table's format and v_dim). Checks that the layer's
+    tensors are there."""
+    if score_activation not in ("softmax", "relu"):
+        raise ValueError(f"score_activation = {score_activation!r}, expected 'softmax' or 'relu'")
     sd = module_or_state_dict.state_dict() if hasattr(module_or_state_dict, "state_dict") else module_or_state_dict
     for required in ("keys", "values.weight", "query_proj.query_mlps.0.weight"):
         if prefix + required not in sd:
@@ -151,6 +155,8 @@ def export_memory(module_or_state_dict, path, knn, qk_norm=False, qk_norm_scale=
     meta = {META_KNN: int(knn), META_QK_NORM: "true" if qk_norm else "false"}
     if qk_norm_scale is not None:
         meta[META_QK_NORM_SCALE] = repr(float(qk_norm_scale))
+    if score_activation != "softmax":
+        meta[META_SCORE_ACTIVATION] = score_activation
     extra = sd.get(prefix + "_extra_state")  # a QuantizedHashingMemory's format and v_dim
     if isinstance(extra, dict) and "format" in extra:
         meta[prefix + META_VALUES_FORMAT] = extra["format"]

@@ -53,7 +53,7 @@ def load_library(path=None):
 # defaults: the reference module's, so that a drop-in behaves as the reference does (pkm's C++
 # MemoryConfig defaults heads to 1; here it is the reference's 4).
 DEFAULTS = dict(n_keys=1024, heads=4, knn=32, k_dim=512, v_dim=-1, memory_plus=True, value_projection=None,
-                gating=False, query_bias=True, qk_norm=False, qk_norm_scale=None)
+                gating=False, query_bias=True, qk_norm=False, qk_norm_scale=None, score_activation="softmax")
 # The reference HashingMemory's arguments that set those settings: reference name -> pkm name.
 REFERENCE_NAMES = {
     "mem_n_keys": "n_keys",
@@ -197,7 +197,9 @@ class HashingMemory(torch.nn.Module):
     Arguments (keyword only after input_dim, output_dim), under pkm's names or the reference's
     (the table above, REFERENCE_NAMES): n_keys / mem_n_keys, heads / mem_heads, knn / mem_knn,
     k_dim / mem_k_dim, v_dim / mem_v_dim (-1: output_dim), memory_plus / swilu_projection,
-    value_projection, gating / mem_gated, query_bias / mem_query_bias, qk_norm, qk_norm_scale;
+    value_projection, gating / mem_gated, query_bias / mem_query_bias, qk_norm, qk_norm_scale,
+    score_activation ("softmax", the reference's, or "relu": ReLU of the selected scores, no
+    normalisation, as Csordas et al. 2023 use for product-key memories);
     and the reference's value_fixed_lr, mem_share_values and dropouts. values: an
     ``nn.Embedding`` to share with other layers (its rows must be n_keys**2). sparse: the
     table's gradient as a sparse COO tensor (for ``torch.optim.SparseAdam``); dense by default.
@@ -229,11 +231,13 @@ class HashingMemory(torch.nn.Module):
                 raise ValueError("HashingMemory: %s = %r, expected 0 <= p < 1" % (name, p))
         torch.ops.pkm.check_config(input_dim, output_dim, s["n_keys"], s["heads"], s["knn"], s["k_dim"], s["v_dim"],
                                    s["memory_plus"], s["value_projection"], s["gating"], s["query_bias"],
-                                   s["qk_norm"], None if s["qk_norm_scale"] is None else float(s["qk_norm_scale"]))
+                                   s["qk_norm"], None if s["qk_norm_scale"] is None else float(s["qk_norm_scale"]),
+                                   str(s["score_activation"]))
         self.input_dim, self.output_dim = input_dim, output_dim
         self.heads, self.knn, self.k_dim, self.n_keys, self.v_dim = s["heads"], s["knn"], s["k_dim"], s["n_keys"], s["v_dim"]
         self.qk_norm = bool(s["qk_norm"])
         self.qk_norm_scale: Optional[float] = None if s["qk_norm_scale"] is None else float(s["qk_norm_scale"])
+        self.score_activation = str(s["score_activation"])
         self.sparse = bool(sparse)
         self.input_dropout, self.value_dropout = float(mem_input_dropout), float(mem_value_dropout)
         self.value_fixed_lr = value_fixed_lr
@@ -317,7 +321,7 @@ class HashingMemory(torch.nn.Module):
             wg, bg = self.gating.weight, self.gating.bias
         y = torch.ops.pkm.memory(x, self.keys, q.weight, q.bias, w1, b1, w2, b2, wg, bg, self.values.weight,
                                  self.heads, self.knn, self.qk_norm, self.qk_norm_scale, self.sparse, self._fused_impl,
-                                 "F32", self._state)
+                                 "F32", self._state, self.score_activation)
         if self.value_dropout > 0.0:
             y = F.dropout(y, p=self.value_dropout, training=self.training)
         return y
@@ -387,7 +391,7 @@ class QuantizedHashingMemory(torch.nn.Module):
         self.format = _FORMATS.get(format, format)
         self._state = torch.classes.pkm.ForwardState()
         for name in ("input_dim", "output_dim", "heads", "knn", "k_dim", "n_keys", "v_dim", "qk_norm",
-                     "qk_norm_scale"):
+                     "qk_norm_scale", "score_activation"):
             setattr(self, name, getattr(memory, name))
         with torch.no_grad():
             self.keys = torch.nn.Parameter(memory.keys.detach().clone(), requires_grad=False)
@@ -426,7 +430,8 @@ class QuantizedHashingMemory(torch.nn.Module):
         wg, bg = wb(self.gating)
         return torch.ops.pkm.memory_quantized(x, self.keys, q.weight, q.bias, w1, b1, w2, b2, wg, bg,
                                               self.values.weight, self.format, self.v_dim, self.heads, self.knn,
-                                              self.qk_norm, self.qk_norm_scale, "F32", self._state)
+                                              self.qk_norm, self.qk_norm_scale, "F32", self._state,
+                                              self.score_activation)
 
     def get_extra_state(self):
         return {"format": self.format, "v_dim": self.v_dim}

@@ -69,6 +69,8 @@ TEST_CASE("every invalid config field is rejected with its name and range", "[co
                  }),
                  {"output_dim = 7", "v_dim = 5", "value_projection = false"});
   expect_invalid(with([](auto& c) { c.qk_norm_scale = 0.0; }), {"qk_norm_scale", "> 0"});
+  expect_invalid(with([](auto& c) { c.score_activation = static_cast<pkm::ScoreActivation>(7); }),
+                 {"score_activation = 7", "softmax (0) or relu (1)"});
   expect_invalid(with([](auto& c) { c.qk_norm_scale = -1.0; }), {"qk_norm_scale"});
   expect_invalid(with([](auto& c) { c.qk_norm_scale = std::numeric_limits<double>::quiet_NaN(); }),
                  {"qk_norm_scale", "finite"});

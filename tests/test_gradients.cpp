@@ -107,6 +107,15 @@ TEST_CASE("gradients match finite differences: qk-norm", "[gradients]") {
   check_layer_gradients(c, 6);
 }
 
+TEST_CASE("gradients match finite differences: ReLU weights", "[gradients]") {
+  auto c = pkmtest::small_config();
+  c.score_activation = pkm::ScoreActivation::relu;
+  check_layer_gradients(c, 8);
+  c.qk_norm = true;
+  c.gating = true;
+  check_layer_gradients(c, 9);
+}
+
 TEST_CASE("gradients match finite differences: one head, knn = n_keys", "[gradients]") {
   auto c = pkmtest::small_config();
   c.heads = 1;

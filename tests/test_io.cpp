@@ -104,7 +104,36 @@ TEST_CASE("save then load gives back the same layer, bit for bit", "[io]") {
     CHECK(layer.params().matrix(pkm::Tensor(t)) == back.params().matrix(pkm::Tensor(t)));
   }
   CHECK(layer.values().matrix() == back.values().matrix());
+  CHECK(f.metadata().count("score_activation") == 0);  // softmax: the file is as it was
   std::remove(temp_path("rt").c_str());
+}
+
+TEST_CASE("a ReLU layer's checkpoint says so, and loads as ReLU", "[io]") {
+  auto c = pkmtest::small_config();
+  c.score_activation = pkm::ScoreActivation::relu;
+  pkm::MemoryLayer<double> layer(c, 19);
+  pkm::io::save_layer(temp_path("relu"), layer);
+  const SafetensorsFile f(temp_path("relu"));
+  CHECK(f.metadata().at("score_activation") == "relu");
+  const auto back = pkm::io::load_layer<double>(f);
+  CHECK(back.config() == c);
+  pkm::io::LoadOptions o;
+  o.score_activation = pkm::ScoreActivation::softmax;  // the caller's word wins
+  CHECK(pkm::io::infer_config(f, o).score_activation == pkm::ScoreActivation::softmax);
+  std::remove(temp_path("relu").c_str());
+
+  // An activation pkm does not know is refused, naming the key, the value and the choices.
+  pkm::io::SafetensorsWriter w;
+  std::vector<std::vector<double>> keep;
+  for (const auto& t : f.tensors()) {
+    keep.push_back(f.read<double>(t.name));
+    w.add(t.name, t.shape, keep.back().data());
+  }
+  w.set_metadata("mem_knn", "3");
+  w.set_metadata("score_activation", "gelu");
+  CHECK_THROWS_WITH(pkm::io::infer_config(SafetensorsFile::from_bytes(w.to_bytes(), "act.st")),
+                    Contains("act.st") && Contains("\"score_activation\" = \"gelu\"") &&
+                        Contains("expected \"softmax\" or \"relu\""));
 }
 
 TEST_CASE("options win over metadata, and knn must come from one of them", "[io]") {

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <pkm/key_search.hpp>
@@ -53,7 +54,9 @@ Best brute_force(const pkm::MemoryConfig& c, const Mat& keys, const Mat& q, Inde
   for (Index m = 0; m < c.knn; ++m) {
     r.slots.push_back(std::get<2>(all[m]) * n + std::get<4>(all[m]));
     r.scores.push_back(-std::get<0>(all[m]));
-    r.weights.push_back(std::exp(-std::get<0>(all[m]) + std::get<0>(all[0])) / z);
+    r.weights.push_back(c.score_activation == pkm::ScoreActivation::relu
+                            ? std::max(0.0, r.scores.back())
+                            : std::exp(-std::get<0>(all[m]) + std::get<0>(all[0])) / z);
   }
   return r;
 }
@@ -79,9 +82,11 @@ void check_against_brute_force(const pkm::MemoryConfig& c, const Mat& keys, cons
 TEST_CASE(
     "key search: exact top-k of all slots, softmax weights, and gradients by finite differences",
     "[key_search]") {
-  for (bool qk_norm : {false, true}) {
-    INFO("qk_norm " << qk_norm);
+  for (const auto& [qk_norm, relu] : {std::pair{false, false}, std::pair{true, false},
+                                      std::pair{false, true}, std::pair{true, true}}) {
+    INFO("qk_norm " << qk_norm << ", relu " << relu);
     pkm::MemoryConfig c = pkmtest::small_config();
+    c.score_activation = relu ? pkm::ScoreActivation::relu : pkm::ScoreActivation::softmax;
     c.heads = 2;
     c.n_keys = 7;
     c.k_dim = 6;

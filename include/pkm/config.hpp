@@ -14,6 +14,23 @@
 
 namespace pkm {
 
+/// How a head's k selected scores become the weights of the rows it reads: the softmax of
+/// "Memory Layers at Scale" and the reference code, or ReLU(score) (no normalisation; the
+/// activation Csordas et al. 2023, "Approximating Two-Layer Feedforward Networks for Efficient
+/// Transformers", found to work better for product-key memories).
+enum class ScoreActivation : std::uint8_t { softmax = 0, relu = 1 };
+
+inline const char* score_activation_name(ScoreActivation a) {
+  return a == ScoreActivation::relu ? "relu" : "softmax";
+}
+
+/// "softmax" or "relu"; std::nullopt for anything else.
+inline std::optional<ScoreActivation> parse_score_activation(const std::string& s) {
+  if (s == "softmax") return ScoreActivation::softmax;
+  if (s == "relu") return ScoreActivation::relu;
+  return std::nullopt;
+}
+
 /// Everything that decides the shapes and the computation of one memory layer.
 ///
 /// Sizes follow "Memory Layers at Scale" (arXiv 2412.09764): `heads` query heads, each
@@ -40,6 +57,8 @@ struct MemoryConfig {
   /// parameters and activations (pkm/gemm_bf16.hpp; float layers only). The key search, the
   /// read and the softmax stay fp32.
   Dtype compute = Dtype::f32;
+  /// The selected scores' weights: softmax per head (default), or ReLU.
+  ScoreActivation score_activation = ScoreActivation::softmax;
 
   /// Half of k_dim: the width of one sub-key.
   std::int64_t half() const { return k_dim / 2; }
@@ -61,7 +80,8 @@ struct MemoryConfig {
   /// group's fingerprint (pkm/distributed) are made from. A new field goes here too.
   auto fields() const {
     return std::tie(input_dim, heads, n_keys, k_dim, knn, v_dim, output_dim, memory_plus,
-                    value_projection, gating, query_bias, qk_norm, qk_norm_scale, compute);
+                    value_projection, gating, query_bias, qk_norm, qk_norm_scale, compute,
+                    score_activation);
   }
 
   /// Throws std::invalid_argument naming the first field out of range.
@@ -115,6 +135,11 @@ inline void MemoryConfig::validate() const {
   if (compute != Dtype::f32 && compute != Dtype::bf16) {
     throw std::invalid_argument(std::string("pkm::MemoryConfig: compute = ") + dtype_name(compute) +
                                 " is not supported; expected F32 or BF16");
+  }
+  if (score_activation != ScoreActivation::softmax && score_activation != ScoreActivation::relu) {
+    throw std::invalid_argument("pkm::MemoryConfig: score_activation = " +
+                                std::to_string(static_cast<int>(score_activation)) +
+                                " is not supported; expected softmax (0) or relu (1)");
   }
   if (qk_norm_scale) {
     const double s = *qk_norm_scale;

@@ -1,11 +1,11 @@
 // pkm/key_search.hpp — the key-search op of a memory layer: per head, query halves -> half
 // scores against the head's sub-keys (optionally qk-normalised) -> the exact product-key top-k
-// -> softmax weights; and its backward, from the gradient of the weights to the query
+// -> the weights (softmax, or ReLU: MemoryConfig::score_activation); and its backward, from the gradient of the weights to the query
 // gradient dq and the (sparse) sub-key gradient.
 //
 // Forward: for a chunk of up to kSearchChunk tokens and one head, the two half-score products
-// (chunk x half) * (half x n_keys) are each one pkm::gemm; then the tokens' top-k and softmax
-// run in parallel over fixed blocks of tokens. Backward: softmax backward, the selection's
+// (chunk x half) * (half x n_keys) are each one pkm::gemm; then the tokens' top-k and weights
+// run in parallel over fixed blocks of tokens. Backward: the weights' backward, the selection's
 // gradient to the half scores, dq per token, and the sub-key gradient reduced per key row in a
 // fixed order (stable grouping by row). The same bits with any thread count.
 #pragma once
@@ -39,7 +39,7 @@ template <class S>
 struct KeySearchCache {
   IndexMatrix indices;           ///< B x (H knn): slot ids, per head best first
   RowMatrix<S> scores;           ///< B x (H knn): raw scores, descending per head
-  RowMatrix<S> weights;          ///< B x (H knn): softmax of the scores per head
+  RowMatrix<S> weights;          ///< B x (H knn): the scores' weights per head (softmax or ReLU)
   RowMatrix<S> query_inv_norm;   ///< B x 2H: 1/|q half| (qk_norm only)
   RowMatrix<S> keys_normalized;  ///< (2 H n_keys) x half (qk_norm only)
   Vector<S> key_inv_norm;        ///< 2 H n_keys: 1/|key row| (qk_norm only)
@@ -144,7 +144,7 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
       ldq = ws.query_hat.outerStride();
     }
     // Token b, head h: the exact top-k over its two half-score rows (`row`, 2 n values) and
-    // the softmax of the k scores.
+    // the weights of the k scores (softmax or ReLU: MemoryConfig::score_activation).
     auto search = [&](ProductKeyScratch<S>& sc, Index b, Index h, const S* row) {
       if (!detail::all_finite(row, 2 * n))
         detail::throw_non_finite_half_score(c, keys, query, c0 + b, h);
@@ -159,7 +159,8 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
             ": a score (the sum of two finite half scores) overflows; the "
             "query or the sub-keys are too large");
       }
-      softmax_forward(&cache.scores(c0 + b, col), k, &cache.weights(c0 + b, col));
+      score_weights_forward(c.score_activation, &cache.scores(c0 + b, col), k,
+                            &cache.weights(c0 + b, col));
     };
     if (small) {
       // A decoding batch: every head's half scores in one parallel region, then every (head,
@@ -232,7 +233,8 @@ void key_search_backward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
       dq.row(b).setZero();
       for (Index h = 0; h < H; ++h) {
         S* z = &dscore(b, h * k);
-        softmax_backward(&cache.weights(b, h * k), z, k, z);
+        score_weights_backward(c.score_activation, &cache.scores(b, h * k),
+                               &cache.weights(b, h * k), z, k, z);
         std::size_t pos = static_cast<std::size_t>((b * H + h) * 2 * k);
         product_key_backward(&cache.indices(b, h * k), z, k, n, [&](Index t, Index id, S g) {
           const Index row = (2 * h + t) * n + id;

@@ -14,6 +14,7 @@ import sys
 
 try:
     import torch
+    import torch.nn.functional as F
 except ImportError:
     print("PyTorch is not installed (Debian: apt-get install python3-torch): skipped", file=sys.stderr)
     sys.exit(77)
@@ -67,6 +68,27 @@ def pair(args, sparse=True, dtype=torch.float32, values_dtype=None):
     return ref, mem
 
 
+def check_against(label, ref_call, ref, mem, x, dy, sparse=None):
+    """mem's forward, dx and every parameter's gradient against the reference's (ref_call(x):
+    the reference's output), within 1e-5; the table's gradient sparse or dense as asked.
+    Returns the reference's output."""
+    xr, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr = ref_call(xr)
+    yp = mem(xp)
+    check(rel(yp, yr) < 1e-5, "%s: forward (%.2g)" % (label, rel(yp, yr)))
+    (yr * dy).sum().backward()
+    (yp * dy).sum().backward()
+    check(rel(xp.grad, xr.grad) < 1e-5, "%s: dx" % label)
+    refp = dict(ref.named_parameters())
+    for pname, p in mem.named_parameters():
+        g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        if pname == "values.weight" and sparse is not None:
+            check(p.grad.is_sparse == sparse, "%s: values.weight's gradient is %s" %
+                  (label, "sparse" if sparse else "dense"))
+        check(rel(g, refp[pname].grad) < 1e-5, "%s: grad %s (%.2g)" % (label, pname, rel(g, refp[pname].grad)))
+    return yr.detach()
+
+
 def test_against_reference():
     torch.manual_seed(0)
     for name, args in CONFIGS.items():
@@ -74,21 +96,7 @@ def test_against_reference():
             ref, mem = pair(args, sparse)
             x = torch.randn(10, args["input_dim"])
             dy = torch.randn(10, args["output_dim"])
-            xr, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
-            yr = ref(xr)[0]
-            yp = mem(xp)
-            check(rel(yp, yr) < 1e-5, "%s: forward (%.2g)" % (name, rel(yp, yr)))
-            (yr * dy).sum().backward()
-            (yp * dy).sum().backward()
-            check(rel(xp.grad, xr.grad) < 1e-5, "%s: dx" % name)
-            refp = dict(ref.named_parameters())
-            for pname, p in mem.named_parameters():
-                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                if pname == "values.weight":
-                    check(p.grad.is_sparse == sparse, "%s: values.weight's gradient is %s" %
-                          (name, "sparse" if sparse else "dense"))
-                check(rel(g, refp[pname].grad) < 1e-5, "%s (sparse=%s): grad %s (%.2g)" %
-                      (name, sparse, pname, rel(g, refp[pname].grad)))
+            check_against("%s (sparse=%s)" % (name, sparse), lambda xr: ref(xr)[0], ref, mem, x, dy, sparse)
 
 
 def test_btc_and_bf16():
@@ -119,6 +127,61 @@ def test_gradcheck():
                                     None, False, None)
     ok = torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
     check(ok, "gradcheck in double: x and every parameter")
+
+
+class _ReluWeights:
+    """torch.nn.functional with softmax replaced by ReLU: the reference module's weights made
+    ReLU(score), the score_activation="relu" layer's."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def softmax(x, dim=-1):
+        return torch.relu(x)
+
+
+def test_relu_activation():
+    torch.manual_seed(4)
+    for name in ("memplus", "noqbias_qknorm"):
+        args = CONFIGS[name]
+        ref, base = pair(args)
+        mem = pkm_torch.HashingMemory(
+            input_dim=args["input_dim"], output_dim=args["output_dim"], n_keys=args["n_keys"], heads=args["heads"],
+            knn=args["knn"], k_dim=args["k_dim"], v_dim=args["v_dim"], query_bias=args.get("query_bias", True),
+            qk_norm=args.get("qk_norm", False), qk_norm_scale=args.get("qk_norm_scale"), score_activation="relu",
+            sparse=True)
+        mem.load_state_dict(base.state_dict(), strict=True)
+        x = torch.randn(10, args["input_dim"])
+        dy = torch.randn(10, args["output_dim"])
+
+        def relu_reference(xr):
+            saved = make_golden.F
+            make_golden.F = _ReluWeights()
+            try:
+                return ref(xr)[0]
+            finally:
+                make_golden.F = saved
+        yr = check_against("relu " + name, relu_reference, ref, mem, x, dy)
+        check(rel(yr, base(x)) > 1e-3, "relu %s: differs from softmax" % name)
+        with torch.no_grad():  # the inference path (ForwardState) too
+            check(rel(mem(x), yr) < 1e-5, "relu %s: no_grad forward" % name)
+    # gradcheck in double, and a bad name refused
+    args = dict(input_dim=5, heads=2, n_keys=4, k_dim=4, knn=2, v_dim=3, output_dim=4)
+    _, m64 = pair(args, sparse=False, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    params = [m64.keys, m64.query_proj.query_mlps[0].weight, m64.query_proj.query_mlps[0].bias,
+              m64.swilu_projection.weight, m64.swilu_projection.bias, m64.value_proj.weight, m64.value_proj.bias,
+              m64.values.weight]
+
+    def f(x, *p):
+        return torch.ops.pkm.memory(x, p[0], p[1], p[2], p[3], p[4], p[5], p[6], None, None, p[7], 2, 2, False,
+                                    None, False, None, "F32", None, "relu")
+    ok = torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+    check(ok, "relu: gradcheck in double")
+    expect_error(ValueError, "score_activation = 'gelu' is not supported",
+                 lambda: pkm_torch.HashingMemory(16, 16, n_keys=8, k_dim=8, knn=4, score_activation="gelu"),
+                 "score_activation='gelu'")
 
 
 def test_sparse_adam_and_fused():
@@ -592,7 +655,8 @@ def main():
     torch.set_num_threads(2)
     for t in (test_against_reference, test_btc_and_bf16, test_gradcheck, test_sparse_adam_and_fused,
               test_shared_values, test_bad_input, test_full_shapes, test_fused_twice_in_one_loss,
-              test_gradient_accumulation, test_autocast_bf16, test_quantized_serving, test_inference_state):
+              test_gradient_accumulation, test_autocast_bf16, test_quantized_serving, test_inference_state,
+              test_relu_activation):
         t()
     test_state_pickle_and_names(sys.argv[3] if len(sys.argv) > 3 else "/tmp/pkm_torch_test")
     if len(sys.argv) > 3:

@@ -3,8 +3,9 @@
 // and pkm's checkpoints load there.
 //
 // Sizes come from the shapes; which optional tensors are present decides Memory+, projection,
-// gating and query bias. What shapes cannot tell — knn, qk-norm and its scale — comes from the
-// caller (LoadOptions) or else from __metadata__ keys "mem_knn", "qk_norm", "qk_norm_scale".
+// gating and query bias. What shapes cannot tell — knn, qk-norm and its scale, the score
+// activation — comes from the caller (LoadOptions) or else from __metadata__ keys "mem_knn",
+// "qk_norm", "qk_norm_scale", "score_activation" (absent: softmax).
 #pragma once
 
 #include <cerrno>
@@ -26,6 +27,8 @@ namespace pkm::io {
 inline constexpr const char* kMetaKnn = "mem_knn";
 inline constexpr const char* kMetaQkNorm = "qk_norm";
 inline constexpr const char* kMetaQkNormScale = "qk_norm_scale";
+/// MemoryConfig::score_activation: "softmax" (also when absent) or "relu".
+inline constexpr const char* kMetaScoreActivation = "score_activation";
 /// A column shard of a value table (pkm/distributed, pkm/io/shards.hpp): the file's
 /// values.weight holds columns [begin, end) of a table of v_dim columns.
 inline constexpr const char* kMetaShardBegin = "pkm_shard_column_begin";
@@ -48,6 +51,7 @@ struct LoadOptions {
   std::optional<std::int64_t> knn;
   std::optional<bool> qk_norm;
   std::optional<double> qk_norm_scale;
+  std::optional<ScoreActivation> score_activation;
   /// Prepended to every tensor name (a layer inside a whole model's checkpoint, e.g.
   /// "layers.4.memory.").
   std::string prefix;
@@ -259,6 +263,16 @@ inline MemoryConfig infer_config(const SafetensorsFile& f, const LoadOptions& op
   } else if (auto it = meta.find(kMetaQkNormScale); it != meta.end()) {
     c.qk_norm_scale = detail::parse_double(f, kMetaQkNormScale, it->second);
   }
+  if (opt.score_activation) {
+    c.score_activation = *opt.score_activation;
+  } else if (auto it = meta.find(kMetaScoreActivation); it != meta.end()) {
+    const auto a = parse_score_activation(it->second);
+    if (!a) {
+      detail::bad_checkpoint(f, std::string("metadata \"") + kMetaScoreActivation + "\" = \"" +
+                                    it->second + "\"; expected \"softmax\" or \"relu\"");
+    }
+    c.score_activation = *a;
+  }
   try {
     c.validate();
   } catch (const std::invalid_argument& e) {
@@ -429,6 +443,9 @@ inline void add_metadata(SafetensorsWriter& w, const MemoryConfig& c) {
     std::snprintf(buf, sizeof buf, "%.17g", *c.qk_norm_scale);
     w.set_metadata(kMetaQkNormScale, buf);
   }
+  // Written where it is not the default, so that a softmax layer's file stays as it was.
+  if (c.score_activation != ScoreActivation::softmax)
+    w.set_metadata(kMetaScoreActivation, score_activation_name(c.score_activation));
 }
 /// Adds the dense parameters under the reference names.
 template <class Scalar>
@@ -477,7 +494,8 @@ void add_parts(SafetensorsWriter& w, const LayerParameters<Scalar>& params,
 }  // namespace detail
 
 /// Adds the layer's tensors, named prefix + the reference names, to `w`, with the metadata
-/// (mem_knn, qk_norm and, when set, qk_norm_scale; not prefixed) that make a load give back
+/// (mem_knn, qk_norm and, when set, qk_norm_scale and a score_activation other than softmax;
+/// not prefixed) that make a load give back
 /// the same layer, bit for bit. The data is kept by pointer until w.write(). The value table
 /// must be contiguous (stride == v_dim).
 template <class Scalar, class TableT>

@@ -42,6 +42,8 @@ struct LayerOptions {
   /// Precision of the layer's products (MemoryConfig::compute). memory() also takes the bf16
   /// path under torch.autocast("cpu", dtype=torch.bfloat16) and for bfloat16 x.
   Dtype compute = Dtype::f32;
+  /// The selected scores' weights (MemoryConfig::score_activation).
+  ScoreActivation score_activation = ScoreActivation::softmax;
 };
 
 namespace detail {
@@ -81,6 +83,7 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
   c.qk_norm = o.qk_norm;
   c.qk_norm_scale = o.qk_norm_scale;
   c.compute = o.compute;
+  c.score_activation = o.score_activation;
   if (c.heads < 1 || p[0].size(0) % (2 * c.heads) != 0) {
     fail("keys has " + std::to_string(p[0].size(0)) +
          " rows, expected 2 heads n_keys with heads = " + std::to_string(c.heads));
@@ -142,7 +145,8 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
 inline void check_config(std::int64_t input_dim, std::int64_t output_dim, std::int64_t n_keys,
                          std::int64_t heads, std::int64_t knn, std::int64_t k_dim,
                          std::int64_t v_dim, bool memory_plus, bool value_projection, bool gating,
-                         bool query_bias, bool qk_norm, std::optional<double> qk_norm_scale) {
+                         bool query_bias, bool qk_norm, std::optional<double> qk_norm_scale,
+                         ScoreActivation score_activation = ScoreActivation::softmax) {
   MemoryConfig c;
   c.input_dim = input_dim, c.output_dim = output_dim, c.n_keys = n_keys, c.heads = heads,
   c.knn = knn;
@@ -150,6 +154,7 @@ inline void check_config(std::int64_t input_dim, std::int64_t output_dim, std::i
   c.value_projection = value_projection;
   c.gating = gating, c.query_bias = query_bias, c.qk_norm = qk_norm,
   c.qk_norm_scale = qk_norm_scale;
+  c.score_activation = score_activation;
   c.validate();
 }
 
@@ -313,6 +318,7 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     ctx->saved_data["qk_norm_scale"] =
         o.qk_norm_scale ? c10::IValue(*o.qk_norm_scale) : c10::IValue();
     ctx->saved_data["compute"] = static_cast<std::int64_t>(o.compute);
+    ctx->saved_data["score_activation"] = static_cast<std::int64_t>(o.score_activation);
     ctx->saved_data["sparse"] = sparse_grad;
     ctx->saved_data["in_sizes"] = x_in.sizes();
     if (opt) {
@@ -338,6 +344,8 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     if (!ctx->saved_data["qk_norm_scale"].isNone())
       o.qk_norm_scale = ctx->saved_data["qk_norm_scale"].toDouble();
     o.compute = static_cast<Dtype>(ctx->saved_data["compute"].toInt());
+    o.score_activation =
+        static_cast<ScoreActivation>(ctx->saved_data["score_activation"].toInt());
     const bool sparse = ctx->saved_data["sparse"].toBool();
     const MemoryConfig c = infer_config(x2, p, values, o);
     const torch::Tensor dout =

@@ -21,6 +21,8 @@ struct MemoryModuleOptions {
   bool qk_norm = false;
   std::optional<double> qk_norm_scale;  ///< unset: sqrt(k_dim / 2); set: > 0 and finite (checked)
   bool sparse_grad = true;              ///< the table's gradient as a sparse COO tensor
+  /// The selected scores' weights: softmax (the reference's) or ReLU.
+  ScoreActivation score_activation = ScoreActivation::softmax;
 };
 
 class MemoryModuleImpl : public torch::nn::Module {
@@ -56,6 +58,7 @@ class MemoryModuleImpl : public torch::nn::Module {
     lo.knn = o_.knn;
     lo.qk_norm = o_.qk_norm;
     lo.qk_norm_scale = o_.qk_norm_scale;
+    lo.score_activation = o_.score_activation;
     auto w = [](const torch::nn::Linear& l) { return l ? l->weight : torch::Tensor(); };
     auto b = [](const torch::nn::Linear& l) {
       return l && l->bias.defined() ? l->bias : torch::Tensor();

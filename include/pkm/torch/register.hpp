@@ -12,6 +12,12 @@
 #include "pkm/torch/memory_function.hpp"
 
 namespace pkm::torch_ops::detail {
+inline ScoreActivation score_activation_option(const std::string& name) {
+  const auto a = parse_score_activation(name);
+  if (!a) fail("score_activation = '" + name + "' is not supported; expected 'softmax' or 'relu'");
+  return *a;
+}
+
 inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys,
                                const torch::Tensor& query_weight,
                                const c10::optional<torch::Tensor>& query_bias,
@@ -25,13 +31,15 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
                                bool qk_norm, c10::optional<double> qk_norm_scale, bool sparse_grad,
                                const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer,
                                const std::string& compute,
-                               const c10::optional<c10::intrusive_ptr<ForwardState>>& state) {
+                               const c10::optional<c10::intrusive_ptr<ForwardState>>& state,
+                               const std::string& score_activation) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
   LayerOptions options;
   options.heads = heads;
   options.knn = knn;
   options.qk_norm = qk_norm;
   if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
+  options.score_activation = score_activation_option(score_activation);
   const auto dtype = parse_dtype(compute);
   if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
     fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
@@ -59,13 +67,15 @@ inline torch::Tensor memory_quantized_op(
     const c10::optional<torch::Tensor>& gate_weight, const c10::optional<torch::Tensor>& gate_bias,
     const torch::Tensor& rows, const std::string& format, std::int64_t v_dim, std::int64_t heads,
     std::int64_t knn, bool qk_norm, c10::optional<double> qk_norm_scale,
-    const std::string& compute, const c10::optional<c10::intrusive_ptr<ForwardState>>& state) {
+    const std::string& compute, const c10::optional<c10::intrusive_ptr<ForwardState>>& state,
+    const std::string& score_activation) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
   LayerOptions options;
   options.heads = heads;
   options.knn = knn;
   options.qk_norm = qk_norm;
   if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
+  options.score_activation = score_activation_option(score_activation);
   const auto dtype = parse_dtype(compute);
   if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
     fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
@@ -109,16 +119,17 @@ TORCH_LIBRARY(pkm, m) {
       "check_config(int input_dim, int output_dim, int n_keys, int heads, int knn, int k_dim, int "
       "v_dim, "
       "bool memory_plus, bool value_projection, bool gating, bool query_bias, bool qk_norm, float? "
-      "qk_norm_scale) -> ()",
+      "qk_norm_scale, str score_activation=\"softmax\") -> ()",
       [](std::int64_t input_dim, std::int64_t output_dim, std::int64_t n_keys, std::int64_t heads,
          std::int64_t knn, std::int64_t k_dim, std::int64_t v_dim, bool memory_plus,
          bool value_projection, bool gating, bool query_bias, bool qk_norm,
-         c10::optional<double> qk_norm_scale) {
+         c10::optional<double> qk_norm_scale, const std::string& score_activation) {
         std::optional<double> scale;
         if (qk_norm_scale) scale = *qk_norm_scale;
-        pkm::torch_ops::detail::check_config(input_dim, output_dim, n_keys, heads, knn, k_dim,
-                                             v_dim, memory_plus, value_projection, gating,
-                                             query_bias, qk_norm, scale);
+        pkm::torch_ops::detail::check_config(
+            input_dim, output_dim, n_keys, heads, knn, k_dim, v_dim, memory_plus, value_projection,
+            gating, query_bias, qk_norm, scale,
+            pkm::torch_ops::detail::score_activation_option(score_activation));
       });
   m.def(
       "memory(Tensor x, Tensor keys, Tensor query_weight, Tensor? query_bias, Tensor? "
@@ -128,7 +139,8 @@ TORCH_LIBRARY(pkm, m) {
       "Tensor? gate_bias, Tensor values, int heads, int knn, bool qk_norm, float? qk_norm_scale, "
       "bool sparse_grad, "
       "__torch__.torch.classes.pkm.ValueOptimizer? optimizer, str compute=\"F32\", "
-      "__torch__.torch.classes.pkm.ForwardState? state=None) -> Tensor",
+      "__torch__.torch.classes.pkm.ForwardState? state=None, "
+      "str score_activation=\"softmax\") -> Tensor",
       &pkm::torch_ops::detail::memory_op);
   m.def("quantize_values(Tensor values, str format) -> Tensor",
         [](const torch::Tensor& values, const std::string& format) {
@@ -140,6 +152,7 @@ TORCH_LIBRARY(pkm, m) {
       "swilu_weight, Tensor? swilu_bias, Tensor? value_proj_weight, Tensor? value_proj_bias, "
       "Tensor? gate_weight, Tensor? gate_bias, Tensor rows, str format, int v_dim, int heads, "
       "int knn, bool qk_norm, float? qk_norm_scale, str compute=\"F32\", "
-      "__torch__.torch.classes.pkm.ForwardState? state=None) -> Tensor",
+      "__torch__.torch.classes.pkm.ForwardState? state=None, "
+      "str score_activation=\"softmax\") -> Tensor",
       &pkm::torch_ops::detail::memory_quantized_op);
 }

@@ -13,7 +13,7 @@ import sys
 LEVELS = [
     ("helpers", ["detail/*", "dtype.hpp", "errors.hpp", "types.hpp", "config.hpp", "version.hpp"]),
     ("data", ["parameters.hpp", "value_table.hpp", "quantized_table.hpp", "sparse_grad.hpp", "page_buffer.hpp", "init.hpp"]),
-    ("ops", ["gemm.hpp", "gemm_bf16.hpp", "linear.hpp", "qk_norm.hpp", "product_keys.hpp", "softmax.hpp", "key_search.hpp",
+    ("ops", ["gemm.hpp", "gemm_bf16.hpp", "packed_weights.hpp", "linear.hpp", "qk_norm.hpp", "product_keys.hpp", "softmax.hpp", "key_search.hpp",
              "embedding_bag.hpp", "quantized_bag.hpp", "memory_output.hpp", "value_gradient.hpp", "row_accumulator.hpp",
              "embedding_bag_ref.hpp", "product_keys_ref.hpp", "activations.hpp"]),
     ("composition", ["layer_cache.hpp", "layer_composition.hpp", "layer_api.hpp", "row_fetch.hpp"]),

@@ -648,6 +648,19 @@ def test_inference_state():
     for t in threads:
         t.join()
     check(all(torch.equal(r, want[1]) for r in results), "four threads sharing the module get the same bits")
+    # Under autocast the inference calls keep the weights packed in bf16 between calls: an
+    # in-place change (a version bump) makes them packed again, so the output is a fresh
+    # module's with the changed weights.
+    x = torch.randn(3, 16)
+    w1 = mem.swilu_projection.weight
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = mem(x)
+        w1.mul_(-1.5)
+        after = mem(x)
+        fresh = copy.deepcopy(mem)(x)
+        w1.div_(-1.5)
+    check(not torch.equal(before, after), "autocast inference: a weight changed in place changes the output")
+    check(torch.equal(after, fresh), "autocast inference: the changed weights are packed again (a fresh module's bits)")
 
 
 def main():

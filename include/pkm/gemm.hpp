@@ -360,6 +360,25 @@ void openblas_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, s
 }
 #endif
 
+/// True where pkm::gemm on `backend` computes op(A) op(B) with the small-batch kernel
+/// (detail/gemm_small.hpp): x W^T for at most kSmallGemmRows rows, on a deterministic backend.
+inline bool takes_small_kernel(bool trans_a, bool trans_b, std::int64_t m, GemmBackend backend) {
+  return small_batch_product(trans_a, trans_b, m) && backend != GemmBackend::openblas;
+}
+
+/// C = beta C for m x n C (ldc); beta == 0: C is not read. BLAS's rule where A and B are not
+/// read (alpha == 0 or k == 0).
+template <class S>
+void scale_c(std::int64_t m, std::int64_t n, S beta, S* c, std::int64_t ldc) {
+  for (std::int64_t i = 0; i < m; ++i) {
+    S* row = c + i * ldc;
+    if (beta == S(0))
+      std::fill(row, row + n, S(0));
+    else if (beta != S(1))
+      for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
+  }
+}
+
 }  // namespace detail
 
 /// C (m x n) = alpha op(A) op(B) + beta C, row-major: op(A) is m x k (A stored k x m when
@@ -386,13 +405,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
   }
   if (m == 0 || n == 0) return;
   if (!reads_ab) {  // BLAS's rule on every backend: A and B are not read; C = beta C (0: not read)
-    for (std::int64_t i = 0; i < m; ++i) {
-      S* row = c + i * ldc;
-      if (beta == S(0))
-        std::fill(row, row + n, S(0));
-      else if (beta != S(1))
-        for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
-    }
+    detail::scale_c(m, n, beta, c, ldc);
     return;
   }
   if (backend == GemmBackend::openblas &&
@@ -403,7 +416,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
   }
   // A few rows times a matrix stored by rows (the layer's forward at a small batch): the
   // small-batch kernel on the deterministic backends (detail/gemm_small.hpp).
-  if (detail::small_batch_product(trans_a, trans_b, m) && backend != GemmBackend::openblas)
+  if (detail::takes_small_kernel(trans_a, trans_b, m, backend))
     return detail::gemm_small_nt(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   switch (backend) {
     case GemmBackend::blis:

@@ -194,11 +194,6 @@ class PackedBf16Matrix {
   /// The W it was packed from (compared, never read, by the layer's products).
   const float* source() const { return src_; }
   const std::uint16_t* panels() const { return panels_.get(); }
-  /// Bytes held (the packed copy).
-  std::int64_t bytes() const {
-    const std::int64_t panels = (n_ + detail::kBf16NR - 1) / detail::kBf16NR;
-    return panels_ ? panels * detail::kBf16NR * ((k_ + 1) / 2) * 2 * 2 : 0;
-  }
 
  private:
   std::int64_t n_ = 0, k_ = 0;
@@ -237,14 +232,8 @@ inline void gemm_bf16_nt(std::int64_t m, float alpha, const float* x, std::int64
   (void)C.extent("C");
   if (reads_ab && detail::share_elements(A, C))
     fail("C overlaps x; expected an output that shares no element with x");
-  if (!reads_ab) {  // A and B are not read; C = beta C (0: not read)
-    for (std::int64_t i = 0; i < m; ++i) {
-      float* row = c + i * ldc;
-      if (beta == 0.0f)
-        std::fill(row, row + n, 0.0f);
-      else if (beta != 1.0f)
-        for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
-    }
+  if (!reads_ab) {  // x and W are not read; C = beta C (0: not read)
+    detail::scale_c(m, n, beta, c, ldc);
     return;
   }
   const std::int64_t pm = (m + detail::kBf16MR - 1) / detail::kBf16MR;

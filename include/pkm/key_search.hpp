@@ -1,7 +1,7 @@
 // pkm/key_search.hpp — the key-search op of a memory layer: per head, query halves -> half
 // scores against the head's sub-keys (optionally qk-normalised) -> the exact product-key top-k
-// -> the weights (softmax, or ReLU: MemoryConfig::score_activation); and its backward, from the gradient of the weights to the query
-// gradient dq and the (sparse) sub-key gradient.
+// -> the weights (softmax, or ReLU: MemoryConfig::score_activation); and its backward, from
+// the gradient of the weights to the query gradient dq and the (sparse) sub-key gradient.
 //
 // Forward: for a chunk of up to kSearchChunk tokens and one head, the two half-score products
 // (chunk x half) * (half x n_keys) are each one pkm::gemm; then the tokens' top-k and weights
@@ -120,7 +120,7 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
       std::min(kSearchChunk, B);  // buffers sized once: a last, shorter chunk reuses them
   if (c.qk_norm) ws.query_hat.resize(chunk, H * kd);
   // A decoding batch (one chunk) takes every head's scores at once (below).
-  const bool small = B <= detail::kSmallGemmRows && gemm_backend() != GemmBackend::openblas;
+  const bool small = detail::takes_small_kernel(false, true, B, gemm_backend());
   ws.half_scores.resize(chunk, small ? 2 * H * n : 2 * n);
   for (Index c0 = 0; c0 < B; c0 += kSearchChunk) {
     const Index nb = std::min(kSearchChunk, B - c0);
@@ -165,31 +165,18 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
     if (small) {
       // A decoding batch: every head's half scores in one parallel region, then every (head,
       // token)'s top-k in another, instead of three regions per head, whose waits cost more
-      // than the work at this size. Each score is the small-batch kernel's fixed-order dot
-      // product: the bits pkm::gemm gives these rows (detail/gemm_small.hpp).
+      // than the work at this size. The scores are pkm::gemm's small-batch kernel's, column
+      // block by column block: the bits pkm::gemm gives these rows.
       S* s = ws.half_scores.data();
-      const Index ld = 2 * H * n, blocks = (n + detail::kSmallGemmColBlock - 1) /
-                                           detail::kSmallGemmColBlock;
+      const Index ld = 2 * H * n;
+      const Index blocks = (n + detail::kSmallGemmColBlock - 1) / detail::kSmallGemmColBlock;
       detail::parallel_blocks(2 * H * blocks, 1, [&](Index i0, Index i1) {
         for (Index i = i0; i < i1; ++i) {
           const Index p = i / blocks;  // head h = p / 2, half t = p % 2
           const Index j0 = (i % blocks) * detail::kSmallGemmColBlock;
-          const Index j1 = std::min(n, j0 + detail::kSmallGemmColBlock);
-          const S* kp = K + p * n * half;
-          for (Index b = 0; b < nb; ++b) {
-            const S* qp[1] = {q + b * ldq + p * half};
-            S* out = s + b * ld + p * n;
-            Index j = j0;
-            for (; j + 4 <= j1; j += 4) {
-              const S* bp[4] = {kp + j * half, kp + (j + 1) * half, kp + (j + 2) * half,
-                                kp + (j + 3) * half};
-              detail::dots_fixed_order<1, 4>(qp, bp, half, out + j);
-            }
-            for (; j < j1; ++j) {
-              const S* bp[1] = {kp + j * half};
-              detail::dots_fixed_order<1, 1>(qp, bp, half, out + j);
-            }
-          }
+          detail::gemm_small_nt_cols(nb, j0, std::min(n, j0 + detail::kSmallGemmColBlock), half,
+                                     S(1), q + p * half, ldq, K + p * n * half, half, S(0),
+                                     s + p * n, ld);
         }
       });
       detail::parallel_blocks_pooled(

@@ -66,11 +66,13 @@ inline void dots_fixed_order(const S* const* a, const S* const* b, std::int64_t 
     for (int r = 0; r < R; ++r) out[q * R + r] = sum_lanes16(acc[q][r]);
 }
 
-/// C = alpha A B^T + beta C for A m x k (lda), B n x k (ldb), C m x n (ldc); beta == 0: C is
-/// not read. m <= kSmallGemmRows (the caller's choice; any m works).
+/// Columns [j0, j1) of C = alpha A B^T + beta C, serially: the body of gemm_small_nt's blocks
+/// (the key search of a decoding batch calls it for every head's columns in one region).
+/// Every element is its fixed-order dot product, whichever columns a call takes.
 template <class S>
-void gemm_small_nt(std::int64_t m, std::int64_t n, std::int64_t k, S alpha, const S* a,
-                   std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c, std::int64_t ldc) {
+void gemm_small_nt_cols(std::int64_t m, std::int64_t j0, std::int64_t j1, std::int64_t k, S alpha,
+                        const S* a, std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c,
+                        std::int64_t ldc) {
   auto store = [&](std::int64_t i, std::int64_t j, S dot) {
     S& y = c[i * ldc + j];
     y = beta == S(0) ? alpha * dot : alpha * dot + beta * y;
@@ -78,26 +80,35 @@ void gemm_small_nt(std::int64_t m, std::int64_t n, std::int64_t k, S alpha, cons
   // Blocks of four columns (each load of an A row serves four products), then the columns
   // left over one at a time: every element is the same dot product whichever block computes
   // it. (Blocking two or four A rows as well measured no faster on AVX-512.)
+  std::int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const S* bp[4] = {b + j * ldb, b + (j + 1) * ldb, b + (j + 2) * ldb, b + (j + 3) * ldb};
+    for (std::int64_t i = 0; i < m; ++i) {
+      const S* ap[1] = {a + i * lda};
+      S d[4];
+      dots_fixed_order<1, 4>(ap, bp, k, d);
+      for (int r = 0; r < 4; ++r) store(i, j + r, d[r]);
+    }
+  }
+  for (; j < j1; ++j) {
+    const S* bp[1] = {b + j * ldb};
+    for (std::int64_t i = 0; i < m; ++i) {
+      const S* ap[1] = {a + i * lda};
+      S d[1];
+      dots_fixed_order<1, 1>(ap, bp, k, d);
+      store(i, j, d[0]);
+    }
+  }
+}
+
+/// C = alpha A B^T + beta C for A m x k (lda), B n x k (ldb), C m x n (ldc); beta == 0: C is
+/// not read. m <= kSmallGemmRows (the caller's choice; any m works). The columns are split
+/// over the threads in fixed blocks.
+template <class S>
+void gemm_small_nt(std::int64_t m, std::int64_t n, std::int64_t k, S alpha, const S* a,
+                   std::int64_t lda, const S* b, std::int64_t ldb, S beta, S* c, std::int64_t ldc) {
   parallel_blocks(n, kSmallGemmColBlock, [&](std::int64_t j0, std::int64_t j1) {
-    std::int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
-      const S* bp[4] = {b + j * ldb, b + (j + 1) * ldb, b + (j + 2) * ldb, b + (j + 3) * ldb};
-      for (std::int64_t i = 0; i < m; ++i) {
-        const S* ap[1] = {a + i * lda};
-        S d[4];
-        dots_fixed_order<1, 4>(ap, bp, k, d);
-        for (int r = 0; r < 4; ++r) store(i, j + r, d[r]);
-      }
-    }
-    for (; j < j1; ++j) {
-      const S* bp[1] = {b + j * ldb};
-      for (std::int64_t i = 0; i < m; ++i) {
-        const S* ap[1] = {a + i * lda};
-        S d[1];
-        dots_fixed_order<1, 1>(ap, bp, k, d);
-        store(i, j, d[0]);
-      }
-    }
+    gemm_small_nt_cols(m, j0, j1, k, alpha, a, lda, b, ldb, beta, c, ldc);
   });
 }
 

@@ -129,12 +129,10 @@ void decode_latency_of(benchmark::State& state, DecodeFixture& fixture, const La
   for (int i = 0; i < 4; ++i) layer.forward(xs[i], y, cache);  // warm: buffers sized, checked
   // A layer with bf16 products reads its weights' packed bf16 copies (pkm/packed_weights.hpp):
   // 2 bytes each.
-  const bool packed = pkm::packed_weights(layer.params()) != nullptr;
+  const auto packed = pkm::packed_weights(layer.params());
   double dense_bytes = 0;
   layer.params().for_each([&](pkm::Tensor t, pkm::ConstMatrixMap<float> m) {
-    const bool weight = t == pkm::Tensor::query_weight || t == pkm::Tensor::swilu_weight ||
-                        t == pkm::Tensor::value_proj_weight;
-    dense_bytes += double(m.size()) * (packed && weight ? 2 : 4);
+    dense_bytes += double(m.size()) * (packed && packed->of(t) ? 2 : 4);
   });
   const double bytes = dense_bytes + double(batch * c.bag_size()) * row_bytes;  // at most these
   const double bandwidth = fixture.bandwidth_at(threads);

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <tuple>
@@ -44,7 +46,6 @@ inline pkm::MemoryConfig small_config() {
   return c;
 }
 
-/// A layer big enough for threads and blocks to matter.
 /// The bf16 GEMM kernels this CPU runs: portable, and avx512_bf16 where it has AVX512-BF16.
 inline std::vector<pkm::Bf16Kernel> bf16_kernels_here() {
   std::vector<pkm::Bf16Kernel> k{pkm::Bf16Kernel::portable};
@@ -53,6 +54,24 @@ inline std::vector<pkm::Bf16Kernel> bf16_kernels_here() {
   return k;
 }
 
+/// Sets PKM_BF16_KERNEL for its scope.
+struct Bf16KernelEnv {
+  explicit Bf16KernelEnv(const char* value) { setenv("PKM_BF16_KERNEL", value, 1); }
+  ~Bf16KernelEnv() { unsetenv("PKM_BF16_KERNEL"); }
+  Bf16KernelEnv(const Bf16KernelEnv&) = delete;
+  Bf16KernelEnv& operator=(const Bf16KernelEnv&) = delete;
+};
+
+/// For its scope, the layer's bf16 products are bf16 ones on every CPU: where the CPU lacks
+/// AVX512-BF16 (and the layer would compute them in fp32) it asks for the emulation.
+struct Bf16ProductsHere {
+  std::optional<Bf16KernelEnv> emulate;
+  Bf16ProductsHere() {
+    if (!pkm::bf16_kernel_available(pkm::Bf16Kernel::avx512_bf16)) emulate.emplace("portable");
+  }
+};
+
+/// A layer big enough for threads and blocks to matter.
 inline pkm::MemoryConfig medium_config() {
   pkm::MemoryConfig c;
   c.input_dim = 48;

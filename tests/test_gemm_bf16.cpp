@@ -32,11 +32,7 @@ using MatF = pkm::RowMatrix<float>;
 
 namespace {
 
-/// Sets PKM_BF16_KERNEL for the scope of a test.
-struct KernelEnv {
-  explicit KernelEnv(const char* value) { setenv("PKM_BF16_KERNEL", value, 1); }
-  ~KernelEnv() { unsetenv("PKM_BF16_KERNEL"); }
-};
+using KernelEnv = pkmtest::Bf16KernelEnv;
 
 double bf(float v) { return static_cast<double>(pkm::detail::round_bf16(v)); }
 
@@ -229,8 +225,7 @@ TEST_CASE("the bf16 layer: close to the fp32 layer forward and backward, its top
           "[gemm_bf16][layer]") {
   // Where the CPU lacks AVX512-BF16 the layer computes in fp32 unless the emulation is asked
   // for: ask, so the bf16 path is what is tested on every CPU.
-  std::optional<KernelEnv> emulate;
-  if (!pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) emulate.emplace("portable");
+  const pkmtest::Bf16ProductsHere here;
   REQUIRE(pkm::bf16_products_here());
   auto c = pkmtest::medium_config();
   c.input_dim = 96;  // products long enough for the packed kernel's k chunks and tiles

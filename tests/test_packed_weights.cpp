@@ -5,9 +5,8 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <optional>
+#include <memory>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -27,20 +26,21 @@ using MatF = pkm::RowMatrix<float>;
 
 namespace {
 
-/// Sets PKM_BF16_KERNEL=portable for the scope of a test where the CPU lacks AVX512-BF16, so
-/// that the layer's products are bf16 ones (emulated) on every machine.
-struct Bf16ProductsHere {
-  std::optional<bool> set;
-  Bf16ProductsHere() {
-    if (!pkm::bf16_kernel_available(Bf16Kernel::avx512_bf16)) {
-      setenv("PKM_BF16_KERNEL", "portable", 1);
-      set = true;
-    }
-  }
-  ~Bf16ProductsHere() {
-    if (set) unsetenv("PKM_BF16_KERNEL");
-  }
-};
+/// A view's buffers: those of `p`'s tensors.
+pkm::ParameterBuffers<float> buffers_of(pkm::LayerParameters<float>& p) {
+  auto at = [&](pkm::Tensor t) { return p.has(t) ? p.data(t) : nullptr; };
+  pkm::ParameterBuffers<float> b;
+  b.keys = at(pkm::Tensor::keys);
+  b.query_weight = at(pkm::Tensor::query_weight);
+  b.query_bias = at(pkm::Tensor::query_bias);
+  b.swilu_weight = at(pkm::Tensor::swilu_weight);
+  b.swilu_bias = at(pkm::Tensor::swilu_bias);
+  b.value_proj_weight = at(pkm::Tensor::value_proj_weight);
+  b.value_proj_bias = at(pkm::Tensor::value_proj_bias);
+  b.gate_weight = at(pkm::Tensor::gate_weight);
+  b.gate_bias = at(pkm::Tensor::gate_bias);
+  return b;
+}
 
 pkm::MemoryConfig bf16_config() {
   pkm::MemoryConfig c = pkmtest::medium_config();
@@ -147,19 +147,25 @@ TEST_CASE("gemm_bf16_nt and PackedBf16Matrix refuse bad arguments and write noth
   const MatF xx = pkmtest::random_matrix(3, 8, 44).cast<float>();
   CHECK_THROWS_WITH(pkm::linear_forward<float>(xx, W2, nullptr, y, pkm::Dtype::bf16, &packed,
                                                &scratch),
-                    Contains("the packed weight is not W's"));
+                    Contains("the packed weight (10 x 8) is not W's (10 x 8, x with 8 columns)"));
+  const MatF x9 = pkmtest::random_matrix(3, 9, 45).cast<float>();
+  const MatF W9 = pkmtest::random_matrix(10, 9, 46).cast<float>();
+  CHECK_THROWS_WITH(pkm::linear_forward<float>(x9, W9, nullptr, y, pkm::Dtype::bf16, &packed,
+                                               &scratch),
+                    Contains("the packed weight (10 x 8) is not W's (10 x 9"));
   CHECK_THROWS_WITH(pkm::linear_forward<float>(xx, W, nullptr, y, pkm::Dtype::f32, &packed,
                                                &scratch),
-                    Contains("the packed weight is not W's"));
+                    Contains("a packed weight with compute = F32; expected float operands and "
+                             "compute = BF16"));
   CHECK_THROWS_WITH(pkm::linear_forward<float>(xx, W, nullptr, y, pkm::Dtype::bf16, &packed,
                                                nullptr),
-                    Contains("the packed weight is not W's"));
+                    Contains("x_pack is null"));
   CHECK((y.array() == 7.0f).all());
 }
 
 TEST_CASE("the bf16 layer packs its weights once per change, and every change packs them again",
           "[packed_weights][layer]") {
-  Bf16ProductsHere here;
+  const pkmtest::Bf16ProductsHere here;
   const auto c = bf16_config();
   pkm::MemoryLayer<float> layer(c, 51);
   pkm::ForwardCache<float> cache;
@@ -176,9 +182,10 @@ TEST_CASE("the bf16 layer packs its weights once per change, and every change pa
   layer.forward(x, y, cache);
   const auto first = pkm::packed_weights(std::as_const(layer).params());
   REQUIRE(first != nullptr);
-  CHECK(first->query.rows() == c.heads * c.k_dim);
-  CHECK(first->swilu.rows() == c.v_dim);
-  CHECK(first->value_proj.rows() == c.output_dim);
+  CHECK(first->of(pkm::Tensor::query_weight)->rows() == c.heads * c.k_dim);
+  CHECK(first->of(pkm::Tensor::swilu_weight)->rows() == c.v_dim);
+  CHECK(first->of(pkm::Tensor::value_proj_weight)->rows() == c.output_dim);
+  CHECK(first->of(pkm::Tensor::keys) == nullptr);  // the key search stays fp32
   CHECK(cache.products.packed == nullptr);  // the forward does not pin them
   layer.forward(x, y, cache);
   CHECK(pkm::packed_weights(std::as_const(layer).params()) == first);  // not packed again
@@ -206,14 +213,7 @@ TEST_CASE("the bf16 layer packs its weights once per change, and every change pa
   // A view of the caller's buffers: writes there are announced with mark_modified().
   pkm::LayerParameters<float> owned(c);
   pkm::init_parameters(owned, 53);
-  pkm::ParameterBuffers<float> b;
-  b.keys = owned.data(pkm::Tensor::keys);
-  b.query_weight = owned.data(pkm::Tensor::query_weight);
-  b.query_bias = owned.data(pkm::Tensor::query_bias);
-  b.swilu_weight = owned.data(pkm::Tensor::swilu_weight);
-  b.swilu_bias = owned.data(pkm::Tensor::swilu_bias);
-  b.value_proj_weight = owned.data(pkm::Tensor::value_proj_weight);
-  b.value_proj_bias = owned.data(pkm::Tensor::value_proj_bias);
+  const pkm::ParameterBuffers<float> b = buffers_of(owned);
   pkm::MemoryLayer<float> viewing(pkm::LayerParameters<float>::view(c, b),
                                   layer.values().view());
   MatF v1(5, c.output_dim), v2(5, c.output_dim), v3(5, c.output_dim);
@@ -227,10 +227,37 @@ TEST_CASE("the bf16 layer packs its weights once per change, and every change pa
   CHECK(same_bits(v2, v3));
 }
 
+TEST_CASE("views of other buffers under one stamp each use their own packed weights",
+          "[packed_weights][layer]") {
+  // The PyTorch operator hands one stamp to the views of unchanged tensors; a view of other
+  // buffers under that stamp (at the same version) must not read the first view's copies.
+  const pkmtest::Bf16ProductsHere here;
+  const auto c = bf16_config();
+  pkm::LayerParameters<float> a(c), b(c);
+  pkm::init_parameters(a, 91);
+  pkm::init_parameters(b, 92);
+  pkm::ValueTable<float> table(c.slots(), c.v_dim);
+  pkm::init_values(table, 93);
+  const auto stamp = std::make_shared<pkm::detail::ModificationStamp>();
+  const pkm::MemoryLayer<float> la(pkm::LayerParameters<float>::view(c, buffers_of(a), stamp),
+                                   table.view());
+  const pkm::MemoryLayer<float> lb(pkm::LayerParameters<float>::view(c, buffers_of(b), stamp),
+                                   table.view());
+  const MatF x = pkmtest::random_matrix(4, c.input_dim, 94).cast<float>();
+  MatF ya(4, c.output_dim), yb(4, c.output_dim), want(4, c.output_dim);
+  pkm::ForwardCache<float> cache;
+  la.forward(x, ya, cache);
+  lb.forward(x, yb, cache);
+  const pkm::MemoryLayer<float> own(b, table.view());  // a copy: a stamp of its own
+  own.forward(x, want, cache);
+  CHECK(same_bits(yb, want));
+  CHECK_FALSE(same_bits(ya, yb));
+}
+
 TEST_CASE("the bf16 layer's products are bf16 at every batch: a token alone gives its bits in a "
           "batch, and differs from fp32 products",
           "[packed_weights][layer][small_batch]") {
-  Bf16ProductsHere here;
+  const pkmtest::Bf16ProductsHere here;
   const auto c = bf16_config();
   const pkm::MemoryLayer<float> bf16(c, 61);
   pkm::LayerParameters<float> p32 = bf16.params();
@@ -251,7 +278,7 @@ TEST_CASE("the bf16 layer's products are bf16 at every batch: a token alone give
 
 TEST_CASE("the bf16 layer from several threads at once: the serial bits",
           "[packed_weights][layer][threads]") {
-  Bf16ProductsHere here;
+  const pkmtest::Bf16ProductsHere here;
   const auto c = bf16_config();
   const pkm::MemoryLayer<float> layer(c, 71);
   constexpr int kThreads = 4;

@@ -64,8 +64,7 @@ void forward_begin(const char* who, const LayerParameters<Scalar>& p,
   // The packed bf16 weights where the products are bf16 ones (made once per change of p).
   cache.products.packed = packed_weights(p);
   linear_forward<Scalar>(x, p.query_weight(), bias_or_null(p, Tensor::query_bias), cache.query,
-                         c.compute, cache.products.packed ? &cache.products.packed->query : nullptr,
-                         &cache.products.x_pack);
+                         c.compute, cache.products.of(Tensor::query_weight), &cache.products.x_pack);
   key_search_forward<Scalar>(c, p.keys(), cache.query, cache, cache.workspace.search);
 }
 

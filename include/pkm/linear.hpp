@@ -24,8 +24,8 @@ namespace detail {
 /// weights are read either way, and rounding them only added work: the layer's forward with
 /// its small-batch products rounding to bf16 ran 1.37x (batch 1) and 2.15x (batch 8) slower
 /// than in fp32 (BM_DecodeLatency, 2 threads, AMD EPYC Zen 4). The layer's forward passes
-/// its weights packed once instead (linear_forward's `packed`), and is bf16 at every batch. Throws std::invalid_argument
-/// for another `compute`, or bf16 with double operands.
+/// its weights packed once instead (linear_forward's `packed`), and is bf16 at every batch.
+/// Throws std::invalid_argument for another `compute`, or bf16 with double operands.
 template <class S>
 void gemm_in(Dtype compute, bool trans_a, bool trans_b, Index m, Index n, Index k, const S* a,
              Index lda, const S* b, Index ldb, S beta, S* c, Index ldc) {
@@ -61,13 +61,20 @@ void linear_forward(const ConstMatrixRef<S>& x, const ConstMatrixRef<S>& w, cons
                     std::vector<std::uint16_t>* x_pack = nullptr) {
   const Index B = x.rows(), out = w.rows();
   if (packed != nullptr) {
-    if (!std::is_same_v<S, float> || compute != Dtype::bf16 || x_pack == nullptr ||
-        packed->source() != static_cast<const void*>(w.data()) || packed->rows() != out ||
-        packed->cols() != w.cols() || x.cols() != w.cols() ||
-        w.outerStride() != w.cols()) {
+    const char* who = "pkm::linear_forward";
+    if (!std::is_same_v<S, float> || compute != Dtype::bf16) {
+      throw std::invalid_argument(std::string(who) + ": a packed weight with compute = " +
+                                  dtype_name(compute) + (std::is_same_v<S, float> ? "" : " (double)") +
+                                  "; expected float operands and compute = BF16");
+    }
+    if (x_pack == nullptr) throw std::invalid_argument(std::string(who) + ": x_pack is null");
+    if (packed->source() != static_cast<const void*>(w.data()) || packed->rows() != out ||
+        packed->cols() != w.cols() || x.cols() != w.cols() || w.outerStride() != w.cols()) {
       throw std::invalid_argument(
-          "pkm::linear_forward: the packed weight is not W's (or compute is not BF16, or no "
-          "scratch was given); expected a PackedBf16Matrix made from this W");
+          std::string(who) + ": the packed weight (" + std::to_string(packed->rows()) + " x " +
+          std::to_string(packed->cols()) + ") is not W's (" + std::to_string(out) + " x " +
+          std::to_string(w.cols()) + ", x with " + std::to_string(x.cols()) +
+          " columns); expected a PackedBf16Matrix made from this W");
     }
   }
   if (bias != nullptr) {

@@ -53,12 +53,8 @@ template <class S>
 void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
                     const ConstMatrixRef<S>& y, MatrixRef<S> out, OutputCache<S>& cache,
                     ProductScratch* products = nullptr) {
-  const detail::PackedLayerWeights* packed =
-      products != nullptr ? products->packed.get() : nullptr;
   std::vector<std::uint16_t>* x_pack = products != nullptr ? &products->x_pack : nullptr;
-  auto packed_w = [&](const PackedBf16Matrix detail::PackedLayerWeights::*m) {
-    return packed != nullptr ? &(packed->*m) : nullptr;
-  };
+  auto packed_w = [&](Tensor t) { return products != nullptr ? products->of(t) : nullptr; };
   const MemoryConfig& c = p.config();
   const Index B = x.rows();
   if (c.memory_plus) {
@@ -73,7 +69,7 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
   MatrixRef<S> o = c.gating ? MatrixRef<S>(cache.pre_gate) : out;
   if (c.memory_plus) {
     linear_forward<S>(x, p.swilu_weight(), detail::bias_or_null(p, Tensor::swilu_bias),
-                      cache.swilu_pre, c.compute, packed_w(&detail::PackedLayerWeights::swilu),
+                      cache.swilu_pre, c.compute, packed_w(Tensor::swilu_weight),
                       x_pack);
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       for (Index b = b0; b < b1; ++b) {
@@ -83,10 +79,10 @@ void output_forward(const LayerParameters<S>& p, const ConstMatrixRef<S>& x,
     });
     linear_forward<S>(cache.hidden, p.value_proj_weight(),
                       detail::bias_or_null(p, Tensor::value_proj_bias), o, c.compute,
-                      packed_w(&detail::PackedLayerWeights::value_proj), x_pack);
+                      packed_w(Tensor::value_proj_weight), x_pack);
   } else if (c.value_projection) {
     linear_forward<S>(y, p.value_proj_weight(), detail::bias_or_null(p, Tensor::value_proj_bias),
-                      o, c.compute, packed_w(&detail::PackedLayerWeights::value_proj), x_pack);
+                      o, c.compute, packed_w(Tensor::value_proj_weight), x_pack);
   } else {
     detail::parallel_blocks(B, detail::kTokenBlock, [&](Index b0, Index b1) {
       o.middleRows(b0, b1 - b0) = y.middleRows(b0, b1 - b0);

@@ -14,6 +14,8 @@
 // calls LayerParameters::mark_modified(), as it already must for the finiteness check.)
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <type_traits>
@@ -26,11 +28,18 @@
 namespace pkm {
 
 namespace detail {
-/// The packed copies of one version of a layer's forward weights; an absent tensor's is empty.
+/// The packed copies of one version of a layer's forward weights, one per tensor of kTensors
+/// (empty where the config has no such tensor).
 struct PackedLayerWeights {
-  PackedBf16Matrix query;       ///< Wq
-  PackedBf16Matrix swilu;       ///< W1 (Memory+)
-  PackedBf16Matrix value_proj;  ///< W2
+  static constexpr std::array<Tensor, 3> kTensors = {Tensor::query_weight, Tensor::swilu_weight,
+                                                     Tensor::value_proj_weight};
+  std::array<PackedBf16Matrix, 3> matrices;
+  /// The packed copy of tensor t, or null for a tensor that is not packed.
+  const PackedBf16Matrix* of(Tensor t) const {
+    for (std::size_t i = 0; i < kTensors.size(); ++i)
+      if (kTensors[i] == t) return &matrices[i];
+    return nullptr;
+  }
 };
 }  // namespace detail
 
@@ -40,6 +49,8 @@ struct PackedLayerWeights {
 struct ProductScratch {
   std::shared_ptr<const detail::PackedLayerWeights> packed;
   std::vector<std::uint16_t> x_pack;
+  /// The packed copy of weight t for this forward, or null (nothing packed: fp32 products).
+  const PackedBf16Matrix* of(Tensor t) const { return packed ? packed->of(t) : nullptr; }
 };
 
 /// The forward weights of `p` packed for bf16 products at p's current values: the copies made
@@ -54,32 +65,28 @@ std::shared_ptr<const detail::PackedLayerWeights> packed_weights(const LayerPara
     return nullptr;
   } else {
     if (p.config().compute != Dtype::bf16 || !bf16_products_here() || !p.stamp()) return nullptr;
+    using Packed = detail::PackedLayerWeights;
     const detail::ModificationStamp& stamp = *p.stamp();
     const std::uint64_t version = stamp.version();
-    constexpr Tensor kTensors[3] = {Tensor::query_weight, Tensor::swilu_weight,
-                                    Tensor::value_proj_weight};
-    auto member = [](auto& packed, int i) -> auto& {
-      return i == 0 ? packed.query : i == 1 ? packed.swilu : packed.value_proj;
-    };
     // Made from these very buffers (a view re-pointed under the same stamp packs again).
-    auto made_from_p = [&](const detail::PackedLayerWeights& packed) {
-      for (int i = 0; i < 3; ++i) {
-        const PackedBf16Matrix& m = member(packed, i);
-        if (!p.has(kTensors[i])) {
+    auto made_from_p = [&](const Packed& packed) {
+      for (std::size_t i = 0; i < Packed::kTensors.size(); ++i) {
+        const PackedBf16Matrix& m = packed.matrices[i];
+        if (!p.has(Packed::kTensors[i])) {
           if (m.rows() != 0) return false;
           continue;
         }
-        const auto w = p.matrix(kTensors[i]);
+        const auto w = p.matrix(Packed::kTensors[i]);
         if (m.source() != w.data() || m.rows() != w.rows() || m.cols() != w.cols()) return false;
       }
       return true;
     };
     if (auto packed = stamp.packed(version); packed && made_from_p(*packed)) return packed;
-    auto made = std::make_shared<detail::PackedLayerWeights>();
-    for (int i = 0; i < 3; ++i) {
-      if (!p.has(kTensors[i])) continue;
-      const auto w = p.matrix(kTensors[i]);
-      member(*made, i) = PackedBf16Matrix(w.data(), w.rows(), w.cols(), w.cols());
+    auto made = std::make_shared<Packed>();
+    for (std::size_t i = 0; i < Packed::kTensors.size(); ++i) {
+      if (!p.has(Packed::kTensors[i])) continue;
+      const auto w = p.matrix(Packed::kTensors[i]);
+      made->matrices[i] = PackedBf16Matrix(w.data(), w.rows(), w.cols(), w.cols());
     }
     stamp.set_packed(made, version);
     return made;

@@ -182,6 +182,35 @@ def test_relu_activation():
     expect_error(ValueError, "score_activation = 'gelu' is not supported",
                  lambda: pkm_torch.HashingMemory(16, 16, n_keys=8, k_dim=8, knn=4, score_activation="gelu"),
                  "score_activation='gelu'")
+    # Served from its int8 table: the quantized op takes the activation too (the bytes decoded
+    # here, in a float ReLU module, give its output; the softmax module's differs).
+    import copy
+    args = CONFIGS["memplus"]
+    _, soft = pair(args)
+    relu = copy.deepcopy(soft)
+    relu.score_activation = "relu"
+    x = torch.randn(6, args["input_dim"])
+    q = pkm_torch.QuantizedHashingMemory(relu, "int8")
+    decoded = copy.deepcopy(relu)
+    decoded.values.weight.data = dequantized_int8(q.values.weight, args["v_dim"])
+    with torch.no_grad():
+        yq, yd = q(x), decoded(x)
+        ys = pkm_torch.QuantizedHashingMemory(soft, "int8")(x)
+    check(rel(yq, yd) < 1e-5, "relu int8: the decoded table in a float relu module gives the output (%.3g)" %
+          rel(yq, yd))
+    check(rel(yq, ys) > 1e-3, "relu int8: differs from the softmax module's")
+    # Exported for C++: the metadata says relu (test_io.cpp loads such a file); softmax says nothing.
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pkm_relu_export_%d.safetensors" % os.getpid())
+    try:
+        pkm_export.export_memory(relu, path, knn=args["knn"], score_activation="relu")
+        check(pkm_export.read_safetensors(path)[1].get("score_activation") == "relu", "export: relu in the metadata")
+        pkm_export.export_memory(soft, path, knn=args["knn"])
+        check("score_activation" not in pkm_export.read_safetensors(path)[1], "export: nothing for softmax")
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    expect_error(ValueError, "score_activation = 'gelu', expected 'softmax' or 'relu'",
+                 lambda: pkm_export.export_memory(relu, path, knn=4, score_activation="gelu"), "export gelu")
 
 
 def test_sparse_adam_and_fused():

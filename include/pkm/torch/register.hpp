@@ -18,6 +18,24 @@ inline ScoreActivation score_activation_option(const std::string& name) {
   return *a;
 }
 
+/// The LayerOptions of an op's arguments (both forward ops take the same ones).
+inline LayerOptions layer_options(std::int64_t heads, std::int64_t knn, bool qk_norm,
+                                  c10::optional<double> qk_norm_scale, const std::string& compute,
+                                  const std::string& score_activation) {
+  LayerOptions options;
+  options.heads = heads;
+  options.knn = knn;
+  options.qk_norm = qk_norm;
+  if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
+  options.score_activation = score_activation_option(score_activation);
+  const auto dtype = parse_dtype(compute);
+  if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
+    fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
+  }
+  options.compute = *dtype;
+  return options;
+}
+
 inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys,
                                const torch::Tensor& query_weight,
                                const c10::optional<torch::Tensor>& query_bias,
@@ -34,17 +52,8 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
                                const c10::optional<c10::intrusive_ptr<ForwardState>>& state,
                                const std::string& score_activation) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
-  LayerOptions options;
-  options.heads = heads;
-  options.knn = knn;
-  options.qk_norm = qk_norm;
-  if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
-  options.score_activation = score_activation_option(score_activation);
-  const auto dtype = parse_dtype(compute);
-  if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
-    fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
-  }
-  options.compute = *dtype;
+  const LayerOptions options =
+      layer_options(heads, knn, qk_norm, qk_norm_scale, compute, score_activation);
   return memory(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
                 t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias), values,
                 options, sparse_grad,
@@ -70,17 +79,8 @@ inline torch::Tensor memory_quantized_op(
     const std::string& compute, const c10::optional<c10::intrusive_ptr<ForwardState>>& state,
     const std::string& score_activation) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
-  LayerOptions options;
-  options.heads = heads;
-  options.knn = knn;
-  options.qk_norm = qk_norm;
-  if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
-  options.score_activation = score_activation_option(score_activation);
-  const auto dtype = parse_dtype(compute);
-  if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
-    fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
-  }
-  options.compute = *dtype;
+  const LayerOptions options =
+      layer_options(heads, knn, qk_norm, qk_norm_scale, compute, score_activation);
   return memory_quantized(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
                           t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias),
                           rows, quantized_format(format), v_dim, options,

@@ -1,5 +1,8 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -132,5 +135,88 @@ TEST_CASE("product-key top-k is exact at the paper's n_keys with ties and signed
       if (a[i] == 0.0f && (i % 2)) a[i] = -0.0f;
     }
     for (Index k : {1, 8, 32, 100}) expect_equal_to_brute_force(a, b, n, k, scratch);
+  }
+}
+
+namespace {
+// The k best of n scores by (score desc, index asc), by sorting all of them.
+std::vector<Index> half_topk_by_sorting(const std::vector<float>& s, Index k) {
+  std::vector<Index> order(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) order[i] = Index(i);
+  std::stable_sort(order.begin(), order.end(), [&](Index x, Index y) {
+    return s[std::size_t(x)] > s[std::size_t(y)];  // -0 == +0: index order kept
+  });
+  order.resize(std::size_t(k));
+  return order;
+}
+}  // namespace
+
+TEST_CASE("both half top-k kernels equal a sort on hostile score rows", "[product_keys]") {
+  // Rows meant to defeat the threshold passes: all equal, two levels, sorted up and down,
+  // one huge outlier, many scores equal to the threshold, signed zeros, denormals and
+  // +-FLT_MAX. The avx512 kernel runs where the CPU has it (k a multiple of 16).
+  std::mt19937_64 rng(17);
+  std::normal_distribution<float> g;
+  pkm::detail::HalfTopkScratch<float> scratch;
+  const bool avx512 = pkm::detail::cpu_has_topk_avx512();
+  int rows = 0;
+  for (Index n : {16, 31, 32, 33, 64, 100, 257, 512, 1000}) {
+    for (int kind = 0; kind < 9; ++kind) {
+      std::vector<float> s(std::size_t(n), 0.0f);
+      for (Index i = 0; i < n; ++i) {
+        const float r = g(rng);
+        float& v = s[std::size_t(i)];
+        switch (kind) {
+          case 0: v = r; break;
+          case 1: v = 1.0f; break;
+          case 2: v = (i % 3 == 0) ? 2.0f : -2.0f; break;
+          case 3: v = float(i); break;
+          case 4: v = -float(i); break;
+          case 5: v = i == n / 2 ? 1e30f : r * 1e-3f; break;
+          case 6: v = std::round(r * 2.0f) / 2.0f; break;
+          case 7: v = (i % 2) ? -0.0f : 0.0f; if (i % 5 == 0) v = 1e-40f; break;
+          case 8: v = (i % 4 == 0) ? std::numeric_limits<float>::max()
+                                   : (i % 4 == 1 ? -std::numeric_limits<float>::max() : r);
+                  break;
+        }
+      }
+      for (Index k : {Index(1), Index(5), Index(16), Index(32), n / 2, n}) {
+        if (k < 1 || k > n) continue;
+        const auto want = half_topk_by_sorting(s, k);
+        std::vector<Index> got(std::size_t(k), -1);
+        pkm::detail::half_topk_portable(s.data(), n, k, got.data(), scratch);
+        INFO("n " << n << " kind " << kind << " k " << k);
+        REQUIRE(got == want);
+#ifdef PKM_X86_TOPK_KERNEL
+        if (avx512 && k % 16 == 0 && n >= 2 * k) {
+          std::fill(got.begin(), got.end(), -1);
+          pkm::detail::half_topk_avx512(s.data(), n, k, got.data(), scratch);
+          REQUIRE(got == want);
+        }
+#endif
+        ++rows;
+      }
+    }
+  }
+  CHECK(rows > 300);
+  if (!avx512) WARN("this CPU lacks AVX-512: only the portable half top-k kernel ran");
+}
+
+TEST_CASE("product-key top-k equals brute force at knn 16, 32 and 64 over 512 keys",
+          "[product_keys]") {
+  // The layer's shapes: the avx512 half kernel and the grid merge together.
+  std::mt19937_64 rng(19);
+  std::normal_distribution<float> g;
+  pkm::ProductKeyScratch<float> scratch;
+  for (Index k : {16, 32, 64}) {
+    for (int rep = 0; rep < 6; ++rep) {
+      const Index n = 512;
+      std::vector<float> a(n), b(n);
+      for (Index i = 0; i < n; ++i) {
+        a[i] = g(rng);
+        b[i] = rep % 2 ? std::round(g(rng) * 4.0f) / 4.0f : g(rng) * 10.0f;
+      }
+      expect_equal_to_brute_force(a, b, n, k, scratch);
+    }
   }
 }

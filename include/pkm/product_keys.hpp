@@ -17,50 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "pkm/detail/topk_kernels.hpp"
 #include "pkm/types.hpp"
 
 namespace pkm {
-
-namespace detail {
-/// 128-bit unsigned integer (a GCC/Clang extension).
-__extension__ typedef unsigned __int128 uint128;
-
-/// The bits of a finite score as an unsigned integer of the same order (-0 and +0 equal).
-inline std::uint32_t ordered_bits(float v) {
-  v += 0.0f;  // -0 -> +0
-  std::uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-inline std::uint64_t ordered_bits(double v) {
-  v += 0.0;
-  std::uint64_t u;
-  std::memcpy(&u, &v, 8);
-  return (u >> 63) ? ~u : (u | (std::uint64_t(1) << 63));
-}
-
-/// An integer whose order is "score descending, then index ascending" for (score, index):
-/// the score's bits made monotone (floats: flip the sign bit, or all bits of negatives) in the
-/// high part, the complemented index in the low part. +0 and -0 give the same key.
-template <class S>
-struct RankKey;
-template <>
-struct RankKey<float> {
-  using type = std::uint64_t;
-  static type make(float s, Index i) {
-    return (type(ordered_bits(s)) << 32) | type(0xFFFFFFFFu - std::uint32_t(i));
-  }
-  static Index index(type k) { return Index(0xFFFFFFFFu - std::uint32_t(k)); }
-};
-template <>
-struct RankKey<double> {
-  using type = uint128;
-  static type make(double s, Index i) {
-    return (type(ordered_bits(s)) << 64) | type(~std::uint64_t(i));
-  }
-  static Index index(type k) { return Index(~std::uint64_t(k)); }
-};
-}  // namespace detail
 
 /// Scratch space for product_key_topk; reuse one per thread to avoid allocations.
 template <class S>
@@ -70,15 +30,11 @@ struct ProductKeyScratch {
     Index i, j;  // sub-key ids
     Index a, b;  // ranks in the two half lists
   };
-  std::vector<typename detail::RankKey<S>::type> half_candidates;
-  struct KeyedCandidate {
-    detail::uint128 key;
-    std::int32_t a, b;
-  };
-  std::vector<KeyedCandidate> fast_heap;
+  detail::HalfTopkScratch<S> half;
   std::vector<Index> top1, top2;
-  std::vector<Candidate> heap;
-  std::vector<S> group_max;
+  std::vector<S> best1, best2;            // the half scores of top1, top2
+  std::vector<std::uint64_t> frontier;    // float: one key per row of the grid
+  std::vector<Candidate> heap;            // double: the merge's heap
 };
 
 namespace detail {
@@ -93,49 +49,28 @@ bool ranks_before(const C& x, const C& y) {
 }
 }  // namespace detail
 
-/// The k best of n scores by (score desc, index asc), in that order, into `out`.
-/// A threshold pass first: the n scores are dealt into k strided groups and T is the smallest
-/// group maximum, so at least k scores are >= T and every score of the top k is >= T (ties
-/// included). One vectorised max pass and one compare per score keep the few candidates
-/// >= T, which are then ranked by one integer key each (detail::RankKey). Exact for any input
-/// without NaN (n must fit in 32 bits for float scores).
+/// The k best of n scores by (score desc, index asc), in that order, into `out` (1 <= k <= n,
+/// n < 2^32, no NaN). A threshold pass keeps the few scores that can be among the k best, and
+/// they are ranked by one integer key each (pkm/detail/topk_kernels.hpp). On a CPU with AVX-512
+/// float scores run its 16-lane kernel (when k is a multiple of 16), else plain C++; both give
+/// the same indices.
 template <class S>
 void half_topk(const S* s, Index n, Index k, Index* out, ProductKeyScratch<S>& scratch) {
-  using K = detail::RankKey<S>;
-  using Key = typename K::type;
-  auto& cand = scratch.half_candidates;
-  cand.resize(static_cast<std::size_t>(n));
-  std::size_t count = 0;
-  if (n >= 4 * k) {
-    auto& gmax = scratch.group_max;
-    gmax.assign(s, s + k);
-    const Index full = n / k;
-    for (Index t = 1; t < full; ++t) {
-      const S* row = s + t * k;
-      for (Index j = 0; j < k; ++j) gmax[j] = row[j] > gmax[j] ? row[j] : gmax[j];
+  if constexpr (std::is_same_v<S, float>) {
+    if (k % 16 == 0 && n >= 2 * k && detail::cpu_has_topk_avx512()) {
+#ifdef PKM_X86_TOPK_KERNEL
+      detail::half_topk_avx512(s, n, k, out, scratch.half);
+      return;
+#endif
     }
-    for (Index j = 0; j < n - full * k; ++j)
-      gmax[j] = s[full * k + j] > gmax[j] ? s[full * k + j] : gmax[j];
-    S threshold = gmax[0];
-    for (Index j = 1; j < k; ++j) threshold = gmax[j] < threshold ? gmax[j] : threshold;
-    for (Index i = 0; i < n; ++i) {
-      cand[count] = K::make(s[i], i);
-      count += s[i] >= threshold ? 1 : 0;
-    }
-  } else {
-    for (Index i = 0; i < n; ++i) cand[count++] = K::make(s[i], i);
   }
-  const auto first = cand.begin(), kth = first + k,
-             last = first + static_cast<std::ptrdiff_t>(count);
-  if (count > static_cast<std::size_t>(k))
-    std::nth_element(first, kth - 1, last, std::greater<Key>());
-  std::sort(first, kth, std::greater<Key>());  // best first
-  for (Index m = 0; m < k; ++m) out[m] = K::index(cand[m]);
+  detail::half_topk_portable(s, n, k, out, scratch.half);
 }
 
 /// Exact top-k of the n^2 sums s1[i] + s2[j]: writes slots (i * n + j) and their scores,
-/// best first. A k-way merge over the k x k grid of the two sorted half lists with a heap of
-/// k candidates: O(n + k log k) per call after the half selections. Scores must be finite.
+/// best first. After the two half selections, the candidates are the k x k grid of their
+/// sorted lists (row a: the a-th best of s1 with each of the k best of s2, a row sorted by
+/// itself), merged k-way: O(n + k^2) per call. Scores must be finite.
 template <class S>
 void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* slots, S* scores,
                       ProductKeyScratch<S>& scratch) {
@@ -147,37 +82,40 @@ void product_key_topk(const S* s1, const S* s2, Index n, Index k, std::int64_t* 
   const Index* t1 = scratch.top1.data();
   const Index* t2 = scratch.top2.data();
   if constexpr (std::is_same_v<S, float>) {
-    // One 128-bit key per candidate, ordered as ranks_before: sum, s1, i, s2, j (sub-key ids
-    // are < 2^16, see kMaxKeys). Integer compares make the heap cheap.
-    using Key = detail::uint128;
-    using detail::ordered_bits;
+    // Between two grid cells of equal sum, the order "s1 desc, i asc" is the order of their
+    // rows a (top1 is sorted by it) and "s2 desc, j asc" that of their columns b. So one
+    // 64-bit key (sum, then a asc, then b asc; a, b < 2^16, see kMaxKeys) ranks the grid as
+    // ranks_before does. The frontier holds each started row's next cell; the best of it is
+    // the next output. Row a + 1 starts when row a's first cell is taken (it cannot come
+    // before), and a row that is used up holds 0, below every cell's key.
+    scratch.best1.resize(static_cast<std::size_t>(k));
+    scratch.best2.resize(static_cast<std::size_t>(k));
+    scratch.frontier.resize(static_cast<std::size_t>(k));
+    float* v1 = scratch.best1.data();
+    float* v2 = scratch.best2.data();
+    for (Index a = 0; a < k; ++a) {
+      v1[a] = s1[t1[a]];
+      v2[a] = s2[t2[a]];
+    }
     auto key = [&](Index a, Index b) {
-      const Index i = t1[a], j = t2[b];
-      const std::uint64_t hi =
-          (std::uint64_t(ordered_bits(s1[i] + s2[j])) << 32) | ordered_bits(s1[i]);
-      const std::uint64_t lo = (std::uint64_t(0xFFFFu - std::uint32_t(i)) << 48) |
-                               (std::uint64_t(ordered_bits(s2[j])) << 16) |
-                               std::uint64_t(0xFFFFu - std::uint32_t(j));
-      return (Key(hi) << 64) | Key(lo);
+      return (std::uint64_t(detail::ordered_bits(v1[a] + v2[b])) << 32) |
+             (std::uint64_t(0xFFFFu - std::uint32_t(a)) << 16) |
+             std::uint64_t(0xFFFFu - std::uint32_t(b));
     };
-    auto& heap = scratch.fast_heap;
-    heap.clear();
-    for (Index a = 0; a < k; ++a) heap.push_back({key(a, 0), std::int32_t(a), 0});
-    auto lower = [](const typename ProductKeyScratch<S>::KeyedCandidate& x,
-                    const typename ProductKeyScratch<S>::KeyedCandidate& y) {
-      return x.key < y.key;
-    };
-    std::make_heap(heap.begin(), heap.end(), lower);
+    std::uint64_t* f = scratch.frontier.data();
+    f[0] = key(0, 0);
+    Index rows = 1;
     for (Index m = 0; m < k; ++m) {
-      std::pop_heap(heap.begin(), heap.end(), lower);
-      const auto best = heap.back();
-      heap.pop_back();
-      const Index i = t1[best.a], j = t2[best.b];
-      slots[m] = static_cast<std::int64_t>(i * n + j);
-      scores[m] = s1[i] + s2[j];
-      if (best.b + 1 < k) {
-        heap.push_back({key(best.a, best.b + 1), best.a, best.b + 1});
-        std::push_heap(heap.begin(), heap.end(), lower);
+      std::uint64_t best = 0;
+      for (Index a = 0; a < rows; ++a) best = f[a] > best ? f[a] : best;
+      const Index a = Index(0xFFFFu - std::uint32_t((best >> 16) & 0xFFFFu));
+      const Index b = Index(0xFFFFu - std::uint32_t(best & 0xFFFFu));
+      slots[m] = static_cast<std::int64_t>(t1[a] * n + t2[b]);
+      scores[m] = v1[a] + v2[b];
+      f[a] = b + 1 < k ? key(a, b + 1) : 0;
+      if (b == 0 && rows < k) {
+        f[rows] = key(rows, 0);
+        ++rows;
       }
     }
     return;

@@ -66,7 +66,8 @@ def median_time(fn, reps, warmup=1):
 
 def run_pkm(bench, reps):
     filt = ("^(BM_StreamRead|BM_Gemm/.*|BM_LayerGemm/.*|BM_EmbeddingBag/fp32/1024|"
-            "BM_LayerForward|BM_LayerForwardBackward|BM_LayerForwardBf16|BM_LayerForwardBackwardBf16)"
+            "BM_LayerForward|BM_LayerForwardBackward|BM_LayerForwardBf16|BM_LayerForwardBackwardBf16|"
+            "BM_LayerForwardBf16Scores|BM_LayerForwardBackwardBf16Scores)"
             "/real_time$")
     cmd = [bench, "--benchmark_filter=" + filt, "--benchmark_format=json",
            "--benchmark_repetitions=%d" % reps, "--benchmark_report_aggregates_only=true",
@@ -239,17 +240,21 @@ def main():
         print("bf16 products: pkm with MemoryConfig::compute = BF16, PyTorch under "
               "torch.autocast(\"cpu\", dtype=torch.bfloat16); tokens/s")
         print()
-        print("| work | pkm fp32 | pkm bf16 | PyTorch fp32 | PyTorch autocast | pkm bf16 / autocast "
-              "| pkm fp32 / autocast | pkm bf16 / pkm fp32 |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| work | pkm fp32 | pkm bf16 | pkm bf16 + bf16 scores | PyTorch fp32 | PyTorch autocast "
+              "| pkm bf16 / autocast | pkm bf16 + bf16 scores / autocast | pkm fp32 / autocast "
+              "| pkm bf16 / pkm fp32 |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for what, p32, p16, t32, t16 in [
                 ("layer forward", "BM_LayerForward", "BM_LayerForwardBf16", t_fwd, t_fwd_ac),
                 ("layer forward+backward", "BM_LayerForwardBackward", "BM_LayerForwardBackwardBf16",
                  t_fb, t_fb_ac)]:
             a32, a16 = BATCH / pkm_seconds(p32), BATCH / pkm_seconds(p16)
+            a16s = BATCH / pkm_seconds(p16 + "Scores") if p16 + "Scores" in pkm else float("nan")
             b32, b16 = BATCH / t32, BATCH / t16
-            print("| %s | %.4g | %.4g | %.4g | %.4g | **%.2f×** | %.2f× | %.2f× |"
-                  % (what, a32, a16, b32, b16, a16 / b16, a32 / b16, a16 / a32))
+            print("| %s | %.4g | %.4g | %.4g | %.4g | %.4g | **%.2f×** | **%.2f×** | %.2f× | %.2f× |"
+                  % (what, a32, a16, a16s, b32, b16, a16 / b16, a16s / b16, a32 / b16, a16 / a32))
+        print("(bf16 scores: MemoryConfig::score_compute = BF16, the key search's half scores from "
+              "bf16 operands as autocast computes them; pkm bf16 keeps them fp32)")
         print()
     print("GEMM 2048 x 1024 x 2048: torch.matmul %.1f GFLOP/s, on bf16 tensors %.1f GFLOP/s"
           % (gemm_flop / t_gemm / 1e9, gemm_flop / t_gemm_bf16 / 1e9))

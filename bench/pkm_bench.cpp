@@ -455,10 +455,12 @@ void BM_ProductKeyTopK(benchmark::State& state) {
 }
 BENCHMARK(BM_ProductKeyTopK)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-template <bool kBackward, pkm::Dtype kCompute = pkm::Dtype::f32>
+template <bool kBackward, pkm::Dtype kCompute = pkm::Dtype::f32,
+          pkm::Dtype kScores = pkm::Dtype::f32>
 void layer_bench(benchmark::State& state) {
   auto c = quickstart_shape();
   c.compute = kCompute;
+  c.score_compute = kScores;
   const Index batch = 2048;
   pkm::MemoryLayer<float> layer(c, 7);
   MatF x(batch, c.input_dim), dout = MatF::Constant(batch, c.output_dim, 1e-3f),
@@ -494,6 +496,16 @@ void BM_LayerForwardBackwardBf16(benchmark::State& state) {
 }
 BENCHMARK(BM_LayerForwardBf16)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LayerForwardBackwardBf16)->Unit(benchmark::kMillisecond)->UseRealTime();
+/// bf16 products and bf16 key scores (MemoryConfig::score_compute = Dtype::bf16): every
+/// product in bf16, as under autocast.
+void BM_LayerForwardBf16Scores(benchmark::State& state) {
+  layer_bench<false, pkm::Dtype::bf16, pkm::Dtype::bf16>(state);
+}
+void BM_LayerForwardBackwardBf16Scores(benchmark::State& state) {
+  layer_bench<true, pkm::Dtype::bf16, pkm::Dtype::bf16>(state);
+}
+BENCHMARK(BM_LayerForwardBf16Scores)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_LayerForwardBackwardBf16Scores)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 /// Slot statistics left on in training: one add() of BM_LayerForward's cache (2048 tokens x
 /// 128 reads into 512^2 slots), counts only (0) or with the softmax mass (1). Compare its

@@ -63,20 +63,23 @@ struct ModelOptions {
   std::uint64_t seed = 1;
   int threads = 0;
   pkm::Dtype compute = pkm::Dtype::f32;  // the memory layer's products (--compute f32|bf16)
+  pkm::Dtype score_compute = pkm::Dtype::f32;  // its key scores (--score-compute f32|bf16)
 
   /// The flags, for a usage text.
   static const char* flags() {
     return "[--vocab N] [--relations N] [--objects N] [--dim N] [--n-keys N] [--heads N] [--knn "
            "N]\n"
-           "         [--k-dim N] [--clip X] [--seed N] [--threads N] [--compute f32|bf16]";
+           "         [--k-dim N] [--clip X] [--seed N] [--threads N] [--compute f32|bf16]\n"
+           "         [--score-compute f32|bf16]";
   }
   /// Takes `flag` if it is one of these flags with a word for its value (usage(error) exits).
   template <class Usage>
   bool take_word(const std::string& flag, const std::string& value, Usage&& usage) {
-    if (flag != "--compute") return false;
+    if (flag != "--compute" && flag != "--score-compute") return false;
     if (value != "f32" && value != "bf16")
-      usage("--compute = '" + value + "', expected f32 or bf16");
-    compute = value == "bf16" ? pkm::Dtype::bf16 : pkm::Dtype::f32;
+      usage(flag + " = '" + value + "', expected f32 or bf16");
+    (flag == "--compute" ? compute : score_compute) =
+        value == "bf16" ? pkm::Dtype::bf16 : pkm::Dtype::f32;
     return true;
   }
   /// Takes `flag` if it is one of these (num(lo) parses its value as a number >= lo).
@@ -121,6 +124,7 @@ struct ModelOptions {
     mc.output_dim = dim;
     mc.memory_plus = true;
     mc.compute = compute;
+    mc.score_compute = score_compute;
     mc.validate();
     return mc;
   }

@@ -181,10 +181,11 @@ int main(int argc, char** argv) {
     if (o.model != "dense") {
       std::printf(
           "memory: Memory+ layer, %lld^2 = %lld slots, %lld heads, knn %lld, k_dim %lld; AdamW lr "
-          "%g, clip %g; products in %s;\n"
+          "%g, clip %g; products in %s, key scores in %s;\n"
           "        values: %s, lr %g, clip %g, %s\n",
           (long long)mc.n_keys, (long long)mc.slots(), (long long)mc.heads, (long long)mc.knn,
           (long long)mc.k_dim, o.memory_lr, o.clip, pkm::dtype_name(mc.compute),
+          pkm::dtype_name(mc.score_compute),
           o.value_optimizer == "adam" ? "lazy Adam" : "row-wise Adagrad", o.value_lr, o.value_clip,
           o.fused ? "fused with the backward" : "backward then step");
       auto block = std::make_unique<MemoryBlock>(mc, o.seed + 5);

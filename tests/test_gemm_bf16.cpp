@@ -20,6 +20,7 @@
 #include <pkm/gemm_bf16.hpp>
 #include <pkm/io/checkpoint.hpp>
 #include <pkm/memory_layer.hpp>
+#include <pkm/product_keys_ref.hpp>
 
 #include "support.hpp"
 
@@ -326,6 +327,95 @@ TEST_CASE("the bf16 layer: close to the fp32 layer forward and backward, its top
     bf16.forward(x, port, cache);
     CHECK(rel(port, out16) < 1e-4);
   }
+}
+
+TEST_CASE("score_compute = BF16: the top-k is brute force's over the bf16 product's scores, a "
+          "token's bits do not depend on its batch, and only float layers take it",
+          "[gemm_bf16][layer][key_search]") {
+  const pkmtest::Bf16ProductsHere here;
+  REQUIRE(pkm::bf16_products_here());
+  for (bool qk : {false, true}) {
+    auto c = pkmtest::medium_config();
+    c.n_keys = 64;
+    c.knn = 16;  // a multiple of 16: the AVX-512 half top-k where the CPU has it
+    c.k_dim = 40;
+    c.qk_norm = qk;
+    c.compute = pkm::Dtype::bf16;  // every product bf16: a token's bits independent of its batch
+    c.score_compute = pkm::Dtype::bf16;
+    pkm::MemoryLayer<float> layer(c, 51);
+    const Index B = 200, n = c.n_keys, half = c.half(), kn = c.knn;
+    const MatF x = pkmtest::random_matrix(B, c.input_dim, 52).cast<float>();
+    MatF out(B, c.output_dim);
+    pkm::ForwardCache<float> cache;
+    layer.forward(x, out, cache);
+    // The reference scores: pkm::gemm_bf16 (tested above against double products of the
+    // rounded operands), one token at a time, of the query half (or tau q / |q| with
+    // qk-norm) and the head half's sub-keys (or their normalised rows).
+    const float tau = float(c.effective_qk_norm_scale());
+    const MatF& keys = layer.params().keys();
+    MatF kn_rows = keys;
+    if (qk)
+      for (Index r = 0; r < kn_rows.rows(); ++r)
+        kn_rows.row(r) = keys.row(r) * pkm::qk_inv_norm(keys.row(r).data(), half);
+    for (Index b = 0; b < B; ++b) {
+      for (Index h = 0; h < c.heads; ++h) {
+        std::vector<float> s[2];
+        for (Index t = 0; t < 2; ++t) {
+          std::vector<float> qh(cache.query.row(b).data() + h * c.k_dim + t * half,
+                                cache.query.row(b).data() + h * c.k_dim + (t + 1) * half);
+          if (qk) {
+            const float f = pkm::qk_inv_norm(qh.data(), half) * tau;
+            for (float& v : qh) v *= f;
+          }
+          s[t].assign(std::size_t(n), 0.0f);
+          pkm::gemm_bf16(false, true, 1, n, half, 1.0f, qh.data(), half,
+                         kn_rows.data() + (2 * h + t) * n * half, half, 0.0f, s[t].data(), n);
+        }
+        std::vector<std::int64_t> slots(kn);
+        std::vector<float> scores(kn);
+        pkm::product_key_topk_brute_force(s[0].data(), s[1].data(), n, kn, slots.data(),
+                                          scores.data());
+        INFO("qk_norm " << qk << " token " << b << " head " << h);
+        for (Index j = 0; j < kn; ++j) {
+          REQUIRE(cache.indices(b, h * kn + j) == slots[std::size_t(j)]);
+          REQUIRE(cache.scores(b, h * kn + j) == scores[std::size_t(j)]);
+        }
+      }
+    }
+    // A token alone, and a decoding batch of 3, give the bits they have in the batch of 200.
+    for (Index rows : {1, 3}) {
+      MatF part(rows, c.output_dim);
+      pkm::ForwardCache<float> pc;
+      layer.forward(x.topRows(rows), part, pc);
+      CHECK(same_bits(part, out.topRows(rows)));
+      CHECK(pc.indices == cache.indices.topRows(rows));
+    }
+    // With fp32 scores the same layer computes other scores.
+    layer.params().set_score_compute(pkm::Dtype::f32);
+    pkm::ForwardCache<float> c32;
+    MatF out32(B, c.output_dim);
+    layer.forward(x, out32, c32);
+    CHECK_FALSE(same_bits(c32.scores, cache.scores));
+    CHECK((c32.scores - cache.scores).cwiseAbs().maxCoeff() < 0.05f * cache.scores.cwiseAbs().maxCoeff());
+  }
+  // Only F32 and BF16, only float layers; a refused setting changes nothing.
+  auto c = pkmtest::small_config();
+  c.score_compute = pkm::Dtype::f16;
+  CHECK_THROWS_WITH(c.validate(),
+                    Contains("score_compute = F16 is not supported; expected F32 or BF16"));
+  c.score_compute = pkm::Dtype::bf16;
+  CHECK_THROWS_WITH(pkm::LayerParameters<double>(c),
+                    Contains("score_compute = BF16 needs a float layer"));
+  c.score_compute = pkm::Dtype::f32;
+  pkm::LayerParameters<double> pd(c);
+  CHECK_THROWS_WITH(pd.set_score_compute(pkm::Dtype::bf16), Contains("needs a float layer"));
+  CHECK(pd.config().score_compute == pkm::Dtype::f32);
+  pkm::LayerParameters<float> pf(c);
+  CHECK_THROWS_WITH(pf.set_score_compute(pkm::Dtype::int8_rowwise), Contains("score_compute = "));
+  CHECK(pf.config().score_compute == pkm::Dtype::f32);
+  pf.set_score_compute(pkm::Dtype::bf16);
+  CHECK(pf.config().score_compute == pkm::Dtype::bf16);
+  CHECK(pf.config() != c);
 }
 
 TEST_CASE("the bf16 layer on the golden cases: PyTorch's fp32 output within bf16's error where "

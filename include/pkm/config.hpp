@@ -8,6 +8,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "pkm/detail/checked.hpp"
 #include "pkm/dtype.hpp"
@@ -57,6 +58,12 @@ struct MemoryConfig {
   /// parameters and activations (pkm/gemm_bf16.hpp; float layers only). The key search, the
   /// read and the softmax stay fp32.
   Dtype compute = Dtype::f32;
+  /// Precision of the key search's half-score products (query halves x sub-keys): Dtype::f32
+  /// (default: each score is the fp32 dot product of its query half and sub-key), or
+  /// Dtype::bf16 — both rounded to bf16 with fp32 sums, as torch.autocast computes them (float
+  /// layers only; on CPUs without bf16 products, fp32). The top-k stays exact over the scores
+  /// computed.
+  Dtype score_compute = Dtype::f32;
   /// The selected scores' weights: softmax per head (default), or ReLU.
   ScoreActivation score_activation = ScoreActivation::softmax;
 
@@ -81,7 +88,7 @@ struct MemoryConfig {
   auto fields() const {
     return std::tie(input_dim, heads, n_keys, k_dim, knn, v_dim, output_dim, memory_plus,
                     value_projection, gating, query_bias, qk_norm, qk_norm_scale, compute,
-                    score_activation);
+                    score_activation, score_compute);
   }
 
   /// Throws std::invalid_argument naming the first field out of range.
@@ -136,6 +143,10 @@ inline void MemoryConfig::validate() const {
     throw std::invalid_argument(std::string("pkm::MemoryConfig: compute = ") + dtype_name(compute) +
                                 " is not supported; expected F32 or BF16");
   }
+  if (score_compute != Dtype::f32 && score_compute != Dtype::bf16) {
+    throw std::invalid_argument(std::string("pkm::MemoryConfig: score_compute = ") +
+                                dtype_name(score_compute) + " is not supported; expected F32 or BF16");
+  }
   if (score_activation != ScoreActivation::softmax && score_activation != ScoreActivation::relu) {
     throw std::invalid_argument("pkm::MemoryConfig: score_activation = " +
                                 std::to_string(static_cast<int>(score_activation)) +
@@ -158,11 +169,16 @@ inline void MemoryConfig::validate() const {
 /// precision (bf16 products are for float layers).
 template <class S>
 void check_compute(const MemoryConfig& c) {
-  if (c.compute != Dtype::f32 && !std::is_same_v<S, float>) {
-    throw std::invalid_argument(std::string("pkm::MemoryConfig: compute = ") +
-                                dtype_name(c.compute) +
-                                " needs a float layer; this layer's scalar is double "
-                                "(expected compute = F32)");
+  if constexpr (!std::is_same_v<S, float>) {
+    for (const auto& [field, d] : {std::pair<const char*, Dtype>("compute", c.compute),
+                                   std::pair<const char*, Dtype>("score_compute", c.score_compute)}) {
+      if (d != Dtype::f32) {
+        throw std::invalid_argument(std::string("pkm::MemoryConfig: ") + field + " = " +
+                                    dtype_name(d) +
+                                    " needs a float layer; this layer's scalar is double "
+                                    "(expected " + field + " = F32)");
+      }
+    }
   }
 }
 

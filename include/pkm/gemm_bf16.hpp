@@ -31,6 +31,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pkm/detail/gemm_bf16_kernels.hpp"
@@ -171,23 +172,58 @@ class PackedBf16Matrix {
   PackedBf16Matrix() = default;
   /// Throws std::invalid_argument for negative sizes, ldw < max(1, k), a null W that is not
   /// empty, or a packed size beyond 2^62 bytes.
-  PackedBf16Matrix(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw)
-      : n_(n), k_(k), src_(w) {
+  PackedBf16Matrix(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw) {
+    assign(w, n, k, ldw);
+  }
+  /// Copies are deep; a moved-from one is empty.
+  PackedBf16Matrix(const PackedBf16Matrix& o) : n_(o.n_), k_(o.k_), size_(o.size_), src_(o.src_) {
+    if (size_ > 0) {
+      panels_.reset(new std::uint16_t[static_cast<std::size_t>(size_)]);
+      capacity_ = size_;
+      std::copy(o.panels_.get(), o.panels_.get() + size_, panels_.get());
+    }
+  }
+  PackedBf16Matrix(PackedBf16Matrix&& o) noexcept { swap(o); }
+  PackedBf16Matrix& operator=(PackedBf16Matrix o) noexcept {
+    swap(o);
+    return *this;
+  }
+  void swap(PackedBf16Matrix& o) noexcept {
+    std::swap(n_, o.n_);
+    std::swap(k_, o.k_);
+    std::swap(size_, o.size_);
+    std::swap(capacity_, o.capacity_);
+    std::swap(src_, o.src_);
+    std::swap(panels_, o.panels_);
+  }
+  /// Packs W instead, in the buffer it has where that is large enough (a caller that packs
+  /// matrices of one size again and again allocates once). Throws as the constructor, and
+  /// then leaves this one unchanged.
+  void assign(const float* w, std::int64_t n, std::int64_t k, std::int64_t ldw) {
     const char* who = "pkm::PackedBf16Matrix";
     if (n < 0 || k < 0 || ldw < std::max<std::int64_t>(1, k)) {
       throw std::invalid_argument(std::string(who) + ": W is " + std::to_string(n) + " x " +
                                   std::to_string(k) + " with ldw = " + std::to_string(ldw) +
                                   "; expected sizes >= 0 and ldw >= max(1, k)");
     }
-    if (n == 0 || k == 0) return;
-    if (w == nullptr) throw std::invalid_argument(std::string(who) + ": W is null");
-    const std::int64_t panels = (n + detail::kBf16NR - 1) / detail::kBf16NR;
-    const std::int64_t pair_cols = detail::checked_mul(who, "pairs(k) x 2", (k + 1) / 2, 2);
-    const std::int64_t size = detail::checked_mul(
-        who, "packed elements", detail::checked_mul(who, "panels x 64", panels, detail::kBf16NR),
-        pair_cols, detail::kMaxBytes / sizeof(std::uint16_t));
-    panels_.reset(new std::uint16_t[static_cast<std::size_t>(size)]);
-    detail::pack_bf16_all<detail::kBf16NR>(w, ldw, 1, n, k, panels_.get());
+    std::int64_t size = 0;
+    if (n > 0 && k > 0) {
+      if (w == nullptr) throw std::invalid_argument(std::string(who) + ": W is null");
+      const std::int64_t panels = (n + detail::kBf16NR - 1) / detail::kBf16NR;
+      const std::int64_t pair_cols = detail::checked_mul(who, "pairs(k) x 2", (k + 1) / 2, 2);
+      size = detail::checked_mul(
+          who, "packed elements", detail::checked_mul(who, "panels x 64", panels, detail::kBf16NR),
+          pair_cols, detail::kMaxBytes / sizeof(std::uint16_t));
+      if (size > capacity_) {
+        panels_.reset(new std::uint16_t[static_cast<std::size_t>(size)]);
+        capacity_ = size;
+      }
+      detail::pack_bf16_all<detail::kBf16NR>(w, ldw, 1, n, k, panels_.get());
+    }
+    n_ = n;
+    k_ = k;
+    size_ = size;
+    src_ = w;
   }
   std::int64_t rows() const { return n_; }
   std::int64_t cols() const { return k_; }
@@ -196,7 +232,7 @@ class PackedBf16Matrix {
   const std::uint16_t* panels() const { return panels_.get(); }
 
  private:
-  std::int64_t n_ = 0, k_ = 0;
+  std::int64_t n_ = 0, k_ = 0, size_ = 0, capacity_ = 0;
   const float* src_ = nullptr;
   std::unique_ptr<std::uint16_t[]> panels_;
 };

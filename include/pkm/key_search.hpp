@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "pkm/config.hpp"
@@ -21,6 +22,7 @@
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/detail/vec_math.hpp"
 #include "pkm/gemm.hpp"
+#include "pkm/gemm_bf16.hpp"
 #include "pkm/product_keys.hpp"
 #include "pkm/qk_norm.hpp"
 #include "pkm/softmax.hpp"
@@ -52,6 +54,8 @@ struct KeySearchWorkspace {
   RowMatrix<S> half_scores;  ///< chunk x 2 n_keys: one head's two half-score rows per token
                              ///< (chunk x 2 H n_keys, every head's, for a decoding batch)
   std::vector<ProductKeyScratch<S>> topk;  ///< one per thread: the top-k's candidate lists
+  std::vector<PackedBf16Matrix> score_keys;  ///< score_compute = BF16: each head half's sub-keys
+  std::vector<std::uint16_t> score_x_pack;   ///< and its query rows, packed
   std::vector<detail::RowContribution<S>> key_items;  ///< backward: (key row, token, coef)
   detail::GroupScratch<S> group;
   detail::RowSegments key_segments;
@@ -65,6 +69,16 @@ const S* key_search_keys(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
 }
 
 namespace detail {
+/// True where the layer's half scores are bf16 products: MemoryConfig::score_compute = BF16
+/// on a float layer, and bf16 products run here (pkm::bf16_products_here()).
+template <class S>
+bool bf16_half_scores(const MemoryConfig& c) {
+  if constexpr (std::is_same_v<S, float>)
+    return c.score_compute == Dtype::bf16 && bf16_products_here();
+  else
+    return false;
+}
+
 /// Says why token b, head h has a non-finite half score: which input holds a non-finite
 /// value, or that finite ones overflow in the product.
 template <class S>
@@ -119,8 +133,18 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
   const Index chunk =
       std::min(kSearchChunk, B);  // buffers sized once: a last, shorter chunk reuses them
   if (c.qk_norm) ws.query_hat.resize(chunk, H * kd);
+  // bf16 scores: each head half's sub-keys rounded and packed once per call, and every batch
+  // size takes the same product (a token's scores do not depend on the batch).
+  const bool bf16 = detail::bf16_half_scores<S>(c);
+  if constexpr (std::is_same_v<S, float>) {
+    if (bf16) {
+      ws.score_keys.resize(static_cast<std::size_t>(2 * H));
+      for (Index p = 0; p < 2 * H; ++p)
+        ws.score_keys[static_cast<std::size_t>(p)].assign(K + p * n * half, n, half, half);
+    }
+  }
   // A decoding batch (one chunk) takes every head's scores at once (below).
-  const bool small = detail::takes_small_kernel(false, true, B, gemm_backend());
+  const bool small = !bf16 && detail::takes_small_kernel(false, true, B, gemm_backend());
   ws.half_scores.resize(chunk, small ? 2 * H * n : 2 * n);
   for (Index c0 = 0; c0 < B; c0 += kSearchChunk) {
     const Index nb = std::min(kSearchChunk, B - c0);
@@ -191,6 +215,14 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
     S* s = ws.half_scores.data();
     for (Index h = 0; h < H; ++h) {
       for (Index t = 0; t < 2; ++t) {
+        if constexpr (std::is_same_v<S, float>) {
+          if (bf16) {
+            gemm_bf16_nt(nb, 1.0f, q + h * kd + t * half, ldq,
+                         ws.score_keys[static_cast<std::size_t>(2 * h + t)], 0.0f, s + t * n,
+                         2 * n, ws.score_x_pack);
+            continue;
+          }
+        }
         gemm<S>(false, true, nb, n, half, S(1), q + h * kd + t * half, ldq,
                 K + (2 * h + t) * n * half, half, S(0), s + t * n, 2 * n);
       }

@@ -245,12 +245,10 @@ class LayerParameters {
   /// Dtype::bf16) without touching any value: a checkpoint loaded in fp32 serves or trains
   /// with bf16 products from here on. Throws std::invalid_argument (and changes nothing)
   /// for another dtype or bf16 on a double layer.
-  void set_compute(Dtype compute) {
-    MemoryConfig c = config_;
-    c.compute = compute;
-    c.validate();
-    check_compute<Scalar>(c);
-    config_ = c;
+  void set_compute(Dtype compute) { set_config_dtype(&MemoryConfig::compute, compute); }
+  /// Sets the precision of the key search's half scores (MemoryConfig::score_compute) likewise.
+  void set_score_compute(Dtype score_compute) {
+    set_config_dtype(&MemoryConfig::score_compute, score_compute);
   }
   bool owns_storage() const { return storage_.size() > 0; }
   bool has(Tensor t) const { return ptr_[static_cast<int>(t)] != nullptr; }
@@ -322,6 +320,14 @@ class LayerParameters {
   }
 
  private:
+  // Sets one dtype field of the config, validated as a whole: nothing changes on error.
+  void set_config_dtype(Dtype MemoryConfig::*field, Dtype value) {
+    MemoryConfig c = config_;
+    c.*field = value;
+    c.validate();
+    check_compute<Scalar>(c);
+    config_ = c;
+  }
   TensorShape checked(Tensor t) const {
     const TensorShape s = tensor_shape(config_, t);
     if (ptr_[static_cast<int>(t)] == nullptr) {

@@ -200,6 +200,8 @@ class HashingMemory(torch.nn.Module):
     value_projection, gating / mem_gated, query_bias / mem_query_bias, qk_norm, qk_norm_scale,
     score_activation ("softmax", the reference's, or "relu": ReLU of the selected scores, no
     normalisation, as Csordas et al. 2023 use for product-key memories);
+    score_compute ("F32": each key score the fp32 dot product of its query half and sub-key; or
+    "BF16": from bf16-rounded operands with fp32 sums, as autocast computes the reference's);
     and the reference's value_fixed_lr, mem_share_values and dropouts. values: an
     ``nn.Embedding`` to share with other layers (its rows must be n_keys**2). sparse: the
     table's gradient as a sparse COO tensor (for ``torch.optim.SparseAdam``); dense by default.
@@ -216,7 +218,8 @@ class HashingMemory(torch.nn.Module):
 
     def __init__(self, input_dim, output_dim, *, values=None, sparse=False, values_dtype=torch.float32,
                  value_fixed_lr=0.001, mem_share_values=False, mem_input_dropout=0.0, mem_query_dropout=0.0,
-                 mem_value_dropout=0.0, mem_query_batchnorm=False, peer_variant=False, **kwargs):
+                 mem_value_dropout=0.0, mem_query_batchnorm=False, peer_variant=False, score_compute="F32",
+                 **kwargs):
         super().__init__()
         load_library()
         s = _settings(output_dim, kwargs)
@@ -238,6 +241,10 @@ class HashingMemory(torch.nn.Module):
         self.qk_norm = bool(s["qk_norm"])
         self.qk_norm_scale: Optional[float] = None if s["qk_norm_scale"] is None else float(s["qk_norm_scale"])
         self.score_activation = str(s["score_activation"])
+        if score_compute not in ("F32", "BF16"):
+            raise ValueError("HashingMemory: score_compute = %r is not supported; expected 'F32' or 'BF16'"
+                             % (score_compute,))
+        self.score_compute = str(score_compute)
         self.sparse = bool(sparse)
         self.input_dropout, self.value_dropout = float(mem_input_dropout), float(mem_value_dropout)
         self.value_fixed_lr = value_fixed_lr
@@ -321,7 +328,7 @@ class HashingMemory(torch.nn.Module):
             wg, bg = self.gating.weight, self.gating.bias
         y = torch.ops.pkm.memory(x, self.keys, q.weight, q.bias, w1, b1, w2, b2, wg, bg, self.values.weight,
                                  self.heads, self.knn, self.qk_norm, self.qk_norm_scale, self.sparse, self._fused_impl,
-                                 "F32", self._state, self.score_activation)
+                                 "F32", self._state, self.score_activation, self.score_compute)
         if self.value_dropout > 0.0:
             y = F.dropout(y, p=self.value_dropout, training=self.training)
         return y
@@ -391,7 +398,7 @@ class QuantizedHashingMemory(torch.nn.Module):
         self.format = _FORMATS.get(format, format)
         self._state = torch.classes.pkm.ForwardState()
         for name in ("input_dim", "output_dim", "heads", "knn", "k_dim", "n_keys", "v_dim", "qk_norm",
-                     "qk_norm_scale", "score_activation"):
+                     "qk_norm_scale", "score_activation", "score_compute"):
             setattr(self, name, getattr(memory, name))
         with torch.no_grad():
             self.keys = torch.nn.Parameter(memory.keys.detach().clone(), requires_grad=False)
@@ -431,7 +438,7 @@ class QuantizedHashingMemory(torch.nn.Module):
         return torch.ops.pkm.memory_quantized(x, self.keys, q.weight, q.bias, w1, b1, w2, b2, wg, bg,
                                               self.values.weight, self.format, self.v_dim, self.heads, self.knn,
                                               self.qk_norm, self.qk_norm_scale, "F32", self._state,
-                                              self.score_activation)
+                                              self.score_activation, self.score_compute)
 
     def get_extra_state(self):
         return {"format": self.format, "v_dim": self.v_dim}

@@ -692,13 +692,57 @@ def test_inference_state():
     check(torch.equal(after, fresh), "autocast inference: the changed weights are packed again (a fresh module's bits)")
 
 
+def test_score_compute():
+    """score_compute="BF16" (MemoryConfig::score_compute) reaches the layer: the module's bits are
+    the operator's with score_compute="BF16", different from the fp32 scores' and close to them,
+    under autocast and in fp32 products; differentiable; copied by QuantizedHashingMemory;
+    another value refused by the module and by the operator."""
+    torch.manual_seed(9)
+    with open("/proc/cpuinfo") as f:
+        if "avx512_bf16" not in f.read():
+            os.environ["PKM_BF16_KERNEL"] = "portable"
+    args = dict(input_dim=64, heads=2, n_keys=32, k_dim=32, knn=16, v_dim=48, output_dim=64)
+    _, mem = pair(args)
+    x = torch.randn(40, args["input_dim"])
+    q = mem.query_proj.query_mlps[0]
+    ops = (mem.keys, q.weight, q.bias, mem.swilu_projection.weight, mem.swilu_projection.bias,
+           mem.value_proj.weight, mem.value_proj.bias, None, None, mem.values.weight,
+           args["heads"], args["knn"], False, None, True, None)
+    with torch.no_grad():
+        exact = [torch.ops.pkm.memory(x, *ops, c, None, "softmax", "F32") for c in ("F32", "BF16")]
+        bf16 = [torch.ops.pkm.memory(x, *ops, c, None, "softmax", "BF16") for c in ("F32", "BF16")]
+        mem.score_compute = "BF16"
+        y_mod = mem(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ac = mem(x)
+    check(torch.equal(y_mod, bf16[0]), "score_compute='BF16': the module gives the operator's bits")
+    check(torch.equal(y_ac, bf16[1]), "score_compute='BF16' under autocast: compute='BF16''s bits")
+    for e, b, what in ((exact[0], bf16[0], "fp32 products"), (exact[1], bf16[1], "bf16 products")):
+        check(not torch.equal(e, b) and rel(b, e) < 5e-2,
+              "bf16 scores with %s: close to the fp32 scores' output, not equal (%.3g)" % (what, rel(b, e)))
+    xr = x.clone().requires_grad_()
+    mem(xr).sum().backward()
+    g_bf16 = xr.grad.clone()
+    xr.grad = None
+    torch.ops.pkm.memory(xr, *ops, "F32", None, "softmax", "F32").sum().backward()
+    check(torch.isfinite(g_bf16).all() and rel(g_bf16, xr.grad) < 0.15,
+          "bf16 scores: dx close to the fp32 scores' (%.3g)" % rel(g_bf16, xr.grad))
+    check(pkm_torch.QuantizedHashingMemory(mem, "int8").score_compute == "BF16",
+          "QuantizedHashingMemory copies score_compute")
+    expect_error(ValueError, "score_compute = 'F16' is not supported",
+                 lambda: torch.ops.pkm.memory(x, *ops, "F32", None, "softmax", "F16"), "op score_compute='F16'")
+    expect_error(ValueError, "score_compute = 'fp16' is not supported",
+                 lambda: pkm_torch.HashingMemory(16, 16, n_keys=8, k_dim=8, knn=4, score_compute="fp16"),
+                 "module score_compute='fp16'")
+
+
 def main():
     pkm_torch.load_library(sys.argv[1] if len(sys.argv) > 1 else None)
     torch.set_num_threads(2)
     for t in (test_against_reference, test_btc_and_bf16, test_gradcheck, test_sparse_adam_and_fused,
               test_shared_values, test_bad_input, test_full_shapes, test_fused_twice_in_one_loss,
               test_gradient_accumulation, test_autocast_bf16, test_quantized_serving, test_inference_state,
-              test_relu_activation):
+              test_relu_activation, test_score_compute):
         t()
     test_state_pickle_and_names(sys.argv[3] if len(sys.argv) > 3 else "/tmp/pkm_torch_test")
     if len(sys.argv) > 3:

@@ -44,6 +44,8 @@ struct LayerOptions {
   Dtype compute = Dtype::f32;
   /// The selected scores' weights (MemoryConfig::score_activation).
   ScoreActivation score_activation = ScoreActivation::softmax;
+  /// Precision of the key search's half scores (MemoryConfig::score_compute).
+  Dtype score_compute = Dtype::f32;
 };
 
 namespace detail {
@@ -84,6 +86,7 @@ inline MemoryConfig infer_config(const torch::Tensor& x, const ParamTensors& p,
   c.qk_norm_scale = o.qk_norm_scale;
   c.compute = o.compute;
   c.score_activation = o.score_activation;
+  c.score_compute = o.score_compute;
   if (c.heads < 1 || p[0].size(0) % (2 * c.heads) != 0) {
     fail("keys has " + std::to_string(p[0].size(0)) +
          " rows, expected 2 heads n_keys with heads = " + std::to_string(c.heads));
@@ -319,6 +322,7 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
         o.qk_norm_scale ? c10::IValue(*o.qk_norm_scale) : c10::IValue();
     ctx->saved_data["compute"] = static_cast<std::int64_t>(o.compute);
     ctx->saved_data["score_activation"] = static_cast<std::int64_t>(o.score_activation);
+    ctx->saved_data["score_compute"] = static_cast<std::int64_t>(o.score_compute);
     ctx->saved_data["sparse"] = sparse_grad;
     ctx->saved_data["in_sizes"] = x_in.sizes();
     if (opt) {
@@ -346,6 +350,7 @@ class MemoryFunction : public torch::autograd::Function<MemoryFunction> {
     o.compute = static_cast<Dtype>(ctx->saved_data["compute"].toInt());
     o.score_activation =
         static_cast<ScoreActivation>(ctx->saved_data["score_activation"].toInt());
+    o.score_compute = static_cast<Dtype>(ctx->saved_data["score_compute"].toInt());
     const bool sparse = ctx->saved_data["sparse"].toBool();
     const MemoryConfig c = infer_config(x2, p, values, o);
     const torch::Tensor dout =

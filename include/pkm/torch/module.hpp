@@ -23,6 +23,8 @@ struct MemoryModuleOptions {
   bool sparse_grad = true;              ///< the table's gradient as a sparse COO tensor
   /// The selected scores' weights: softmax (the reference's) or ReLU.
   ScoreActivation score_activation = ScoreActivation::softmax;
+  /// The key search's half scores: F32 (exact dot products) or BF16 (as autocast computes them).
+  Dtype score_compute = Dtype::f32;
 };
 
 class MemoryModuleImpl : public torch::nn::Module {
@@ -59,6 +61,7 @@ class MemoryModuleImpl : public torch::nn::Module {
     lo.qk_norm = o_.qk_norm;
     lo.qk_norm_scale = o_.qk_norm_scale;
     lo.score_activation = o_.score_activation;
+    lo.score_compute = o_.score_compute;
     auto w = [](const torch::nn::Linear& l) { return l ? l->weight : torch::Tensor(); };
     auto b = [](const torch::nn::Linear& l) {
       return l && l->bias.defined() ? l->bias : torch::Tensor();

@@ -18,21 +18,28 @@ inline ScoreActivation score_activation_option(const std::string& name) {
   return *a;
 }
 
+/// F32 or BF16 for a precision argument (`field`: the argument's name), else throws.
+inline Dtype products_option(const char* field, const std::string& name) {
+  const auto dtype = parse_dtype(name);
+  if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
+    fail(std::string(field) + " = '" + name + "' is not supported; expected 'F32' or 'BF16'");
+  }
+  return *dtype;
+}
+
 /// The LayerOptions of an op's arguments (both forward ops take the same ones).
 inline LayerOptions layer_options(std::int64_t heads, std::int64_t knn, bool qk_norm,
                                   c10::optional<double> qk_norm_scale, const std::string& compute,
-                                  const std::string& score_activation) {
+                                  const std::string& score_activation,
+                                  const std::string& score_compute) {
   LayerOptions options;
   options.heads = heads;
   options.knn = knn;
   options.qk_norm = qk_norm;
   if (qk_norm_scale) options.qk_norm_scale = *qk_norm_scale;
   options.score_activation = score_activation_option(score_activation);
-  const auto dtype = parse_dtype(compute);
-  if (!dtype || (*dtype != Dtype::f32 && *dtype != Dtype::bf16)) {
-    fail("compute = '" + compute + "' is not supported; expected 'F32' or 'BF16'");
-  }
-  options.compute = *dtype;
+  options.compute = products_option("compute", compute);
+  options.score_compute = products_option("score_compute", score_compute);
   return options;
 }
 
@@ -50,10 +57,11 @@ inline torch::Tensor memory_op(const torch::Tensor& x, const torch::Tensor& keys
                                const c10::optional<c10::intrusive_ptr<ValueOptimizer>>& optimizer,
                                const std::string& compute,
                                const c10::optional<c10::intrusive_ptr<ForwardState>>& state,
-                               const std::string& score_activation) {
+                               const std::string& score_activation,
+                               const std::string& score_compute) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
-  const LayerOptions options =
-      layer_options(heads, knn, qk_norm, qk_norm_scale, compute, score_activation);
+  const LayerOptions options = layer_options(heads, knn, qk_norm, qk_norm_scale, compute,
+                                             score_activation, score_compute);
   return memory(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
                 t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias), values,
                 options, sparse_grad,
@@ -77,10 +85,10 @@ inline torch::Tensor memory_quantized_op(
     const torch::Tensor& rows, const std::string& format, std::int64_t v_dim, std::int64_t heads,
     std::int64_t knn, bool qk_norm, c10::optional<double> qk_norm_scale,
     const std::string& compute, const c10::optional<c10::intrusive_ptr<ForwardState>>& state,
-    const std::string& score_activation) {
+    const std::string& score_activation, const std::string& score_compute) {
   auto t = [](const c10::optional<torch::Tensor>& o) { return o ? *o : torch::Tensor(); };
   const LayerOptions options =
-      layer_options(heads, knn, qk_norm, qk_norm_scale, compute, score_activation);
+      layer_options(heads, knn, qk_norm, qk_norm_scale, compute, score_activation, score_compute);
   return memory_quantized(x, keys, query_weight, t(query_bias), t(swilu_weight), t(swilu_bias),
                           t(value_proj_weight), t(value_proj_bias), t(gate_weight), t(gate_bias),
                           rows, quantized_format(format), v_dim, options,
@@ -140,7 +148,7 @@ TORCH_LIBRARY(pkm, m) {
       "bool sparse_grad, "
       "__torch__.torch.classes.pkm.ValueOptimizer? optimizer, str compute=\"F32\", "
       "__torch__.torch.classes.pkm.ForwardState? state=None, "
-      "str score_activation=\"softmax\") -> Tensor",
+      "str score_activation=\"softmax\", str score_compute=\"F32\") -> Tensor",
       &pkm::torch_ops::detail::memory_op);
   m.def("quantize_values(Tensor values, str format) -> Tensor",
         [](const torch::Tensor& values, const std::string& format) {
@@ -153,6 +161,6 @@ TORCH_LIBRARY(pkm, m) {
       "Tensor? gate_weight, Tensor? gate_bias, Tensor rows, str format, int v_dim, int heads, "
       "int knn, bool qk_norm, float? qk_norm_scale, str compute=\"F32\", "
       "__torch__.torch.classes.pkm.ForwardState? state=None, "
-      "str score_activation=\"softmax\") -> Tensor",
+      "str score_activation=\"softmax\", str score_compute=\"F32\") -> Tensor",
       &pkm::torch_ops::detail::memory_quantized_op);
 }

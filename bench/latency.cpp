@@ -58,6 +58,8 @@ struct DecodeFixture {
   std::unique_ptr<pkm::MemoryLayer<float, pkm::bf16>> bf16;
   /// The fp32 layer's parameters and table (a view, no second copy) with bf16 products.
   std::unique_ptr<pkm::MemoryLayer<float, float>> fp32_bf16_products;
+  /// The same with the key search's scores in bf16 too (MemoryConfig::score_compute).
+  std::unique_ptr<pkm::MemoryLayer<float, float>> fp32_bf16_scores;
   /// The fp32 layer's parameters with its table quantized, per format.
   std::map<pkm::Dtype, std::unique_ptr<pkm::MemoryLayer<float, pkm::Quantized>>> quantized;
   std::map<int, double> bandwidth;
@@ -73,17 +75,19 @@ struct DecodeFixture {
   }
 
   template <class T>
-  const pkm::MemoryLayer<float, T>& layer(bool bf16_products = false) {
+  const pkm::MemoryLayer<float, T>& layer(bool bf16_products = false, bool bf16_scores = false) {
     if constexpr (std::is_same_v<T, float>) {
       if (bf16_products) {
-        if (!fp32_bf16_products) {
+        auto& slot = bf16_scores ? fp32_bf16_scores : fp32_bf16_products;
+        if (!slot) {
           const auto& base = layer<float>();
           pkm::LayerParameters<float> p = base.params();
           p.set_compute(pkm::Dtype::bf16);
-          fp32_bf16_products = std::make_unique<pkm::MemoryLayer<float, float>>(
-              std::move(p), base.values().view());
+          if (bf16_scores) p.set_score_compute(pkm::Dtype::bf16);
+          slot = std::make_unique<pkm::MemoryLayer<float, float>>(std::move(p),
+                                                                  base.values().view());
         }
-        return *fp32_bf16_products;
+        return *slot;
       }
     }
     auto& slot = [this]() -> auto& {
@@ -162,31 +166,35 @@ void decode_latency_of(benchmark::State& state, DecodeFixture& fixture, const La
 
 template <class T>
 void decode_latency(benchmark::State& state, DecodeFixture& fixture, Index batch, int threads,
-                    bool bf16_products = false) {
-  decode_latency_of(state, fixture, fixture.layer<T>(bf16_products),
+                    bool bf16_products = false, bool bf16_scores = false) {
+  decode_latency_of(state, fixture, fixture.layer<T>(bf16_products, bf16_scores),
                     double(quickstart_shape().v_dim) * sizeof(T), batch, threads);
 }
 
 }  // namespace
 
-/// Registers BM_DecodeLatency<float|bf16|float_bf16_products|int8|int4|fp8>/batch:{1,8,64}/
-/// threads:{1,2} (called by main): an fp32 table, a bf16 table, the fp32 table's layer
-/// computing its products in bf16 (MemoryConfig::compute), and the fp32 layer served from its
-/// table quantized (docs/quantization.md).
+/// Registers BM_DecodeLatency<float|bf16|float_bf16_products|float_bf16_scores|int8|int4|fp8>/
+/// batch:{1,8,64}/threads:{1,2} (called by main): an fp32 table, a bf16 table, the fp32 table's
+/// layer computing its products in bf16 (MemoryConfig::compute), the same with its key scores
+/// in bf16 too (MemoryConfig::score_compute: the sub-keys packed on every call), and the fp32
+/// layer served from its table quantized (docs/quantization.md).
 void register_decode_benchmarks() {
   auto fixture = std::make_shared<DecodeFixture>();
-  for (const char* type : {"float", "bf16", "float_bf16_products", "int8", "int4", "fp8"}) {
+  for (const char* type :
+       {"float", "bf16", "float_bf16_products", "float_bf16_scores", "int8", "int4", "fp8"}) {
     for (int threads : {1, 2}) {
       for (Index batch : {1, 8, 64}) {
         const std::string name = std::string("BM_DecodeLatency<") + type +
                                  ">/batch:" + std::to_string(batch) +
                                  "/threads:" + std::to_string(threads);
         const bool bf16_table = std::string(type) == "bf16";
-        const bool bf16_products = std::string(type) == "float_bf16_products";
+        const bool bf16_scores = std::string(type) == "float_bf16_scores";
+        const bool bf16_products = bf16_scores || std::string(type) == "float_bf16_products";
         const auto format = pkm::parse_quantized_dtype(type);
         benchmark::RegisterBenchmark(
             name.c_str(),
-            [fixture, bf16_table, bf16_products, format, batch, threads](benchmark::State& st) {
+            [fixture, bf16_table, bf16_products, bf16_scores, format, batch,
+             threads](benchmark::State& st) {
               if (format) {
                 const auto& layer = fixture->quantized_layer(*format);
                 decode_latency_of(st, *fixture, layer, double(layer.values().row_bytes()), batch,
@@ -194,7 +202,7 @@ void register_decode_benchmarks() {
               } else if (bf16_table) {
                 decode_latency<pkm::bf16>(st, *fixture, batch, threads);
               } else {
-                decode_latency<float>(st, *fixture, batch, threads, bf16_products);
+                decode_latency<float>(st, *fixture, batch, threads, bf16_products, bf16_scores);
               }
             })
             ->Unit(benchmark::kMicrosecond)

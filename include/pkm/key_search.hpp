@@ -4,8 +4,9 @@
 // the gradient of the weights to the query gradient dq and the (sparse) sub-key gradient.
 //
 // Forward: for a chunk of up to kSearchChunk tokens and one head, the two half-score products
-// (chunk x half) * (half x n_keys) are each one pkm::gemm; then the tokens' top-k and weights
-// run in parallel over fixed blocks of tokens. Backward: the weights' backward, the selection's
+// (chunk x half) * (half x n_keys) are each one pkm::gemm (or, with MemoryConfig::score_compute
+// = BF16, one bf16 product against the sub-keys packed once per call); then the tokens' top-k
+// and weights run in parallel over fixed blocks of tokens. Backward: the weights' backward, the selection's
 // gradient to the half scores, dq per token, and the sub-key gradient reduced per key row in a
 // fixed order (stable grouping by row). The same bits with any thread count.
 #pragma once

@@ -191,23 +191,41 @@ TEST_CASE("gemm_bf16: NaN reaches its row and column, alpha == 0 reads nothing, 
   CHECK(pkm::bf16_products_here());  // the emulation, asked for
 }
 
-TEST_CASE("compute = BF16: only float layers, set_compute switches it and refuses the rest",
+TEST_CASE("compute and score_compute = BF16: only float layers, their setters switch them and "
+          "refuse the rest",
           "[gemm_bf16][layer][config]") {
-  auto c = pkmtest::small_config();
-  c.compute = pkm::Dtype::bf16;
-  CHECK_NOTHROW(c.validate());
-  CHECK_THROWS_WITH(pkm::LayerParameters<double>(c),
-                    Contains("compute = BF16 needs a float layer"));
-  c.compute = pkm::Dtype::f16;
-  CHECK_THROWS_WITH(c.validate(), Contains("compute = F16 is not supported; expected F32 or BF16"));
-  c.compute = pkm::Dtype::f32;
-  pkm::LayerParameters<double> pd(c);
-  CHECK_THROWS_WITH(pd.set_compute(pkm::Dtype::bf16), Contains("needs a float layer"));
-  CHECK(pd.config().compute == pkm::Dtype::f32);
-  pkm::LayerParameters<float> pf(c);
-  CHECK_THROWS_WITH(pf.set_compute(pkm::Dtype::i64), Contains("compute = I64 is not supported"));
-  pf.set_compute(pkm::Dtype::bf16);
-  CHECK(pf.config().compute == pkm::Dtype::bf16);
+  // compute and score_compute: the same rules, each through its field and its setter.
+  using Field = pkm::Dtype pkm::MemoryConfig::*;
+  const auto set = [](auto& params, Field field, pkm::Dtype d) {
+    if (field == &pkm::MemoryConfig::compute)
+      params.set_compute(d);
+    else
+      params.set_score_compute(d);
+  };
+  for (const auto& [name, field] :
+       {std::pair<std::string, Field>("compute", &pkm::MemoryConfig::compute),
+        std::pair<std::string, Field>("score_compute", &pkm::MemoryConfig::score_compute)}) {
+    INFO(name);
+    auto c = pkmtest::small_config();
+    c.*field = pkm::Dtype::bf16;
+    CHECK_NOTHROW(c.validate());
+    CHECK_THROWS_WITH(pkm::LayerParameters<double>(c),
+                      Contains(name + " = BF16 needs a float layer"));
+    c.*field = pkm::Dtype::f16;
+    CHECK_THROWS_WITH(c.validate(),
+                      Contains(name + " = F16 is not supported; expected F32 or BF16"));
+    c.*field = pkm::Dtype::f32;
+    pkm::LayerParameters<double> pd(c);
+    CHECK_THROWS_WITH(set(pd, field, pkm::Dtype::bf16), Contains("needs a float layer"));
+    CHECK(pd.config().*field == pkm::Dtype::f32);
+    pkm::LayerParameters<float> pf(c);
+    CHECK_THROWS_WITH(set(pf, field, pkm::Dtype::i64),
+                      Contains(name + " = I64 is not supported"));
+    CHECK(pf.config().*field == pkm::Dtype::f32);
+    set(pf, field, pkm::Dtype::bf16);
+    CHECK(pf.config().*field == pkm::Dtype::bf16);
+    CHECK(pf.config() != c);
+  }
   // The linear op itself, called with another dtype or bf16 on double operands.
   const MatF x = MatF::Ones(3, 4), w = MatF::Ones(5, 4);
   MatF y = MatF::Zero(3, 5);
@@ -329,8 +347,8 @@ TEST_CASE("the bf16 layer: close to the fp32 layer forward and backward, its top
   }
 }
 
-TEST_CASE("score_compute = BF16: the top-k is brute force's over the bf16 product's scores, a "
-          "token's bits do not depend on its batch, and only float layers take it",
+TEST_CASE("score_compute = BF16: the top-k is brute force's over the bf16 product's scores, and "
+          "a token's bits do not depend on its batch",
           "[gemm_bf16][layer][key_search]") {
   const pkmtest::Bf16ProductsHere here;
   REQUIRE(pkm::bf16_products_here());
@@ -398,24 +416,6 @@ TEST_CASE("score_compute = BF16: the top-k is brute force's over the bf16 produc
     CHECK_FALSE(same_bits(c32.scores, cache.scores));
     CHECK((c32.scores - cache.scores).cwiseAbs().maxCoeff() < 0.05f * cache.scores.cwiseAbs().maxCoeff());
   }
-  // Only F32 and BF16, only float layers; a refused setting changes nothing.
-  auto c = pkmtest::small_config();
-  c.score_compute = pkm::Dtype::f16;
-  CHECK_THROWS_WITH(c.validate(),
-                    Contains("score_compute = F16 is not supported; expected F32 or BF16"));
-  c.score_compute = pkm::Dtype::bf16;
-  CHECK_THROWS_WITH(pkm::LayerParameters<double>(c),
-                    Contains("score_compute = BF16 needs a float layer"));
-  c.score_compute = pkm::Dtype::f32;
-  pkm::LayerParameters<double> pd(c);
-  CHECK_THROWS_WITH(pd.set_score_compute(pkm::Dtype::bf16), Contains("needs a float layer"));
-  CHECK(pd.config().score_compute == pkm::Dtype::f32);
-  pkm::LayerParameters<float> pf(c);
-  CHECK_THROWS_WITH(pf.set_score_compute(pkm::Dtype::int8_rowwise), Contains("score_compute = "));
-  CHECK(pf.config().score_compute == pkm::Dtype::f32);
-  pf.set_score_compute(pkm::Dtype::bf16);
-  CHECK(pf.config().score_compute == pkm::Dtype::bf16);
-  CHECK(pf.config() != c);
 }
 
 TEST_CASE("the bf16 layer on the golden cases: PyTorch's fp32 output within bf16's error where "

@@ -1,6 +1,7 @@
 // pkm/config.hpp — the sizes and switches of one product-key memory layer, and their validation.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -101,6 +102,11 @@ inline constexpr std::int64_t kMaxDim = std::int64_t{1} << 24;
 inline constexpr std::int64_t kMaxKeys = std::int64_t{1} << 16;
 
 namespace detail {
+/// The config's precision fields, by name: the ones validate() and check_compute() check.
+inline std::array<std::pair<const char*, Dtype>, 2> product_dtypes(const MemoryConfig& c) {
+  return {{{"compute", c.compute}, {"score_compute", c.score_compute}}};
+}
+
 inline void check_range(const char* field, std::int64_t value, std::int64_t lo, std::int64_t hi,
                         const char* extra = "") {
   if (value < lo || value > hi) {
@@ -139,13 +145,11 @@ inline void MemoryConfig::validate() const {
                                 " must equal v_dim = " + std::to_string(v_dim) +
                                 " when value_projection = false");
   }
-  if (compute != Dtype::f32 && compute != Dtype::bf16) {
-    throw std::invalid_argument(std::string("pkm::MemoryConfig: compute = ") + dtype_name(compute) +
-                                " is not supported; expected F32 or BF16");
-  }
-  if (score_compute != Dtype::f32 && score_compute != Dtype::bf16) {
-    throw std::invalid_argument(std::string("pkm::MemoryConfig: score_compute = ") +
-                                dtype_name(score_compute) + " is not supported; expected F32 or BF16");
+  for (const auto& [field, d] : detail::product_dtypes(*this)) {
+    if (d != Dtype::f32 && d != Dtype::bf16) {
+      throw std::invalid_argument(std::string("pkm::MemoryConfig: ") + field + " = " +
+                                  dtype_name(d) + " is not supported; expected F32 or BF16");
+    }
   }
   if (score_activation != ScoreActivation::softmax && score_activation != ScoreActivation::relu) {
     throw std::invalid_argument("pkm::MemoryConfig: score_activation = " +
@@ -170,8 +174,7 @@ inline void MemoryConfig::validate() const {
 template <class S>
 void check_compute(const MemoryConfig& c) {
   if constexpr (!std::is_same_v<S, float>) {
-    for (const auto& [field, d] : {std::pair<const char*, Dtype>("compute", c.compute),
-                                   std::pair<const char*, Dtype>("score_compute", c.score_compute)}) {
+    for (const auto& [field, d] : detail::product_dtypes(c)) {
       if (d != Dtype::f32) {
         throw std::invalid_argument(std::string("pkm::MemoryConfig: ") + field + " = " +
                                     dtype_name(d) +

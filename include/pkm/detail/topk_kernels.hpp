@@ -107,13 +107,21 @@ S group_threshold(const S* s, Index n, Index k, S* g) {
   return t;
 }
 
+/// The first c candidates' rank keys, into sc.keys.
+template <class S>
+typename RankKey<S>::type* candidate_keys(HalfTopkScratch<S>& sc, Index c) {
+  auto* keys = sc.keys.data();
+  for (Index m = 0; m < c; ++m)
+    keys[m] = RankKey<S>::make(sc.scores[std::size_t(m)], sc.ids[std::size_t(m)]);
+  return keys;
+}
+
 /// Step 4: out[0, k) = the candidates' ids, best first.
 template <class S>
 void rank_candidates(HalfTopkScratch<S>& sc, Index c, Index k, Index* out) {
   using K = RankKey<S>;
   using Key = typename K::type;
-  Key* keys = sc.keys.data();
-  for (Index m = 0; m < c; ++m) keys[m] = K::make(sc.scores[std::size_t(m)], sc.ids[std::size_t(m)]);
+  Key* keys = candidate_keys(sc, c);
   if (c <= kRankCountMax) {
     for (Index m = 0; m < c; ++m) {
       const Key km = keys[m];
@@ -220,9 +228,7 @@ PKM_TOPK_AVX512 inline Index compact_avx512(const float* s, const std::uint32_t*
 /// Step 4 for at most kRankCountMax candidates: ranks of 8 keys at a time.
 PKM_TOPK_AVX512 inline void rank_candidates_avx512(HalfTopkScratch<float>& sc, Index c, Index k,
                                                    Index* out) {
-  std::uint64_t* keys = sc.keys.data();
-  for (Index m = 0; m < c; ++m)
-    keys[m] = RankKey<float>::make(sc.scores[std::size_t(m)], sc.ids[std::size_t(m)]);
+  const std::uint64_t* keys = candidate_keys(sc, c);
   const __m512i one = _mm512_set1_epi64(1);
   alignas(64) std::int64_t ranks[8];
   for (Index m0 = 0; m0 < c; m0 += 8) {

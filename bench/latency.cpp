@@ -131,12 +131,15 @@ void decode_latency_of(benchmark::State& state, DecodeFixture& fixture, const La
   MatF y(batch, c.output_dim);
   pkm::ForwardCache<float> cache;
   for (int i = 0; i < 4; ++i) layer.forward(xs[i], y, cache);  // warm: buffers sized, checked
-  // A layer with bf16 products reads its weights' packed bf16 copies (pkm/packed_weights.hpp):
-  // 2 bytes each.
+  // A layer with bf16 products (or bf16 half scores) reads its weights' (or sub-keys') packed
+  // bf16 copies (pkm/packed_weights.hpp): 2 bytes each.
   const auto packed = pkm::packed_weights(layer.params());
+  auto packed_bf16 = [&](pkm::Tensor t) {
+    return packed && (packed->of(t) || (t == pkm::Tensor::keys && !packed->key_halves.empty()));
+  };
   double dense_bytes = 0;
   layer.params().for_each([&](pkm::Tensor t, pkm::ConstMatrixMap<float> m) {
-    dense_bytes += double(m.size()) * (packed && packed->of(t) ? 2 : 4);
+    dense_bytes += double(m.size()) * (packed_bf16(t) ? 2 : 4);
   });
   const double bytes = dense_bytes + double(batch * c.bag_size()) * row_bytes;  // at most these
   const double bandwidth = fixture.bandwidth_at(threads);

@@ -42,6 +42,15 @@ pkm::ParameterBuffers<float> buffers_of(pkm::LayerParameters<float>& p) {
   return b;
 }
 
+/// The reference output: a copy of the layer (its own stamp, nothing packed yet) run once.
+MatF output_of_copy(const pkm::MemoryLayer<float>& layer, const MatF& x) {
+  const pkm::MemoryLayer<float> copy(layer.params(), layer.values().view());
+  pkm::ForwardCache<float> fresh;
+  MatF out(x.rows(), layer.params().config().output_dim);
+  copy.forward(x, out, fresh);
+  return out;
+}
+
 pkm::MemoryConfig bf16_config() {
   pkm::MemoryConfig c = pkmtest::medium_config();
   c.compute = pkm::Dtype::bf16;
@@ -170,14 +179,8 @@ TEST_CASE("the bf16 layer packs its weights once per change, and every change pa
   pkm::MemoryLayer<float> layer(c, 51);
   pkm::ForwardCache<float> cache;
   const MatF x = pkmtest::random_matrix(5, c.input_dim, 52).cast<float>();
-  MatF y(5, c.output_dim), want(5, c.output_dim);
-  // The reference: a copy of the layer (its own stamp, nothing packed yet) run once.
-  auto fresh_output = [&] {
-    const pkm::MemoryLayer<float> copy(layer.params(), layer.values().view());
-    pkm::ForwardCache<float> fresh;
-    copy.forward(x, want, fresh);
-    return want;
-  };
+  MatF y(5, c.output_dim);
+  auto fresh_output = [&] { return output_of_copy(layer, x); };
 
   layer.forward(x, y, cache);
   const auto first = pkm::packed_weights(std::as_const(layer).params());
@@ -315,4 +318,110 @@ TEST_CASE("fp32 layers, double layers and CPUs without bf16 products pack nothin
     const pkm::MemoryLayer<float> b(bf16_config(), 81);
     CHECK(pkm::packed_weights(b.params()) == nullptr);
   }
+}
+
+TEST_CASE("bf16 half scores pack the sub-keys once per change of the keys, and give the bits "
+          "of packing them on every call",
+          "[packed_weights][layer][key_search]") {
+  const pkmtest::Bf16ProductsHere here;
+  auto c = pkmtest::medium_config();
+  c.score_compute = pkm::Dtype::bf16;  // fp32 products, bf16 half scores
+  pkm::MemoryLayer<float> layer(c, 101);
+  const MatF x = pkmtest::random_matrix(6, c.input_dim, 102).cast<float>();
+  MatF y(6, c.output_dim);
+  pkm::ForwardCache<float> cache;
+  // The reference: the key search called without packed keys (it packs them itself), on the
+  // query of this forward.
+  auto check_against_packing_per_call = [&] {
+    pkm::KeySearchCache<float> ref;
+    pkm::KeySearchWorkspace<float> ws;
+    pkm::key_search_forward<float>(layer.params().config(), std::as_const(layer).params().keys(),
+                                   cache.query, ref, ws);
+    CHECK(ref.indices == cache.indices);
+    CHECK(same_bits(ref.scores, cache.scores));
+    CHECK(same_bits(ref.weights, cache.weights));
+  };
+  auto fresh_output = [&] { return output_of_copy(layer, x); };
+
+  layer.forward(x, y, cache);
+  const auto first = pkm::packed_weights(std::as_const(layer).params());
+  REQUIRE(first != nullptr);
+  REQUIRE(first->key_halves.size() == std::size_t(2 * c.heads));
+  const float* keys = std::as_const(layer).params().keys().data();
+  for (Index i = 0; i < 2 * c.heads; ++i) {
+    CHECK(first->key_halves[std::size_t(i)].source() == keys + i * c.n_keys * c.half());
+    CHECK(first->key_halves[std::size_t(i)].rows() == c.n_keys);
+    CHECK(first->key_halves[std::size_t(i)].cols() == c.half());
+  }
+  for (pkm::Tensor t : pkm::detail::PackedLayerWeights::kTensors)
+    CHECK(first->of(t) == nullptr);  // fp32 products: the weights are not packed
+  check_against_packing_per_call();
+  layer.forward(x, y, cache);
+  CHECK(pkm::packed_weights(std::as_const(layer).params()) == first);  // not packed again
+  CHECK(same_bits(y, fresh_output()));
+
+  // A change of the keys packs them again, and the forward follows it.
+  layer.params().keys()(3, 1) += 2.0f;
+  const MatF before = y;
+  layer.forward(x, y, cache);
+  const auto second = pkm::packed_weights(std::as_const(layer).params());
+  CHECK(second != first);
+  CHECK(same_bits(y, fresh_output()));
+  check_against_packing_per_call();
+
+  // compute = BF16 as well: weights and keys in one set of copies; a changed compute or
+  // score_compute is not served the copies made for the other.
+  layer.params().set_compute(pkm::Dtype::bf16);
+  const auto both = pkm::packed_weights(std::as_const(layer).params());
+  REQUIRE(both != nullptr);
+  CHECK(both->of(pkm::Tensor::query_weight)->rows() == c.heads * c.k_dim);
+  CHECK(both->key_halves.size() == std::size_t(2 * c.heads));
+  layer.params().set_score_compute(pkm::Dtype::f32);
+  const auto weights_only = pkm::packed_weights(std::as_const(layer).params());
+  REQUIRE(weights_only != nullptr);
+  CHECK(weights_only->key_halves.empty());
+  layer.forward(x, y, cache);
+  CHECK(same_bits(y, fresh_output()));
+  layer.params().set_compute(pkm::Dtype::f32);
+  CHECK(pkm::packed_weights(std::as_const(layer).params()) == nullptr);
+
+  // qk-norm: the normalised keys change per call, so nothing is packed for the scores.
+  c.qk_norm = true;
+  const pkm::MemoryLayer<float> normed(c, 103);
+  CHECK(pkm::packed_weights(normed.params()) == nullptr);
+}
+
+TEST_CASE("key_search_forward refuses packed keys that are not its keys' halves, before writing",
+          "[packed_weights][key_search][hostile]") {
+  const pkmtest::Bf16ProductsHere here;
+  auto c = pkmtest::medium_config();
+  c.score_compute = pkm::Dtype::bf16;
+  const pkm::MemoryLayer<float> layer(c, 111);
+  const auto packed = pkm::packed_weights(layer.params());
+  REQUIRE(packed != nullptr);
+  const MatF q = pkmtest::random_matrix(3, c.heads * c.k_dim, 112).cast<float>();
+  const MatF other_keys = layer.params().keys();  // equal values, other memory
+  pkm::KeySearchCache<float> cache;
+  cache.indices = pkm::IndexMatrix::Constant(2, 2, 7);
+  pkm::KeySearchWorkspace<float> ws;
+  CHECK_THROWS_WITH(pkm::key_search_forward<float>(c, other_keys, q, cache, ws,
+                                                   &packed->key_halves),
+                    Contains("packed_keys [0] is 32 x 8 packed from other memory; expected the "
+                             "keys' rows 0..31, 32 x 8"));
+  std::vector<pkm::PackedBf16Matrix> fewer(packed->key_halves.begin(),
+                                           packed->key_halves.end() - 1);
+  CHECK_THROWS_WITH(
+      pkm::key_search_forward<float>(c, layer.params().keys(), q, cache, ws, &fewer),
+      Contains("packed_keys holds 7 matrices; expected 2 x heads = 8"));
+  std::vector<pkm::PackedBf16Matrix> swapped = packed->key_halves;
+  std::swap(swapped[2], swapped[5]);
+  CHECK_THROWS_WITH(
+      pkm::key_search_forward<float>(c, layer.params().keys(), q, cache, ws, &swapped),
+      Contains("packed_keys [2]"));
+  CHECK(cache.indices == pkm::IndexMatrix::Constant(2, 2, 7));  // nothing written
+  // Where the scores are fp32 ones the packed keys are not used (nor checked).
+  auto c32 = c;
+  c32.score_compute = pkm::Dtype::f32;
+  pkm::key_search_forward<float>(c32, layer.params().keys(), q, cache, ws, &fewer);
+  CHECK(cache.indices.rows() == 3);
 }

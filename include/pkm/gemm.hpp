@@ -100,7 +100,8 @@ namespace detail {
 ///     eigen 147.
 ///   Intel with AVX-512 (2026-11, one run): BLIS's skx kernel ~200 GFLOP/s, Eigen's own
 ///     threaded product 274 (pkm's eigen tiles ran 1.05-1.16x that product where both were
-///     measured).
+///     measured). Intel family 6 model 207 (2026-12-07, two runs; BLIS picks its haswell
+///     kernel there): pkm_blis 165 GFLOP/s, pkm_eigen 250.
 ///   AMD family 0x1A (Zen 5): BLIS 0.9 has no kernel for it (its generic one: ~60 against
 ///     eigen's ~230); the BLIS rule below already gives eigen.
 inline bool measured_faster_backend(GemmBackend& out) {

@@ -108,56 +108,82 @@ void pack_bf16_all(const float* x, std::int64_t s_row, std::int64_t s_k, std::in
   }
 }
 
-/// C = alpha A B + beta C from the packed panels of A (m rows) and B (n columns). An element's
-/// value depends only on its row of A, its column of B and k (fixed k chunks, added to C in
-/// order), not on m or on how C is cut into tiles; a decoding batch (m <= kSmallGemmRows)
-/// gets tiles one micro-tile wide, so that its few rows still spread over the threads.
-inline void gemm_bf16_packed(std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
-                             const std::uint16_t* ap, const std::uint16_t* bp, float beta, float* c,
-                             std::int64_t ldc, Bf16Kernel kernel) {
+/// C[i0, i1) x [j0, j1) = alpha A B + beta C from the packed panels of A and B (i0 a multiple
+/// of kBf16MR, j0 of kBf16NR), by the calling thread: for each fixed chunk of k (kBf16KcPairs
+/// pairs), each micro-tile's product added to C in order. An element's value depends only on
+/// its row of A, its column of B and k, not on the block it is computed in.
+inline void gemm_bf16_block(std::int64_t i0, std::int64_t i1, std::int64_t j0, std::int64_t j1,
+                            std::int64_t k, float alpha, const std::uint16_t* ap,
+                            const std::uint16_t* bp, float beta, float* c, std::int64_t ldc,
+                            Bf16Kernel kernel) {
   constexpr int MR = kBf16MR, NR = kBf16NR;
   const std::int64_t pairs = (k + 1) / 2;
-  const std::int64_t tile_cols = m <= kSmallGemmRows ? NR : kBf16TileCols;
-  const std::int64_t tm = (m + kBf16TileRows - 1) / kBf16TileRows;
-  const std::int64_t tn = (n + tile_cols - 1) / tile_cols;
-  auto tile = [&](std::int64_t t) {
-    const std::int64_t i0 = (t / tn) * kBf16TileRows, j0 = (t % tn) * tile_cols;
-    const std::int64_t i1 = std::min(m, i0 + kBf16TileRows), j1 = std::min(n, j0 + tile_cols);
-    alignas(64) float acc[MR * NR];
-    for (std::int64_t t0 = 0; t0 < pairs; t0 += kBf16KcPairs) {
-      const std::int64_t tc = std::min(kBf16KcPairs, pairs - t0);
-      for (std::int64_t j = j0; j < j1; j += NR) {
-        const std::uint16_t* bpanel = bp + (j / NR * pairs + t0) * NR * 2;
-        const std::int64_t nc = std::min<std::int64_t>(NR, j1 - j);
-        for (std::int64_t i = i0; i < i1; i += MR) {
-          const std::uint16_t* apanel = ap + (i / MR * pairs + t0) * MR * 2;
+  alignas(64) float acc[MR * NR];
+  for (std::int64_t t0 = 0; t0 < pairs; t0 += kBf16KcPairs) {
+    const std::int64_t tc = std::min(kBf16KcPairs, pairs - t0);
+    for (std::int64_t j = j0; j < j1; j += NR) {
+      const std::uint16_t* bpanel = bp + (j / NR * pairs + t0) * NR * 2;
+      const std::int64_t nc = std::min<std::int64_t>(NR, j1 - j);
+      for (std::int64_t i = i0; i < i1; i += MR) {
+        const std::uint16_t* apanel = ap + (i / MR * pairs + t0) * MR * 2;
 #ifdef PKM_X86_BF16_KERNEL
-          if (kernel == Bf16Kernel::avx512_bf16)
-            bf16_tile_avx512(apanel, bpanel, tc, acc);
-          else
+        if (kernel == Bf16Kernel::avx512_bf16)
+          bf16_tile_avx512(apanel, bpanel, tc, acc);
+        else
 #endif
-            bf16_tile_portable(apanel, bpanel, tc, acc);
-          const std::int64_t mr = std::min<std::int64_t>(MR, i1 - i);
-          for (std::int64_t r = 0; r < mr; ++r) {
-            float* crow = c + (i + r) * ldc + j;
-            const float* arow = acc + r * NR;
-            if (t0 > 0 || beta == 1.0f) {
-              for (std::int64_t q = 0; q < nc; ++q) crow[q] += alpha * arow[q];
-            } else if (beta == 0.0f) {
-              for (std::int64_t q = 0; q < nc; ++q) crow[q] = alpha * arow[q];
-            } else {
-              for (std::int64_t q = 0; q < nc; ++q) crow[q] = alpha * arow[q] + beta * crow[q];
-            }
+          bf16_tile_portable(apanel, bpanel, tc, acc);
+        const std::int64_t mr = std::min<std::int64_t>(MR, i1 - i);
+        for (std::int64_t r = 0; r < mr; ++r) {
+          float* crow = c + (i + r) * ldc + j;
+          const float* arow = acc + r * NR;
+          if (t0 > 0 || beta == 1.0f) {
+            for (std::int64_t q = 0; q < nc; ++q) crow[q] += alpha * arow[q];
+          } else if (beta == 0.0f) {
+            for (std::int64_t q = 0; q < nc; ++q) crow[q] = alpha * arow[q];
+          } else {
+            for (std::int64_t q = 0; q < nc; ++q) crow[q] = alpha * arow[q] + beta * crow[q];
           }
         }
       }
     }
-  };
-  const std::int64_t tiles = tm * tn;
+  }
+}
+
+/// C = alpha A B + beta C from the packed panels of A (m rows) and B (n columns), in tiles
+/// whose bounds depend only on (m, n), one thread a tile (gemm_bf16_block); a decoding batch
+/// (m <= kSmallGemmRows) gets tiles one micro-tile wide, so that its few rows still spread
+/// over the threads.
+inline void gemm_bf16_packed(std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                             const std::uint16_t* ap, const std::uint16_t* bp, float beta, float* c,
+                             std::int64_t ldc, Bf16Kernel kernel) {
+  const std::int64_t tile_cols = m <= kSmallGemmRows ? kBf16NR : kBf16TileCols;
+  const std::int64_t tm = (m + kBf16TileRows - 1) / kBf16TileRows;
+  const std::int64_t tn = (n + tile_cols - 1) / tile_cols;
   struct None {};
   blocks_in_team(
-      tiles, 1, [](int) { return None{}; },
-      [&](None&, std::int64_t t0, std::int64_t) { tile(t0); });
+      tm * tn, 1, [](int) { return None{}; },
+      [&](None&, std::int64_t t, std::int64_t) {
+        const std::int64_t i0 = (t / tn) * kBf16TileRows, j0 = (t % tn) * tile_cols;
+        gemm_bf16_block(i0, std::min(m, i0 + kBf16TileRows), j0, std::min(n, j0 + tile_cols), k,
+                        alpha, ap, bp, beta, c, ldc, kernel);
+      });
+}
+
+/// The number of values gemm_bf16's packed A operand of m rows and k columns takes.
+inline std::int64_t packed_rows_size(std::int64_t m, std::int64_t k) {
+  return (m + kBf16MR - 1) / kBf16MR * ((k + 1) / 2) * kBf16MR * 2;
+}
+
+/// Packs the rows of x (m x k, leading dimension lda) as gemm_bf16's A operand into `dst`
+/// (packed_rows_size(m, k) values) by the calling thread: for a few rows, where a parallel
+/// region would cost more than the packing.
+inline void pack_bf16_rows(const float* x, std::int64_t lda, std::int64_t m, std::int64_t k,
+                           std::uint16_t* dst) {
+  const std::int64_t size = (k + 1) / 2 * kBf16MR * 2;
+  for (std::int64_t p = 0; p * kBf16MR < m; ++p) {
+    pack_bf16_panel<kBf16MR>(x + p * kBf16MR * lda, lda,
+                             std::min<std::int64_t>(kBf16MR, m - p * kBf16MR), k, dst + p * size);
+  }
 }
 
 }  // namespace detail

@@ -5,7 +5,8 @@
 //
 // Forward: for a chunk of up to kSearchChunk tokens and one head, the two half-score products
 // (chunk x half) * (half x n_keys) are each one pkm::gemm (or, with MemoryConfig::score_compute
-// = BF16, one bf16 product against the sub-keys packed once per call); then the tokens' top-k
+// = BF16, one bf16 product against the sub-keys packed in bf16: by the caller once per change
+// of the keys, pkm/packed_weights.hpp, or here once per call); then the tokens' top-k
 // and weights run in parallel over fixed blocks of tokens. Backward: the weights' backward, the selection's
 // gradient to the half scores, dq per token, and the sub-key gradient reduced per key row in a
 // fixed order (stable grouping by row). The same bits with any thread count.
@@ -80,6 +81,31 @@ bool bf16_half_scores(const MemoryConfig& c) {
     return false;
 }
 
+/// Throws std::invalid_argument unless `packed` holds the 2H halves of the sub-keys at `keys`
+/// (2 H n_keys x half), each packed from its own rows.
+inline void check_packed_key_halves(const MemoryConfig& c, const void* keys,
+                                    const std::vector<PackedBf16Matrix>& packed) {
+  const Index halves = 2 * c.heads, n = c.n_keys, half = c.half();
+  auto fail = [](const std::string& what) {
+    throw std::invalid_argument("pkm::key_search_forward: packed_keys " + what);
+  };
+  if (packed.size() != static_cast<std::size_t>(halves)) {
+    fail("holds " + std::to_string(packed.size()) + " matrices; expected 2 x heads = " +
+         std::to_string(halves));
+  }
+  for (Index i = 0; i < halves; ++i) {
+    const PackedBf16Matrix& m = packed[static_cast<std::size_t>(i)];
+    const float* want = static_cast<const float*>(keys) + i * n * half;
+    if (m.source() != want || m.rows() != n || m.cols() != half) {
+      fail("[" + std::to_string(i) + "] is " + std::to_string(m.rows()) + " x " +
+           std::to_string(m.cols()) + (m.source() == want ? "" : " packed from other memory") +
+           "; expected the keys' rows " + std::to_string(i * n) + ".." +
+           std::to_string((i + 1) * n - 1) + ", " + std::to_string(n) + " x " +
+           std::to_string(half));
+    }
+  }
+}
+
 /// Says why token b, head h has a non-finite half score: which input holds a non-finite
 /// value, or that finite ones overflow in the product.
 template <class S>
@@ -104,14 +130,24 @@ template <class S>
 }  // namespace detail
 
 /// Forward: `keys` (2 H n_keys x half) and `query` (B x H k_dim) -> cache.indices, scores,
-/// weights (and the qk-norm factors). Throws std::runtime_error naming the token and head if
-/// a half score or a score is not finite, and why (a non-finite input, or an overflow).
+/// weights (and the qk-norm factors). With bf16 half scores and no qk-norm, `packed_keys` may
+/// give the 2H halves of `keys` already packed (PackedBf16Matrix of keys.data() + i n_keys half,
+/// n_keys x half each, as pkm::packed_weights makes them); otherwise the keys are packed here.
+/// Throws std::invalid_argument for packed keys that are not `keys`' halves (before writing
+/// anything), and std::runtime_error naming the token and head if a half score or a score is
+/// not finite, and why (a non-finite input, or an overflow).
 template <class S>
 void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
                         const ConstMatrixRef<S>& query, KeySearchCache<S>& cache,
-                        KeySearchWorkspace<S>& ws) {
+                        KeySearchWorkspace<S>& ws,
+                        const std::vector<PackedBf16Matrix>* packed_keys = nullptr) {
   const Index B = query.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(), kd = c.k_dim;
   const Index bag = c.bag_size();
+  const bool bf16 = detail::bf16_half_scores<S>(c);
+  if (packed_keys != nullptr && bf16 && !c.qk_norm)
+    detail::check_packed_key_halves(c, keys.data(), *packed_keys);
+  else
+    packed_keys = nullptr;
   cache.indices.resize(B, bag);
   cache.scores.resize(B, bag);
   cache.weights.resize(B, bag);
@@ -134,18 +170,20 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
   const Index chunk =
       std::min(kSearchChunk, B);  // buffers sized once: a last, shorter chunk reuses them
   if (c.qk_norm) ws.query_hat.resize(chunk, H * kd);
-  // bf16 scores: each head half's sub-keys rounded and packed once per call, and every batch
-  // size takes the same product (a token's scores do not depend on the batch).
-  const bool bf16 = detail::bf16_half_scores<S>(c);
+  // bf16 scores: each head half's sub-keys rounded and packed (here once per call, unless the
+  // caller packed them), and every batch size takes the same product (a token's scores do not
+  // depend on the batch).
+  const std::vector<PackedBf16Matrix>& bf16_keys = packed_keys ? *packed_keys : ws.score_keys;
   if constexpr (std::is_same_v<S, float>) {
-    if (bf16) {
+    if (bf16 && packed_keys == nullptr) {
       ws.score_keys.resize(static_cast<std::size_t>(2 * H));
       for (Index p = 0; p < 2 * H; ++p)
         ws.score_keys[static_cast<std::size_t>(p)].assign(K + p * n * half, n, half, half);
     }
   }
   // A decoding batch (one chunk) takes every head's scores at once (below).
-  const bool small = !bf16 && detail::takes_small_kernel(false, true, B, gemm_backend());
+  const bool small = bf16 ? B <= detail::kSmallGemmRows
+                          : detail::takes_small_kernel(false, true, B, gemm_backend());
   ws.half_scores.resize(chunk, small ? 2 * H * n : 2 * n);
   for (Index c0 = 0; c0 < B; c0 += kSearchChunk) {
     const Index nb = std::min(kSearchChunk, B - c0);
@@ -190,18 +228,40 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
     if (small) {
       // A decoding batch: every head's half scores in one parallel region, then every (head,
       // token)'s top-k in another, instead of three regions per head, whose waits cost more
-      // than the work at this size. The scores are pkm::gemm's small-batch kernel's, column
-      // block by column block: the bits pkm::gemm gives these rows.
+      // than the work at this size. The scores are pkm::gemm's small-batch kernel's (or the
+      // bf16 product's), column block by column block: the bits pkm::gemm (gemm_bf16_nt)
+      // gives these rows.
       S* s = ws.half_scores.data();
       const Index ld = 2 * H * n;
-      const Index blocks = (n + detail::kSmallGemmColBlock - 1) / detail::kSmallGemmColBlock;
+      Index col_block = detail::kSmallGemmColBlock;
+      std::int64_t x_size = 0;
+      Bf16Kernel kernel = Bf16Kernel::portable;
+      if constexpr (std::is_same_v<S, float>) {
+        if (bf16) {  // each head half's query rows packed once, by this thread (a few rows)
+          col_block = detail::kBf16NR;
+          kernel = bf16_kernel();
+          x_size = detail::packed_rows_size(nb, half);
+          ws.score_x_pack.resize(static_cast<std::size_t>(2 * H * x_size));
+          for (Index p = 0; p < 2 * H; ++p)
+            detail::pack_bf16_rows(q + p * half, ldq, nb, half, ws.score_x_pack.data() + p * x_size);
+        }
+      }
+      const Index blocks = (n + col_block - 1) / col_block;
       detail::parallel_blocks(2 * H * blocks, 1, [&](Index i0, Index i1) {
         for (Index i = i0; i < i1; ++i) {
           const Index p = i / blocks;  // head h = p / 2, half t = p % 2
-          const Index j0 = (i % blocks) * detail::kSmallGemmColBlock;
-          detail::gemm_small_nt_cols(nb, j0, std::min(n, j0 + detail::kSmallGemmColBlock), half,
-                                     S(1), q + p * half, ldq, K + p * n * half, half, S(0),
-                                     s + p * n, ld);
+          const Index j0 = (i % blocks) * col_block, j1 = std::min(n, j0 + col_block);
+          if constexpr (std::is_same_v<S, float>) {
+            if (bf16) {
+              detail::gemm_bf16_block(0, nb, j0, j1, half, 1.0f,
+                                      ws.score_x_pack.data() + p * x_size,
+                                      bf16_keys[static_cast<std::size_t>(p)].panels(), 0.0f,
+                                      s + p * n, ld, kernel);
+              continue;
+            }
+          }
+          detail::gemm_small_nt_cols(nb, j0, j1, half, S(1), q + p * half, ldq, K + p * n * half,
+                                     half, S(0), s + p * n, ld);
         }
       });
       detail::parallel_blocks_pooled(
@@ -219,7 +279,7 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
         if constexpr (std::is_same_v<S, float>) {
           if (bf16) {
             gemm_bf16_nt(nb, 1.0f, q + h * kd + t * half, ldq,
-                         ws.score_keys[static_cast<std::size_t>(2 * h + t)], 0.0f, s + t * n,
+                         bf16_keys[static_cast<std::size_t>(2 * h + t)], 0.0f, s + t * n,
                          2 * n, ws.score_x_pack);
             continue;
           }

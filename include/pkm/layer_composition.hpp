@@ -65,7 +65,8 @@ void forward_begin(const char* who, const LayerParameters<Scalar>& p,
   cache.products.packed = packed_weights(p);
   linear_forward<Scalar>(x, p.query_weight(), bias_or_null(p, Tensor::query_bias), cache.query,
                          c.compute, cache.products.of(Tensor::query_weight), &cache.products.x_pack);
-  key_search_forward<Scalar>(c, p.keys(), cache.query, cache, cache.workspace.search);
+  key_search_forward<Scalar>(c, p.keys(), cache.query, cache, cache.workspace.search,
+                             cache.products.key_halves());
 }
 
 /// The forward after the read (cache.read filled): the output op, its overflow check, and the

@@ -131,8 +131,9 @@ template <class S>
 
 /// Forward: `keys` (2 H n_keys x half) and `query` (B x H k_dim) -> cache.indices, scores,
 /// weights (and the qk-norm factors). With bf16 half scores and no qk-norm, `packed_keys` may
-/// give the 2H halves of `keys` already packed (PackedBf16Matrix of keys.data() + i n_keys half,
-/// n_keys x half each, as pkm::packed_weights makes them); otherwise the keys are packed here.
+/// give the 2H halves of `keys` already packed at their current values (PackedBf16Matrix of
+/// keys.data() + i n_keys half, n_keys x half each, as pkm::packed_weights makes them);
+/// otherwise the keys are packed here.
 /// Throws std::invalid_argument for packed keys that are not `keys`' halves (before writing
 /// anything), and std::runtime_error naming the token and head if a half score or a score is
 /// not finite, and why (a non-finite input, or an overflow).
@@ -242,8 +243,10 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
           kernel = bf16_kernel();
           x_size = detail::packed_rows_size(nb, half);
           ws.score_x_pack.resize(static_cast<std::size_t>(2 * H * x_size));
-          for (Index p = 0; p < 2 * H; ++p)
-            detail::pack_bf16_rows(q + p * half, ldq, nb, half, ws.score_x_pack.data() + p * x_size);
+          for (Index p = 0; p < 2 * H; ++p) {
+            detail::pack_bf16_rows(q + p * half, ldq, nb, half,
+                                   ws.score_x_pack.data() + p * x_size);
+          }
         }
       }
       const Index blocks = (n + col_block - 1) / col_block;

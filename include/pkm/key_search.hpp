@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -81,29 +82,27 @@ bool bf16_half_scores(const MemoryConfig& c) {
     return false;
 }
 
-/// Throws std::invalid_argument unless `packed` holds the 2H halves of the sub-keys at `keys`
-/// (2 H n_keys x half), each packed from its own rows.
-inline void check_packed_key_halves(const MemoryConfig& c, const void* keys,
-                                    const std::vector<PackedBf16Matrix>& packed) {
+/// Why `packed` is not the 2H halves of the sub-keys at `keys` (2 H n_keys x half, each half
+/// packed from its own rows), or nothing where it is.
+inline std::optional<std::string> key_halves_mismatch(const MemoryConfig& c, const float* keys,
+                                                      const std::vector<PackedBf16Matrix>& packed) {
   const Index halves = 2 * c.heads, n = c.n_keys, half = c.half();
-  auto fail = [](const std::string& what) {
-    throw std::invalid_argument("pkm::key_search_forward: packed_keys " + what);
-  };
   if (packed.size() != static_cast<std::size_t>(halves)) {
-    fail("holds " + std::to_string(packed.size()) + " matrices; expected 2 x heads = " +
-         std::to_string(halves));
+    return "holds " + std::to_string(packed.size()) +
+           " matrices; expected 2 x heads = " + std::to_string(halves);
   }
   for (Index i = 0; i < halves; ++i) {
     const PackedBf16Matrix& m = packed[static_cast<std::size_t>(i)];
-    const float* want = static_cast<const float*>(keys) + i * n * half;
+    const float* want = keys + i * n * half;
     if (m.source() != want || m.rows() != n || m.cols() != half) {
-      fail("[" + std::to_string(i) + "] is " + std::to_string(m.rows()) + " x " +
-           std::to_string(m.cols()) + (m.source() == want ? "" : " packed from other memory") +
-           "; expected the keys' rows " + std::to_string(i * n) + ".." +
-           std::to_string((i + 1) * n - 1) + ", " + std::to_string(n) + " x " +
-           std::to_string(half));
+      return "[" + std::to_string(i) + "] is " + std::to_string(m.rows()) + " x " +
+             std::to_string(m.cols()) + (m.source() == want ? "" : " packed from other memory") +
+             "; expected the keys' rows " + std::to_string(i * n) + ".." +
+             std::to_string((i + 1) * n - 1) + ", " + std::to_string(n) + " x " +
+             std::to_string(half);
     }
   }
+  return std::nullopt;
 }
 
 /// Says why token b, head h has a non-finite half score: which input holds a non-finite
@@ -145,10 +144,16 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
   const Index B = query.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(), kd = c.k_dim;
   const Index bag = c.bag_size();
   const bool bf16 = detail::bf16_half_scores<S>(c);
-  if (packed_keys != nullptr && bf16 && !c.qk_norm)
-    detail::check_packed_key_halves(c, keys.data(), *packed_keys);
-  else
+  if constexpr (std::is_same_v<S, float>) {
+    if (packed_keys != nullptr && bf16 && !c.qk_norm) {
+      if (auto why = detail::key_halves_mismatch(c, keys.data(), *packed_keys))
+        throw std::invalid_argument("pkm::key_search_forward: packed_keys " + *why);
+    } else {
+      packed_keys = nullptr;
+    }
+  } else {
     packed_keys = nullptr;
+  }
   cache.indices.resize(B, bag);
   cache.scores.resize(B, bag);
   cache.weights.resize(B, bag);

@@ -107,13 +107,7 @@ std::shared_ptr<const detail::PackedLayerWeights> packed_weights(const LayerPara
         if (m.source() != w.data() || m.rows() != w.rows() || m.cols() != w.cols()) return false;
       }
       if (!keys) return packed.key_halves.empty();
-      if (packed.key_halves.size() != static_cast<std::size_t>(halves)) return false;
-      for (Index i = 0; i < halves; ++i) {
-        const PackedBf16Matrix& m = packed.key_halves[static_cast<std::size_t>(i)];
-        if (m.source() != p.keys().data() + i * n * half || m.rows() != n || m.cols() != half)
-          return false;
-      }
-      return true;
+      return !detail::key_halves_mismatch(c, p.keys().data(), packed.key_halves);
     };
     if (auto packed = stamp.packed(version); packed && made_from_p(*packed)) return packed;
     auto made = std::make_shared<Packed>();

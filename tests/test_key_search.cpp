@@ -176,3 +176,75 @@ TEST_CASE("key search of a decoding batch (every head at once): brute force's to
     }
   }
 }
+
+TEST_CASE("key_search_forward and key_search_backward refuse operands of other shapes, before "
+          "writing anything",
+          "[key_search][hostile]") {
+  using Catch::Contains;
+  pkm::MemoryConfig c = pkmtest::small_config();
+  c.heads = 2;
+  c.n_keys = 7;
+  c.k_dim = 6;
+  c.knn = 4;
+  const Index B = 3;
+  for (bool qk_norm : {false, true}) {
+    INFO("qk_norm " << qk_norm);
+    c.qk_norm = qk_norm;
+    const Mat keys = random_matrix(2 * c.heads * c.n_keys, c.half(), 31);
+    const Mat q = random_matrix(B, c.heads * c.k_dim, 32);
+    pkm::KeySearchCache<double> cache;
+    pkm::KeySearchWorkspace<double> ws;
+    auto forward = [&](const pkm::MemoryConfig& cc, const pkm::ConstMatrixRef<double>& k,
+                       const pkm::ConstMatrixRef<double>& qq) {
+      pkm::key_search_forward<double>(cc, k, qq, cache, ws);
+    };
+    cache.indices = pkm::IndexMatrix::Constant(1, 1, -5);
+    CHECK_THROWS_WITH(forward(c, keys.topRows(keys.rows() - 1), q),
+                      Contains("pkm::key_search_forward: keys is 27 x 3, expected 28 x 3"));
+    // Keys as a block of a wider matrix: the right shape, rows 5 values apart.
+    const Mat wide = random_matrix(keys.rows(), 5, 33);
+    CHECK_THROWS_WITH(forward(c, wide.leftCols(3), q),
+                      Contains("the keys' rows are 5 values apart; expected contiguous rows"));
+    CHECK_THROWS_WITH(forward(c, keys, q.leftCols(11)),
+                      Contains("query has 11 columns, expected heads x k_dim = 12"));
+    pkm::MemoryConfig bad = c;
+    bad.knn = 50;  // more than n_keys^2
+    CHECK_THROWS_AS(forward(bad, keys, q), std::invalid_argument);
+    CHECK(cache.indices == pkm::IndexMatrix::Constant(1, 1, -5));  // nothing written
+
+    forward(c, keys, q);
+    const Mat dw = random_matrix(B, c.bag_size(), 34);
+    Mat dscore = dw, dq = Mat::Constant(B, c.heads * c.k_dim, 7.0);
+    Mat dkeys = Mat::Constant(keys.rows(), keys.cols(), 9.0);
+    auto backward = [&](const pkm::KeySearchCache<double>& cc, pkm::MatrixRef<double> dqq,
+                        pkm::MatrixRef<double> dk) {
+      pkm::key_search_backward<double>(c, keys, q, cc, dscore, dqq, dk, ws);
+    };
+    auto untouched = [&] {
+      return (dq.array() == 7.0).all() && (dkeys.array() == 9.0).all() && dscore == dw;
+    };
+    pkm::KeySearchCache<double> other = cache;
+    other.indices(1, 2) = c.n_keys * c.n_keys;  // one past the last slot
+    CHECK_THROWS_WITH(backward(other, dq, dkeys),
+                      Contains("cache.indices(1, 2) = 49 is outside [0, n_keys^2 = 49)"));
+    other = cache;
+    other.indices(2, 0) = -1;
+    CHECK_THROWS_WITH(backward(other, dq, dkeys), Contains("cache.indices(2, 0) = -1"));
+    other = cache;
+    other.weights.conservativeResize(B - 1, Eigen::NoChange);  // another batch's
+    CHECK_THROWS_WITH(backward(other, dq, dkeys),
+                      Contains("cache.weights is 2 x 8, expected 3 x 8"));
+    if (qk_norm) {
+      other = cache;
+      other.key_inv_norm.resize(3);
+      CHECK_THROWS_WITH(backward(other, dq, dkeys), Contains("cache.key_inv_norm is 3 x 1"));
+    }
+    Mat dq_short(B, 11), dkeys_short(keys.rows() - 2, keys.cols());
+    CHECK_THROWS_WITH(backward(cache, dq_short, dkeys), Contains("dq is 3 x 11, expected 3 x 12"));
+    CHECK_THROWS_WITH(backward(cache, dq, dkeys_short),
+                      Contains("dkeys is 26 x 3, expected 28 x 3"));
+    CHECK(untouched());
+    backward(cache, dq, dkeys);  // the same operands, whole: accepted
+    CHECK_FALSE(untouched());
+  }
+}

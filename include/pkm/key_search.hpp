@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "pkm/config.hpp"
+#include "pkm/detail/checks.hpp"
 #include "pkm/detail/parallel.hpp"
 #include "pkm/detail/segment_reduce.hpp"
 #include "pkm/detail/vec_math.hpp"
@@ -105,6 +106,27 @@ inline std::optional<std::string> key_halves_mismatch(const MemoryConfig& c, con
   return std::nullopt;
 }
 
+/// The operands both directions share: a valid config, keys (2 H n_keys x half, rows
+/// contiguous) and query (B x H k_dim). Throws std::invalid_argument naming the first one
+/// that is not.
+template <class S>
+void check_key_search_operands(const char* who, const MemoryConfig& c,
+                               const ConstMatrixRef<S>& keys, const ConstMatrixRef<S>& query) {
+  c.validate();
+  check_same_shape(who, "keys", keys.rows(), keys.cols(), 2 * c.heads * c.n_keys, c.half());
+  if (keys.rows() > 1 && keys.outerStride() != keys.cols()) {
+    throw std::invalid_argument(std::string(who) + ": the keys' rows are " +
+                                std::to_string(keys.outerStride()) +
+                                " values apart; expected contiguous rows (k_dim / 2 = " +
+                                std::to_string(keys.cols()) + ")");
+  }
+  if (query.cols() != c.heads * c.k_dim) {
+    throw std::invalid_argument(std::string(who) + ": query has " + std::to_string(query.cols()) +
+                                " columns, expected heads x k_dim = " +
+                                std::to_string(c.heads * c.k_dim));
+  }
+}
+
 /// Says why token b, head h has a non-finite half score: which input holds a non-finite
 /// value, or that finite ones overflow in the product.
 template <class S>
@@ -133,8 +155,9 @@ template <class S>
 /// give the 2H halves of `keys` already packed at their current values (PackedBf16Matrix of
 /// keys.data() + i n_keys half, n_keys x half each, as pkm::packed_weights makes them);
 /// otherwise the keys are packed here.
-/// Throws std::invalid_argument for packed keys that are not `keys`' halves (before writing
-/// anything), and std::runtime_error naming the token and head if a half score or a score is
+/// Throws std::invalid_argument for an invalid config, keys or query of other shapes (or keys
+/// whose rows are not contiguous), or packed keys that are not `keys`' halves, before writing
+/// anything; and std::runtime_error naming the token and head if a half score or a score is
 /// not finite, and why (a non-finite input, or an overflow).
 template <class S>
 void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
@@ -143,6 +166,7 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
                         const std::vector<PackedBf16Matrix>* packed_keys = nullptr) {
   const Index B = query.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(), kd = c.k_dim;
   const Index bag = c.bag_size();
+  detail::check_key_search_operands("pkm::key_search_forward", c, keys, query);
   const bool bf16 = detail::bf16_half_scores<S>(c);
   if constexpr (std::is_same_v<S, float>) {
     if (packed_keys != nullptr && bf16 && !c.qk_norm) {
@@ -305,13 +329,45 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
 
 /// Backward: given dscore = the gradient of the weights (B x H knn; overwritten with the
 /// gradient of the scores), writes dq (B x H k_dim) and adds the sub-key gradient to dkeys
-/// (2 H n_keys x half). `keys` and `query` are the forward's.
+/// (2 H n_keys x half). `keys` and `query` are the forward's, `cache` the one it filled.
+/// Throws std::invalid_argument, before writing anything, for the forward's errors, a cache
+/// of another batch or config (its shapes, or a slot outside [0, n_keys^2)), or dscore, dq or
+/// dkeys of other shapes.
 template <class S>
 void key_search_backward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
                          const ConstMatrixRef<S>& query, const KeySearchCache<S>& cache,
                          MatrixRef<S> dscore, MatrixRef<S> dq, MatrixRef<S> dkeys,
                          KeySearchWorkspace<S>& ws) {
   const Index B = query.rows(), H = c.heads, n = c.n_keys, k = c.knn, half = c.half(), kd = c.k_dim;
+  const char* who = "pkm::key_search_backward";
+  detail::check_key_search_operands(who, c, keys, query);
+  const Index bag = c.bag_size();
+  detail::check_same_shape(who, "cache.indices", cache.indices.rows(), cache.indices.cols(), B,
+                           bag);
+  detail::check_same_shape(who, "cache.scores", cache.scores.rows(), cache.scores.cols(), B, bag);
+  detail::check_same_shape(who, "cache.weights", cache.weights.rows(), cache.weights.cols(), B,
+                           bag);
+  if (c.qk_norm) {
+    detail::check_same_shape(who, "cache.query_inv_norm", cache.query_inv_norm.rows(),
+                             cache.query_inv_norm.cols(), B, 2 * H);
+    detail::check_same_shape(who, "cache.keys_normalized", cache.keys_normalized.rows(),
+                             cache.keys_normalized.cols(), keys.rows(), half);
+    detail::check_same_shape(who, "cache.key_inv_norm", cache.key_inv_norm.size(), 1,
+                             keys.rows(), 1);
+  }
+  detail::check_same_shape(who, "dscore", dscore.rows(), dscore.cols(), B, bag);
+  detail::check_same_shape(who, "dq", dq.rows(), dq.cols(), B, H * kd);
+  detail::check_same_shape(who, "dkeys", dkeys.rows(), dkeys.cols(), keys.rows(), half);
+  const std::int64_t slots = n * n;
+  for (Index e = 0; e < cache.indices.size(); ++e) {
+    const std::int64_t id = cache.indices.data()[e];
+    if (id < 0 || id >= slots) {
+      throw std::invalid_argument(std::string(who) + ": cache.indices(" + std::to_string(e / bag) +
+                                  ", " + std::to_string(e % bag) + ") = " + std::to_string(id) +
+                                  " is outside [0, n_keys^2 = " + std::to_string(slots) +
+                                  "); expected the forward's cache");
+    }
+  }
   if (B == 0) return;
   const S tau = static_cast<S>(c.effective_qk_norm_scale());
   const S* K = key_search_keys(c, keys, cache);

@@ -84,6 +84,24 @@ inline constexpr std::int64_t kBf16TileRows = kBf16MR * 32;  // 192
 inline constexpr std::int64_t kBf16TileCols = kBf16NR * 4;   // 256
 inline constexpr std::int64_t kBf16KcPairs = 512;
 
+/// Values a packed operand of `rows` R-row panels over k takes: pairs(k) * R * 2 per panel.
+template <int R>
+std::int64_t packed_size(std::int64_t rows, std::int64_t k) {
+  return (rows + R - 1) / R * ((k + 1) / 2) * R * 2;
+}
+
+/// Packs panels [p0, p1) of R rows of a matrix whose rows are contiguous along k (element
+/// (r, p) = x[r * s_row + p]) into `dst` (panel q at dst + q * pairs(k) * R * 2), by the
+/// calling thread.
+template <int R>
+void pack_bf16_panels(const float* x, std::int64_t s_row, std::int64_t rows, std::int64_t k,
+                      std::int64_t p0, std::int64_t p1, std::uint16_t* dst) {
+  const std::int64_t size = (k + 1) / 2 * R * 2;
+  for (std::int64_t p = p0; p < p1; ++p)
+    pack_bf16_panel<R>(x + p * R * s_row, s_row, std::min<std::int64_t>(R, rows - p * R), k,
+                       dst + p * size);
+}
+
 /// Packs the panels of R rows (R = MR for A: rows of op(A); R = NR for B: columns of op(B))
 /// of a matrix whose element (r, p) is x[r * s_row + p * s_k] (one of s_row, s_k is 1) into
 /// `dst`, panel after panel, each pairs(k) * R * 2 values. Packing is exact: any split over
@@ -91,13 +109,10 @@ inline constexpr std::int64_t kBf16KcPairs = 512;
 template <int R>
 void pack_bf16_all(const float* x, std::int64_t s_row, std::int64_t s_k, std::int64_t rows,
                    std::int64_t k, std::uint16_t* dst) {
-  const std::int64_t panels = (rows + R - 1) / R, pairs = (k + 1) / 2, size = pairs * R * 2;
+  const std::int64_t panels = (rows + R - 1) / R, pairs = (k + 1) / 2;
   if (s_k == 1) {  // rows contiguous along k: panel by panel
     parallel_blocks(panels, 8, [&](std::int64_t p0, std::int64_t p1) {
-      for (std::int64_t p = p0; p < p1; ++p) {
-        pack_bf16_panel<R>(x + p * R * s_row, s_row, std::min<std::int64_t>(R, rows - p * R), k,
-                           dst + p * size);
-      }
+      pack_bf16_panels<R>(x, s_row, rows, k, p0, p1, dst);
     });
   } else {  // s_row == 1: each k index's row of all panels at once, one scratch row a thread
     using Row = std::vector<std::uint32_t>;
@@ -169,21 +184,12 @@ inline void gemm_bf16_packed(std::int64_t m, std::int64_t n, std::int64_t k, flo
       });
 }
 
-/// The number of values gemm_bf16's packed A operand of m rows and k columns takes.
-inline std::int64_t packed_rows_size(std::int64_t m, std::int64_t k) {
-  return (m + kBf16MR - 1) / kBf16MR * ((k + 1) / 2) * kBf16MR * 2;
-}
-
 /// Packs the rows of x (m x k, leading dimension lda) as gemm_bf16's A operand into `dst`
-/// (packed_rows_size(m, k) values) by the calling thread: for a few rows, where a parallel
-/// region would cost more than the packing.
+/// (packed_size<kBf16MR>(m, k) values) by the calling thread: for a few rows, where a
+/// parallel region would cost more than the packing.
 inline void pack_bf16_rows(const float* x, std::int64_t lda, std::int64_t m, std::int64_t k,
                            std::uint16_t* dst) {
-  const std::int64_t size = (k + 1) / 2 * kBf16MR * 2;
-  for (std::int64_t p = 0; p * kBf16MR < m; ++p) {
-    pack_bf16_panel<kBf16MR>(x + p * kBf16MR * lda, lda,
-                             std::min<std::int64_t>(kBf16MR, m - p * kBf16MR), k, dst + p * size);
-  }
+  pack_bf16_panels<kBf16MR>(x, lda, m, k, 0, (m + kBf16MR - 1) / kBf16MR, dst);
 }
 
 }  // namespace detail
@@ -298,8 +304,7 @@ inline void gemm_bf16_nt(std::int64_t m, float alpha, const float* x, std::int64
     detail::scale_c(m, n, beta, c, ldc);
     return;
   }
-  const std::int64_t pm = (m + detail::kBf16MR - 1) / detail::kBf16MR;
-  const auto a_size = static_cast<std::size_t>(pm * ((k + 1) / 2) * detail::kBf16MR * 2);
+  const auto a_size = static_cast<std::size_t>(detail::packed_size<detail::kBf16MR>(m, k));
   if (x_pack.size() < a_size) x_pack.resize(a_size);
   detail::pack_bf16_all<detail::kBf16MR>(x, lda, 1, m, k, x_pack.data());
   detail::gemm_bf16_packed(m, n, k, alpha, x_pack.data(), w.panels(), beta, c, ldc, kernel);
@@ -323,13 +328,10 @@ inline void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n
     gemm<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  const std::int64_t pairs = (k + 1) / 2;
-  const std::int64_t pm = (m + detail::kBf16MR - 1) / detail::kBf16MR;
-  const std::int64_t pn = (n + detail::kBf16NR - 1) / detail::kBf16NR;
   // Packed sizes: below 2^62 bytes since A and B passed the extent checks (k x m, k x n).
   // Not zeroed: packing writes every element.
-  const auto a_size = static_cast<std::size_t>(pm * pairs * detail::kBf16MR * 2);
-  const auto b_size = static_cast<std::size_t>(pn * pairs * detail::kBf16NR * 2);
+  const auto a_size = static_cast<std::size_t>(detail::packed_size<detail::kBf16MR>(m, k));
+  const auto b_size = static_cast<std::size_t>(detail::packed_size<detail::kBf16NR>(n, k));
   std::unique_ptr<std::uint16_t[]> ap(new std::uint16_t[a_size]), bp(new std::uint16_t[b_size]);
   // op(A) element (i, p): A[i lda + p], or A[p lda + i] when transposed; op(B) element
   // (p, j) seen as B-panel row j: B[j ldb + p], or B[p ldb + j] when not transposed.

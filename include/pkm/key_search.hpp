@@ -270,7 +270,7 @@ void key_search_forward(const MemoryConfig& c, const ConstMatrixRef<S>& keys,
         if (bf16) {  // each head half's query rows packed once, by this thread (a few rows)
           col_block = detail::kBf16NR;
           kernel = bf16_kernel();
-          x_size = detail::packed_rows_size(nb, half);
+          x_size = detail::packed_size<detail::kBf16MR>(nb, half);
           ws.score_x_pack.resize(static_cast<std::size_t>(2 * H * x_size));
           for (Index p = 0; p < 2 * H; ++p) {
             detail::pack_bf16_rows(q + p * half, ldq, nb, half,

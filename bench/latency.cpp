@@ -39,33 +39,18 @@ using MatF = pkm::RowMatrix<float>;
 
 using pkmbench::quickstart_shape;
 
-/// Bytes per second of a streaming read of 1 GiB over the threads (the best of 3 passes).
-double stream_read_bandwidth() {
-  const Index n = Index{1} << 28;  // floats
-  std::vector<float> buf(static_cast<std::size_t>(n));
-#pragma omp parallel for schedule(static)
-  for (Index i = 0; i < n; ++i) buf[static_cast<std::size_t>(i)] = float(i % 7);
-  double best = 0;
-  for (int pass = 0; pass < 3; ++pass) {
-    const auto t0 = std::chrono::steady_clock::now();
-    benchmark::DoNotOptimize(pkmbench::stream_sum(buf.data(), n));
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, double(n) * sizeof(float) / s);
-  }
-  return best;
-}
-
-/// Bytes per second of reading a buffer of `bytes` again and again over the threads: the
-/// best of the passes after a first one, for at least 0.2 s (a buffer that fits the caches
-/// is read from them).
-double warm_read_bandwidth(double bytes) {
+/// Bytes per second of reading a buffer of `bytes` over the threads (Eigen's vectorised sum,
+/// as BM_StreamRead): the best of at least `passes` timed passes, more while they took under
+/// `min_seconds`, after `untimed` passes.
+double read_bandwidth(double bytes, int untimed, int passes, double min_seconds) {
   const Index n = std::max<Index>(1, Index(bytes / sizeof(float)));
   std::vector<float> buf(static_cast<std::size_t>(n));
 #pragma omp parallel for schedule(static)
   for (Index i = 0; i < n; ++i) buf[static_cast<std::size_t>(i)] = float(i % 7);
-  benchmark::DoNotOptimize(pkmbench::stream_sum(buf.data(), n));
+  for (int pass = 0; pass < untimed; ++pass)
+    benchmark::DoNotOptimize(pkmbench::stream_sum(buf.data(), n));
   double best = 0, spent = 0;
-  for (int pass = 0; pass < 20 || spent < 0.2; ++pass) {
+  for (int pass = 0; pass < passes || spent < min_seconds; ++pass) {
     const auto t0 = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(pkmbench::stream_sum(buf.data(), n));
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -74,6 +59,13 @@ double warm_read_bandwidth(double bytes) {
   }
   return best;
 }
+
+/// A streaming read of 1 GiB (the best of 3 passes): data that comes from memory.
+double stream_read_bandwidth() { return read_bandwidth(double(std::int64_t{1} << 30), 0, 3, 0); }
+
+/// Reading a buffer of `bytes` again and again (the best of the passes after a first one, for
+/// at least 0.2 s): a buffer that fits the caches is read from them.
+double warm_read_bandwidth(double bytes) { return read_bandwidth(bytes, 1, 20, 0.2); }
 
 /// What the decoding benchmarks share, built at the first run that needs it (so a filter that
 /// skips them costs nothing): one layer per table type with its 1 GiB table filled, and the
